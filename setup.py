@@ -1,0 +1,18 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="minillm",
+    version="0.1.0",
+    description="A small, exact, readable library for training decoder-only language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["minillm", "minillm.*"]),
+    package_data={"minillm": ["assets/*"]},
+    include_package_data=True,
+    install_requires=["torch>=2.1", "tokenizers>=0.15", "numpy", "tqdm", "safetensors"],
+    extras_require={
+        "dev": ["pytest", "transformers>=4.45", "peft", "ruff"],
+        "plot": ["matplotlib"],
+    },
+)
