@@ -1,0 +1,190 @@
+"""LMConfig: the model's hyperparameters, validated, with JSON and Hugging Face config.json round trips."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class LMConfig:
+    """Hyperparameters of a decoder-only transformer in the Llama family."""
+
+    vocab_size: int = 6400
+    """Number of token ids the embedding and the LM head cover."""
+    hidden_size: int = 512
+    """Width of the residual stream (d_model)."""
+    num_hidden_layers: int = 8
+    """Number of transformer blocks."""
+    num_attention_heads: int = 8
+    """Query heads per attention layer; must divide hidden_size."""
+    num_key_value_heads: int | None = 2
+    """Key/value heads (grouped-query attention); must divide num_attention_heads. None means MHA."""
+    intermediate_size: int | None = None
+    """Hidden width of the SwiGLU feed-forward; None derives 8/3 * hidden_size rounded up to a multiple of 64."""
+    max_position_embeddings: int = 2048
+    """Longest sequence the rotary tables (and the KV cache) cover."""
+    rope_theta: float = 1e6
+    """Base of the rotary position embedding frequencies."""
+    rms_norm_eps: float = 1e-5
+    """Epsilon inside RMSNorm's square root."""
+    dropout: float = 0.0
+    """Dropout on attention probabilities and residual branches during training."""
+    tie_word_embeddings: bool = True
+    """Share one matrix between the token embedding and the LM head."""
+    attention_bias: bool = False
+    """Bias on the q, k and v projections (the Qwen2 layout); o_proj never has one."""
+    bos_token_id: int = 0
+    """Id that starts a sequence (minillm uses <|endoftext|> as the document separator and prefix)."""
+    eos_token_id: int = 0
+    """Id that ends a document (<|endoftext|>)."""
+    pad_token_id: int = 0
+    """Id used for padding; equal to eos in minillm, which the loss mask accounts for."""
+    initializer_range: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "intermediate_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LMConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads ({self.num_key_value_heads}) must divide "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = hidden_size / num_attention_heads = {self.head_dim} must be even for "
+                             "rotary embeddings")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name} ({value}) must be a valid id below vocab_size ({self.vocab_size})")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden_size // self.num_attention_heads
+
+    # --- minillm's own JSON -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a plain dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LMConfig:
+        """Build from a dict of fields; unknown keys are an error so typos don't pass silently."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown LMConfig fields: {', '.join(unknown)}")
+        return cls(**d)
+
+    def save_json(self, path: str | Path) -> None:
+        """Write the fields to a JSON file."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> LMConfig:
+        """Read a file written by save_json."""
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    # --- Hugging Face config.json -------------------------------------------------------------------
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A Hugging Face config.json: Llama keys, or Qwen2 when attention_bias is set."""
+        qwen2 = self.attention_bias
+        d: dict[str, Any] = {
+            "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+            "model_type": "qwen2" if qwen2 else "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            # Both spellings: transformers < 5 reads rope_theta, 5.x reads rope_parameters.
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "attention_dropout": self.dropout,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "initializer_range": self.initializer_range,
+            "use_cache": True,
+        }
+        if qwen2:
+            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
+        else:
+            d.update(attention_bias=False, mlp_bias=False)
+        d["minillm"] = {"dropout": self.dropout}
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> LMConfig:
+        """Read a Hugging Face Llama or Qwen2 config.json; unsupported variants raise a clear error."""
+        model_type = d.get("model_type", "llama")
+        if model_type not in ("llama", "qwen2"):
+            raise ValueError(f"unsupported model_type {model_type!r}: minillm loads Llama and Qwen2 layouts")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {d['hidden_act']!r}: minillm's MLP is SwiGLU (silu)")
+        if d.get("mlp_bias"):
+            raise ValueError("mlp_bias=true is not supported")
+        if model_type == "llama" and d.get("attention_bias"):
+            raise ValueError("Llama with attention_bias=true (bias on o_proj too) is not supported; "
+                             "minillm's attention_bias is the Qwen2 layout (q, k, v only)")
+        if model_type == "qwen2" and d.get("use_sliding_window"):
+            raise ValueError("Qwen2 sliding-window attention is not supported")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ValueError(f"unsupported rope scaling {rope!r}: only plain RoPE is implemented")
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        heads = d["num_attention_heads"]
+        if d.get("head_dim") not in (None, d["hidden_size"] // heads):
+            raise ValueError(f"head_dim {d['head_dim']} != hidden_size / num_attention_heads is not supported")
+
+        def one_id(value: Any, default: int) -> int:
+            # eos_token_id may be a list in HF configs; minillm keeps the first.
+            if isinstance(value, list):
+                value = value[0] if value else None
+            return default if value is None else int(value)
+
+        extra = d.get("minillm", {})
+        eos = one_id(d.get("eos_token_id"), 0)
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            intermediate_size=d["intermediate_size"],
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            rope_theta=float(theta),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            dropout=extra.get("dropout", d.get("attention_dropout", 0.0)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=model_type == "qwen2",
+            bos_token_id=one_id(d.get("bos_token_id"), eos),
+            eos_token_id=eos,
+            pad_token_id=one_id(d.get("pad_token_id"), eos),
+            initializer_range=d.get("initializer_range", 0.02),
+        )

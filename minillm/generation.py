@@ -1,0 +1,114 @@
+"""Autoregressive generation with a KV cache: greedy or sampled (temperature, top-k, top-p), streaming."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from minillm.model import KVCache, MiniLLM
+
+
+def _penalise_repeats(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style repetition penalty: shrink the logits of tokens already in the sequence."""
+    penalised = torch.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
+    return torch.where(seen_BV, penalised, logits_BV)
+
+
+def _filter_top_k_top_p(logits_BV: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set to -inf every logit outside the top k and outside the smallest set with probability >= top_p."""
+    if top_k is not None and 0 < top_k < logits_BV.shape[-1]:
+        kth_B1 = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_BV, order_BV = torch.sort(logits_BV, descending=True)
+        cum_BV = sorted_BV.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the best token always stays.
+        drop_sorted_BV = (cum_BV - sorted_BV.softmax(-1)) >= top_p
+        drop_BV = drop_sorted_BV.scatter(-1, order_BV, drop_sorted_BV)
+        logits_BV = logits_BV.masked_fill(drop_BV, float("-inf"))
+    return logits_BV
+
+
+def next_token(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row: argmax when temperature is 0, else sample from the filtered distribution."""
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1)
+    logits_BV = _filter_top_k_top_p(logits_BV.float() / temperature, top_k, top_p)
+    return torch.multinomial(logits_BV.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def _stream(model: MiniLLM, input_ids_BT: torch.Tensor, max_new_tokens: int, temperature: float,
+            top_k: int | None, top_p: float | None, repetition_penalty: float,
+            eos_ids: Sequence[int], generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+    B, T = input_ids_BT.shape
+    max_len = min(T + max_new_tokens, model.config.max_position_embeddings)
+    if T >= max_len and max_new_tokens > 0:
+        raise ValueError(f"prompt of {T} tokens leaves no room in the context of "
+                         f"{model.config.max_position_embeddings} positions")
+    param = next(model.parameters())
+    cache = KVCache(model.config, B, max_len, device=param.device, dtype=param.dtype)
+    seen_BV = None
+    if repetition_penalty != 1.0:
+        seen_BV = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=param.device)
+        seen_BV.scatter_(1, input_ids_BT, True)
+    eos_t = torch.tensor(list(eos_ids), device=param.device, dtype=torch.long)
+    finished_B = torch.zeros(B, dtype=torch.bool, device=param.device)
+    pad = eos_ids[0] if eos_ids else model.config.pad_token_id
+    tokens_BT = input_ids_BT  # prefill once, then one token per step
+    for _ in range(max_len - T):
+        logits_BV = model(tokens_BT, kv_cache=cache).logits[:, -1, :]
+        if seen_BV is not None:
+            logits_BV = _penalise_repeats(logits_BV, seen_BV, repetition_penalty)
+        token_B = next_token(logits_BV, temperature, top_k, top_p, generator)
+        token_B = torch.where(finished_B, torch.full_like(token_B, pad), token_B)
+        yield token_B
+        if seen_BV is not None:
+            seen_BV.scatter_(1, token_B[:, None], True)
+        if len(eos_ids):
+            finished_B |= torch.isin(token_B, eos_t)
+            if bool(finished_B.all()):
+                return
+        tokens_BT = token_B[:, None]
+
+
+def generate(model: MiniLLM, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int = 128,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
+             stream: bool = False, generator: torch.Generator | None = None):
+    """Continue prompts of equal length; returns [B, T + new] ids, or with stream=True an iterator of [B] ids.
+
+    Greedy when temperature is 0. Stops when every row has produced an eos id (rows that finished early
+    are padded with the first eos id) or after max_new_tokens.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    param = next(model.parameters())
+    ids_BT = torch.as_tensor(input_ids, dtype=torch.long, device=param.device)
+    if ids_BT.dim() == 1:
+        ids_BT = ids_BT[None]
+    if ids_BT.shape[1] == 0:
+        raise ValueError("generate needs a prompt of at least one token")
+    if eos_token_id is None:
+        eos_ids: list[int] = []
+    elif isinstance(eos_token_id, int):
+        eos_ids = [eos_token_id]
+    else:
+        eos_ids = list(eos_token_id)
+    was_training = model.training
+    model.eval()
+    steps = _stream(model, ids_BT, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_ids,
+                    generator)
+    if stream:
+        return steps
+    try:
+        new = list(steps)
+    finally:
+        model.train(was_training)
+    return torch.cat([ids_BT, torch.stack(new, dim=1)], dim=1) if new else ids_BT

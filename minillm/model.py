@@ -1,0 +1,255 @@
+"""MiniLLM: a Llama-style decoder written by hand (RMSNorm, RoPE, GQA, SwiGLU, tied embeddings, KV cache).
+
+Shapes are named in suffixes: B batch, T new tokens, S cached + new tokens, C hidden size,
+H query heads, K key/value heads, D head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minillm.config import LMConfig
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise over the last dimension."""
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)  # Llama's order: cast back, then scale
+
+
+def rope_tables(config: LMConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape [max_position_embeddings, head_dim] in the half-split (rotate_half) layout."""
+    D = config.head_dim
+    # Frequencies in float32 as transformers computes them; the angles in float64 so that far positions
+    # are not rounded.
+    inv_freq_D2 = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, device=device).float() / D))
+    t_P = torch.arange(config.max_position_embeddings, device=device, dtype=torch.float64)
+    angles_PD2 = torch.outer(t_P, inv_freq_D2.double())
+    angles_PD = torch.cat([angles_PD2, angles_PD2], dim=-1)
+    return angles_PD.cos().float(), angles_PD.sin().float()
+
+
+def apply_rope(x_BNTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) of each head by the position's angle."""
+    x1, x2 = x_BNTD.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x_BNTD * cos_TD + rotated * sin_TD
+
+
+class KVCache:
+    """Preallocated key/value buffers for incremental decoding: one [B, K, max_len, D] pair per layer."""
+
+    def __init__(self, config: LMConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        max_len = max_len or config.max_position_embeddings
+        if max_len > config.max_position_embeddings:
+            raise ValueError(f"KV cache length {max_len} exceeds max_position_embeddings "
+                             f"({config.max_position_embeddings})")
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.pos = 0  # number of positions already filled
+
+    def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys/values after the cached ones; return all of them so far."""
+        end = self.pos + k_BKTD.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer][:, :, self.pos:end] = k_BKTD
+        self.v[layer][:, :, self.pos:end] = v_BKTD
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention through SDPA; q, k and v come from one fused projection."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                        config.head_dim)
+        # Fused q|k|v: one matmul instead of three. hf.py splits it back into q_proj, k_proj, v_proj.
+        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_out, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x_BTC: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
+                kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """Attend causally over the cached and the new positions."""
+        B, T, _ = x_BTC.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q_BTHD, k_BTKD, v_BTKD = self.qkv_proj(x_BTC).split([H * D, K * D, K * D], dim=-1)
+        q_BHTD = apply_rope(q_BTHD.view(B, T, H, D).transpose(1, 2), cos_TD, sin_TD)
+        k_BKTD = apply_rope(k_BTKD.view(B, T, K, D).transpose(1, 2), cos_TD, sin_TD)
+        v_BKTD = v_BTKD.view(B, T, K, D).transpose(1, 2)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.pos
+            k_BKTD, v_BKTD = kv_cache.update(layer, k_BKTD, v_BKTD)
+        if T == 1:
+            mask, causal = None, False  # one new query sees every cached key
+        elif past == 0:
+            mask, causal = None, True
+        else:  # a chunk after a prefix: query i sees keys up to past + i (bottom-right aligned)
+            S = past + T
+            mask = torch.ones(T, S, dtype=torch.bool, device=x_BTC.device).tril(diagonal=past)
+            causal = False
+        y_BHTD = F.scaled_dot_product_attention(
+            q_BHTD, k_BKTD, v_BKTD, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=K != H)
+        return self.o_proj(y_BHTD.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up fused into one matmul."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        """Gated feed-forward."""
+        gate_BTI, up_BTI = self.gate_up_proj(x_BTC).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate_BTI) * up_BTI)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: LMConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x_BTC: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        """One transformer layer."""
+        x_BTC = x_BTC + self.resid_dropout(
+            self.self_attn(self.input_layernorm(x_BTC), cos_TD, sin_TD, kv_cache, self.layer))
+        return x_BTC + self.resid_dropout(self.mlp(self.post_attention_layernorm(x_BTC)))
+
+
+@dataclass
+class ModelOutput:
+    """What MiniLLM.forward returns."""
+
+    logits: torch.Tensor
+    """[B, T, V] next-token logits."""
+    loss: torch.Tensor | None = None
+    """Mean cross-entropy over the counted tokens, when labels were given."""
+
+
+class MiniLLM(nn.Module):
+    """A decoder-only language model whose weights map one to one onto Hugging Face's Llama/Qwen2."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._set_rope_tables()
+        self.apply(self._init_weights)
+        # Residual output projections start smaller so the residual stream's variance stays ~constant in depth.
+        depth_std = config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
+        for block in self.layers:
+            nn.init.normal_(block.self_attn.o_proj.weight, mean=0.0, std=depth_std)
+            nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=depth_std)
+
+    def _set_rope_tables(self, device: torch.device | None = None) -> None:
+        cos, sin = rope_tables(self.config, device)
+        # Not persistent: derived from the config, so they stay out of the checkpoint.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of distinct parameters (a tied matrix counts once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> ModelOutput:
+        """Logits for every position and, given already-shifted labels, the masked mean cross-entropy."""
+        B, T = input_ids.shape
+        past = kv_cache.pos if kv_cache is not None else 0
+        if past + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {past + T} positions exceeds max_position_embeddings "
+                             f"({self.config.max_position_embeddings})")
+        x_BTC = self.dropout(self.embed_tokens(input_ids))
+        cos_TD = self.rope_cos[past:past + T].to(x_BTC.dtype)
+        sin_TD = self.rope_sin[past:past + T].to(x_BTC.dtype)
+        for block in self.layers:
+            x_BTC = block(x_BTC, cos_TD, sin_TD, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits_BTV = self.lm_head(self.norm(x_BTC))
+        loss = None
+        if labels is not None:
+            loss = masked_cross_entropy(logits_BTV, labels, loss_mask)
+        return ModelOutput(logits=logits_BTV, loss=loss)
+
+    # --- checkpoints in the Hugging Face layout --------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
+        """Write config.json and model.safetensors (HF Llama names), plus the tokenizer files if given."""
+        from minillm.hf import save_pretrained
+
+        save_pretrained(self, directory, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> MiniLLM:
+        """Load minillm's output or a Hugging Face Llama/Qwen2 checkpoint (safetensors only)."""
+        from minillm.hf import load_pretrained
+
+        return load_pretrained(cls, directory, dtype=dtype, device=device)
+
+
+def masked_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
+                         loss_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of token cross-entropies where the mask is set (and label != -100), over the count of such tokens."""
+    V = logits_BTV.shape[-1]
+    nll = F.cross_entropy(logits_BTV.reshape(-1, V), labels_BT.reshape(-1), ignore_index=-100, reduction="none")
+    weight = (labels_BT.reshape(-1) != -100).to(nll.dtype)
+    if loss_mask_BT is not None:
+        weight = weight * loss_mask_BT.reshape(-1).to(nll.dtype)
+    # A batch with nothing to learn (e.g. SFT answers cut off) gives 0, not NaN.
+    return (nll * weight).sum() / weight.sum().clamp(min=1.0)

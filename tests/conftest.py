@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from minillm.config import LMConfig
+from minillm.model import MiniLLM
+
+
+def randomized(model: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torch.nn.Module:
+    """Perturb every parameter (norm weights included) so that parity tests compare non-trivial functions."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+@pytest.fixture
+def tiny_config() -> LMConfig:
+    return LMConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=128)
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> MiniLLM:
+    torch.manual_seed(0)
+    return randomized(MiniLLM(tiny_config)).eval()

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from minillm.generation import _filter_top_k_top_p, generate
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_greedy_matches_transformers(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    prompt = torch.randint(3, 97, (2, 8))
+    # An eos id the model never produces here, so both run the full 30 steps.
+    ours = generate(tiny_model, prompt, max_new_tokens=30, temperature=0)
+    theirs = hf.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours.shape == (2, 38)
+    assert torch.equal(ours, theirs)
+
+
+def test_stops_at_eos_and_pads_finished_rows(tiny_model):
+    prompt = torch.randint(3, 97, (2, 5))
+    free = generate(tiny_model, prompt, max_new_tokens=12, temperature=0)
+    eos = int(free[0, 7])  # the third token row 0 produces greedily
+    stopped = generate(tiny_model, prompt, max_new_tokens=12, temperature=0, eos_token_id=eos)
+    assert torch.equal(stopped[0, :8], free[0, :8])
+    row1_eos = (free[1, 5:] == eos).nonzero()
+    if stopped.shape[1] < 17:  # stopped early: every row has produced eos
+        assert len(row1_eos) > 0
+    after = stopped[0, 8:]
+    assert torch.all(after == eos)
+
+
+def test_streaming_yields_the_same_tokens(tiny_model):
+    prompt = torch.randint(3, 97, (1, 6))
+    whole = generate(tiny_model, prompt, max_new_tokens=15, temperature=0)
+    pieces = list(generate(tiny_model, prompt, max_new_tokens=15, temperature=0, stream=True))
+    assert all(p.shape == (1,) for p in pieces)
+    assert torch.equal(torch.cat([prompt[0], torch.cat(pieces)]), whole[0])
+
+
+def test_sampling_is_reproducible_and_top_k1_is_greedy(tiny_model):
+    prompt = torch.randint(3, 97, (1, 4))
+    a = generate(tiny_model, prompt, 10, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    b = generate(tiny_model, prompt, 10, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    greedy = generate(tiny_model, prompt, 10, temperature=0)
+    assert torch.equal(generate(tiny_model, prompt, 10, temperature=0.7, top_k=1), greedy)
+
+
+def test_repetition_penalty_matches_transformers(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    prompt = torch.randint(3, 97, (1, 6))
+    ours = generate(tiny_model, prompt, max_new_tokens=20, temperature=0, repetition_penalty=1.5)
+    theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, repetition_penalty=1.5,
+                         eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def test_top_k_top_p_filter_values():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = _filter_top_k_top_p(logits, top_k=None, top_p=0.8)
+    assert torch.isfinite(kept).tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.8
+    kept = _filter_top_k_top_p(logits, top_k=3, top_p=0.85)
+    assert torch.isfinite(kept).tolist() == [[True, True, True, False]]
+    kept = _filter_top_k_top_p(logits, top_k=None, top_p=0.1)
+    assert torch.isfinite(kept).tolist() == [[True, False, False, False]]
+
+
+def test_bad_arguments(tiny_model):
+    with pytest.raises(ValueError, match="temperature"):
+        generate(tiny_model, [1, 2], temperature=-1)
+    with pytest.raises(ValueError, match="no room"):
+        generate(tiny_model, torch.zeros(1, 128, dtype=torch.long), max_new_tokens=5)
