@@ -201,7 +201,7 @@ def _get_str(obj: dict, key: str, where: str | _Where, expected: str, default: s
         raise DataError(f'{where}: missing field "{key}"; expected {expected}')
     value = obj[key]
     if not isinstance(value, str):
-        raise DataError(f'{where}: field "{key}" must be a string, got {type(value).__name__}')
+        raise DataError(f'{where}: field "{key}" holds {type(value).__name__}; expected {expected}')
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
