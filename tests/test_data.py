@@ -337,7 +337,10 @@ def test_sft_system_field_and_default_system_prompt(tok, tmp_path):
 
 
 def test_sft_truncation_keeps_mask_aligned_and_cutting_the_reply_gives_zero_loss(tok, tmp_path):
-    conv = [{"role": "user", "content": "The quick brown fox?"}, {"role": "assistant", "content": "Jumps over."}]
+    conv = [
+        {"role": "user", "content": "The quick brown fox?"},
+        {"role": "assistant", "content": "Jumps over."},
+    ]
     u_ids, u_mask = chatml(tok, "user", conv[0]["content"], False)
     a_ids, a_mask = chatml(tok, "assistant", conv[1]["content"], True)
     ids, mask = u_ids + a_ids, u_mask + a_mask
@@ -377,12 +380,18 @@ def test_sft_reply_with_leading_whitespace_keeps_text_and_generation_prompt(tok)
         ({"conversations": [{"role": "user", "content": "hi"}]}, "no assistant message"),
         ({"conversations": [{"role": "bot", "content": "hi"}]}, "unknown role 'bot'"),
         ({"conversations": [{"role": "assistant"}]}, 'conversations[0]: missing field "content"'),
-        ({"conversations": [{"role": "assistant", "content": 5}]}, 'field "content" holds int; expected a "content" string'),
+        (
+            {"conversations": [{"role": "assistant", "content": 5}]},
+            'field "content" holds int; expected a "content" string',
+        ),
         ({"messages": "hello"}, 'field "messages" must be a non-empty list'),
         ({"conversations": ["hi"]}, "conversations[0]: expected an object"),
         ({"instruct": "Q", "input": ""}, 'missing field "label"'),
         ({"instruction": "Q", "label": "A"}, 'missing field "output"'),
-        ({"instruct": "Q", "input": None, "label": "A"}, 'field "input" holds NoneType; expected {"instruct"'),
+        (
+            {"instruct": "Q", "input": None, "label": "A"},
+            'field "input" holds NoneType; expected {"instruct"',
+        ),
         ({"prompt": "Q", "answer": "A"}, 'no "conversations", "messages", "instruct" or "instruction"'),
     ],
 )
@@ -571,7 +580,9 @@ def test_truncated_or_damaged_cache_is_rejected(tok, tmp_path):
 def test_check_vocab_catches_a_model_smaller_than_the_tokenizer(tok, tmp_path):
     check_vocab(tok, tok.vocab_size)
     check_vocab(tok, tok.vocab_size + 10)
-    with pytest.raises(ValueError, match=f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is 256"):
+    with pytest.raises(
+        ValueError, match=f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is 256"
+    ):
         check_vocab(tok, 256)
     src = write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in CORPUS])
     packed = PackedDataset(packed_cache(src, tok, progress=False), 8)

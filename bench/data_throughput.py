@@ -1,0 +1,103 @@
+"""Throughput of the data pipeline on the shipped corpus.
+
+Measures characters/s for building the packed token cache and examples/s for PretrainDataset,
+SFTDataset and PackedDataset (random access, as a shuffled DataLoader would read them), and prints a
+Markdown table. The cache is built in a temporary folder, so the repository is left untouched.
+
+    python bench/data_throughput.py
+    python bench/data_throughput.py --examples 2000 --max_length 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minillm.data import PackedDataset, PretrainDataset, SFTDataset, index_lines, prepare_tokens
+from minillm.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def time_examples(dataset, n: int, seed: int = 0) -> tuple[int, float]:
+    """Read ``n`` examples at random indices; return (count, seconds)."""
+    order = np.random.default_rng(seed).permutation(len(dataset))[:n]
+    start = time.perf_counter()
+    for i in order:
+        dataset[int(i)]
+    return len(order), time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and print a Markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pretrain", default=str(ROOT / "dataset/pretrain.jsonl"), help="pretraining jsonl")
+    parser.add_argument("--sft", default=str(ROOT / "dataset/sft.jsonl"), help="SFT jsonl")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the shipped one)")
+    parser.add_argument("--max_length", type=int, default=512, help="sequence length of every example")
+    parser.add_argument("--examples", type=int, default=5000, help="examples read per dataset")
+    parser.add_argument("--chunk_size", type=int, default=1024, help="documents per encode_batch call")
+    args = parser.parse_args(argv)
+
+    tok = load_tokenizer(args.tokenizer)
+    rows: list[tuple[str, str, float, str]] = []
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # Index a private copy so neither a cached .idx nor the page cache of an earlier run is reused
+        # for the cold index timing (the copy warms the page cache, as a second epoch would).
+        pretrain = Path(tmp) / "pretrain.jsonl"
+        pretrain.write_bytes(Path(args.pretrain).read_bytes())
+        size_mb = pretrain.stat().st_size / 1e6
+
+        start = time.perf_counter()
+        n_lines = len(index_lines(pretrain))
+        sec = time.perf_counter() - start
+        rows.append(
+            ("index pretrain lines", f"{n_lines} lines, {size_mb:.1f} MB", sec, f"{size_mb / sec:,.0f} MB/s")
+        )
+
+        out = Path(tmp) / "pretrain.tokens.bin"
+        start = time.perf_counter()
+        header = prepare_tokens(pretrain, tok, out, chunk_size=args.chunk_size, progress=False)
+        sec = time.perf_counter() - start
+        rows.append(
+            (
+                "prepare_tokens (packed cache)",
+                f"{header['n_chars']:,} chars -> {header['n_tokens']:,} tokens",
+                sec,
+                f"{header['n_chars'] / sec:,.0f} chars/s ({header['n_tokens'] / sec:,.0f} tokens/s)",
+            )
+        )
+
+        datasets = [
+            ("PretrainDataset", lambda: PretrainDataset(pretrain, tok, args.max_length)),
+            ("SFTDataset", lambda: SFTDataset(args.sft, tok, args.max_length)),
+            ("PackedDataset", lambda: PackedDataset(out, args.max_length)),
+        ]
+        for name, make in datasets:
+            ds = make()
+            n, sec = time_examples(ds, args.examples)
+            rows.append(
+                (f"{name}[i], random i", f"{n} of {len(ds)} examples", sec, f"{n / sec:,.0f} examples/s")
+            )
+
+    print(
+        f"# data throughput: max_length={args.max_length}, tokenizer vocab={tok.vocab_size}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, Python {platform.python_version()}"
+    )
+    print()
+    print("| stage | work | seconds | throughput |")
+    print("|---|---|---:|---|")
+    for stage, work, sec, rate in rows:
+        print(f"| {stage} | {work} | {sec:.2f} | {rate} |")
+
+
+if __name__ == "__main__":
+    main()
