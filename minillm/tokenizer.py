@@ -1,0 +1,220 @@
+"""Byte-level BPE tokenizer: training, loading, ChatML rendering and transformers-compatible saving."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
+DEFAULT_ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_MODEL_MAX_LENGTH = 32768
+
+# Jinja twin of Tokenizer.apply_chat_template; both must render byte-identical strings.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class Tokenizer:
+    """Thin wrapper over a byte-level BPE `tokenizers.Tokenizer` with fixed special-token ids."""
+
+    eos_id: int = 0
+    pad_id: int = 0
+    im_start_id: int = 1
+    im_end_id: int = 2
+
+    def __init__(self, backend: BackendTokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> None:
+        for expected_id, token in enumerate(SPECIAL_TOKENS):
+            got = backend.token_to_id(token)
+            if got != expected_id:
+                raise ValueError(f"special token {token!r} must have id {expected_id}, got {got}")
+        self.backend = backend
+        self.model_max_length = model_max_length
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the vocabulary including special tokens."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; no special tokens are added, but special-token strings map to their ids."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts in parallel (Rust threads)."""
+        return [enc.ids for enc in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; exact inverse of `encode` for any string."""
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """Render a conversation in ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message."""
+        parts = []
+        for i, message in enumerate(messages):
+            if "role" not in message or "content" not in message:
+                raise ValueError(f"message {i} must have 'role' and 'content' keys, got {sorted(message)}")
+            parts.append(f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n")
+        if add_generation_prompt:
+            parts.append("<|im_start|>assistant\n")
+        return "".join(parts)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for transformers."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "tokenizer.json").write_text(self.backend.to_str(pretty=True), encoding="utf-8")
+        eos = SPECIAL_TOKENS[self.eos_id]
+        added = {
+            str(i): {
+                "content": tok,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for i, tok in enumerate(SPECIAL_TOKENS)
+        }
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "added_tokens_decoder": added,
+            "additional_special_tokens": SPECIAL_TOKENS[1:],
+            "bos_token": eos,
+            "eos_token": eos,
+            "pad_token": eos,
+            "unk_token": eos,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": self.model_max_length,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        _write_json(directory / "tokenizer_config.json", config)
+        special_map = {
+            "bos_token": eos,
+            "eos_token": eos,
+            "pad_token": eos,
+            "unk_token": eos,
+            "additional_special_tokens": SPECIAL_TOKENS[1:],
+        }
+        _write_json(directory / "special_tokens_map.json", special_map)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> Tokenizer:
+        """Load from a directory holding tokenizer.json (and optionally tokenizer_config.json)."""
+        directory = Path(directory)
+        path = directory / "tokenizer.json" if directory.is_dir() else directory
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no tokenizer at {directory}: expected a directory containing tokenizer.json "
+                "(as written by Tokenizer.save_pretrained or `python -m minillm.tokenizer`)"
+            )
+        try:
+            backend = BackendTokenizer.from_file(str(path))
+        except Exception as err:  # the Rust error names no file, so add it
+            raise ValueError(f"{path}: not a valid tokenizers JSON file ({err})") from err
+        max_len = DEFAULT_MODEL_MAX_LENGTH
+        config_path = path.parent / "tokenizer_config.json"
+        if config_path.is_file():
+            max_len = int(json.loads(config_path.read_text(encoding="utf-8")).get("model_max_length", max_len))
+        return cls(backend, model_max_length=max_len)
+
+    def fingerprint(self) -> str:
+        """sha256 hex digest of the canonical (compact) tokenizer.json string."""
+        return hashlib.sha256(self.backend.to_str(pretty=False).encode("utf-8")).hexdigest()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
+    """Load a tokenizer directory; None loads the default shipped in minillm/assets/."""
+    return Tokenizer.from_pretrained(DEFAULT_ASSETS if path is None else path)
+
+
+def iter_jsonl_texts(files: Iterable[str | Path], text_key: str = "text") -> Iterator[str]:
+    """Yield the `text_key` field of every line of JSONL files (plain .txt files yield whole lines)."""
+    for file in files:
+        file = Path(file)
+        if not file.is_file():
+            raise FileNotFoundError(f"training file not found: {file}")
+        with file.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                if file.suffix != ".jsonl":
+                    yield line.rstrip("\n")
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{file}:{lineno}: invalid JSON ({err.msg})") from err
+                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                    raise ValueError(f"{file}:{lineno}: expected an object with a string field {text_key!r}")
+                yield record[text_key]
+
+
+def train_tokenizer(
+    files: Iterable[str | Path],
+    vocab_size: int = 6400,
+    min_frequency: int = 2,
+    text_key: str = "text",
+    show_progress: bool = False,
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on JSONL (`text_key` field) or plain-text files."""
+    if vocab_size <= 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must exceed {256 + len(SPECIAL_TOKENS)} (bytes + special tokens)")
+    backend = BackendTokenizer(models.BPE())
+    # add_prefix_space=False keeps encode/decode an exact inverse (no invented leading space).
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        # Every byte is in the vocabulary, so no text is ever out of vocabulary.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    backend.train_from_iterator(iter_jsonl_texts(files, text_key), trainer=trainer)
+    return Tokenizer(backend)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: train a tokenizer and save it in transformers layout."""
+    parser = argparse.ArgumentParser(
+        prog="python -m minillm.tokenizer",
+        description="Train a byte-level BPE tokenizer and save it (tokenizer.json + config files).",
+    )
+    parser.add_argument("--data", nargs="+", default=["dataset/pretrain.jsonl"],
+                        help="training files: JSONL with a text field, or plain text (default: %(default)s)")
+    parser.add_argument("--vocab_size", type=int, default=6400,
+                        help="vocabulary size including the 3 special tokens (default: %(default)s)")
+    parser.add_argument("--min_frequency", type=int, default=2,
+                        help="minimum pair count for a merge (default: %(default)s)")
+    parser.add_argument("--text_key", default="text", help="JSONL field holding the text (default: %(default)s)")
+    parser.add_argument("--out", default=str(DEFAULT_ASSETS),
+                        help="output directory (default: the shipped minillm/assets)")
+    args = parser.parse_args(argv)
+    tok = train_tokenizer(args.data, args.vocab_size, args.min_frequency, args.text_key, show_progress=True)
+    tok.save_pretrained(args.out)
+    print(f"saved tokenizer with {tok.vocab_size} tokens to {args.out} (fingerprint {tok.fingerprint()[:16]})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The shipped corpus: files parse, match the advertised counts, splits are disjoint, SFT is well formed."""
+
+import importlib.util
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+DATASET = Path(__file__).resolve().parent.parent / "dataset"
+
+
+def _load_build():
+    """dataset/build.py as a module (its opencc import is lazy, so this needs no build-time tools)."""
+    spec = importlib.util.spec_from_file_location("dataset_build", DATASET / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load_build()
+
+
+def _read_jsonl(name: str) -> list[dict]:
+    with (DATASET / name).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.fixture(scope="module")
+def stats() -> dict:
+    return json.loads((DATASET / "stats.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def pretrain() -> list[str]:
+    records = _read_jsonl("pretrain.jsonl")
+    assert all(set(r) == {"text"} and isinstance(r["text"], str) for r in records)
+    return [r["text"] for r in records]
+
+
+@pytest.fixture(scope="module")
+def evals() -> list[str]:
+    records = _read_jsonl("eval.jsonl")
+    assert all(set(r) == {"text"} and isinstance(r["text"], str) for r in records)
+    return [r["text"] for r in records]
+
+
+@pytest.fixture(scope="module")
+def sft() -> list[list[dict]]:
+    return [r["conversations"] for r in _read_jsonl("sft.jsonl")]
+
+
+def _body(text: str) -> str:
+    """Poem body of a rendered record: everything after the title and attribution lines."""
+    return "\n".join(text.split("\n")[2:])
+
+
+def test_counts_match_stats_and_readme(stats, pretrain, evals, sft):
+    readme = (DATASET / "README.md").read_text(encoding="utf-8")
+    texts = {"pretrain.jsonl": pretrain, "eval.jsonl": evals}
+    for name, info in stats["files"].items():
+        path = DATASET / name
+        assert path.stat().st_size == info["bytes"], name
+        if name == "sft.jsonl":
+            assert len(sft) == info["records"]
+            assert sum(len(m["content"]) for conv in sft for m in conv) == info["characters"]
+        else:
+            assert len(texts[name]) == info["records"]
+            assert sum(map(len, texts[name])) == info["characters"]
+        # The README advertises the same numbers (thousands separated).
+        assert f"{info['records']:,}" in readme, f"README lacks the record count of {name}"
+        assert f"{info['characters']:,}" in readme, f"README lacks the character count of {name}"
+
+
+def test_sizes_and_volume(stats, pretrain):
+    shipped = ["pretrain.jsonl", "eval.jsonl", "sft.jsonl", "stats.json", "README.md", "build.py"]
+    total = sum((DATASET / name).stat().st_size for name in shipped)
+    assert total < 40 * 2**20
+    assert sum(map(len, pretrain)) >= 2_000_000
+    assert stats["source"] == "chinese-poetry@2.0.1"
+
+
+def test_records_are_whole_simplified_poems(pretrain, evals):
+    header = re.compile(r"[^\s（）]+（[^（）]+）|诗经·\S+")
+    for text in pretrain + evals:
+        lines = text.split("\n")
+        assert len(lines) >= 3 and lines[0].strip() == lines[0] != "", text
+        assert header.fullmatch(lines[1]), lines[1]
+        assert all(lines[2:]), text  # no blank verse lines
+    # Traditional-only forms of very common characters must all have been converted.
+    traditional = set("們這說對時會為國學開關門馬見長東風雲書無歸聲處愛頭將")
+    assert not traditional & set("".join(pretrain + evals))
+
+
+def test_no_duplicates_and_disjoint_stable_split(pretrain, evals):
+    train_keys = [build.text_key(_body(t)) for t in pretrain]
+    eval_keys = [build.text_key(_body(t)) for t in evals]
+    assert len(set(train_keys)) == len(train_keys)
+    assert len(set(eval_keys)) == len(eval_keys)
+    assert not set(train_keys) & set(eval_keys)
+    assert not set(pretrain) & set(evals)
+    # The split is the stable hash rule, record by record, and about 1%.
+    assert all(build.is_eval_key(k) for k in eval_keys)
+    assert not any(build.is_eval_key(k) for k in train_keys)
+    assert 0.005 < len(evals) / (len(evals) + len(pretrain)) < 0.02
+
+
+def _template_regex(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)
+    pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.+?)" for i, p in enumerate(parts))
+    return re.compile(pattern, re.S)
+
+
+def test_sft_shape_patterns_and_sources(stats, sft, pretrain, evals):
+    assert len(sft) >= 5000
+    regexes = {name: _template_regex(t) for name, t in build.PROMPT_TEMPLATES}
+    train_keys = {build.text_key(_body(t)) for t in pretrain}
+    eval_keys = {build.text_key(_body(t)) for t in evals}
+    used = Counter()
+    for conv in sft:
+        assert [m["role"] for m in conv] == ["user", "assistant"]
+        prompt, answer = conv[0]["content"], conv[1]["content"]
+        assert prompt and answer
+        matches = [(name, m) for name, rx in regexes.items() if (m := rx.fullmatch(prompt))]
+        assert len(matches) == 1, f"prompt matches {len(matches)} patterns: {prompt!r}"
+        name, match = matches[0]
+        used[name] += 1
+        # Rebuild the answer's whole poem body and find it among the training poems (never eval).
+        lines = answer.split("\n")
+        layout = build.ANSWER_LAYOUT[name]
+        if layout == "full":
+            body = lines[2:]
+        elif layout == "titled":
+            body = lines[1:]
+        else:
+            body = match.group("head").split("\n") + lines
+        key = build.text_key("\n".join(body))
+        assert key in train_keys, f"SFT answer is not a training poem: {answer[:60]!r}"
+        assert key not in eval_keys
+    assert dict(used) == {k: v for k, v in stats["sft_patterns"].items() if v}
+    assert len(used) >= 10 and min(used.values()) >= 100
