@@ -3,5 +3,6 @@
 from minillm.config import LMConfig
 from minillm.generation import generate
 from minillm.model import MiniLLM
+from minillm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
-__all__ = ["LMConfig", "MiniLLM", "generate"]
+__all__ = ["LMConfig", "MiniLLM", "Tokenizer", "generate", "load_tokenizer", "train_tokenizer"]
