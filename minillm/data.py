@@ -82,10 +82,10 @@ def _scan_line_offsets(path: Path) -> np.ndarray:
             block = np.frombuffer(data, dtype=np.uint8, count=cut)
             starts = np.concatenate(([0], np.flatnonzero(block == 10) + 1))
             starts = starts[starts < cut]
-            # A line is non-blank iff its [start, next start) span holds a non-whitespace byte.
-            nonblank_csum = np.concatenate(([0], np.cumsum(~_WHITESPACE[block], dtype=np.int64)))
-            ends = np.append(starts[1:], cut)
-            parts.append(starts[nonblank_csum[ends] - nonblank_csum[starts] > 0] + base)
+            # A line is non-blank iff its [start, next start) span holds a non-whitespace byte. Spans are
+            # never empty (each holds at least its "\n" or one byte), as reduceat requires.
+            nonblank = np.logical_or.reduceat(~_WHITESPACE[block], starts)
+            parts.append(starts[nonblank] + base)
             base += cut
             carry = data[cut:]
             if not chunk:
@@ -167,11 +167,15 @@ def _line_number(path: Path, offset: int) -> int:
 class _Where:
     """Names file:line in error messages, counting lines only when a message is formatted."""
 
-    def __init__(self, path: Path, offset: int):
-        self.path, self.offset = path, offset
+    def __init__(self, path: Path, offset: int, suffix: str = ""):
+        self.path, self.offset, self.suffix = path, offset, suffix
 
     def __str__(self) -> str:
-        return f"{self.path}:{_line_number(self.path, self.offset)}"
+        return f"{self.path}:{_line_number(self.path, self.offset)}{self.suffix}"
+
+    def sub(self, suffix: str) -> _Where:
+        """The same place, narrowed to a part of the line (e.g. ": conversations[2]")."""
+        return _Where(self.path, self.offset, self.suffix + suffix)
 
 
 def _parse_line(raw: bytes, where: str | _Where) -> dict[str, Any]:
@@ -361,7 +365,7 @@ def _messages_from_record(obj: dict, where: str | _Where, system_prompt: str | N
             )
         messages = []
         for k, turn in enumerate(turns):
-            at = f"{where}: {key}[{k}]"
+            at = where.sub(f": {key}[{k}]") if isinstance(where, _Where) else f"{where}: {key}[{k}]"
             if not isinstance(turn, dict):
                 raise DataError(
                     f'{at}: expected an object {{"role": ..., "content": ...}}, got {type(turn).__name__}'
@@ -537,10 +541,12 @@ def prepare_tokens(
 
             def flush() -> None:
                 nonlocal n_tokens
+                flat: list[int] = []
                 for ids in tokenizer.encode_batch(texts):
-                    ids.append(eos)
-                    np.asarray(ids, dtype=dtype).tofile(w)
-                    n_tokens += len(ids)
+                    flat += ids
+                    flat.append(eos)
+                np.asarray(flat, dtype=dtype).tofile(w)  # one write per chunk
+                n_tokens += len(flat)
                 texts.clear()
 
             for lineno, raw in enumerate(f, start=1):

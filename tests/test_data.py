@@ -600,3 +600,18 @@ def test_check_token_ids_names_the_offending_id():
         check_token_ids(torch.tensor([[0, 5], [10, 3]]), 10)
     with pytest.raises(ValueError, match="token id -1"):
         check_token_ids(np.array([3, -1]), 10)
+
+
+def test_reading_good_lines_never_counts_line_numbers(tok, tmp_path, monkeypatch):
+    """Line numbers are computed only for an error message (counting them is a scan of the file)."""
+
+    def scan(*args):
+        raise AssertionError("line numbers counted on the happy path")
+
+    monkeypatch.setattr(data, "_line_number", scan)
+    conv = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    sft = SFTDataset(write_jsonl(tmp_path / "s.jsonl", [{"conversations": conv}] * 3), tok, max_length=16)
+    pre = PretrainDataset(write_jsonl(tmp_path / "p.jsonl", [{"text": "a"}] * 3), tok, max_length=16)
+    for ds in (sft, pre):
+        ds[2]
+        assert ds.validate() == 3
