@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,15 +111,20 @@ def _read_index(idx_path: Path, size: int, mtime_ns: int) -> np.ndarray | None:
     return offsets
 
 
+def _tmp_name(path: Path) -> Path:
+    """A temporary name beside ``path``, unique per process so concurrent builders never share one."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary name in the same folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = _tmp_name(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:  # plain open: the file gets the usual umask permissions
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -512,7 +516,7 @@ def prepare_tokens(
     """Tokenize every "text" of ``jsonl_path`` into a flat binary ``out_path``; return its header.
 
     Each document is followed by <|endoftext|>. Token ids are uint16 when the vocabulary fits, else
-    uint32. The binary is written as ``<out_path>.tmp`` and renamed; the JSON header
+    uint32. The binary is written as ``<out_path>.<pid>.tmp`` and renamed; the JSON header
     ``<out_path>.json`` is written last, so an interrupted or failed build never looks complete.
     """
     src, out = Path(jsonl_path), Path(out_path)
@@ -524,7 +528,7 @@ def prepare_tokens(
     n_tokens = n_docs = n_chars = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     header_path.unlink(missing_ok=True)  # the old header must not vouch for the new binary
-    tmp = Path(str(out) + ".tmp")
+    tmp = _tmp_name(out)
     try:
         with (
             open(src, "rb") as f,

@@ -236,7 +236,7 @@ def test_empty_or_blank_only_file_is_rejected_everywhere(tok, tmp_path, content,
         with pytest.raises(DataError) as err:
             make()
         assert f"{path}:{line}:" in str(err.value) and "expected" in str(err.value)
-    assert not (tmp_path / "e.bin").exists() and not (tmp_path / "e.bin.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "empty.jsonl.idx"]  # no cache
 
 
 def test_missing_file_is_a_clear_error(tok, tmp_path):
@@ -432,7 +432,7 @@ def test_prepare_tokens_writes_the_concatenated_stream_and_header(tok, tmp_path)
     assert header["tokenizer_fingerprint"] == tok.fingerprint()
     assert header["source"]["size"] == src.stat().st_size and len(header["source"]["sha256"]) == 64
     assert load_packed_header(out) == header
-    assert not Path(str(out) + ".tmp").exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p.tokens.bin", "p.tokens.bin.json"]
 
 
 def test_packed_blocks_tile_the_token_stream(tok, tmp_path):
@@ -544,6 +544,10 @@ def test_interrupted_build_never_looks_complete(tok, tmp_path, monkeypatch):
     def interrupted(texts):
         calls.append(len(texts))
         if len(calls) == 2:
+            assert sorted(p.suffix for p in cache_dir.iterdir()) == [
+                ".bin",
+                ".tmp",
+            ]  # building under a temp name
             raise KeyboardInterrupt
         return real(texts)
 
@@ -551,7 +555,7 @@ def test_interrupted_build_never_looks_complete(tok, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         packed_cache(src, tok, cache_dir, chunk_size=2, progress=False)
     monkeypatch.undo()
-    assert not Path(str(path) + ".tmp").exists()
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["p.tokens.bin"]  # no temporary file left
     assert not Path(str(path) + ".json").exists()  # the old header no longer vouches for anything
     with pytest.raises(DataError, match="incomplete"):
         PackedDataset(path, 8)
