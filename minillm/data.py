@@ -258,7 +258,7 @@ class _JsonlLines:
 
     def _handle(self):
         if self._fh is None or self._pid != os.getpid():
-            self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open for the dataset's lifetime
+            self._fh = open(self.path, "rb")  # kept open for the dataset's lifetime
             self._pid = os.getpid()
         return self._fh
 
@@ -493,13 +493,12 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def _source_fingerprint(path: Path) -> dict[str, Any]:
-    size, mtime_ns = _file_key(path)
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    return {"size": size, "mtime_ns": mtime_ns, "sha256": h.hexdigest()}
+    return h.hexdigest()
 
 
 def _header_path(bin_path: Path) -> Path:
@@ -632,7 +631,7 @@ def _cache_is_fresh(bin_path: Path, src: Path, tokenizer: Tokenizer) -> bool:
     if source.get("size") != size:
         return False
     # Same size and mtime: unchanged. Same size, new mtime (e.g. touched or copied): compare contents.
-    return source.get("mtime_ns") == mtime_ns or source.get("sha256") == _source_fingerprint(src)["sha256"]
+    return source.get("mtime_ns") == mtime_ns or source.get("sha256") == _sha256(src)
 
 
 def packed_cache(
@@ -729,7 +728,7 @@ def check_vocab(source: Any, model_vocab_size: int) -> None:
 
 def check_token_ids(ids: torch.Tensor | np.ndarray, vocab_size: int, name: str = "input_ids") -> None:
     """Raise ValueError naming the first token id outside [0, vocab_size)."""
-    t = torch.as_tensor(np.asarray(ids) if isinstance(ids, np.ndarray) else ids)
+    t = torch.from_numpy(ids.astype(np.int64)) if isinstance(ids, np.ndarray) else ids.long()
     if t.numel() == 0:
         return
     bad = (t < 0) | (t >= vocab_size)
