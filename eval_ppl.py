@@ -1,0 +1,145 @@
+"""Perplexity and bits per byte of a saved model on held-out text: a thin CLI over minillm.evaluation.
+
+    python eval_ppl.py --model out/pretrain
+    torchrun --nproc_per_node 2 eval_ppl.py --model out/pretrain   # documents split, sums reduced
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from minillm.data import check_vocab
+from minillm.distributed import setup_distributed, teardown_distributed
+from minillm.evaluation import evaluate_perplexity, read_documents
+from minillm.model import MiniLLM
+from minillm.tokenizer import load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_LENGTH = 512  # minillm's default pretraining context
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(
+        prog="eval_ppl.py",
+        description="Perplexity of a causal LM on held-out documents. Each document is scored on its own "
+                    "after an <|endoftext|> prefix, its closing <|endoftext|> included; long documents "
+                    "are scored with strided sliding windows. Aggregated over tokens.")
+    p.add_argument("--model", required=True,
+                   help="model directory (config.json + model.safetensors), as written by the trainer or "
+                        "any Hugging Face Llama/Qwen2 checkpoint")
+    p.add_argument("--data", default="dataset/eval.jsonl",
+                   help="JSON lines with a \"text\" field per document, or a .txt file scored as one "
+                        "document (default: %(default)s, the shipped held-out split)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (tokenizer.json); default: the tokenizer saved beside the "
+                        "weights in --model; 'default' uses the tokenizer shipped in minillm/assets")
+    p.add_argument("--max_length", type=int, default=None,
+                   help=f"input tokens per window; default: min({DEFAULT_MAX_LENGTH}, the model's "
+                        f"max_position_embeddings), since {DEFAULT_MAX_LENGTH} is minillm's pretraining "
+                        "context and longer windows would measure extrapolation, not the model")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens the window advances by (1..max_length); each window re-reads "
+                        "max_length - stride tokens of context and scores only new tokens. Smaller is "
+                        "more accurate and slower (default: max_length, i.e. no overlap)")
+    p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N (default: auto = cuda if available, else cpu; under torchrun "
+                        "cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="compute dtype; bfloat16/float16 run under autocast with float32 weights "
+                        "(default: auto = bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the result (sums, metrics and settings) as JSON to PATH")
+    return p.parse_args(argv)
+
+
+class CliError(Exception):
+    """Bad input, reported as one line on stderr."""
+
+
+def run(args: argparse.Namespace, env) -> dict | None:
+    """Load, score and report; returns the JSON-ready result (on every rank)."""
+    model = MiniLLM.from_pretrained(args.model, device=env.device)
+    if args.tokenizer is None:
+        if not (Path(args.model) / "tokenizer.json").is_file():
+            raise CliError(f"{args.model} has no tokenizer.json beside the weights; pass --tokenizer DIR "
+                           "(or --tokenizer default for the shipped one)")
+        tokenizer = load_tokenizer(args.model)
+    else:
+        tokenizer = load_tokenizer(None if args.tokenizer == "default" else args.tokenizer)
+    check_vocab(tokenizer, model.config.vocab_size)
+    limit = model.config.max_position_embeddings
+    max_length = args.max_length or min(DEFAULT_MAX_LENGTH, limit)
+    if not 1 <= max_length <= limit:
+        raise CliError(f"--max_length must be in [1, {limit}] (the model's max_position_embeddings), "
+                       f"got {max_length}")
+    stride = args.stride or max_length
+    if not 1 <= stride <= max_length:
+        raise CliError(f"--stride must be in [1, --max_length={max_length}], got {stride}")
+    if args.batch_size < 1:
+        raise CliError(f"--batch_size must be >= 1, got {args.batch_size}")
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if env.device.type == "cuda" else "float32")
+
+    texts = read_documents(args.data)
+    documents = tokenizer.encode_batch(texts)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    result = evaluate_perplexity(model, documents, max_length=max_length, stride=stride,
+                                 batch_size=args.batch_size, eos_id=tokenizer.eos_id, n_bytes=n_bytes,
+                                 device=env.device, dtype=DTYPES[dtype_name], progress=env.is_main)
+    settings = {"model": str(args.model), "data": str(args.data), "tokenizer": args.tokenizer or str(args.model),
+                "max_length": max_length, "stride": stride, "batch_size": args.batch_size,
+                "device": str(env.device), "dtype": dtype_name, "world_size": env.world_size}
+    return {**settings, **result.to_dict()}
+
+
+def format_table(r: dict) -> str:
+    """The result as an aligned two-column table."""
+    rows = [
+        ("model", r["model"]),
+        ("data", r["data"]),
+        ("windows", f"max_length {r['max_length']}, stride {r['stride']}"),
+        ("compute", f"{r['dtype']} on {r['device']} x {r['world_size']}"),
+        ("documents", f"{r['documents']:,}"),
+        ("scored tokens", f"{r['tokens']:,}"),
+        ("mean NLL (nats/token)", f"{r['mean_nll']:.4f}"),
+        ("perplexity", f"{r['perplexity']:.3f}"),
+        ("bits per byte", f"{r['bits_per_byte']:.4f}"),
+        ("tokens/s", f"{r['tokens_per_second']:,.0f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; bad input gives one message on stderr and exit status 1, no traceback."""
+    args = parse_args(argv)
+    env = None
+    try:
+        env = setup_distributed(None if args.device == "auto" else args.device)
+        result = run(args, env)
+    # The specific failures of bad input; anything else is a bug and keeps its traceback.
+    except (CliError, OSError, ValueError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"eval_ppl.py: error: {message}", file=sys.stderr)
+        return 1
+    finally:
+        teardown_distributed()
+    if env.is_main:
+        print(format_table(result))
+        if args.json:
+            # NaN (e.g. zero bytes) is not JSON; write null instead.
+            clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
