@@ -619,3 +619,22 @@ def test_reading_good_lines_never_counts_line_numbers(tok, tmp_path, monkeypatch
     for ds in (sft, pre):
         ds[2]
         assert ds.validate() == 3
+
+
+def test_file_rewritten_under_an_open_dataset_is_reported_not_misread(tok, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "a"}, {"text": "bb"}])
+    ds = PretrainDataset(path, tok, max_length=4)
+    path.write_text('{"text": "much longer first line"}\n{"text": "x"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="line index is stale"):
+        ds[1]
+
+
+def test_utf8_byte_order_mark_is_accepted(tok, tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
+    assert [PretrainDataset(path, tok).text(i) for i in range(2)] == ["a", "b"]
+    header = prepare_tokens(path, tok, tmp_path / "bom.bin", progress=False)
+    assert np.fromfile(tmp_path / "bom.bin", dtype=np.uint16).tolist() == tok.encode("a") + [0] + tok.encode(
+        "b"
+    ) + [0]
+    assert header["n_documents"] == 2
