@@ -1,6 +1,6 @@
 """Rebuild the shipped corpus (pretrain / eval / SFT JSONL) from the chinese-poetry npm package.
 
-Usage (from the repository root):  python dataset/build.py
+Usage (from the repository root):  python dataset/build.py [--pretrain_chars 2400000]
 Needs `npm` (fetches chinese-poetry@2.0.1 once into --cache) and `pip install opencc` (build time only).
 The output is deterministic: same package version + same seed -> byte-identical files.
 """
@@ -25,6 +25,8 @@ REPO = HERE.parent
 EVAL_PERCENT = 1  # poems whose hash mod 100 is below this go to eval.jsonl
 MAX_PRETRAIN_BODY = 3000  # longer records are mostly editors' notes, not poems
 MAX_SFT_ANSWER = 300  # keep every SFT example well inside a 512-token context
+PRETRAIN_CHARS = 2_400_000  # default size of pretrain.jsonl: one epoch of the default model is ~25 min on CPU
+KEEP_ALL = ("ci", "shijing", "chuci")  # always kept whole; shi and qu are subsampled to fill the budget
 
 # SFT prompt templates: (pattern id, template). Fields in braces are filled per poem. The tests turn
 # these into regexes, so literal text must keep every pattern distinguishable from the others.
@@ -240,6 +242,28 @@ def is_eval_key(key: str) -> bool:
     return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16) % 100 < EVAL_PERCENT
 
 
+def subset_rank(poem: Poem) -> str:
+    """Stable order in which subsampled poems are taken: sha1 of the key, salted to be independent of the split."""
+    return hashlib.sha1(("subset:" + poem.key).encode("utf-8")).hexdigest()
+
+
+def select_pool(poems: list[Poem], pretrain_chars: int) -> list[Poem]:
+    """All KEEP_ALL poems plus shi/qu in subset_rank order until the training split holds pretrain_chars.
+
+    Whole poems only, so the training split ends at most one poem past the target. The result keeps
+    source order, and eval is then carved from it, so both splits are drawn from the same pool.
+    """
+    chosen = {id(p) for p in poems if p.collection in KEEP_ALL}
+    train_chars = sum(len(p.render()) for p in poems if id(p) in chosen and not is_eval_key(p.key))
+    for poem in sorted((p for p in poems if id(p) not in chosen), key=subset_rank):
+        if train_chars >= pretrain_chars:
+            break
+        chosen.add(id(poem))
+        if not is_eval_key(poem.key):
+            train_chars += len(poem.render())
+    return [p for p in poems if id(p) in chosen]
+
+
 def verse_form(poem: Poem) -> str:
     """五言/七言 绝句/律诗 when the poem's clauses have that exact shape, else ''."""
     clauses = [c for c in re.split(r"[，。？！；、：]", poem.body.replace("\n", "")) if c]
@@ -341,12 +365,16 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"use an already downloaded {PACKAGE}-{VERSION}.tgz instead of npm pack")
     parser.add_argument("--out", type=Path, default=HERE, help="output directory (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=1234, help="seed for shuffling and SFT sampling")
+    parser.add_argument("--pretrain_chars", type=int, default=PRETRAIN_CHARS,
+                        help="target characters in pretrain.jsonl; all ci/shijing/chuci are kept and shi/qu "
+                             "are subsampled by a stable hash to reach it (default: %(default)s)")
     parser.add_argument("--skip_tokenizer", action="store_true",
                         help="do not retrain minillm/assets (the default tokenizer)")
     args = parser.parse_args(argv)
 
     dist = fetch_source(args.cache, args.tarball)
-    poems, dropped = make_poems(dist)
+    cleaned, dropped = make_poems(dist)
+    poems = select_pool(cleaned, args.pretrain_chars)
     train = [p for p in poems if not is_eval_key(p.key)]
     held_out = [p for p in poems if is_eval_key(p.key)]
     rng = random.Random(args.seed)
@@ -357,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     stats = {
         "source": f"{PACKAGE}@{VERSION}",
         "seed": args.seed,
+        "pretrain_chars_target": args.pretrain_chars,
         "dropped": dropped,
         "files": {
             "pretrain.jsonl": write_jsonl(args.out / "pretrain.jsonl", [{"text": p.render()} for p in train]),
@@ -364,7 +393,9 @@ def main(argv: list[str] | None = None) -> None:
             "sft.jsonl": write_jsonl(args.out / "sft.jsonl", sft),
         },
         "sft_patterns": pattern_counts,
+        # Poems per collection: kept (both splits) and available after cleaning and dedup.
         "collections": {c: sum(p.collection == c for p in poems) for c in KIND},
+        "collections_available": {c: sum(p.collection == c for p in cleaned) for c in KIND},
     }
     (args.out / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(stats, ensure_ascii=False, indent=2))
