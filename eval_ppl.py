@@ -76,11 +76,11 @@ def run(args: argparse.Namespace, env) -> dict | None:
         tokenizer = load_tokenizer(None if args.tokenizer == "default" else args.tokenizer)
     check_vocab(tokenizer, model.config.vocab_size)
     limit = model.config.max_position_embeddings
-    max_length = args.max_length or min(DEFAULT_MAX_LENGTH, limit)
+    max_length = args.max_length if args.max_length is not None else min(DEFAULT_MAX_LENGTH, limit)
     if not 1 <= max_length <= limit:
         raise CliError(f"--max_length must be in [1, {limit}] (the model's max_position_embeddings), "
                        f"got {max_length}")
-    stride = args.stride or max_length
+    stride = args.stride if args.stride is not None else max_length
     if not 1 <= stride <= max_length:
         raise CliError(f"--stride must be in [1, --max_length={max_length}], got {stride}")
     if args.batch_size < 1:

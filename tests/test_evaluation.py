@@ -315,6 +315,8 @@ def test_cli_bad_inputs(cli_setup, small_tokenizer, tiny_model, capsys):
         (["--model", good, "--data", bad_line], f"{bad_line}:2: malformed JSON"),
         (["--model", good, "--data", root / "nope.jsonl"], "nope.jsonl: no such data file"),
         (["--model", good, "--data", cli_setup["data"], "--stride", "600"], "--stride must be in [1,"),
+        (["--model", good, "--data", cli_setup["data"], "--stride", "0"], "--stride must be in [1,"),
+        (["--model", good, "--data", cli_setup["data"], "--max_length", "0"], "--max_length must be in [1, 128]"),
     ]
     for argv, message in cases:
         rc, out, err = run_main(argv, capsys)
@@ -323,3 +325,15 @@ def test_cli_bad_inputs(cli_setup, small_tokenizer, tiny_model, capsys):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("eval_ppl.py: error: "), err
         assert message in lines[0], (message, lines[0])
+
+
+def test_cli_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(["--help"], capsys)
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, words in [("--model", "model directory"), ("--data", "eval.jsonl"), ("--tokenizer", "beside"),
+                        ("--max_length", "max_position_embeddings"), ("--stride", "re-reads"),
+                        ("--batch_size", "windows per forward"), ("--device", "cuda if available"),
+                        ("--dtype", "bfloat16 on GPU"), ("--json", "JSON")]:
+        assert flag in text and words in text, flag
