@@ -112,7 +112,7 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer=Non
         tokenizer.save_pretrained(directory)
 
 
-def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a single-file or sharded safetensors checkpoint; pickles are refused."""
     if (directory / WEIGHTS_NAME).is_file():
         return load_file(str(directory / WEIGHTS_NAME))
@@ -139,7 +139,7 @@ def load_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is it a model directory?")
     config = LMConfig.from_hf_dict(json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8")))
-    state = from_hf_state_dict(_read_safetensors(directory), config)
+    state = from_hf_state_dict(read_safetensors(directory), config)
     with torch.device("meta"):  # no time spent initialising weights that are about to be replaced
         model = cls(config)
     expected, given = set(model.state_dict()), set(state)

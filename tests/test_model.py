@@ -178,8 +178,8 @@ def test_rope_matches_complex_rotation():
 def test_parameter_count_and_init():
     config = LMConfig()
     model = MiniLLM(config)
-    C, V, L, I, D = config.hidden_size, config.vocab_size, config.num_hidden_layers, config.intermediate_size, 64
-    per_layer = C * (8 + 2 * 2) * D + 8 * D * C + 3 * C * I + 2 * C
+    C, V, L, F, D = config.hidden_size, config.vocab_size, config.num_hidden_layers, config.intermediate_size, 64
+    per_layer = C * (8 + 2 * 2) * D + 8 * D * C + 3 * C * F + 2 * C
     assert model.num_parameters() == V * C + L * per_layer + C == 25_829_888
     assert model.lm_head.weight is model.embed_tokens.weight
     o_std = torch.cat([b.self_attn.o_proj.weight.flatten() for b in model.layers]).std().item()

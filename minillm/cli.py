@@ -1,0 +1,178 @@
+"""Command-line wiring shared by train_pretrain.py and train_sft.py: flags, model, tokenizer, data, train()."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import sys
+import textwrap
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import torch
+
+from minillm.config import LMConfig
+from minillm.data import DataError, PackedDataset, PretrainDataset, SFTDataset, packed_cache
+from minillm.distributed import barrier, setup_distributed, teardown_distributed
+from minillm.evaluation import read_documents
+from minillm.model import MiniLLM
+from minillm.tokenizer import Tokenizer, load_tokenizer
+from minillm.trainer import TrainConfig, train
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+
+DEFAULTS = {
+    "pretrain": dict(out_dir="out/pretrain", data_path="dataset/pretrain.jsonl", learning_rate=1e-3,
+                     warmup_steps=50, epochs=1, batch_size=16, max_length=256),
+    "sft": dict(out_dir="out/sft", data_path="dataset/sft.jsonl", learning_rate=3e-4, warmup_steps=0,
+                epochs=1, batch_size=16, max_length=256, init_from="out/pretrain"),
+}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source (one text for readers and --help)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _add_dataclass_flags(group, cls: type, names, defaults: dict) -> None:
+    docs = field_docs(cls)
+    for f in fields(cls):
+        if f.name not in names:
+            continue
+        default = defaults.get(f.name, f.default if f.default is not MISSING else None)
+        flag = f"--{f.name}"
+        if f.type in ("bool", bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs[f.name])
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)
+            group.add_argument(flag, type=kind, default=default, help=docs[f.name] + " (default: %(default)s)")
+
+
+def build_parser(kind: str) -> argparse.ArgumentParser:
+    """The flags of train_pretrain.py (kind='pretrain') or train_sft.py (kind='sft')."""
+    d = DEFAULTS[kind]
+    what = "Pretrain a language model" if kind == "pretrain" else "Fine-tune a pretrained model on chat data"
+    p = argparse.ArgumentParser(
+        description=f"{what} with minillm. Runs as one process, or on several GPUs/nodes under torchrun.")
+    data = p.add_argument_group("data")
+    data.add_argument("--data_path", default=d["data_path"],
+                      help="Training data, JSON lines (default: %(default)s)" +
+                      ("; records {\"text\": ...}" if kind == "pretrain" else
+                       "; chat {\"conversations\": [...]} or {\"instruction\", \"input\", \"output\"} records"))
+    data.add_argument("--eval_data", default="dataset/eval.jsonl",
+                      help="Held-out documents for the eval loss; '' disables (default: %(default)s)")
+    data.add_argument("--max_length", type=int, default=d["max_length"],
+                      help="Tokens per training sequence (default: %(default)s)")
+    data.add_argument("--tokenizer", default=None,
+                      help="Tokenizer directory (default: the one beside --init_from, else minillm's shipped one)")
+    if kind == "pretrain":
+        data.add_argument("--packed", action="store_true",
+                          help="Train on contiguous blocks of a packed token cache (built once beside the data, "
+                               "rebuilt when data or tokenizer change) instead of one padded document per row")
+    model = p.add_argument_group("model")
+    model.add_argument("--init_from", default=d.get("init_from"),
+                       help="Start from this model directory (minillm or Hugging Face Llama/Qwen2 safetensors) "
+                            + ("(default: %(default)s)" if kind == "sft" else "instead of random weights"))
+    _add_dataclass_flags(model, LMConfig, MODEL_FLAGS, {})
+    model.add_argument("--dropout", type=float, default=0.0, help="Dropout for a new model (default: 0.0)")
+    loop = p.add_argument_group("training loop")
+    _add_dataclass_flags(loop, TrainConfig, {f.name for f in fields(TrainConfig)}, d)
+    return p
+
+
+def _resolve(path: str | None) -> Path | None:
+    """Paths given relative to the repository work from any current directory when the file is there."""
+    if not path:
+        return None
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists():
+        return REPO_ROOT / p
+    return p
+
+
+def _load_tokenizer(args) -> Tokenizer:
+    if args.tokenizer:
+        return Tokenizer.from_pretrained(args.tokenizer)
+    if args.init_from and (Path(args.init_from) / "tokenizer.json").is_file():
+        return Tokenizer.from_pretrained(args.init_from)
+    return load_tokenizer()
+
+
+def _build_model(args, tokenizer: Tokenizer) -> MiniLLM:
+    if args.init_from:
+        init = Path(args.init_from)
+        if not (init / "config.json").is_file():
+            raise FileNotFoundError(f"--init_from {init}: no model there (no config.json); "
+                                    + ("run train_pretrain.py first" if "pretrain" in str(init) else ""))
+        model = MiniLLM.from_pretrained(init, dtype=torch.float32)
+        return model.train()
+    sizes = {k: getattr(args, k) for k in MODEL_FLAGS}
+    config = LMConfig(vocab_size=tokenizer.vocab_size, dropout=args.dropout,
+                      max_position_embeddings=max(2048, args.max_length), bos_token_id=tokenizer.eos_id,
+                      eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, **sizes)
+    torch.manual_seed(args.seed)
+    return MiniLLM(config)
+
+
+def _build_dataset(kind: str, args, tokenizer: Tokenizer, is_main: bool):
+    data_path = _resolve(args.data_path)
+    if data_path is None or not data_path.is_file():
+        raise FileNotFoundError(f"--data_path {args.data_path}: no such file")
+    if kind == "sft":
+        return SFTDataset(data_path, tokenizer, max_length=args.max_length)
+    if args.packed:
+        if is_main:  # rank 0 builds (or reuses) the cache while the others wait, then all read it
+            packed_cache(data_path, tokenizer)
+        barrier()
+        return PackedDataset(packed_cache(data_path, tokenizer, progress=False), max_length=args.max_length)
+    return PretrainDataset(data_path, tokenizer, max_length=args.max_length)
+
+
+def main(kind: str, argv: list[str] | None = None) -> int:
+    """Parse flags, build tokenizer, model and dataset, and run the shared training loop."""
+    args = build_parser(kind).parse_args(argv)
+    cfg_args = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    try:
+        cfg = TrainConfig(**cfg_args)
+        env = setup_distributed(cfg.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        tokenizer = _load_tokenizer(args)
+        model = _build_model(args, tokenizer)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                             f"{model.config.vocab_size}")
+        dataset = _build_dataset(kind, args, tokenizer, env.is_main)
+        eval_path = _resolve(args.eval_data)
+        eval_docs = None
+        if eval_path is not None:
+            texts = read_documents(eval_path)
+            eval_docs = tokenizer.encode_batch(texts)
+        if env.is_main:
+            n = model.num_parameters()
+            print(f"{kind}: {n / 1e6:.2f}M parameters, {len(dataset):,} examples of {args.max_length} tokens "
+                  f"from {args.data_path}, {env.world_size} process(es) on {env.device}, out_dir {cfg.out_dir}")
+        result = train(model, dataset, cfg, eval_documents=eval_docs, tokenizer=tokenizer, env=env)
+    except (FileNotFoundError, DataError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        teardown_distributed()
+    if env.is_main:
+        tok_s = result.tokens / max(result.seconds, 1e-9)
+        held = f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+        state = "interrupted" if result.interrupted else "done"
+        print(f"{state}: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f}s "
+              f"({tok_s:,.0f} tokens/s){held}; model in {cfg.out_dir}")
+    return 0
