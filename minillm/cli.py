@@ -75,9 +75,10 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     data.add_argument("--tokenizer", default=None,
                       help="Tokenizer directory (default: the one beside --init_from, else minillm's shipped one)")
     if kind == "pretrain":
-        data.add_argument("--packed", action="store_true",
-                          help="Train on contiguous blocks of a packed token cache (built once beside the data, "
-                               "rebuilt when data or tokenizer change) instead of one padded document per row")
+        data.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
+                          help="Train on contiguous max_length blocks of a packed token cache (built once beside "
+                               "the data, rebuilt when data or tokenizer change), so no compute goes to padding; "
+                               "--no-packed trains on one padded document per row (default: packed)")
     model = p.add_argument_group("model")
     model.add_argument("--init_from", default=d.get("init_from"),
                        help="Start from this model directory (minillm or Hugging Face Llama/Qwen2 safetensors) "
@@ -128,13 +129,17 @@ def _build_dataset(kind: str, args, tokenizer: Tokenizer, is_main: bool):
     if data_path is None or not data_path.is_file():
         raise FileNotFoundError(f"--data_path {args.data_path}: no such file")
     if kind == "sft":
-        return SFTDataset(data_path, tokenizer, max_length=args.max_length)
+        dataset = SFTDataset(data_path, tokenizer, max_length=args.max_length)
+        dataset.validate()  # a bad line fails now, not hours into an epoch
+        return dataset
     if args.packed:
         if is_main:  # rank 0 builds (or reuses) the cache while the others wait, then all read it
             packed_cache(data_path, tokenizer)
         barrier()
         return PackedDataset(packed_cache(data_path, tokenizer, progress=False), max_length=args.max_length)
-    return PretrainDataset(data_path, tokenizer, max_length=args.max_length)
+    dataset = PretrainDataset(data_path, tokenizer, max_length=args.max_length)
+    dataset.validate()
+    return dataset
 
 
 def main(kind: str, argv: list[str] | None = None) -> int:
