@@ -16,6 +16,7 @@ from minillm.config import LMConfig
 from minillm.data import DataError, PackedDataset, PretrainDataset, SFTDataset, packed_cache
 from minillm.distributed import barrier, setup_distributed, teardown_distributed
 from minillm.evaluation import read_documents
+from minillm.lora import DEFAULT_TARGETS, apply_lora, merge_lora, parameter_counts
 from minillm.model import MiniLLM
 from minillm.tokenizer import Tokenizer, load_tokenizer
 from minillm.trainer import TrainConfig, train
@@ -27,7 +28,7 @@ DEFAULTS = {
     "pretrain": dict(out_dir="out/pretrain", data_path="dataset/pretrain.jsonl", learning_rate=1e-3,
                      warmup_steps=50, epochs=1, batch_size=16, max_length=256),
     "sft": dict(out_dir="out/sft", data_path="dataset/sft.jsonl", learning_rate=3e-4, warmup_steps=0,
-                epochs=1, batch_size=16, max_length=256, init_from="out/pretrain"),
+                epochs=1, batch_size=16, max_length=256, init_from="out/pretrain", group_by_length=True),
 }
 
 
@@ -85,6 +86,21 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                             + ("(default: %(default)s)" if kind == "sft" else "instead of random weights"))
     _add_dataclass_flags(model, LMConfig, MODEL_FLAGS, {})
     model.add_argument("--dropout", type=float, default=0.0, help="Dropout for a new model (default: 0.0)")
+    lora = p.add_argument_group("LoRA (low-rank adapters on a frozen --init_from model)")
+    lora.add_argument("--lora", action="store_true",
+                      help="Train only LoRA adapters; out_dir then holds the adapter in the PEFT layout "
+                           "(adapter_config.json + adapter_model.safetensors) and the tokenizer, and checkpoints "
+                           "hold adapters only. Needs --init_from")
+    lora.add_argument("--lora_r", type=int, default=8, help="Adapter rank (default: %(default)s)")
+    lora.add_argument("--lora_alpha", type=float, default=16.0,
+                      help="The update is scaled by lora_alpha / lora_r (default: %(default)s)")
+    lora.add_argument("--lora_dropout", type=float, default=0.0,
+                      help="Dropout on the adapters' input (default: %(default)s)")
+    lora.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),
+                      help="Comma-separated projections to adapt, from q,k,v,o,gate,up,down (default: %(default)s)")
+    lora.add_argument("--merge", action="store_true",
+                      help="With --lora: also fold the adapters into the base weights at the end and save that "
+                           "plain model (loadable without peft) in out_dir/merged")
     loop = p.add_argument_group("training loop")
     _add_dataclass_flags(loop, TrainConfig, {f.name for f in fields(TrainConfig)}, d)
     return p
@@ -103,9 +119,38 @@ def _resolve(path: str | None) -> Path | None:
 def _load_tokenizer(args) -> Tokenizer:
     if args.tokenizer:
         return Tokenizer.from_pretrained(args.tokenizer)
-    if args.init_from and (Path(args.init_from) / "tokenizer.json").is_file():
-        return Tokenizer.from_pretrained(args.init_from)
+    if args.init_from:
+        init = Path(args.init_from)
+        if (init / "tokenizer.json").is_file():
+            return Tokenizer.from_pretrained(init)
+        if (init / "config.json").is_file():  # a model without its tokenizer: minillm's default would not fit it
+            raise FileNotFoundError(f"--init_from {init} has no tokenizer.json beside the weights; pass "
+                                    "--tokenizer DIR with the tokenizer the model was trained with")
     return load_tokenizer()
+
+
+def _check_tokenizer_fits(args, tokenizer: Tokenizer, model: MiniLLM) -> None:
+    """Refuse a tokenizer whose ids would index past the model's embedding table."""
+    if tokenizer.vocab_size <= model.config.vocab_size:
+        return
+    source = args.tokenizer or args.init_from or "minillm's shipped tokenizer"
+    raise ValueError(f"the tokenizer ({source}) has {tokenizer.vocab_size} tokens but the model"
+                     + (f" in {args.init_from}" if args.init_from else "") + f" has vocab_size "
+                     f"{model.config.vocab_size}: ids >= {model.config.vocab_size} would index past its "
+                     "embedding table. Use the tokenizer the model was trained with (the one saved beside its "
+                     "weights) or a model built for this tokenizer")
+
+
+def _add_lora(args, model: MiniLLM, is_main: bool) -> None:
+    """Freeze the model and add adapters as the --lora_* flags say."""
+    if not args.init_from:
+        raise ValueError("--lora needs --init_from: adapters train on top of an existing model")
+    apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
+    model.lora_config.base_model_name_or_path = str(Path(args.init_from).resolve())
+    if is_main:
+        trainable, total = parameter_counts(model)
+        print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {','.join(model.lora_config.targets)}: "
+              f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
 
 def _build_model(args, tokenizer: Tokenizer) -> MiniLLM:
@@ -154,10 +199,12 @@ def main(kind: str, argv: list[str] | None = None) -> int:
         return 2
     try:
         tokenizer = _load_tokenizer(args)
+        if args.merge and not args.lora:
+            raise ValueError("--merge only applies with --lora")
         model = _build_model(args, tokenizer)
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                             f"{model.config.vocab_size}")
+        _check_tokenizer_fits(args, tokenizer, model)
+        if args.lora:
+            _add_lora(args, model, env.is_main)
         dataset = _build_dataset(kind, args, tokenizer, env.is_main)
         eval_path = _resolve(args.eval_data)
         eval_docs = None
@@ -169,6 +216,8 @@ def main(kind: str, argv: list[str] | None = None) -> int:
             print(f"{kind}: {n / 1e6:.2f}M parameters, {len(dataset):,} examples of {args.max_length} tokens "
                   f"from {args.data_path}, {env.world_size} process(es) on {env.device}, out_dir {cfg.out_dir}")
         result = train(model, dataset, cfg, eval_documents=eval_docs, tokenizer=tokenizer, env=env)
+        if args.merge and env.is_main and not result.interrupted:
+            merge_lora(model).save_pretrained(Path(cfg.out_dir) / "merged", tokenizer=tokenizer)
     except (FileNotFoundError, DataError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -179,5 +228,7 @@ def main(kind: str, argv: list[str] | None = None) -> int:
         held = f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
         state = "interrupted" if result.interrupted else "done"
         print(f"{state}: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f}s "
-              f"({tok_s:,.0f} tokens/s){held}; model in {cfg.out_dir}")
+              f"({tok_s:,.0f} tokens/s){held}; {'adapter' if args.lora else 'model'} in {cfg.out_dir}"
+              + (f", merged model in {Path(cfg.out_dir) / 'merged'}" if args.merge and not result.interrupted
+                 else ""))
     return 0

@@ -38,6 +38,9 @@ __all__ = [
     "encode_chat",
     "check_vocab",
     "check_token_ids",
+    "example_lengths",
+    "group_by_length",
+    "trim_padding",
 ]
 
 _SCAN_CHUNK = 1 << 22  # 4 MiB per numpy pass while indexing
@@ -708,6 +711,47 @@ class PackedDataset(Dataset):
     def max_token_id(self) -> int:
         """Largest token id in the cache (a full scan of the memory map)."""
         return int(self.tokens.max())
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching helpers: spend less compute on padding, exactly.
+
+
+def example_lengths(dataset: Dataset) -> list[int]:
+    """Per example, the number of positions up to and including its last learned label (one full pass)."""
+    lengths = []
+    for i in range(len(dataset)):
+        learned = dataset[i][2].nonzero()
+        lengths.append(int(learned[-1]) + 1 if len(learned) else 1)
+    return lengths
+
+
+def group_by_length(order: Sequence[int], lengths: Sequence[int], batch_size: int, window_batches: int = 64,
+                    seed: int = 0) -> list[int]:
+    """Reorder `order` so each batch holds examples of similar length, keeping the shuffle's randomness.
+
+    Windows of `window_batches` batches are sorted by length and cut into batches; the batches of a window
+    are then shuffled (seeded), so consecutive steps don't go from short to long. Deterministic for a seed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    window = batch_size * window_batches
+    out: list[int] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: -lengths[i])
+        batches = [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+        full = [b for b in batches if len(b) == batch_size]
+        for k in torch.randperm(len(full), generator=g).tolist():
+            out.extend(full[k])
+        out.extend(i for b in batches if len(b) < batch_size for i in b)
+    return out
+
+
+def trim_padding(x_BT: torch.Tensor, y_BT: torch.Tensor, mask_BT: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop trailing columns that no row learns from; exact, as causal attention never looks ahead."""
+    learned = mask_BT.any(dim=0).nonzero()
+    n = int(learned[-1]) + 1 if len(learned) else 1
+    return x_BT[:, :n], y_BT[:, :n], mask_BT[:, :n]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,8 +25,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from minillm.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from minillm.data import check_vocab
+from minillm.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_model,
+    set_rng_state,
+)
+from minillm.data import check_vocab, example_lengths, group_by_length, trim_padding
 from minillm.distributed import DistEnv, all_reduce_sum, resolve_device
 from minillm.evaluation import evaluate_perplexity
 from minillm.model import MiniLLM
@@ -67,6 +74,8 @@ class TrainConfig:
     """Seed for weights, data order and dropout; the same seed gives the same run."""
     num_workers: int = 0
     """DataLoader worker processes per training process."""
+    group_by_length: bool = False
+    """Batch examples of similar length together and drop all-padding columns (less compute on padding)."""
     log_every: int = 10
     """Write a line to metrics.jsonl every this many steps."""
     eval_every: int = 200
@@ -256,10 +265,14 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     loader_rng = torch.Generator()  # worker seeds come from here, not the global RNG, so resume is exact
+    lengths = example_lengths(dataset) if cfg.group_by_length else None
 
     def batches_from(epoch: int, skip_steps: int):
         sampler.set_epoch(epoch)
-        order = list(sampler)[skip_steps * per_step:]
+        order = list(sampler)
+        if lengths is not None:
+            order = group_by_length(order, lengths, cfg.batch_size, seed=cfg.seed + epoch)
+        order = order[skip_steps * per_step:]
         loader_rng.manual_seed(cfg.seed + epoch)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=order, drop_last=True,
                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda", generator=loader_rng)
@@ -315,8 +328,10 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            micro = [tuple(t.to(device, non_blocking=True) for t in next(batches))
-                     for _ in range(cfg.accumulation_steps)]
+            micro = [next(batches) for _ in range(cfg.accumulation_steps)]
+            if cfg.group_by_length:
+                micro = [trim_padding(*batch) for batch in micro]
+            micro = [tuple(t.to(device, non_blocking=True) for t in batch) for batch in micro]
             n_global = all_reduce_sum(sum(m.sum() for _, _, m in micro).double())
             loss_sum = torch.zeros((), device=device)
             for i, (X, Y, M) in enumerate(micro):
@@ -399,7 +414,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
     if env.is_main:
         if result.eval_loss is not None:
             log({"step": step, "eval_loss": result.eval_loss})
-        raw_model.save_pretrained(out_dir, tokenizer=tokenizer)
+        save_model(raw_model, out_dir, tokenizer)  # with LoRA: the adapter only
         png = out_dir / "loss.png"
         if not plot_metrics(metrics_path, png):
             print("(pip install matplotlib to get a loss-curve PNG)")

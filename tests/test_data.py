@@ -638,3 +638,36 @@ def test_utf8_byte_order_mark_is_accepted(tok, tmp_path):
         "b"
     ) + [0]
     assert header["n_documents"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching helpers
+
+
+def test_group_by_length_batches_similar_lengths_deterministically():
+    lengths = [int(x) for x in torch.randint(1, 200, (100,), generator=torch.Generator().manual_seed(0))]
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(1)).tolist()
+    grouped = data.group_by_length(order, lengths, batch_size=4, window_batches=5, seed=3)
+    assert sorted(grouped) == list(range(100))  # a permutation: nothing lost or repeated
+    assert grouped == data.group_by_length(order, lengths, batch_size=4, window_batches=5, seed=3)
+    for w in range(0, 100, 20):  # each window holds the same examples as before, batches sorted inside
+        assert set(grouped[w:w + 20]) == set(order[w:w + 20])
+        window_sorted = sorted(order[w:w + 20], key=lambda i: -lengths[i])
+        expected_batches = {tuple(window_sorted[b:b + 4]) for b in range(0, 20, 4)}
+        assert {tuple(grouped[w + b:w + b + 4]) for b in range(0, 20, 4)} == expected_batches
+
+
+def test_trim_padding_is_exact(tok):
+    x = torch.tensor([[5, 6, 7, 0, 0, 0], [5, 6, 0, 0, 0, 0]])
+    y = torch.tensor([[6, 7, 0, 0, 0, 0], [6, 0, 0, 0, 0, 0]])
+    m = torch.tensor([[1.0, 1, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0]])
+    tx, ty, tm = data.trim_padding(x, y, m)
+    assert tx.tolist() == [[5, 6, 7], [5, 6, 0]] and tm.tolist() == [[1, 1, 1], [0, 1, 0]]
+    assert ty.tolist() == [[6, 7, 0], [6, 0, 0]]
+    assert data.trim_padding(x, y, torch.zeros_like(m))[0].shape == (2, 1)
+
+
+def test_example_lengths_follow_the_mask(tmp_path, tok):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "ab"}, {"text": CORPUS[0]}])
+    ds = PretrainDataset(path, tok, max_length=16)
+    assert data.example_lengths(ds) == [len(tok.encode("ab")), 15]  # text + eos, shifted by one
