@@ -52,10 +52,11 @@ ANSWER_LAYOUT = {
     "continue": "rest", "continue_title": "rest", "qupai": "full", "shijing": "full",
 }
 # How many examples each pattern contributes (upper bound; fewer if not enough candidate poems).
+# About 5,500 in all: enough variety for the chat format, small enough for one SFT epoch on a CPU.
 PATTERN_QUOTA = {
-    "tune_fill": 900, "tune_write": 700, "title_recite": 900, "title_fulltext": 700,
-    "author_shi": 800, "author_ci": 600, "theme": 800, "words": 800, "form": 800,
-    "continue": 900, "continue_title": 700, "qupai": 400, "shijing": 200,
+    "tune_fill": 540, "tune_write": 420, "title_recite": 540, "title_fulltext": 420,
+    "author_shi": 480, "author_ci": 360, "theme": 480, "words": 480, "form": 480,
+    "continue": 540, "continue_title": 420, "qupai": 240, "shijing": 120,
 }
 THEMES = {  # word in the title -> how a user names the theme
     "春": "春天", "夏": "夏日", "秋": "秋天", "冬": "冬天", "月": "月亮", "雪": "雪", "雨": "雨",
