@@ -1,7 +1,9 @@
 """Training checkpoints: model weights (safetensors) plus optimizer/scaler/RNG state, written atomically.
 
-Layout: <out_dir>/checkpoints/step_00000100/{config.json, model.safetensors, state.pt}. A checkpoint is
-written under a .tmp name and renamed only when complete, so a crash never leaves one that looks whole.
+Layout: <out_dir>/checkpoints/step_00000100/{config.json, model.safetensors, state.pt}; for a model with
+LoRA adapters, {adapter_config.json, adapter_model.safetensors, state.pt} (the frozen base is not copied).
+A checkpoint is written under a .tmp name and renamed only when complete, so a crash never leaves one that
+looks whole.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from minillm.hf import from_hf_state_dict, read_safetensors
+from minillm.lora import ADAPTER_CONFIG_NAME, check_same_lora, has_lora, load_adapter_weights, save_adapter
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "state.pt"
@@ -46,6 +49,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_model(model: torch.nn.Module, directory: str | Path, tokenizer=None) -> None:
+    """Save the model (config + weights), or only its adapter when it has LoRA layers; plus the tokenizer."""
+    if has_lora(model):
+        save_adapter(model, directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+    else:
+        model.save_pretrained(directory, tokenizer=tokenizer)
+
+
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
                     keep: int = 2) -> Path:
     """Write model weights and training state for `step`, then keep only the newest `keep` checkpoints."""
@@ -56,7 +69,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, stat
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_model(model, tmp)
     torch.save(state, tmp / STATE_NAME)
     if final.exists():
         shutil.rmtree(final)
@@ -83,8 +96,17 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Copy a checkpoint's weights into `model` and return its training state (loaded weights_only)."""
+    """Copy a checkpoint's weights (or adapters) into `model` and return its training state (weights_only)."""
     path = Path(path)
+    if has_lora(model):
+        if not (path / ADAPTER_CONFIG_NAME).is_file():
+            raise ValueError(f"{path} holds a full model, not a LoRA adapter; resume without --lora")
+        check_same_lora(model, path)
+        load_adapter_weights(model, path)
+        return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    if (path / ADAPTER_CONFIG_NAME).is_file():
+        raise ValueError(f"{path} holds a LoRA adapter only; resume with --lora, the same LoRA flags and the "
+                         "same --init_from base model")
     weights = from_hf_state_dict(read_safetensors(path), model.config)
     model.load_state_dict(weights, strict=True)
     return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
