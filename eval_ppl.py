@@ -17,6 +17,7 @@ import torch
 from minillm.data import check_vocab
 from minillm.distributed import setup_distributed, teardown_distributed
 from minillm.evaluation import evaluate_perplexity, read_documents
+from minillm.lora import load_adapter, merge_lora
 from minillm.model import MiniLLM
 from minillm.tokenizer import load_tokenizer
 
@@ -34,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True,
                    help="model directory (config.json + model.safetensors), as written by the trainer or "
                         "any Hugging Face Llama/Qwen2 checkpoint")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter directory (adapter_config.json + adapter_model.safetensors, PEFT "
+                        "layout, as train_*.py --lora writes) applied on top of --model")
     p.add_argument("--data", default="dataset/eval.jsonl",
                    help="JSON lines with a \"text\" field per document, or a .txt file scored as one "
                         "document (default: %(default)s, the shipped held-out split)")
@@ -67,12 +71,17 @@ class CliError(Exception):
 def run(args: argparse.Namespace, env) -> dict | None:
     """Load, score and report; returns the JSON-ready result (on every rank)."""
     model = MiniLLM.from_pretrained(args.model, device=env.device)
+    if args.adapter:
+        model = merge_lora(load_adapter(model, args.adapter)).eval()  # folded in: the same function, faster
     if args.tokenizer is None:
-        if not (Path(args.model) / "tokenizer.json").is_file():
+        beside = [d for d in (args.model, args.adapter) if d and (Path(d) / "tokenizer.json").is_file()]
+        if not beside:
             raise CliError(f"{args.model} has no tokenizer.json beside the weights; pass --tokenizer DIR "
                            "(or --tokenizer default for the shipped one)")
-        tokenizer = load_tokenizer(args.model)
+        tokenizer_source = str(beside[0])
+        tokenizer = load_tokenizer(beside[0])
     else:
+        tokenizer_source = args.tokenizer
         tokenizer = load_tokenizer(None if args.tokenizer == "default" else args.tokenizer)
     check_vocab(tokenizer, model.config.vocab_size)
     limit = model.config.max_position_embeddings
@@ -93,7 +102,8 @@ def run(args: argparse.Namespace, env) -> dict | None:
     result = evaluate_perplexity(model, documents, max_length=max_length, stride=stride,
                                  batch_size=args.batch_size, eos_id=tokenizer.eos_id, n_bytes=n_bytes,
                                  device=env.device, dtype=DTYPES[dtype_name], progress=env.is_main)
-    settings = {"model": str(args.model), "data": str(args.data), "tokenizer": args.tokenizer or str(args.model),
+    settings = {"model": str(args.model), "adapter": args.adapter and str(args.adapter), "data": str(args.data),
+                "tokenizer": tokenizer_source,
                 "max_length": max_length, "stride": stride, "batch_size": args.batch_size,
                 "device": str(env.device), "dtype": dtype_name, "world_size": env.world_size}
     return {**settings, **result.to_dict()}
@@ -102,7 +112,7 @@ def run(args: argparse.Namespace, env) -> dict | None:
 def format_table(r: dict) -> str:
     """The result as an aligned two-column table."""
     rows = [
-        ("model", r["model"]),
+        ("model", r["model"] + (f" + adapter {r['adapter']}" if r.get("adapter") else "")),
         ("data", r["data"]),
         ("windows", f"max_length {r['max_length']}, stride {r['stride']}"),
         ("compute", f"{r['dtype']} on {r['device']} x {r['world_size']}"),

@@ -3,6 +3,7 @@
 import copy
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -287,6 +288,21 @@ def test_lora_cli_with_merge(tmp_path, hf_checkpoint, capsys):
     with torch.no_grad():
         assert (with_adapter(ids).logits - merged(ids).logits).abs().max().item() < 1e-4
     assert Tokenizer.from_pretrained(out / "merged").fingerprint() == tok.fingerprint()
+
+    # eval_ppl.py --adapter scores base + adapter as the merged model scores.
+    sys.path.insert(0, str(REPO))
+    try:
+        import eval_ppl
+    finally:
+        sys.path.remove(str(REPO))
+    scores = {}
+    for name, flags in {"adapter": ["--model", base, "--adapter", out], "merged": ["--model", out / "merged"]}.items():
+        assert eval_ppl.main([*map(str, flags), "--data", str(data), "--max_length", "64",
+                              "--json", str(tmp_path / f"{name}.json")]) == 0
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    capsys.readouterr()
+    assert scores["adapter"]["adapter"] == str(out) and scores["adapter"]["tokens"] == scores["merged"]["tokens"]
+    assert scores["adapter"]["mean_nll"] == pytest.approx(scores["merged"]["mean_nll"], abs=1e-5)
 
 
 def test_cli_refuses_tokenizer_that_does_not_fit(tmp_path, hf_checkpoint, capsys):
