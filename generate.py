@@ -1,0 +1,298 @@
+"""Talk to a trained model: one answer to --prompt, or an interactive chat; a thin CLI over minillm.chat.
+
+    python generate.py --model out/sft --prompt "请以《浣溪沙》为词牌写一首词"
+    python generate.py --model out/pretrain --raw --prompt "床前明月光，"
+    python generate.py --model out/sft                 # interactive chat; /reset, /exit, Ctrl-D
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from minillm.chat import ChatSession, ContextError, StreamingAnswer
+from minillm.data import check_vocab
+from minillm.distributed import resolve_device
+from minillm.model import MiniLLM
+from minillm.tokenizer import load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROG = "generate.py"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Generate text with a trained model. With --prompt: one answer, streamed as it is produced. "
+                    "Without: an interactive chat read line by line from stdin (a pipe works too); /reset "
+                    "clears the history, /exit or Ctrl-D quits. Answers stop at <|im_end|> or <|endoftext|>. "
+                    "Only the generated text goes to stdout; notices and the speed line go to stderr.")
+    p.add_argument("--model", required=True,
+                   help="model directory (config.json + model.safetensors) as written by train_pretrain.py / "
+                        "train_sft.py, or any Hugging Face Llama/Qwen2 checkpoint MiniLLM.from_pretrained loads")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (tokenizer.json); default: the tokenizer saved beside the weights "
+                        "in --model; 'default' uses the tokenizer shipped in minillm/assets")
+    p.add_argument("--prompt", default=None,
+                   help="answer this one prompt and exit; without it, chat interactively")
+    p.add_argument("--raw", action="store_true",
+                   help="continue the prompt as plain text instead of rendering it with the chat template "
+                        "(for pretrained-only models). Interactively, each line is continued on its own")
+    p.add_argument("--system", default=None, help="system prompt put before the conversation (chat mode only)")
+    p.add_argument("--max_new_tokens", type=int, default=256,
+                   help="most tokens per answer; also reserved in the context, so the prompt (and in chat the "
+                        "history) may use the context minus this (default: %(default)s)")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens of context to use, at most the model's max_position_embeddings (the default). "
+                        "A model trained on shorter sequences may do better with its training length")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature; 0 is greedy (always the most likely token) (default: %(default)s)")
+    p.add_argument("--top_k", type=int, default=0,
+                   help="sample only among the k most likely tokens; 0 disables (default: %(default)s)")
+    p.add_argument("--top_p", type=float, default=0.9,
+                   help="nucleus sampling: sample among the most likely tokens whose probabilities add up to "
+                        "top_p; 1 disables (default: %(default)s)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0,
+                   help="divide positive logits (multiply negative ones) of tokens already in the sequence by "
+                        "this; 1 disables, ~1.1 curbs the loops small models fall into (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the sampling random generator: the same seed, model and flags give the same "
+                        "text (default: a fresh random seed)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N (default: auto = cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="dtype of the weights and the KV cache (default: auto = bfloat16 on GPUs that support it, "
+                        "else float16 on GPU, float32 on CPU)")
+    return p.parse_args(argv)
+
+
+class CliError(Exception):
+    """Bad input, reported as one line on stderr."""
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Reject flag values that make no sense, before anything is loaded."""
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise CliError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise CliError(f"--top_k must be >= 0 (0 = off), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise CliError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.repetition_penalty <= 0:
+        raise CliError(f"--repetition_penalty must be > 0 (1 = off), got {args.repetition_penalty}")
+    if args.raw and args.system is not None:
+        raise CliError("--system needs the chat template; it cannot be combined with --raw")
+    if args.context is not None and args.context < 2:
+        raise CliError(f"--context must be >= 2, got {args.context}")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The weight dtype for a --dtype value on this device."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class Console:
+    """Where text goes: answers to stdout, notices and stats to stderr (dim when stderr is a terminal)."""
+
+    def __init__(self) -> None:
+        self.dim = sys.stderr.isatty()
+
+    def write(self, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def note(self, text: str) -> None:
+        sys.stdout.flush()
+        print(f"\x1b[2m{text}\x1b[0m" if self.dim else text, file=sys.stderr, flush=True)
+
+
+def load(args: argparse.Namespace):
+    """Model, tokenizer and device, with one clear error for each thing that is missing."""
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise CliError(f"model directory {model_dir} does not exist")
+    if args.tokenizer is None:
+        if not (model_dir / "tokenizer.json").is_file():
+            raise CliError(f"{model_dir} has no tokenizer.json beside the weights; pass --tokenizer DIR "
+                           "(or --tokenizer default for the tokenizer shipped with minillm)")
+        tokenizer_dir = model_dir
+    elif args.tokenizer == "default":
+        tokenizer_dir = None
+    else:
+        tokenizer_dir = Path(args.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    device = resolve_device(args.device)
+    model = MiniLLM.from_pretrained(model_dir, dtype=pick_dtype(args.dtype, device), device=device).eval()
+    check_vocab(tokenizer, model.config.vocab_size)
+    return model, tokenizer, device, tokenizer_dir
+
+
+def has_chat_template(tokenizer_dir: Path | None) -> bool:
+    """Whether the tokenizer's config declares a chat template (minillm's own tokenizers always do)."""
+    config = (Path(__file__).resolve().parent / "minillm" / "assets" if tokenizer_dir is None
+              else tokenizer_dir) / "tokenizer_config.json"
+    try:
+        return "chat_template" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+class Generator:
+    """Answers prompts with the sampling flags, streaming them to the console."""
+
+    def __init__(self, args: argparse.Namespace, model: MiniLLM, tokenizer, device: torch.device,
+                 console: Console) -> None:
+        self.args, self.model, self.tokenizer, self.console = args, model, tokenizer, console
+        limit = model.config.max_position_embeddings
+        self.context = limit if args.context is None else args.context
+        if self.context > limit:
+            raise CliError(f"--context {self.context} exceeds the model's max_position_embeddings ({limit})")
+        self.budget = self.context - args.max_new_tokens
+        if self.budget < 1:
+            raise CliError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in the "
+                           f"context of {self.context} tokens; use a smaller value")
+        self.rng = None
+        if args.seed is not None:
+            self.rng = torch.Generator(device=device).manual_seed(args.seed)
+
+    def too_long(self, n: int) -> str:
+        """The message for a prompt of n tokens that does not fit."""
+        return (f"the prompt is {n} tokens, but the context of {self.context} tokens leaves "
+                f"{self.budget} for it after reserving --max_new_tokens {self.args.max_new_tokens}; "
+                "shorten the prompt or lower --max_new_tokens")
+
+    def answer(self, prompt_ids: list[int]) -> str:
+        """Stream one answer to stdout, then the speed line to stderr; returns the answer's text."""
+        a = self.args
+        answer = StreamingAnswer(self.model, self.tokenizer, prompt_ids, a.max_new_tokens,
+                                 temperature=a.temperature, top_k=a.top_k or None,
+                                 top_p=a.top_p if a.top_p < 1 else None,
+                                 repetition_penalty=a.repetition_penalty, generator=self.rng)
+        pieces = iter(answer)
+        interrupted = False
+        try:
+            for piece in pieces:
+                self.console.write(piece)
+        except KeyboardInterrupt:  # Ctrl-C ends this answer, not the program
+            interrupted = True
+        finally:
+            pieces.close()
+            self.console.write("\n")
+        end = (", interrupted" if interrupted else
+               "" if answer.stopped else f", cut at --max_new_tokens {a.max_new_tokens}")
+        self.console.note(f"[{answer.generated} tokens in {answer.seconds:.2f} s, "
+                          f"{answer.tokens_per_second:.1f} tokens/s{end}]")
+        return answer.text
+
+    def raw_ids(self, text: str) -> list[int]:
+        """Prompt ids of plain text to continue."""
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise ContextError("the prompt is empty")
+        if len(ids) > self.budget:
+            raise ContextError(self.too_long(len(ids)))
+        return ids
+
+
+def one_shot(gen: Generator, args: argparse.Namespace) -> None:
+    """Answer --prompt once."""
+    if args.raw:
+        ids = gen.raw_ids(args.prompt)
+    else:
+        session = ChatSession(gen.tokenizer, gen.budget, system=args.system)
+        ids = session.encode(session.messages + [{"role": "user", "content": args.prompt}])
+        if len(ids) > gen.budget:
+            raise ContextError(gen.too_long(len(ids)))
+    gen.answer(ids)
+
+
+def read_line(interactive: bool) -> str | None:
+    """One line from stdin (None at end of input); with a terminal, a '>>> ' prompt and line editing."""
+    if interactive:
+        try:
+            return input(">>> ")
+        except EOFError:
+            print()
+            return None
+    line = sys.stdin.readline()
+    return None if line == "" else line.rstrip("\r\n")
+
+
+def chat(gen: Generator, args: argparse.Namespace) -> None:
+    """Interactive loop: read a line, stream the answer, keep the history within the context."""
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (arrow keys and history in input())
+        except ImportError:
+            pass
+    session = ChatSession(gen.tokenizer, gen.budget, system=args.system)
+    mode = "each line is continued as plain text" if args.raw else "/reset clears the history"
+    gen.console.note(f"chatting with {args.model} ({gen.context}-token context); {mode}; /exit or Ctrl-D quits")
+    while True:
+        try:
+            line = read_line(interactive)
+        except KeyboardInterrupt:
+            print()
+            return
+        if line is None or line.strip() in ("/exit", "/quit"):
+            return
+        if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            session.reset()
+            gen.console.note("(history cleared)")
+            continue
+        try:
+            if args.raw:
+                gen.answer(gen.raw_ids(line))
+                continue
+            dropped = session.add_user(line)
+        except ContextError as e:
+            gen.console.note(f"(not sent: {e})")
+            continue
+        if dropped:
+            gen.console.note(f"(dropped the oldest {dropped} turn{'s' if dropped > 1 else ''} "
+                             f"to keep the conversation within the context)")
+        text = gen.answer(session.prompt_ids())
+        session.add_assistant(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; bad input gives one message on stderr and exit status 1, no traceback."""
+    args = parse_args(argv)
+    console = Console()
+    try:
+        check_flags(args)
+        model, tokenizer, device, tokenizer_dir = load(args)
+        if not args.raw and not has_chat_template(tokenizer_dir):
+            console.note(f"note: the tokenizer of {args.model} declares no chat template; for a "
+                         "pretrained-only model, --raw continues plain text")
+        gen = Generator(args, model, tokenizer, device, console)
+        if args.prompt is not None:
+            one_shot(gen, args)
+        else:
+            chat(gen, args)
+    # The specific failures of bad input; anything else is a bug and keeps its traceback.
+    except (CliError, OSError, ValueError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

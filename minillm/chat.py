@@ -1,0 +1,198 @@
+"""Talking to a model: streaming text out of token ids, and a chat history kept within the context."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from minillm.data import encode_chat
+from minillm.generation import generate
+from minillm.model import MiniLLM
+from minillm.tokenizer import Tokenizer
+
+REPLACEMENT = "\ufffd"  # what a lossy UTF-8 decode writes for bytes that are not (yet) a whole character
+
+
+class ContextError(ValueError):
+    """A prompt that does not fit in the tokens the context leaves for it."""
+
+
+class StreamDecoder:
+    """Turn token ids into text one id at a time, holding back the bytes of a character not yet complete.
+
+    A byte-level BPE token may end in the middle of a multi-byte UTF-8 character, so decoding tokens one
+    by one would print replacement characters. Decoding everything pushed so far and writing only the
+    new, settled part keeps the concatenation of the pieces equal to ``tokenizer.decode(all ids)``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._written = 0  # characters of the decoded text already handed out
+
+    def push(self, token_id: int) -> str:
+        """Add one id; returns the text it completes (possibly empty)."""
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        # A trailing replacement character may be the start of a character whose other bytes are still
+        # to come; everything before it can no longer change when more bytes are appended.
+        if text.endswith(REPLACEMENT):
+            text = text[:-1]
+        piece = text[self._written:]
+        self._written = max(self._written, len(text))
+        return piece
+
+    def flush(self) -> str:
+        """The text still held back (an incomplete character at the very end decodes as U+FFFD)."""
+        text = self.text
+        piece = text[self._written:]
+        self._written = len(text)
+        return piece
+
+    @property
+    def text(self) -> str:
+        """The whole text of the ids pushed so far."""
+        return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+
+
+def stream_decode(tokenizer: Tokenizer, ids: Iterable[int], skip_special_tokens: bool = False) -> Iterator[str]:
+    """Decode `ids` incrementally; the pieces join to ``tokenizer.decode(ids)``."""
+    decoder = StreamDecoder(tokenizer, skip_special_tokens)
+    for i in ids:
+        piece = decoder.push(i)
+        if piece:
+            yield piece
+    tail = decoder.flush()
+    if tail:
+        yield tail
+
+
+class StreamingAnswer:
+    """One generation as an iterator of text pieces; afterwards .text, .token_ids, .seconds, .stopped.
+
+    Stops at the first of `stop_ids` (not part of the text) or after max_new_tokens; `stopped` tells
+    which. Sampling arguments are those of minillm.generation.generate.
+    """
+
+    def __init__(self, model: MiniLLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], max_new_tokens: int,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float = 1.0, stop_ids: Sequence[int] | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        self.stop_ids = list((tokenizer.eos_id, tokenizer.im_end_id) if stop_ids is None else stop_ids)
+        self._steps = generate(model, list(prompt_ids), max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                               eos_token_id=self.stop_ids, stream=True, generator=generator)
+        self._decoder = StreamDecoder(tokenizer)
+        self.generated = 0  # tokens the model produced, the stop token included
+        self.stopped = False
+        self.seconds = 0.0
+
+    def __iter__(self) -> Iterator[str]:
+        t0 = time.perf_counter()
+        try:
+            for token_B in self._steps:
+                token = int(token_B[0])
+                self.generated += 1
+                if token in self.stop_ids:
+                    self.stopped = True
+                    break
+                piece = self._decoder.push(token)
+                if piece:
+                    yield piece
+            tail = self._decoder.flush()
+            if tail:
+                yield tail
+        finally:
+            self.seconds = time.perf_counter() - t0
+
+    @property
+    def text(self) -> str:
+        """The answer so far, without the stop token."""
+        return self._decoder.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The answer's ids so far, without the stop token."""
+        return list(self._decoder.ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens over the wall time of the generation (prefill included)."""
+        return self.generated / self.seconds if self.seconds > 0 else float("nan")
+
+
+class ChatSession:
+    """A conversation rendered with the ChatML template, trimmed so that the prompt fits `budget` tokens.
+
+    `budget` is what the context leaves for the prompt (max_position_embeddings minus the tokens reserved
+    for the answer). When a new user message does not fit, whole turns (a user message and the replies to
+    it) are dropped, oldest first; the system message always stays.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, budget: int, system: str | None = None) -> None:
+        if budget < 1:
+            raise ValueError(f"the prompt budget must be >= 1 token, got {budget}")
+        self.tokenizer = tokenizer
+        self.budget = budget
+        self.system = system
+        self.messages: list[dict[str, str]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system message stays)."""
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def _head(self) -> list[dict[str, str]]:
+        return self.messages[:1] if self.system else []
+
+    def _turns(self) -> list[list[dict[str, str]]]:
+        """The messages after the system one, grouped into turns that each start at a user message."""
+        turns: list[list[dict[str, str]]] = []
+        for m in self.messages[len(self._head()):]:
+            if m["role"] == "user" or not turns:
+                turns.append([])
+            turns[-1].append(m)
+        return turns
+
+    def encode(self, messages: list[dict[str, str]] | None = None) -> list[int]:
+        """Prompt ids of `messages` (default: the history) followed by the assistant generation prompt.
+
+        Turns are tokenized as in SFT training (minillm.data.encode_chat), so the model sees at
+        generation the same split it learnt from.
+        """
+        ids, _ = encode_chat(self.tokenizer, self.messages if messages is None else messages)
+        return ids + self.tokenizer.encode("<|im_start|>assistant\n")
+
+    def add_user(self, content: str) -> int:
+        """Append a user message, dropping the oldest turns until the prompt fits; returns how many were dropped.
+
+        Raises ContextError (history unchanged) when the message does not fit even on its own.
+        """
+        message = {"role": "user", "content": content}
+        alone = len(self.encode(self._head() + [message]))
+        if alone > self.budget:
+            raise ContextError(f"the message is {alone} tokens with the template"
+                               f"{' and system prompt' if self.system else ''}, but only {self.budget} "
+                               f"fit in the context")
+        turns = self._turns() + [[message]]
+        dropped = 0
+        while len(self.encode(self._head() + [m for t in turns for m in t])) > self.budget:
+            turns.pop(0)
+            dropped += 1
+        self.messages = self._head() + [m for t in turns for m in t]
+        return dropped
+
+    def add_assistant(self, content: str) -> None:
+        """Append the model's answer."""
+        self.messages.append({"role": "assistant", "content": content})
+
+    def prompt_ids(self) -> list[int]:
+        """The ids to generate the next answer from."""
+        return self.encode()
+
+    def render(self, add_generation_prompt: bool = False) -> str:
+        """The history as ChatML text."""
+        return self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=add_generation_prompt)

@@ -1,0 +1,289 @@
+"""generate.py and minillm.chat on a tiny model trained for a few steps on the shipped SFT data."""
+
+import importlib.util
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minillm.chat import REPLACEMENT, ChatSession, ContextError, StreamDecoder, StreamingAnswer, stream_decode
+from minillm.config import LMConfig
+from minillm.data import SFTDataset
+from minillm.generation import generate
+from minillm.model import MiniLLM
+from minillm.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEED_LINE = re.compile(r"^\[(\d+) tokens in [\d.]+ s, [\d.]+ tokens/s(, cut at --max_new_tokens \d+)?\]$", re.M)
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = _load_cli()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok):
+    """A 2-layer model fitted for 40 steps to 16 SFT examples, so that it writes real characters."""
+    torch.manual_seed(0)
+    config = LMConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256)
+    model = MiniLLM(config)
+    data = SFTDataset(ROOT / "dataset" / "sft.jsonl", tok, max_length=96)
+    X, Y, mask = (torch.stack(t) for t in zip(*(data[i] for i in range(16))))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(40):
+        rows = torch.arange(8) + 8 * (step % 2)
+        loss = model(X[rows], labels=Y[rows], loss_mask=mask[rows]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    directory = tmp_path_factory.mktemp("tiny_sft")
+    model.save_pretrained(directory, tokenizer=tok)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return MiniLLM.from_pretrained(model_dir).eval()
+
+
+def run_cli(*args, stdin=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], input=stdin,
+                          capture_output=True, text=True, encoding="utf-8", cwd=ROOT, env=env, timeout=120)
+
+
+def reference_answer(model, tok, prompt_ids, max_new_tokens, **sampling):
+    """The answer text from one non-streaming generate() call, cut before the first stop token."""
+    out = generate(model, prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=[tok.eos_id, tok.im_end_id],
+                   **sampling)[0, len(prompt_ids):].tolist()
+    for i, t in enumerate(out):
+        if t in (tok.eos_id, tok.im_end_id):
+            out = out[:i]
+            break
+    return tok.decode(out)
+
+
+def chat_ids(tok, text):
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+
+
+# --- streaming text ---------------------------------------------------------------------------------------
+
+def test_stream_decoder_never_splits_a_character(tok):
+    text = "续写这首词：😀𠀀é中文続け。"
+    ids = tok.encode(text)
+    assert any(REPLACEMENT in tok.decode([i]) for i in ids)  # some characters really span several tokens
+    decoder = StreamDecoder(tok)
+    pieces = []
+    for i in ids:
+        pieces.append(decoder.push(i))
+        assert text.startswith("".join(pieces))
+    pieces.append(decoder.flush())
+    assert "".join(pieces) == text
+    assert not any(REPLACEMENT in p for p in pieces)
+    assert pieces.count("") >= 3  # the 4-byte emoji and the CJK Extension B character were held back
+
+
+def test_stream_decode_equals_decode_on_arbitrary_ids(tok):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = torch.randint(0, tok.vocab_size, (40,), generator=g).tolist()
+        assert "".join(stream_decode(tok, ids)) == tok.decode(ids)
+    # A truncated character at the very end comes out as U+FFFD on flush, like decode() does.
+    ids = tok.encode("好😀")[:-1]
+    assert "".join(stream_decode(tok, ids)) == tok.decode(ids) == "好" + REPLACEMENT
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_p=0.9, seed=3)])
+def test_streaming_answer_equals_non_streaming_generate(model, tok, sampling):
+    ids = chat_ids(tok, "写一首关于江的词。")
+    seed = sampling.pop("seed", None)
+    rng = (lambda: torch.Generator().manual_seed(seed)) if seed is not None else (lambda: None)
+    answer = StreamingAnswer(model, tok, ids, 40, generator=rng(), **sampling)
+    pieces = list(answer)
+    expected = reference_answer(model, tok, ids, 40, generator=rng(), **sampling)
+    assert "".join(pieces) == answer.text == expected
+    assert len(expected) > 5
+    assert answer.generated == len(answer.token_ids) + answer.stopped
+
+
+# --- ChatSession ------------------------------------------------------------------------------------------
+
+def test_chat_session_history_renders_exactly(tok):
+    s = ChatSession(tok, budget=200, system="你是词人。")
+    assert s.add_user("first question") == 0
+    s.add_assistant("first answer")
+    s.reset()
+    s.add_user("江")
+    s.add_assistant("望江南")
+    s.add_user("再来一首")
+    expected = ("<|im_start|>system\n你是词人。<|im_end|>\n"
+                "<|im_start|>user\n江<|im_end|>\n"
+                "<|im_start|>assistant\n望江南<|im_end|>\n"
+                "<|im_start|>user\n再来一首<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    assert s.render(add_generation_prompt=True) == expected
+    assert s.prompt_ids() == tok.encode(expected)
+
+
+def test_chat_session_drops_oldest_turns_to_fit(tok):
+    turns = [(f"问题{i}：江南好", f"回答{i}：风景旧曾谙") for i in range(6)]
+    full = ChatSession(tok, budget=10_000, system="sys")
+    for q, a in turns:
+        full.add_user(q)
+        full.add_assistant(a)
+    per_turn = (len(full.prompt_ids()) - len(ChatSession(tok, 10_000, "sys").encode())) // 6
+    budget = len(full.prompt_ids()) - 2 * per_turn  # room for the system prompt and about four turns
+
+    s = ChatSession(tok, budget=budget, system="sys")
+    dropped = []
+    for q, a in turns:
+        dropped.append(s.add_user(q))
+        assert len(s.prompt_ids()) <= budget
+        s.add_assistant(a)
+    dropped.append(s.add_user("最后一问"))
+    assert s.messages[0] == {"role": "system", "content": "sys"}
+    kept = [m["content"] for m in s.messages[1:]]
+    n_turns = (len(kept) - 1) // 2
+    assert 2 <= n_turns <= 4
+    # The kept history is the longest suffix of whole turns that fits, the new question included.
+    assert kept == [c for q, a in turns[6 - n_turns:] for c in (q, a)] + ["最后一问"]
+    assert len(s.prompt_ids()) <= budget
+    one_more = [{"role": "system", "content": "sys"}] + [
+        {"role": r, "content": c} for q, a in turns[5 - n_turns:] for r, c in (("user", q), ("assistant", a))]
+    assert len(s.encode(one_more + [{"role": "user", "content": "最后一问"}])) > budget
+    assert dropped[:3] == [0, 0, 0]  # nothing is dropped while everything fits
+    assert sum(dropped) == 6 - n_turns  # every turn not kept was dropped exactly once
+
+
+def test_chat_session_rejects_a_message_that_cannot_fit(tok):
+    s = ChatSession(tok, budget=30)
+    s.add_user("你好")
+    s.add_assistant("好")
+    before = list(s.messages)
+    with pytest.raises(ContextError, match="only 30 fit"):
+        s.add_user("长" * 100)
+    assert s.messages == before
+
+
+# --- the CLI ----------------------------------------------------------------------------------------------
+
+def test_cli_seeded_sampling_is_reproducible(model_dir):
+    args = ["--model", model_dir, "--prompt", "写一首关于江的词。", "--temperature", "1.0", "--top_p", "0.95",
+            "--max_new_tokens", "24", "--seed", "7"]
+    a, b = run_cli(*args), run_cli(*args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and len(a.stdout.strip()) > 3
+    assert SPEED_LINE.search(a.stderr)
+
+
+def test_cli_seed_changes_the_sample(model_dir, capsys):
+    outs = []
+    for seed in ("7", "8", "7"):
+        assert cli.main(["--model", str(model_dir), "--prompt", "写一首关于江的词。", "--temperature", "1.0",
+                         "--max_new_tokens", "24", "--seed", seed]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[2] != outs[1]
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_cli_greedy_equals_generate(model_dir, model, tok, capsys, raw):
+    prompt = "江南好，" if raw else "请以《浣溪沙》为词牌写一首词"
+    flags = ["--raw"] if raw else []
+    assert cli.main(["--model", str(model_dir), "--prompt", prompt, "--temperature", "0",
+                     "--max_new_tokens", "30", *flags]) == 0
+    out, err = capsys.readouterr()
+    ids = tok.encode(prompt) if raw else chat_ids(tok, prompt)
+    expected = reference_answer(model, tok, ids, 30, temperature=0)
+    assert len(expected) > 5
+    assert out == expected + "\n"
+    n = int(SPEED_LINE.search(err).group(1))
+    assert 1 <= n <= 30
+
+
+def test_cli_interactive_chat_through_stdin(model_dir, model, tok):
+    lines = ["first question", "/reset", "写一首关于江的词。", "再来一首", "/exit", "never answered"]
+    result = run_cli("--model", model_dir, "--temperature", "0", "--max_new_tokens", "20",
+                     "--system", "你是词人。", stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+
+    # The same conversation driven directly: /reset forgets "first question" and its answer.
+    session = ChatSession(tok, budget=256 - 20, system="你是词人。")
+    answers = []
+    for line in lines[:4]:
+        if line == "/reset":
+            session.reset()
+            continue
+        session.add_user(line)
+        answers.append(reference_answer(model, tok, session.prompt_ids(), 20, temperature=0))
+        session.add_assistant(answers[-1])
+    assert result.stdout == "".join(a + "\n" for a in answers)
+    assert session.render() == ("<|im_start|>system\n你是词人。<|im_end|>\n"
+                                "<|im_start|>user\n写一首关于江的词。<|im_end|>\n"
+                                f"<|im_start|>assistant\n{answers[1]}<|im_end|>\n"
+                                "<|im_start|>user\n再来一首<|im_end|>\n"
+                                f"<|im_start|>assistant\n{answers[2]}<|im_end|>\n")
+    assert "(history cleared)" in result.stderr
+    assert len(SPEED_LINE.findall(result.stderr)) == 3
+
+
+def test_cli_interactive_ends_at_eof_and_trims_history(model_dir, monkeypatch, capsys):
+    # --context 60 with 20 new tokens leaves 40 for the prompt: room for one question (28 tokens), not two.
+    assert len(chat_ids(load_tokenizer(), "写一首关于江的词。")) == 28
+    monkeypatch.setattr(sys, "stdin", io.StringIO("写一首关于江的词。\n写一首关于江的词。\n"))  # no /exit: EOF ends it
+    assert cli.main(["--model", str(model_dir), "--temperature", "0", "--max_new_tokens", "20",
+                     "--context", "60"]) == 0
+    err = capsys.readouterr().err
+    assert "(dropped the oldest 1 turn to keep the conversation within the context)" in err
+    assert len(SPEED_LINE.findall(err)) == 2
+
+
+def _error(capsys, argv):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("generate.py: error: ")
+    return err
+
+
+def test_cli_bad_input(model_dir, tmp_path, capsys):
+    err = _error(capsys, ["--model", str(tmp_path / "nope"), "--prompt", "hi"])
+    assert f"model directory {tmp_path / 'nope'} does not exist" in err
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(model_dir / name, bare / name)
+    err = _error(capsys, ["--model", str(bare), "--prompt", "hi"])
+    assert f"{bare} has no tokenizer.json beside the weights; pass --tokenizer DIR" in err
+    assert cli.main(["--model", str(bare), "--tokenizer", "default", "--prompt", "hi", "--max_new_tokens", "2"]) == 0
+    capsys.readouterr()
+
+    n = len(chat_ids(load_tokenizer(), "长" * 300))
+    assert n > 224
+    err = _error(capsys, ["--model", str(model_dir), "--prompt", "长" * 300, "--max_new_tokens", "32"])
+    assert (f"the prompt is {n} tokens, but the context of 256 tokens leaves 224 for it after reserving "
+            "--max_new_tokens 32; shorten the prompt or lower --max_new_tokens") in err
+
+    err = _error(capsys, ["--model", str(model_dir), "--max_new_tokens", "256"])
+    assert "--max_new_tokens 256 leaves no room for a prompt in the context of 256 tokens" in err
+    err = _error(capsys, ["--model", str(model_dir), "--raw", "--system", "x", "--prompt", "hi"])
+    assert "--system needs the chat template" in err
