@@ -18,7 +18,7 @@ from minillm.chat import ChatSession, ContextError, StreamingAnswer
 from minillm.data import check_vocab
 from minillm.distributed import resolve_device
 from minillm.model import MiniLLM
-from minillm.tokenizer import load_tokenizer
+from minillm.tokenizer import DEFAULT_ASSETS, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROG = "generate.py"
@@ -140,8 +140,7 @@ def load(args: argparse.Namespace):
 
 def has_chat_template(tokenizer_dir: Path | None) -> bool:
     """Whether the tokenizer's config declares a chat template (minillm's own tokenizers always do)."""
-    config = (Path(__file__).resolve().parent / "minillm" / "assets" if tokenizer_dir is None
-              else tokenizer_dir) / "tokenizer_config.json"
+    config = (DEFAULT_ASSETS if tokenizer_dir is None else tokenizer_dir) / "tokenizer_config.json"
     try:
         return "chat_template" in json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
