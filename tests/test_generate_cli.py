@@ -304,3 +304,14 @@ def test_cli_help_explains_the_flags(capsys):
                  "--repetition_penalty", "--max_new_tokens", "--seed", "--device", "--dtype", "--tokenizer",
                  "--context", "/reset", "/exit", "0 is greedy"):
         assert flag in out
+
+
+def test_cli_hints_at_raw_when_the_tokenizer_has_no_chat_template(model_dir, tmp_path, capsys):
+    plain = tmp_path / "plain"
+    shutil.copytree(model_dir, plain)
+    (plain / "tokenizer_config.json").unlink()
+    assert cli.main(["--model", str(plain), "--prompt", "江", "--max_new_tokens", "2", "--seed", "0"]) == 0
+    assert "declares no chat template; for a pretrained-only model, --raw continues plain text" in \
+        capsys.readouterr().err
+    assert cli.main(["--model", str(model_dir), "--prompt", "江", "--max_new_tokens", "2", "--seed", "0"]) == 0
+    assert "chat template" not in capsys.readouterr().err
