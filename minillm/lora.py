@@ -113,17 +113,22 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """base(x) + scaling * [B_s A_s dropout(x) for each slice s] concatenated along the output."""
         out = F.linear(x, self.weight, self.bias)
-        # One matmul for all the slices' A (they share the input), then each slice's B on its r columns.
-        a_cat = torch.cat([self.lora_A[s] for s in self.adapted]) if len(self.adapted) > 1 \
-            else self.lora_A[self.adapted[0]]
-        xa = F.linear(self.dropout(x), a_cat).split(self.r, dim=-1)
-        if len(self.slices) == 1:
-            delta = F.linear(xa[0], self.lora_B[self.adapted[0]])
+        # Two small matmuls whatever the number of slices: all the A's stacked (they share the input), then
+        # the B's as one block-diagonal matrix (zero rows for slices without an adapter), accumulated into
+        # the base output by addmm. The scaling goes on B, a tiny tensor, not on the activations.
+        if len(self.adapted) == 1:
+            a_all = self.lora_A[self.adapted[0]]
         else:
-            xa_by_slice = dict(zip(self.adapted, xa))
-            delta = torch.cat([F.linear(xa_by_slice[name], self.lora_B[name]) if name in xa_by_slice
-                               else xa[0].new_zeros(*xa[0].shape[:-1], rows) for name, rows in self.slices], dim=-1)
-        return out + delta * self.scaling
+            a_all = torch.cat([self.lora_A[s] for s in self.adapted])
+        if len(self.slices) == 1:
+            b_all = self.lora_B[self.adapted[0]]
+        else:
+            b_all = torch.block_diag(*[self.lora_B[name] if name in self.lora_B else self.weight.new_zeros(rows, 0)
+                                       for name, rows in self.slices])
+        xa = F.linear(self.dropout(x), a_all)
+        out_2d = torch.addmm(out.reshape(-1, self.out_features), xa.reshape(-1, xa.shape[-1]),
+                             (b_all * self.scaling).t())
+        return out_2d.view(out.shape)
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear whose weight is base + scaling * B @ A (the base parameter is updated in place)."""
