@@ -145,6 +145,7 @@ def _add_lora(args, model: MiniLLM, is_main: bool) -> None:
     """Freeze the model and add adapters as the --lora_* flags say."""
     if not args.init_from:
         raise ValueError("--lora needs --init_from: adapters train on top of an existing model")
+    torch.manual_seed(args.seed)  # the adapters' A is drawn at random: the same seed, the same run
     apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
     model.lora_config.base_model_name_or_path = str(Path(args.init_from).resolve())
     if is_main:

@@ -292,8 +292,12 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
     modules = d.get("target_modules")
     if not isinstance(modules, list):
         raise ValueError(f"{path}: target_modules must be a list of module names such as q_proj, got {modules!r}")
+    try:
+        targets = parse_targets(modules)
+    except ValueError as e:
+        raise ValueError(f"{path}: target_modules: {e}") from e
     return LoRAConfig(r=int(d["r"]), alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout", 0.0)),
-                      targets=parse_targets(modules), base_model_name_or_path=d.get("base_model_name_or_path"))
+                      targets=targets, base_model_name_or_path=d.get("base_model_name_or_path"))
 
 
 def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:

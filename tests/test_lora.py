@@ -82,6 +82,25 @@ def test_bad_lora_arguments():
         apply_lora(model)
 
 
+def test_unsupported_adapters_are_refused_by_name(tmp_path):
+    model = with_random_adapters(base_model(), targets="q")
+    save_adapter(model, tmp_path)
+    good = json.loads((tmp_path / "adapter_config.json").read_text())
+    cases = [({"use_dora": True}, "use_dora=True is not supported"),
+             ({"target_modules": ["q_proj", "lm_head"]}, "target_modules: unknown LoRA target 'lm_head'"),
+             ({"target_modules": ".*proj"}, "target_modules must be a list"),
+             ({"peft_type": "IA3"}, "only LORA adapters")]
+    for change, message in cases:
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(ValueError, match=message) as info:
+            load_adapter(base_model(), tmp_path)
+        assert str(tmp_path / "adapter_config.json") in str(info.value)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(good))
+    (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match="safetensors only"):
+        load_adapter(base_model(), tmp_path)
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(attention_bias=True, tie_word_embeddings=False)])
 def test_merged_weights_match_base_plus_adapter(kw):
     model = with_random_adapters(base_model(**kw), targets="q,v,o,gate,down")
