@@ -17,6 +17,7 @@ import torch
 from minillm.chat import ChatSession, ContextError, StreamingAnswer
 from minillm.data import check_vocab
 from minillm.distributed import resolve_device
+from minillm.lora import load_adapter, merge_lora
 from minillm.model import MiniLLM
 from minillm.tokenizer import DEFAULT_ASSETS, load_tokenizer
 
@@ -35,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True,
                    help="model directory (config.json + model.safetensors) as written by train_pretrain.py / "
                         "train_sft.py, or any Hugging Face Llama/Qwen2 checkpoint MiniLLM.from_pretrained loads")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter directory (adapter_config.json + adapter_model.safetensors, PEFT layout, "
+                        "as train_*.py --lora writes) applied on top of --model")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory (tokenizer.json); default: the tokenizer saved beside the weights "
                         "in --model; 'default' uses the tokenizer shipped in minillm/assets")
@@ -122,11 +126,13 @@ def load(args: argparse.Namespace):
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise CliError(f"model directory {model_dir} does not exist")
+    # train_*.py --lora saves the tokenizer beside the adapter, not beside the base model's weights.
+    beside = Path(args.adapter) if args.adapter and not (model_dir / "tokenizer.json").is_file() else model_dir
     if args.tokenizer is None:
-        if not (model_dir / "tokenizer.json").is_file():
+        if not (beside / "tokenizer.json").is_file():
             raise CliError(f"{model_dir} has no tokenizer.json beside the weights; pass --tokenizer DIR "
                            "(or --tokenizer default for the tokenizer shipped with minillm)")
-        tokenizer_dir = model_dir
+        tokenizer_dir = beside
     elif args.tokenizer == "default":
         tokenizer_dir = None
     else:
@@ -134,6 +140,8 @@ def load(args: argparse.Namespace):
     tokenizer = load_tokenizer(tokenizer_dir)
     device = resolve_device(args.device)
     model = MiniLLM.from_pretrained(model_dir, dtype=pick_dtype(args.dtype, device), device=device).eval()
+    if args.adapter:
+        model = merge_lora(load_adapter(model, args.adapter)).eval()  # folded in: no per-token adapter cost
     check_vocab(tokenizer, model.config.vocab_size)
     return model, tokenizer, device, tokenizer_dir
 

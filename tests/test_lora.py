@@ -312,6 +312,7 @@ def test_lora_cli_with_merge(tmp_path, hf_checkpoint, capsys):
     sys.path.insert(0, str(REPO))
     try:
         import eval_ppl
+        import generate
     finally:
         sys.path.remove(str(REPO))
     scores = {}
@@ -322,6 +323,14 @@ def test_lora_cli_with_merge(tmp_path, hf_checkpoint, capsys):
     capsys.readouterr()
     assert scores["adapter"]["adapter"] == str(out) and scores["adapter"]["tokens"] == scores["merged"]["tokens"]
     assert scores["adapter"]["mean_nll"] == pytest.approx(scores["merged"]["mean_nll"], abs=1e-5)
+
+    # generate.py --adapter answers as the merged model does (greedy); the tokenizer comes from the adapter dir.
+    texts = {}
+    for name, flags in {"adapter": ["--model", base, "--adapter", out], "merged": ["--model", out / "merged"]}.items():
+        assert generate.main([*map(str, flags), "--raw", "--prompt", "the river near", "--temperature", "0",
+                              "--max_new_tokens", "8", "--device", "cpu"]) == 0
+        texts[name] = capsys.readouterr().out
+    assert texts["adapter"] == texts["merged"] and texts["adapter"].strip()
 
 
 def test_cli_refuses_tokenizer_that_does_not_fit(tmp_path, hf_checkpoint, capsys):
