@@ -33,6 +33,15 @@ TINY = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_he
             max_position_embeddings=128)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a machine shared with other jobs: two intra-op threads only wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def base_model(seed=0, **kw) -> MiniLLM:
     torch.manual_seed(seed)
     return randomized(MiniLLM(LMConfig(**{**TINY, **kw})), seed=seed).eval()
