@@ -12,16 +12,13 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
 from minillm.data import check_vocab
-from minillm.distributed import setup_distributed, teardown_distributed
+from minillm.distributed import DTYPES, resolve_dtype, setup_distributed, teardown_distributed
 from minillm.evaluation import evaluate_perplexity, read_documents
 from minillm.lora import load_adapter, merge_lora
 from minillm.model import MiniLLM
 from minillm.tokenizer import load_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_LENGTH = 512  # minillm's default pretraining context
 
 
@@ -94,18 +91,18 @@ def run(args: argparse.Namespace, env) -> dict | None:
         raise CliError(f"--stride must be in [1, --max_length={max_length}], got {stride}")
     if args.batch_size < 1:
         raise CliError(f"--batch_size must be >= 1, got {args.batch_size}")
-    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if env.device.type == "cuda" else "float32")
+    dtype = resolve_dtype(args.dtype, env.device)
 
     texts = read_documents(args.data)
     documents = tokenizer.encode_batch(texts)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     result = evaluate_perplexity(model, documents, max_length=max_length, stride=stride,
                                  batch_size=args.batch_size, eos_id=tokenizer.eos_id, n_bytes=n_bytes,
-                                 device=env.device, dtype=DTYPES[dtype_name], progress=env.is_main)
+                                 device=env.device, dtype=dtype, progress=env.is_main)
     settings = {"model": str(args.model), "adapter": args.adapter and str(args.adapter), "data": str(args.data),
                 "tokenizer": tokenizer_source,
                 "max_length": max_length, "stride": stride, "batch_size": args.batch_size,
-                "device": str(env.device), "dtype": dtype_name, "world_size": env.world_size}
+                "device": str(env.device), "dtype": str(dtype).removeprefix("torch."), "world_size": env.world_size}
     return {**settings, **result.to_dict()}
 
 

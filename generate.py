@@ -16,12 +16,11 @@ import torch
 
 from minillm.chat import ChatSession, ContextError, StreamingAnswer
 from minillm.data import check_vocab
-from minillm.distributed import resolve_device
+from minillm.distributed import DTYPES, resolve_device, resolve_dtype
 from minillm.lora import load_adapter, merge_lora
 from minillm.model import MiniLLM
 from minillm.tokenizer import DEFAULT_ASSETS, load_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROG = "generate.py"
 
 
@@ -97,15 +96,6 @@ def check_flags(args: argparse.Namespace) -> None:
         raise CliError(f"--context must be >= 2, got {args.context}")
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The weight dtype for a --dtype value on this device."""
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 class Console:
     """Where text goes: answers to stdout, notices and stats to stderr (dim when stderr is a terminal)."""
 
@@ -139,7 +129,7 @@ def load(args: argparse.Namespace):
         tokenizer_dir = Path(args.tokenizer)
     tokenizer = load_tokenizer(tokenizer_dir)
     device = resolve_device(args.device)
-    model = MiniLLM.from_pretrained(model_dir, dtype=pick_dtype(args.dtype, device), device=device).eval()
+    model = MiniLLM.from_pretrained(model_dir, dtype=resolve_dtype(args.dtype, device), device=device).eval()
     if args.adapter:
         model = merge_lora(load_adapter(model, args.adapter)).eval()  # folded in: no per-token adapter cost
     check_vocab(tokenizer, model.config.vocab_size)

@@ -36,6 +36,18 @@ def resolve_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A --dtype value on this device: auto is bfloat16 on GPUs that support it, else float16; float32 on CPU."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # bfloat16 is much slower than float32 on CPUs without native bf16 matmuls
+
+
 def setup_distributed(device: str | None = None) -> DistEnv:
     """Read RANK/LOCAL_RANK/WORLD_SIZE set by torchrun and join the process group (nccl on CUDA, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

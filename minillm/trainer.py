@@ -34,12 +34,10 @@ from minillm.checkpoint import (
     set_rng_state,
 )
 from minillm.data import check_vocab, example_lengths, group_by_length, trim_padding
-from minillm.distributed import DistEnv, all_reduce_sum, resolve_device
+from minillm.distributed import DTYPES, DistEnv, all_reduce_sum, resolve_device, resolve_dtype
 from minillm.evaluation import evaluate_perplexity
 from minillm.model import MiniLLM
 from minillm.schedule import cosine_lr
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -123,15 +121,6 @@ class TrainResult:
     """True when a signal or should_stop ended the run early (a checkpoint was saved)."""
     skipped_steps: int = 0
     """Updates skipped because the loss or the gradient norm was not finite."""
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype for a --dtype value on this device."""
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # bfloat16 autocast is slower than float32 on many CPUs
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
