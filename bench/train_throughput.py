@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq_len", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="autocast dtype (default: bfloat16 on CUDA, float32 on the CPU)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--compile", nargs="?", const="both", choices=["both", "minillm"], default=None,
+                        help="torch.compile both models, or (--compile minillm) minillm's only")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="device peak in TFLOP/s for MFU (default: measured GEMM on CPU, table on GPU)")
     args = parser.parse_args(argv)
@@ -109,11 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = args.model_dir or write_checkpoint(args.config, tmp, args.seed)
         config = checkpoint_config(directory)
-        kwargs = dict(batch_size=args.batch_size, seq_len=args.seq_len, dtype=dtype, compile=args.compile,
-                      seed=args.seed)
+        kwargs = dict(batch_size=args.batch_size, seq_len=args.seq_len, dtype=dtype, seed=args.seed)
+        compiled = {side: args.compile == "both" or args.compile == side for side in SIDES}
         models = {side: load_side(side, directory, device) for side in SIDES}
         n_params = models["minillm"].num_parameters()
-        steps = {side: make_train_step(side, models[side], device, **kwargs) for side in SIDES}
+        steps = {side: make_train_step(side, models[side], device, compile=compiled[side], **kwargs)
+                 for side in SIDES}
         # Same weights and batch: the first losses must agree (before the sides drift apart).
         first = {side: steps[side]().item() for side in SIDES}
         tol = 1e-4 if dtype == "float32" else 2e-2
@@ -122,13 +124,15 @@ def main(argv: list[str] | None = None) -> None:
         times = time_alternating(steps, args.warmup, args.rounds, device)
         peak_after, _ = device_peak(device, args.peak_tflops)
         peak = max(peak_before, peak_after)
+        # Memory of the eager step (compilation's own memory would swamp it).
         memory = {} if args.no_memory else peak_memory(train_memory_workload, directory, device, args.threads,
-                                                       **kwargs)
+                                                       compile=False, **kwargs)
 
     tokens = args.batch_size * args.seq_len
     flops_tok = train_flops_per_token(config, args.seq_len)
     print(f"# train step: {args.model_dir or args.config} ({n_params / 1e6:.1f}M parameters), "
-          f"batch {args.batch_size} x {args.seq_len}, {dtype}{', compiled' if args.compile else ''}")
+          f"batch {args.batch_size} x {args.seq_len}, {dtype}, compiled: "
+          f"{', '.join(side for side in SIDES if compiled[side]) or 'none'}")
     print(f"# {environment(device)}")
     print(f"# peak {peak / 1e12:.3f} TFLOP/s ({how}); model FLOPs/token {flops_tok / 1e6:.1f}M "
           f"(6N + 12*L*C*T); first loss {first['minillm']:.5f} vs {first['transformers']:.5f}")

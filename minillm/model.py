@@ -104,6 +104,14 @@ class Attention(nn.Module):
         if kv_cache is not None:
             past = kv_cache.pos
             k_BKTD, v_BKTD = kv_cache.update(layer, k_BKTD, v_BKTD)
+        if T == 1 and not (self.training and self.dropout):
+            # Decoding: one query per head sees every cached key. Two small matmuls beat SDPA's flash
+            # kernel here, which splits this tiny job across threads (bench/RESULTS.md).
+            G = H // K  # query heads per KV head; head h reads KV head h // G, as in enable_gqa
+            scores_BKGS = q_BHTD.reshape(B, K, G, D) @ k_BKTD.transpose(-1, -2) * D**-0.5
+            probs_BKGS = scores_BKGS.softmax(-1, dtype=torch.float32).to(v_BKTD.dtype)
+            y_BHTD = (probs_BKGS @ v_BKTD).reshape(B, H, 1, D)
+            return self.o_proj(y_BHTD.transpose(1, 2).reshape(B, T, H * D))
         if T == 1:
             mask, causal = None, False  # one new query sees every cached key
         elif past == 0:
