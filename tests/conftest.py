@@ -3,6 +3,7 @@ import torch
 
 from minillm.config import LMConfig
 from minillm.model import MiniLLM
+from minillm.tokenizer import load_tokenizer
 
 
 def randomized(model: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torch.nn.Module:
@@ -24,3 +25,9 @@ def tiny_config() -> LMConfig:
 def tiny_model(tiny_config) -> MiniLLM:
     torch.manual_seed(0)
     return randomized(MiniLLM(tiny_config)).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The shipped default tokenizer."""
+    return load_tokenizer()

@@ -25,7 +25,7 @@ from minillm.lora import (
     save_adapter,
 )
 from minillm.model import MiniLLM
-from minillm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from minillm.tokenizer import Tokenizer, train_tokenizer
 from minillm.trainer import TrainConfig, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,11 +167,6 @@ def test_adapter_written_by_peft_loads_into_minillm(tmp_path):
     assert ours.lora_config.targets == ("q", "v", "up") and ours.lora_config.scaling == 3.0
     with torch.no_grad():
         assert (peft_model.eval()(IDS).logits - ours(IDS).logits).abs().max().item() <= 1e-4
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
 
 
 @pytest.fixture(scope="module")

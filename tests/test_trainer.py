@@ -18,17 +18,11 @@ from minillm.config import LMConfig
 from minillm.data import PretrainDataset, SFTDataset
 from minillm.evaluation import read_documents
 from minillm.model import MiniLLM
-from minillm.tokenizer import load_tokenizer
 from minillm.trainer import TrainConfig, train
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 TINY_FLAGS = [f"--{k}={v}" for k, v in TINY.items()]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
 
 
 @pytest.fixture(scope="module")
