@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="dtype of the weights and the KV cache (default: auto = bfloat16 on GPUs that support it, "
                         "else float16 on GPU, float32 on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decode steps through torch.compile: the first answer waits for the "
+                        "compilation (tens of seconds on a CPU), later tokens come faster")
     return p.parse_args(argv)
 
 
@@ -175,7 +178,8 @@ class Generator:
         answer = StreamingAnswer(self.model, self.tokenizer, prompt_ids, a.max_new_tokens,
                                  temperature=a.temperature, top_k=a.top_k or None,
                                  top_p=a.top_p if a.top_p < 1 else None,
-                                 repetition_penalty=a.repetition_penalty, generator=self.rng)
+                                 repetition_penalty=a.repetition_penalty, generator=self.rng,
+                                 compile=a.compile)
         pieces = iter(answer)
         interrupted = False
         try:

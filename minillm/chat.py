@@ -80,11 +80,12 @@ class StreamingAnswer:
     def __init__(self, model: MiniLLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], max_new_tokens: int,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float = 1.0, stop_ids: Sequence[int] | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, compile: bool = False) -> None:
         self.stop_ids = list((tokenizer.eos_id, tokenizer.im_end_id) if stop_ids is None else stop_ids)
         self._steps = generate(model, list(prompt_ids), max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                               eos_token_id=self.stop_ids, stream=True, generator=generator)
+                               eos_token_id=self.stop_ids, stream=True, generator=generator,
+                               compile=compile)
         self._decoder = StreamDecoder(tokenizer)
         self.generated = 0  # tokens the model produced, the stop token included
         self.stopped = False

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minillm.hf import from_hf_state_dict, read_safetensors
+from minillm.hf import SafetensorsCheckpoint, from_hf_state_dict
 from minillm.lora import ADAPTER_CONFIG_NAME, check_same_lora, has_lora, load_adapter_weights, save_adapter
 
 CHECKPOINT_DIR = "checkpoints"
@@ -107,6 +107,6 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
     if (path / ADAPTER_CONFIG_NAME).is_file():
         raise ValueError(f"{path} holds a LoRA adapter only; resume with --lora, the same LoRA flags and the "
                          "same --init_from base model")
-    weights = from_hf_state_dict(read_safetensors(path), model.config)
+    weights = from_hf_state_dict(SafetensorsCheckpoint(path), model.config)
     model.load_state_dict(weights, strict=True)
     return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)

@@ -42,7 +42,8 @@ def next_token(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int | N
 @torch.inference_mode()
 def _stream(model: MiniLLM, input_ids_BT: torch.Tensor, max_new_tokens: int, temperature: float,
             top_k: int | None, top_p: float | None, repetition_penalty: float,
-            eos_ids: Sequence[int], generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+            eos_ids: Sequence[int], generator: torch.Generator | None,
+            compile: bool = False) -> Iterator[torch.Tensor]:
     B, T = input_ids_BT.shape
     max_len = min(T + max_new_tokens, model.config.max_position_embeddings)
     if T >= max_len and max_new_tokens > 0:
@@ -57,9 +58,13 @@ def _stream(model: MiniLLM, input_ids_BT: torch.Tensor, max_new_tokens: int, tem
     eos_t = torch.tensor(list(eos_ids), device=param.device, dtype=torch.long)
     finished_B = torch.zeros(B, dtype=torch.bool, device=param.device)
     pad = eos_ids[0] if eos_ids else model.config.pad_token_id
-    tokens_BT = input_ids_BT  # prefill once, then one token per step
-    for _ in range(max_len - T):
-        logits_BV = model(tokens_BT, kv_cache=cache).logits[:, -1, :]
+    # Decode steps can run through torch.compile: one graph serves every step (dynamic=True makes the cache
+    # length symbolic), the ~170 small kernels of a step fuse, and most per-op overhead goes. torch.compile
+    # reuses its code for a model it has already compiled, so later generate calls do not recompile.
+    decode = torch.compile(model, dynamic=True) if compile else model
+    tokens_BT = input_ids_BT  # prefill once (eager: its shape changes every call), then one token per step
+    for step in range(max_len - T):
+        logits_BV = (decode if step else model)(tokens_BT, kv_cache=cache).logits[:, -1, :]
         if seen_BV is not None:
             logits_BV = _penalise_repeats(logits_BV, seen_BV, repetition_penalty)
         token_B = next_token(logits_BV, temperature, top_k, top_p, generator)
@@ -77,11 +82,13 @@ def _stream(model: MiniLLM, input_ids_BT: torch.Tensor, max_new_tokens: int, tem
 def generate(model: MiniLLM, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int = 128,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
-             stream: bool = False, generator: torch.Generator | None = None):
+             stream: bool = False, generator: torch.Generator | None = None, compile: bool = False):
     """Continue prompts of equal length; returns [B, T + new] ids, or with stream=True an iterator of [B] ids.
 
     Greedy when temperature is 0. Stops when every row has produced an eos id (rows that finished early
-    are padded with the first eos id) or after max_new_tokens.
+    are padded with the first eos id) or after max_new_tokens. compile=True runs the decode steps through
+    torch.compile: the first call pays the compilation (tens of seconds on a CPU), later calls decode
+    faster (bench/RESULTS.md).
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -104,7 +111,7 @@ def generate(model: MiniLLM, input_ids: torch.Tensor | Sequence[int], max_new_to
     was_training = model.training
     model.eval()
     steps = _stream(model, ids_BT, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_ids,
-                    generator)
+                    generator, compile)
     if stream:
         return steps
     try:

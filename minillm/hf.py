@@ -7,12 +7,15 @@ separate q_proj, k_proj, v_proj, gate_proj and up_proj tensors that transformers
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from minillm.config import LMConfig
 
@@ -56,30 +59,39 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: LMConfig) -> d
     return out
 
 
-def from_hf_state_dict(hf: dict[str, torch.Tensor], config: LMConfig) -> dict[str, torch.Tensor]:
-    """Rename (and fuse) Hugging Face Llama/Qwen2 tensors into a MiniLLM state dict."""
-    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints keep it
+def from_hf_state_dict(hf: Mapping[str, torch.Tensor], config: LMConfig,
+                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Rename (and fuse) Hugging Face Llama/Qwen2 tensors into a MiniLLM state dict, cast to `dtype` if given.
+
+    Each tensor of `hf` is read once: with a lazy mapping (SafetensorsCheckpoint) the checkpoint is never
+    in memory twice, only the tensors of one fused matrix on top of the model.
+    """
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    remaining = [k for k in hf if not k.endswith("rotary_emb.inv_freq")]  # old checkpoints keep inv_freq
+    present = set(remaining)
     out: dict[str, torch.Tensor] = {}
     for layer in range(config.num_hidden_layers):
         for module, parts in _fused_parts(config).items():
             for kind in ("weight", "bias"):
                 names = [f"model.layers.{layer}.{hf_module}.{kind}" for hf_module, _ in parts]
-                present = [n in hf for n in names]
-                if all(present):
-                    out[f"layers.{layer}.{module}.{kind}"] = torch.cat([hf.pop(n) for n in names], dim=0)
-                elif any(present):
-                    missing = [n for n, p in zip(names, present) if not p]
+                found = [n in present for n in names]
+                if all(found):
+                    out[f"layers.{layer}.{module}.{kind}"] = cast(torch.cat([hf[n] for n in names], dim=0))
+                    present.difference_update(names)
+                elif any(found):
+                    missing = [n for n, p in zip(names, found) if not p]
                     raise KeyError(f"checkpoint is missing {', '.join(missing)}")
-    head = hf.pop("lm_head.weight", None)
-    for name, tensor in hf.items():
+    for name in remaining:
+        if name not in present or name == "lm_head.weight":
+            continue
         if not name.startswith("model."):
             raise KeyError(f"unexpected tensor {name!r} in checkpoint")
-        out[name[len("model."):]] = tensor
+        out[name[len("model."):]] = cast(hf[name])
     if config.tie_word_embeddings:
         if "embed_tokens.weight" in out:
             out["lm_head.weight"] = out["embed_tokens.weight"]
-    elif head is not None:
-        out["lm_head.weight"] = head
+    elif "lm_head.weight" in present:
+        out["lm_head.weight"] = cast(hf["lm_head.weight"])
     return out
 
 
@@ -112,22 +124,89 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer=Non
         tokenizer.save_pretrained(directory)
 
 
-def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a single-file or sharded safetensors checkpoint; pickles are refused."""
-    if (directory / WEIGHTS_NAME).is_file():
-        return load_file(str(directory / WEIGHTS_NAME))
-    if (directory / WEIGHTS_INDEX_NAME).is_file():
-        index = json.loads((directory / WEIGHTS_INDEX_NAME).read_text(encoding="utf-8"))
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            tensors.update(load_file(str(directory / shard)))
-        return tensors
-    if any(directory.glob("pytorch_model*.bin")):
-        raise ValueError(
-            f"{directory} holds only pytorch_model.bin: minillm refuses to load pickled weights, because "
-            "unpickling can run arbitrary code. Convert it once with transformers "
-            "(model.save_pretrained(dir, safe_serialization=True)) and load the safetensors.")
-    raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
+# safetensors dtype codes -> torch dtypes. The format: an 8-byte little-endian header length, a JSON
+# header {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-endian tensor bytes.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@dataclass
+class _TensorEntry:
+    path: Path
+    dtype: torch.dtype
+    shape: list[int]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def _read_header(path: Path) -> dict[str, _TensorEntry]:
+    """The tensor index of one safetensors file, checked against the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise ValueError(f"{path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        begin, end = info["data_offsets"]
+        dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"])
+        if end - begin != math.prod(shape) * dtype.itemsize or not 8 + n + end <= size:
+            raise ValueError(f"{path}: tensor {name!r} lies outside the file or has the wrong size; "
+                             "is the file truncated?")
+        entries[name] = _TensorEntry(path, dtype, shape, 8 + n + begin, end - begin)
+    return entries
+
+
+class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
+    """The tensors of a single-file or sharded safetensors checkpoint, each read from disk when asked for.
+
+    Tensors are read with plain file reads into fresh memory (no memory map), one at a time, so loading
+    costs the model's own size and no more. Pickled checkpoints (pytorch_model.bin) are refused.
+    """
+
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        if (directory / WEIGHTS_NAME).is_file():
+            files = [directory / WEIGHTS_NAME]
+        elif (directory / WEIGHTS_INDEX_NAME).is_file():
+            index = json.loads((directory / WEIGHTS_INDEX_NAME).read_text(encoding="utf-8"))
+            files = [directory / shard for shard in sorted(set(index["weight_map"].values()))]
+        elif any(directory.glob("pytorch_model*.bin")):
+            raise ValueError(
+                f"{directory} holds only pytorch_model.bin: minillm refuses to load pickled weights, because "
+                "unpickling can run arbitrary code. Convert it once with transformers "
+                "(model.save_pretrained(dir, safe_serialization=True)) and load the safetensors.")
+        else:
+            raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
+        self._entries: dict[str, _TensorEntry] = {}
+        for f in files:
+            self._entries.update(_read_header(f))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The tensor `name`, read from disk now."""
+        e = self._entries[name]
+        out = torch.empty(e.shape, dtype=e.dtype)
+        with open(e.path, "rb") as f:
+            f.seek(e.offset)
+            if e.nbytes and f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != e.nbytes:
+                raise ValueError(f"{e.path}: tensor {name!r} is cut short; is the file truncated?")
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def load_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None,
@@ -139,7 +218,7 @@ def load_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is it a model directory?")
     config = LMConfig.from_hf_dict(json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8")))
-    state = from_hf_state_dict(read_safetensors(directory), config)
+    state = from_hf_state_dict(SafetensorsCheckpoint(directory), config, dtype)
     with torch.device("meta"):  # no time spent initialising weights that are about to be replaced
         model = cls(config)
     expected, given = set(model.state_dict()), set(state)
@@ -149,8 +228,6 @@ def load_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True broke the tie; restore it
-    if dtype is not None:
-        model.to(dtype)
     model._set_rope_tables()
     if device is not None:
         model.to(device)

@@ -177,17 +177,27 @@ class MiniLLM(nn.Module):
     def __init__(self, config: LMConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # _weight skips nn.Embedding's own init: reset_parameters() below draws the real one.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self._set_rope_tables()
+        # from_pretrained builds the model on the meta device, assigns the weights and then sets the RoPE
+        # tables: nothing to compute here then (normal_ or pow on meta tensors would import torch's symbolic
+        # machinery: 2 s and 70 MB).
+        if not self.embed_tokens.weight.is_meta:
+            self._set_rope_tables()
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw fresh weights: N(0, initializer_range), residual output projections scaled down by depth."""
         self.apply(self._init_weights)
         # Residual output projections start smaller so the residual stream's variance stays ~constant in depth.
-        depth_std = config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
+        depth_std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
         for block in self.layers:
             nn.init.normal_(block.self_attn.o_proj.weight, mean=0.0, std=depth_std)
             nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=depth_std)

@@ -72,3 +72,19 @@ def test_bad_arguments(tiny_model):
         generate(tiny_model, [1, 2], temperature=-1)
     with pytest.raises(ValueError, match="no room"):
         generate(tiny_model, torch.zeros(1, 128, dtype=torch.long), max_new_tokens=5)
+
+
+def test_compiled_decode_gives_the_same_tokens(tiny_model):
+    """generate(compile=True): one dynamic-shape graph serves every decode step; the tokens are the eager ones."""
+    torch._dynamo.reset()
+    prompt = torch.randint(3, 97, (2, 7))
+    eager = generate(tiny_model, prompt, max_new_tokens=20, temperature=0)
+    compiled = generate(tiny_model, prompt, max_new_tokens=20, temperature=0, compile=True)
+    assert torch.equal(compiled, eager)
+    # Another prompt length and cache length reuse the compiled step. (A new batch size may compile once
+    # more, after which torch.compile treats the batch as dynamic too.)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    prompt = torch.randint(3, 97, (2, 4))
+    again = generate(tiny_model, prompt, max_new_tokens=9, temperature=0, compile=True)
+    assert torch.equal(again, generate(tiny_model, prompt, max_new_tokens=9, temperature=0))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before

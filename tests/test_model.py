@@ -185,6 +185,39 @@ def test_parameter_count_and_init():
     o_std = torch.cat([b.self_attn.o_proj.weight.flatten() for b in model.layers]).std().item()
     assert abs(o_std - 0.02 / math.sqrt(2 * L)) < 5e-4
     assert abs(model.layers[0].mlp.gate_up_proj.weight.std().item() - 0.02) < 5e-4
+    assert abs(model.embed_tokens.weight.std().item() - 0.02) < 5e-4
+
+
+def test_safetensors_reader_matches_the_library(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from minillm.hf import SafetensorsCheckpoint
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(7, generator=g).bfloat16(),
+               "f16": torch.randn(2, 2, 2, generator=g).half(), "i64": torch.arange(-4, 5),
+               "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    ours, theirs = SafetensorsCheckpoint(tmp_path), load_file(tmp_path / "model.safetensors")
+    assert set(ours) == set(theirs) == set(tensors) and len(ours) == len(tensors)
+    for name, expected in theirs.items():
+        got = ours[name]
+        assert got.dtype == expected.dtype and got.shape == expected.shape and torch.equal(got, expected), name
+    got = ours["f32"]
+    got += 1  # fresh, writable memory: not a view of the file
+    assert torch.equal(ours["f32"], tensors["f32"])
+
+
+def test_truncated_or_foreign_weights_file_is_a_clear_error(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor .* is the file truncated"):
+        MiniLLM.from_pretrained(tmp_path)
+    path.write_bytes(b"PK\x03\x04 a zip file, not safetensors")
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a safetensors file"):
+        MiniLLM.from_pretrained(tmp_path)
 
 
 def test_too_long_sequence_is_an_error(tiny_model):
