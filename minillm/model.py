@@ -46,11 +46,11 @@ def rope_tables(config: LMConfig, device: torch.device | None = None) -> tuple[t
     return angles_PD.cos().float(), angles_PD.sin().float()
 
 
-def apply_rope(x_BNTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + D/2) of each head by the position's angle."""
-    x1, x2 = x_BNTD.chunk(2, dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) of the last dimension by the position's angle (cos/sin broadcast to x)."""
+    x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return x_BNTD * cos_TD + rotated * sin_TD
+    return x * cos + rotated * sin
 
 
 class KVCache:
@@ -91,15 +91,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x_BTC: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
+    def forward(self, x_BTC: torch.Tensor, cos_T1D: torch.Tensor, sin_T1D: torch.Tensor,
                 kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         """Attend causally over the cached and the new positions."""
         B, T, _ = x_BTC.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q_BTHD, k_BTKD, v_BTKD = self.qkv_proj(x_BTC).split([H * D, K * D, K * D], dim=-1)
-        q_BHTD = apply_rope(q_BTHD.view(B, T, H, D).transpose(1, 2), cos_TD, sin_TD)
-        k_BKTD = apply_rope(k_BTKD.view(B, T, K, D).transpose(1, 2), cos_TD, sin_TD)
-        v_BKTD = v_BTKD.view(B, T, K, D).transpose(1, 2)
+        qkv_BTND = self.qkv_proj(x_BTC).view(B, T, H + 2 * K, D)  # N = H query + K key + K value heads
+        # Queries and keys rotate in one call (half the kernels of rotating them apart).
+        qk_BTND = apply_rope(qkv_BTND[:, :, :H + K], cos_T1D, sin_T1D)
+        q_BHTD = qk_BTND[:, :, :H].transpose(1, 2)
+        k_BKTD = qk_BTND[:, :, H:].transpose(1, 2)
+        v_BKTD = qkv_BTND[:, :, H + K:].transpose(1, 2)
         past = 0
         if kv_cache is not None:
             past = kv_cache.pos
@@ -153,11 +155,11 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x_BTC: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
+    def forward(self, x_BTC: torch.Tensor, cos_T1D: torch.Tensor, sin_T1D: torch.Tensor,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         """One transformer layer."""
         x_BTC = x_BTC + self.resid_dropout(
-            self.self_attn(self.input_layernorm(x_BTC), cos_TD, sin_TD, kv_cache, self.layer))
+            self.self_attn(self.input_layernorm(x_BTC), cos_T1D, sin_T1D, kv_cache, self.layer))
         return x_BTC + self.resid_dropout(self.mlp(self.post_attention_layernorm(x_BTC)))
 
 
@@ -233,10 +235,10 @@ class MiniLLM(nn.Module):
             raise ValueError(f"sequence of {past + T} positions exceeds max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
         x_BTC = self.dropout(self.embed_tokens(input_ids))
-        cos_TD = self.rope_cos[past:past + T].to(x_BTC.dtype)
-        sin_TD = self.rope_sin[past:past + T].to(x_BTC.dtype)
+        cos_T1D = self.rope_cos[past:past + T, None].to(x_BTC.dtype)  # broadcast over heads
+        sin_T1D = self.rope_sin[past:past + T, None].to(x_BTC.dtype)
         for block in self.layers:
-            x_BTC = block(x_BTC, cos_TD, sin_TD, kv_cache)
+            x_BTC = block(x_BTC, cos_T1D, sin_T1D, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
         logits_BTV = self.lm_head(self.norm(x_BTC))
