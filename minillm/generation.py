@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -39,30 +39,6 @@ def next_token(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return torch.multinomial(logits_BV.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def compiled_for_decoding(model: MiniLLM) -> Callable:
-    """model's forward through torch.compile, for decode steps; compiled once per model and set of weights.
-
-    One graph serves every step (dynamic=True makes the cache length symbolic), so the ~170 small kernels
-    of a step fuse. On the CPU the weights are frozen into the graph (inductor's freezing: prepacked
-    matrices, and max-autotune picks the fastest GEMM for each shape), which is what makes one-token
-    steps fast there; the compiled code then holds copies of the weights, so it is rebuilt when they
-    change (any in-place update bumps a tensor's version).
-    """
-    weights = [(id(p), p._version) for p in model.parameters()]
-    # Kept in the instance __dict__, not as a submodule: it must not show up in state_dict().
-    entry = model.__dict__.get("_compiled_for_decoding")
-    if entry is not None and entry[1] == weights:
-        return entry[0]
-    if entry is not None:
-        torch._dynamo.reset()  # drop the code that holds the old weights
-    options = None
-    if next(model.parameters()).device.type == "cpu":
-        options = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
-    compiled = torch.compile(model, dynamic=True, options=options)
-    model.__dict__["_compiled_for_decoding"] = (compiled, weights)
-    return compiled
-
-
 @torch.inference_mode()
 def _stream(model: MiniLLM, input_ids_BT: torch.Tensor, max_new_tokens: int, temperature: float,
             top_k: int | None, top_p: float | None, repetition_penalty: float,
@@ -82,7 +58,11 @@ def _stream(model: MiniLLM, input_ids_BT: torch.Tensor, max_new_tokens: int, tem
     eos_t = torch.tensor(list(eos_ids), device=param.device, dtype=torch.long)
     finished_B = torch.zeros(B, dtype=torch.bool, device=param.device)
     pad = eos_ids[0] if eos_ids else model.config.pad_token_id
-    decode = compiled_for_decoding(model) if compile else model
+    # Decode steps can run through torch.compile: one graph serves every step (dynamic=True makes the cache
+    # length symbolic) and the ~170 small kernels of a step fuse. torch.compile reuses its code for a
+    # model it has compiled before, so later calls do not recompile. (Freezing the weights into the graph
+    # and max-autotune GEMMs were measured too: no faster on the CPU, and stale after a weight update.)
+    decode = torch.compile(model, dynamic=True) if compile else model
     tokens_BT = input_ids_BT  # prefill once (eager: its shape changes every call), then one token per step
     for step in range(max_len - T):
         logits_BV = (decode if step else model)(tokens_BT, kv_cache=cache).logits[:, -1, :]
@@ -108,8 +88,8 @@ def generate(model: MiniLLM, input_ids: torch.Tensor | Sequence[int], max_new_to
 
     Greedy when temperature is 0. Stops when every row has produced an eos id (rows that finished early
     are padded with the first eos id) or after max_new_tokens. compile=True runs the decode steps through
-    torch.compile (see compiled_for_decoding): the first call pays the compilation (about a minute on
-    a 2-core CPU), later calls decode faster (bench/RESULTS.md).
+    torch.compile: the first call pays the compilation (about 30 s on a 2-core CPU), later calls decode
+    faster (bench/RESULTS.md).
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from minillm.generation import _filter_top_k_top_p, generate
-from minillm.model import MiniLLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,7 +81,6 @@ def test_compiled_decode_gives_the_same_tokens(tiny_model):
     eager = generate(tiny_model, prompt, max_new_tokens=20, temperature=0)
     compiled = generate(tiny_model, prompt, max_new_tokens=20, temperature=0, compile=True)
     assert torch.equal(compiled, eager)
-    assert set(tiny_model.state_dict()) == set(MiniLLM(tiny_model.config).state_dict())  # no compiled submodule
     # Another prompt length and cache length reuse the compiled step. (A new batch size may compile once
     # more, after which torch.compile treats the batch as dynamic too.)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -90,7 +88,7 @@ def test_compiled_decode_gives_the_same_tokens(tiny_model):
     again = generate(tiny_model, prompt, max_new_tokens=9, temperature=0, compile=True)
     assert torch.equal(again, generate(tiny_model, prompt, max_new_tokens=9, temperature=0))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
-    # The weights are frozen into the compiled code on the CPU: changing them must recompile, not go stale.
+    # The compiled step reads the current weights, not copies taken when it was compiled.
     with torch.no_grad():
         for p in tiny_model.parameters():
             p.mul_(1.5)
