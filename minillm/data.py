@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -221,6 +221,26 @@ def _get_str(obj: dict, key: str, where: str | _Where, expected: str, default: s
             f'{where}: field "{key}" holds an unpaired surrogate escape; expected valid Unicode'
         ) from None
     return value
+
+
+def iter_texts(path: str | os.PathLike, key: str = "text") -> Iterator[str]:
+    """The `key` string of every non-blank line of a JSON-lines file; DataError with file:line on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    expected = f'a "{key}" string, as in {{"{key}": "..."}}'
+    found = False
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte-order mark is not part of the JSON
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            found = True
+            yield _get_str(_parse_line(raw, where), key, where, expected)
+    if not found:
+        raise _empty_file_error(path)
 
 
 def _empty_file_error(path: Path) -> DataError:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minillm.data import _TEXT_EXPECTED, DataError, _empty_file_error, _get_str, _parse_line
+from minillm.data import DataError, iter_texts
 
 __all__ = ["PerplexityResult", "read_documents", "evaluate_perplexity", "windows"]
 
@@ -81,18 +81,7 @@ def read_documents(path: str | os.PathLike) -> list[str]:
         except UnicodeDecodeError as e:
             line = raw[:e.start].count(b"\n") + 1
             raise DataError(f"{path}:{line}: invalid UTF-8; expected UTF-8 text") from None
-    texts: list[str] = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a byte-order mark is not part of the JSON
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            texts.append(_get_str(_parse_line(raw, where), "text", where, _TEXT_EXPECTED))
-    if not texts:
-        raise _empty_file_error(path)
-    return texts
+    return list(iter_texts(path))
 
 
 def windows(n_targets: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:

@@ -11,6 +11,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from minillm.data import iter_texts
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 DEFAULT_ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL_MAX_LENGTH = 32768
@@ -153,20 +155,11 @@ def iter_jsonl_texts(files: Iterable[str | Path], text_key: str = "text") -> Ite
         file = Path(file)
         if not file.is_file():
             raise FileNotFoundError(f"training file not found: {file}")
+        if file.suffix == ".jsonl":
+            yield from iter_texts(file, text_key)
+            continue
         with file.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                if file.suffix != ".jsonl":
-                    yield line.rstrip("\n")
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{file}:{lineno}: invalid JSON ({err.msg})") from err
-                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                    raise ValueError(f"{file}:{lineno}: expected an object with a string field {text_key!r}")
-                yield record[text_key]
+            yield from (line.rstrip("\n") for line in fh if line.strip())
 
 
 def train_tokenizer(

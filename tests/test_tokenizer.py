@@ -143,10 +143,10 @@ def test_train_small_is_deterministic_and_exact(tmp_path):
 def test_train_reports_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txt": "wrong key"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: expected an object with a string field 'text'"):
+    with pytest.raises(ValueError, match=r'bad\.jsonl:2: missing field "text"'):
         train_tokenizer([bad], vocab_size=300)
     bad.write_text('{"text": "ok"}\n\n{oops\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:3: invalid JSON"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: malformed JSON"):
         train_tokenizer([bad], vocab_size=300)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         train_tokenizer([tmp_path / "missing.jsonl"], vocab_size=300)
