@@ -13,7 +13,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from minillm.data import iter_texts
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
+# ids 0, 1, 2 in tokenizers trained here; other tokenizers (e.g. Qwen2's) hold them at other ids.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 DEFAULT_ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL_MAX_LENGTH = 32768
 
@@ -27,18 +28,20 @@ CHAT_TEMPLATE = (
 
 
 class Tokenizer:
-    """Thin wrapper over a byte-level BPE `tokenizers.Tokenizer` with fixed special-token ids."""
+    """Thin wrapper over a `tokenizers.Tokenizer` that has the ChatML special tokens of SPECIAL_TOKENS.
 
-    eos_id: int = 0
-    pad_id: int = 0
-    im_start_id: int = 1
-    im_end_id: int = 2
+    Their ids are looked up, not assumed: the tokenizers trained here hold them at 0, 1, 2, Qwen2's at
+    151643-151645. <|endoftext|> ends documents and pads; <|im_start|>/<|im_end|> frame chat turns.
+    """
 
     def __init__(self, backend: BackendTokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> None:
-        for expected_id, token in enumerate(SPECIAL_TOKENS):
-            got = backend.token_to_id(token)
-            if got != expected_id:
-                raise ValueError(f"special token {token!r} must have id {expected_id}, got {got}")
+        ids = [backend.token_to_id(token) for token in SPECIAL_TOKENS]
+        missing = [token for token, i in zip(SPECIAL_TOKENS, ids) if i is None]
+        if missing:
+            raise ValueError(f"the tokenizer has no {', '.join(missing)} token: minillm needs "
+                             f"{', '.join(SPECIAL_TOKENS)} (ChatML, as in its own and Qwen2's tokenizers)")
+        self.eos_id, self.im_start_id, self.im_end_id = ids
+        self.pad_id = self.eos_id  # padding is never scored, so it needs no token of its own
         self.backend = backend
         self.model_max_length = model_max_length
 
@@ -78,9 +81,9 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "tokenizer.json").write_text(self.backend.to_str(pretty=True), encoding="utf-8")
-        eos = SPECIAL_TOKENS[self.eos_id]
+        eos = SPECIAL_TOKENS[0]
         added = {
-            str(i): {
+            str(self.backend.token_to_id(tok)): {
                 "content": tok,
                 "lstrip": False,
                 "normalized": False,
@@ -88,7 +91,7 @@ class Tokenizer:
                 "single_word": False,
                 "special": True,
             }
-            for i, tok in enumerate(SPECIAL_TOKENS)
+            for tok in SPECIAL_TOKENS
         }
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",

@@ -31,3 +31,18 @@ def tiny_model(tiny_config) -> MiniLLM:
 def tokenizer():
     """The shipped default tokenizer."""
     return load_tokenizer()
+
+
+def late_specials_backend(texts: list[str], specials: list[str], vocab_size: int = 300):
+    """A Qwen2-like `tokenizers` backend: byte-level BPE first, the special tokens appended at the end."""
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer=trainer)
+    backend.add_special_tokens(specials)
+    return backend

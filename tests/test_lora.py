@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomized
+from conftest import late_specials_backend, randomized
 
 from minillm.checkpoint import latest_checkpoint
 from minillm.cli import main as cli_main
@@ -25,7 +25,7 @@ from minillm.lora import (
     save_adapter,
 )
 from minillm.model import MiniLLM
-from minillm.tokenizer import Tokenizer, train_tokenizer
+from minillm.tokenizer import SPECIAL_TOKENS, Tokenizer
 from minillm.trainer import TrainConfig, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -240,17 +240,21 @@ def domain_text(n_docs: int, seed: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
-    """A random LlamaForCausalLM saved by transformers, beside a tokenizer trained on the new domain."""
+    """A random Qwen2ForCausalLM saved by transformers, beside a Qwen2-like tokenizer trained on the new
+    domain: its ChatML tokens sit at the end of the vocabulary, not at ids 0-2 as in minillm's own."""
     transformers = pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("cpt")
     data = root / "domain.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in domain_text(160, 0)), encoding="utf-8")
-    tok = train_tokenizer([data], vocab_size=300)
-    config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+    texts = domain_text(160, 0)
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    tok = Tokenizer(late_specials_backend(texts, SPECIAL_TOKENS))
+    assert tok.eos_id == tok.vocab_size - 3
+    config = transformers.Qwen2Config(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                                      max_position_embeddings=128, bos_token_id=tok.eos_id,
+                                      eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, tie_word_embeddings=False)
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "base")
+    transformers.Qwen2ForCausalLM(config).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     return root / "base", data, tok
 

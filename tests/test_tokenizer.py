@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import late_specials_backend
 
 from minillm.tokenizer import (
     CHAT_TEMPLATE,
@@ -164,3 +165,35 @@ def test_cli_help_and_train(tmp_path, capsys):
     main(["--data", str(corpus), "--vocab_size", "280", "--out", str(tmp_path / "tok")])
     loaded = load_tokenizer(tmp_path / "tok")
     assert loaded.vocab_size <= 280 and loaded.encode("<|im_end|>") == [2]
+
+
+def test_special_ids_are_looked_up_not_assumed(tmp_path):
+    from minillm.data import PretrainDataset, encode_chat
+
+    backend = late_specials_backend(MIXED * 5, SPECIAL_TOKENS)
+    tok = Tokenizer(backend)
+    base = backend.get_vocab_size() - 3
+    assert (tok.eos_id, tok.im_start_id, tok.im_end_id, tok.pad_id) == (base, base + 1, base + 2, base)
+    ids, learn = encode_chat(tok, CONVERSATION)
+    assert ids == tok.encode(tok.apply_chat_template(CONVERSATION))
+    assert ids[0] == tok.im_start_id and ids.count(tok.im_end_id) == len(CONVERSATION)
+    # Learned: each assistant reply and the <|im_end|> that closes it, nothing else.
+    assert sum(learn) == sum(len(tok.encode(m["content"])) + 1 for m in CONVERSATION if m["role"] == "assistant")
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"text": "hello"}) + "\n", encoding="utf-8")
+    X, Y, M = PretrainDataset(data, tok, max_length=16)[0]
+    n = len(tok.encode("hello"))
+    assert Y[n - 1].item() == tok.eos_id and M[:n].tolist() == [1] * n  # the closing eos is learned
+    # Saved and read by transformers with the same ids.
+    transformers = pytest.importorskip("transformers")
+    tok.save_pretrained(tmp_path / "tok")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert (hf.eos_token_id, hf.pad_token_id) == (base, base)
+    assert hf.apply_chat_template(CONVERSATION, tokenize=True, return_dict=False) == ids
+    assert Tokenizer.from_pretrained(tmp_path / "tok").fingerprint() == tok.fingerprint()
+
+
+def test_tokenizer_without_chatml_tokens_is_refused():
+    backend = late_specials_backend(MIXED * 5, ["<|endoftext|>"])
+    with pytest.raises(ValueError, match=r"no <\|im_start\|>, <\|im_end\|> token: minillm needs"):
+        Tokenizer(backend)
