@@ -192,6 +192,15 @@ def train_config(out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
+def test_compiled_lora_training_matches_eager(tmp_path, tokenizer, small_corpus):
+    data = PretrainDataset(small_corpus, tokenizer, max_length=32)
+    kw = dict(max_steps=3, epochs=1, accumulation_steps=1)
+    eager = train(lora_model(tokenizer, seed=1), data, train_config(tmp_path / "a", **kw))
+    compiled = train(lora_model(tokenizer, seed=1), data, train_config(tmp_path / "b", compile=True, **kw))
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
+    assert (tmp_path / "b" / "adapter_model.safetensors").is_file()
+
+
 def test_training_changes_only_adapters_and_resume_is_exact(tmp_path, tokenizer, small_corpus):
     data = PretrainDataset(small_corpus, tokenizer, max_length=32)
     model = lora_model(tokenizer, seed=1, dropout=0.1, lora_dropout=0.1)
