@@ -8,6 +8,7 @@ slice: the adapters are exactly those PEFT puts on transformers' separate q_proj
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterable
@@ -194,6 +195,18 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, each shared tensor counted once."""
     params = {id(p): p for p in model.parameters()}.values()
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 of the frozen base weights (names, dtypes, shapes and bytes): the model the adapters fit."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if ".lora_" in name:
+            continue
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

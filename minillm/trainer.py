@@ -36,6 +36,7 @@ from minillm.checkpoint import (
 from minillm.data import check_vocab, example_lengths, group_by_length, trim_padding
 from minillm.distributed import DTYPES, DistEnv, all_reduce_sum, resolve_device, resolve_dtype
 from minillm.evaluation import evaluate_perplexity
+from minillm.lora import base_fingerprint, has_lora
 from minillm.model import MiniLLM
 from minillm.schedule import cosine_lr
 
@@ -228,6 +229,9 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
                          f"examples on each of {world} processes; lower --batch_size or --accumulation_steps")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
+    # With LoRA the base weights are frozen: checkpoints hold only the adapters, so they record which base
+    # they belong to, and resuming onto another base is refused.
+    lora_base = base_fingerprint(model) if has_lora(model) else None
     start_step = 0
     if cfg.resume:
         ckpt = latest_checkpoint(out_dir)
@@ -236,6 +240,9 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
                 print(f"--resume: no checkpoint in {out_dir / 'checkpoints'}, starting from scratch")
         else:
             state = load_checkpoint(ckpt, model)
+            if lora_base is not None and state.get("lora_base", lora_base) != lora_base:
+                raise ValueError(f"{ckpt} holds adapters trained on another base model; resume with the "
+                                 "same --init_from weights")
             layout = (state["batch_size"], state["accumulation_steps"], state["world_size"])
             if layout != (cfg.batch_size, cfg.accumulation_steps, world):
                 raise ValueError(f"{ckpt} was written with batch_size, accumulation_steps, processes = {layout}; "
@@ -290,7 +297,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
             state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
                      "epoch": step // steps_per_epoch, "batches_into_epoch": step % steps_per_epoch,
                      "batch_size": cfg.batch_size, "accumulation_steps": cfg.accumulation_steps,
-                     "world_size": world, "rng": rngs, "train_config": asdict(cfg)}
+                     "world_size": world, "rng": rngs, "train_config": asdict(cfg), "lora_base": lora_base}
             save_checkpoint(out_dir, step, raw_model, state, keep=cfg.keep_checkpoints)
 
     def log(row: dict) -> None:

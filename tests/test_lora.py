@@ -233,6 +233,12 @@ def test_training_changes_only_adapters_and_resume_is_exact(tmp_path, tokenizer,
     other.lora_config.alpha = 32.0
     with pytest.raises(ValueError, match="use the same --lora_\\* flags"):
         train(other, data, train_config(tmp_path / "b", resume=True))
+    # Adapters that fit by shape but were trained on other base weights are refused too.
+    other_base = lora_model(tokenizer, seed=1, dropout=0.1, lora_dropout=0.1)
+    with torch.no_grad():
+        other_base.layers[0].mlp.down_proj.weight.add_(1e-3)
+    with pytest.raises(ValueError, match="adapters trained on another base model"):
+        train(other_base, data, train_config(tmp_path / "b", resume=True))
 
 
 # --- continued pretraining from a transformers-made checkpoint with its own tokenizer, via the CLI -------
