@@ -12,12 +12,9 @@ import math
 import sys
 from pathlib import Path
 
-from minillm.data import check_vocab
+from minillm.cli import add_model_flags, load_trained
 from minillm.distributed import DTYPES, resolve_dtype, setup_distributed, teardown_distributed
 from minillm.evaluation import evaluate_perplexity, read_documents
-from minillm.lora import load_adapter, merge_lora
-from minillm.model import MiniLLM
-from minillm.tokenizer import load_tokenizer
 
 DEFAULT_MAX_LENGTH = 512  # minillm's default pretraining context
 
@@ -29,18 +26,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Perplexity of a causal LM on held-out documents. Each document is scored on its own "
                     "after an <|endoftext|> prefix, its closing <|endoftext|> included; long documents "
                     "are scored with strided sliding windows. Aggregated over tokens.")
-    p.add_argument("--model", required=True,
-                   help="model directory (config.json + model.safetensors), as written by the trainer or "
-                        "any Hugging Face Llama/Qwen2 checkpoint")
-    p.add_argument("--adapter", default=None, metavar="DIR",
-                   help="a LoRA adapter directory (adapter_config.json + adapter_model.safetensors, PEFT "
-                        "layout, as train_*.py --lora writes) applied on top of --model")
+    add_model_flags(p)
     p.add_argument("--data", default="dataset/eval.jsonl",
                    help="JSON lines with a \"text\" field per document, or a .txt file scored as one "
                         "document (default: %(default)s, the shipped held-out split)")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer directory (tokenizer.json); default: the tokenizer saved beside the "
-                        "weights in --model; 'default' uses the tokenizer shipped in minillm/assets")
     p.add_argument("--max_length", type=int, default=None,
                    help=f"input tokens per window; default: min({DEFAULT_MAX_LENGTH}, the model's "
                         f"max_position_embeddings), since {DEFAULT_MAX_LENGTH} is minillm's pretraining "
@@ -67,20 +56,8 @@ class CliError(Exception):
 
 def run(args: argparse.Namespace, env) -> dict | None:
     """Load, score and report; returns the JSON-ready result (on every rank)."""
-    model = MiniLLM.from_pretrained(args.model, device=env.device)
-    if args.adapter:
-        model = merge_lora(load_adapter(model, args.adapter)).eval()  # folded in: the same function, faster
-    if args.tokenizer is None:
-        beside = [d for d in (args.model, args.adapter) if d and (Path(d) / "tokenizer.json").is_file()]
-        if not beside:
-            raise CliError(f"{args.model} has no tokenizer.json beside the weights; pass --tokenizer DIR "
-                           "(or --tokenizer default for the shipped one)")
-        tokenizer_source = str(beside[0])
-        tokenizer = load_tokenizer(beside[0])
-    else:
-        tokenizer_source = args.tokenizer
-        tokenizer = load_tokenizer(None if args.tokenizer == "default" else args.tokenizer)
-    check_vocab(tokenizer, model.config.vocab_size)
+    model, tokenizer, tokenizer_dir = load_trained(args, env.device)
+    tokenizer_source = "default" if tokenizer_dir is None else str(tokenizer_dir)
     limit = model.config.max_position_embeddings
     max_length = args.max_length if args.max_length is not None else min(DEFAULT_MAX_LENGTH, limit)
     if not 1 <= max_length <= limit:

@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 
 from minillm.chat import ChatSession, ContextError, StreamingAnswer
-from minillm.data import check_vocab
+from minillm.cli import add_model_flags, load_trained
 from minillm.distributed import DTYPES, resolve_device, resolve_dtype
-from minillm.lora import load_adapter, merge_lora
 from minillm.model import MiniLLM
-from minillm.tokenizer import DEFAULT_ASSETS, load_tokenizer
+from minillm.tokenizer import DEFAULT_ASSETS
 
 PROG = "generate.py"
 
@@ -32,15 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "Without: an interactive chat read line by line from stdin (a pipe works too); /reset "
                     "clears the history, /exit or Ctrl-D quits. Answers stop at <|im_end|> or <|endoftext|>. "
                     "Only the generated text goes to stdout; notices and the speed line go to stderr.")
-    p.add_argument("--model", required=True,
-                   help="model directory (config.json + model.safetensors) as written by train_pretrain.py / "
-                        "train_sft.py, or any Hugging Face Llama/Qwen2 checkpoint MiniLLM.from_pretrained loads")
-    p.add_argument("--adapter", default=None, metavar="DIR",
-                   help="a LoRA adapter directory (adapter_config.json + adapter_model.safetensors, PEFT layout, "
-                        "as train_*.py --lora writes) applied on top of --model")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer directory (tokenizer.json); default: the tokenizer saved beside the weights "
-                        "in --model; 'default' uses the tokenizer shipped in minillm/assets")
+    add_model_flags(p)
     p.add_argument("--prompt", default=None,
                    help="answer this one prompt and exit; without it, chat interactively")
     p.add_argument("--raw", action="store_true",
@@ -115,27 +106,9 @@ class Console:
 
 
 def load(args: argparse.Namespace):
-    """Model, tokenizer and device, with one clear error for each thing that is missing."""
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise CliError(f"model directory {model_dir} does not exist")
-    # train_*.py --lora saves the tokenizer beside the adapter, not beside the base model's weights.
-    beside = Path(args.adapter) if args.adapter and not (model_dir / "tokenizer.json").is_file() else model_dir
-    if args.tokenizer is None:
-        if not (beside / "tokenizer.json").is_file():
-            raise CliError(f"{model_dir} has no tokenizer.json beside the weights; pass --tokenizer DIR "
-                           "(or --tokenizer default for the tokenizer shipped with minillm)")
-        tokenizer_dir = beside
-    elif args.tokenizer == "default":
-        tokenizer_dir = None
-    else:
-        tokenizer_dir = Path(args.tokenizer)
-    tokenizer = load_tokenizer(tokenizer_dir)
+    """Model, tokenizer, device and tokenizer directory, with one clear error for each thing that is missing."""
     device = resolve_device(args.device)
-    model = MiniLLM.from_pretrained(model_dir, dtype=resolve_dtype(args.dtype, device), device=device).eval()
-    if args.adapter:
-        model = merge_lora(load_adapter(model, args.adapter)).eval()  # folded in: no per-token adapter cost
-    check_vocab(tokenizer, model.config.vocab_size)
+    model, tokenizer, tokenizer_dir = load_trained(args, device, resolve_dtype(args.dtype, device))
     return model, tokenizer, device, tokenizer_dir
 
 

@@ -1,4 +1,5 @@
-"""Command-line wiring shared by train_pretrain.py and train_sft.py: flags, model, tokenizer, data, train()."""
+"""Command-line wiring shared by the scripts: train_pretrain.py / train_sft.py (flags, model, tokenizer, data,
+train()) and eval_ppl.py / generate.py (the flags and loading of a trained model)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from pathlib import Path
 import torch
 
 from minillm.config import LMConfig
-from minillm.data import DataError, PackedDataset, PretrainDataset, SFTDataset, packed_cache
+from minillm.data import DataError, PackedDataset, PretrainDataset, SFTDataset, check_vocab, packed_cache
 from minillm.distributed import barrier, setup_distributed, teardown_distributed
 from minillm.evaluation import read_documents
-from minillm.lora import DEFAULT_TARGETS, apply_lora, merge_lora, parameter_counts
+from minillm.lora import DEFAULT_TARGETS, apply_lora, load_adapter, merge_lora, parameter_counts
 from minillm.model import MiniLLM
 from minillm.tokenizer import Tokenizer, load_tokenizer
 from minillm.trainer import TrainConfig, train
@@ -233,3 +234,42 @@ def main(kind: str, argv: list[str] | None = None) -> int:
               + (f", merged model in {Path(cfg.out_dir) / 'merged'}" if args.merge and not result.interrupted
                  else ""))
     return 0
+
+
+# --- eval_ppl.py and generate.py: a trained model, an optional LoRA adapter, its tokenizer ----------------
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--model, --adapter and --tokenizer, as the scripts that use a trained model take them."""
+    p.add_argument("--model", required=True,
+                   help="model directory (config.json + model.safetensors) as written by train_pretrain.py / "
+                        "train_sft.py, or any Hugging Face Llama/Qwen2 checkpoint MiniLLM.from_pretrained loads")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter directory (adapter_config.json + adapter_model.safetensors, PEFT layout, "
+                        "as train_*.py --lora writes) applied on top of --model")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (tokenizer.json); default: the tokenizer saved beside the weights "
+                        "in --model (or beside --adapter); 'default' uses the tokenizer shipped in minillm/assets")
+
+
+def load_trained(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None = None
+                 ) -> tuple[MiniLLM, Tokenizer, Path | None]:
+    """(model with any --adapter merged in, tokenizer, tokenizer directory or None for the shipped one)."""
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    if args.tokenizer is None:
+        # train_*.py --lora saves the tokenizer beside the adapter, not beside the base model's weights.
+        beside = [d for d in (model_dir, args.adapter and Path(args.adapter))
+                  if d and (d / "tokenizer.json").is_file()]
+        if not beside:
+            raise ValueError(f"{model_dir} has no tokenizer.json beside the weights; pass --tokenizer DIR "
+                             "(or --tokenizer default for the tokenizer shipped with minillm)")
+        tokenizer_dir = beside[0]
+    else:
+        tokenizer_dir = None if args.tokenizer == "default" else Path(args.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = MiniLLM.from_pretrained(model_dir, dtype=dtype, device=device)
+    if args.adapter:
+        model = merge_lora(load_adapter(model, args.adapter))  # folded in: the same function, no per-token cost
+    check_vocab(tokenizer, model.config.vocab_size)
+    return model.eval(), tokenizer, tokenizer_dir

@@ -285,7 +285,7 @@ def test_cli_bad_input_in_a_real_process(cli_setup):
     assert "Traceback" not in err
     assert err.strip().splitlines() == [
         f"eval_ppl.py: error: {cli_setup['no_tok']} has no tokenizer.json beside the weights; pass "
-        "--tokenizer DIR (or --tokenizer default for the shipped one)"]
+        "--tokenizer DIR (or --tokenizer default for the tokenizer shipped with minillm)"]
 
 
 def run_main(argv, capsys):
