@@ -1,9 +1,15 @@
+import shutil
+
 import pytest
 import torch
 
 from minillm.config import LMConfig
 from minillm.model import MiniLLM
 from minillm.tokenizer import load_tokenizer
+
+# torch.compile on the CPU builds C++ kernels: without a compiler those tests cannot run.
+needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                    reason="torch.compile on the CPU needs a C++ compiler")
 
 
 def randomized(model: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torch.nn.Module:

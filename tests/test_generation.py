@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import needs_compiler
 
 from minillm.generation import _filter_top_k_top_p, generate
 
@@ -74,6 +75,7 @@ def test_bad_arguments(tiny_model):
         generate(tiny_model, torch.zeros(1, 128, dtype=torch.long), max_new_tokens=5)
 
 
+@needs_compiler
 def test_compiled_decode_gives_the_same_tokens(tiny_model):
     """generate(compile=True): one dynamic-shape graph serves every decode step; the tokens are the eager ones."""
     torch._dynamo.reset()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import late_specials_backend, randomized
+from conftest import late_specials_backend, needs_compiler, randomized
 
 from minillm.checkpoint import latest_checkpoint
 from minillm.cli import main as cli_main
@@ -192,6 +192,7 @@ def train_config(out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
+@needs_compiler
 def test_compiled_lora_training_matches_eager(tmp_path, tokenizer, small_corpus):
     data = PretrainDataset(small_corpus, tokenizer, max_length=32)
     kw = dict(max_steps=3, epochs=1, accumulation_steps=1)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_compiler
 from torch.utils.data import Dataset
 
 from minillm.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
@@ -95,6 +96,7 @@ def test_resume_is_exact(tmp_path, tokenizer, small_corpus):
     assert steps == list(range(1, 13))
 
 
+@needs_compiler
 def test_compiled_training_matches_eager(tmp_path, tokenizer, small_corpus):
     """TrainConfig.compile (--compile): same losses as eager, and the checkpoint holds plain weight names."""
     dataset = PretrainDataset(small_corpus, tokenizer, max_length=32)
