@@ -226,8 +226,7 @@ def load_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None
         raise KeyError(f"{directory}: checkpoint does not match the config: missing "
                        f"{sorted(expected - given)[:8]}, unexpected {sorted(given - expected)[:8]}")
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight  # assign=True broke the tie; restore it
+    model.tie_weights()  # assign=True broke the tie; restore it
     model._set_rope_tables()
     if device is not None:
         model.to(device)

@@ -186,23 +186,28 @@ class MiniLLM(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        # from_pretrained builds the model on the meta device, assigns the weights and then sets the RoPE
-        # tables: nothing to compute here then (normal_ or pow on meta tensors would import torch's symbolic
-        # machinery: 2 s and 70 MB).
+        self.tie_weights()
+        # Built on the meta device (from_pretrained, or meta -> to_empty() -> reset_parameters()), there is
+        # nothing to compute yet; normal_ or pow on meta tensors would also import torch's symbolic machinery
+        # (2 s and 70 MB).
         if not self.embed_tokens.weight.is_meta:
-            self._set_rope_tables()
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Draw fresh weights: N(0, initializer_range), residual output projections scaled down by depth."""
+        """Draw fresh weights (N(0, initializer_range), residual projections scaled by depth); set RoPE tables."""
+        self.tie_weights()  # to_empty() gives the two modules separate tensors
+        self._set_rope_tables(self.embed_tokens.weight.device)
         self.apply(self._init_weights)
         # Residual output projections start smaller so the residual stream's variance stays ~constant in depth.
         depth_std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
         for block in self.layers:
             nn.init.normal_(block.self_attn.o_proj.weight, mean=0.0, std=depth_std)
             nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=depth_std)
+
+    def tie_weights(self) -> None:
+        """Make the LM head share the embedding matrix when the config ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def _set_rope_tables(self, device: torch.device | None = None) -> None:
         cos, sin = rope_tables(self.config, device)

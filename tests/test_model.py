@@ -188,6 +188,22 @@ def test_parameter_count_and_init():
     assert abs(model.embed_tokens.weight.std().item() - 0.02) < 5e-4
 
 
+def test_meta_build_then_to_empty_and_reset_parameters():
+    config = LMConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    with torch.device("meta"):
+        model = MiniLLM(config)
+    assert model.embed_tokens.weight.is_meta and not hasattr(model, "rope_cos")
+    model.to_empty(device="cpu")
+    model.reset_parameters()
+    assert model.lm_head.weight is model.embed_tokens.weight
+    cos, _ = rope_tables(config)
+    assert torch.equal(model.rope_cos, cos)
+    assert abs(model.embed_tokens.weight.std().item() - 0.02) < 2e-3
+    logits = model(torch.randint(0, 97, (2, 9))).logits
+    assert logits.shape == (2, 9, 97) and torch.isfinite(logits).all()
+
+
 def test_safetensors_reader_matches_the_library(tmp_path):
     from safetensors.torch import load_file, save_file
 
