@@ -195,6 +195,9 @@ def test_meta_build_then_to_empty_and_reset_parameters():
         model = MiniLLM(config)
     assert model.embed_tokens.weight.is_meta and not hasattr(model, "rope_cos")
     model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))  # to_empty() leaves whatever memory held: every value must be drawn anew
     model.reset_parameters()
     assert model.lm_head.weight is model.embed_tokens.weight
     cos, _ = rope_tables(config)
