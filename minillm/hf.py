@@ -152,14 +152,19 @@ def _read_header(path: Path) -> dict[str, _TensorEntry]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (the header is not a JSON object)")
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info.get("dtype") not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        begin, end = info["data_offsets"]
-        dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"])
+        try:
+            code, (begin, end), shape = info["dtype"], info["data_offsets"], [int(d) for d in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        if code not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
+        dtype = _SAFETENSORS_DTYPES[code]
         if end - begin != math.prod(shape) * dtype.itemsize or not 8 + n + end <= size:
             raise ValueError(f"{path}: tensor {name!r} lies outside the file or has the wrong size; "
                              "is the file truncated?")

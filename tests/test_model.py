@@ -237,6 +237,10 @@ def test_truncated_or_foreign_weights_file_is_a_clear_error(tmp_path, tiny_model
     path.write_bytes(b"PK\x03\x04 a zip file, not safetensors")
     with pytest.raises(ValueError, match=r"model\.safetensors: not a safetensors file"):
         MiniLLM.from_pretrained(tmp_path)
+    header = b'{"model.norm.weight": {"dtype": "F32"}}'
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ValueError, match=r"tensor 'model\.norm\.weight' has a malformed header entry"):
+        MiniLLM.from_pretrained(tmp_path)
 
 
 def test_too_long_sequence_is_an_error(tiny_model):
