@@ -33,7 +33,7 @@ from common import (
     write_checkpoint,
 )
 
-from minillm.evaluation import evaluate_perplexity, read_documents, windows
+from minillm.evaluation import evaluate_perplexity, read_documents, window_batch, window_jobs
 from minillm.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,28 +42,15 @@ ROOT = Path(__file__).resolve().parent.parent
 def transformers_nll(model: torch.nn.Module, documents: list[list[int]], max_length: int, stride: int,
                      batch_size: int, eos_id: int, device: torch.device) -> tuple[float, int]:
     """(summed NLL, scored tokens) of the windows evaluate_perplexity scores, through a plain HF forward."""
-    jobs = sorted(((end - begin, d, begin, end, first) for d, doc in enumerate(documents)
-                   for begin, end, first in windows(len(doc) + 1, max_length, stride)), key=lambda j: -j[0])
+    jobs = window_jobs(documents, max_length, stride)  # the windows and batches evaluate_perplexity scores
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n_tokens = 0
     with torch.inference_mode():
         for i in range(0, len(jobs), batch_size):
-            batch = jobs[i:i + batch_size]
-            T = batch[0][0]
-            x_rows, y_rows = [], []
-            for length, d, begin, end, first in batch:
-                doc = documents[d]
-                x = doc[begin - 1:end - 1] if begin > 0 else [eos_id, *doc[:end - 1]]
-                y = doc[first:end] if end <= len(doc) else [*doc[first:], eos_id]
-                x_rows.append([*x, *[eos_id] * (T - length)])
-                y_rows.append([*[-100] * (first - begin), *y, *[-100] * (T - length)])
-                n_tokens += end - first
-            x_BT = torch.tensor(x_rows, device=device)
-            y_BT = torch.tensor(y_rows, device=device)
-            logits_BTV = model(input_ids=x_BT).logits
-            nll_sum += F.cross_entropy(logits_BTV.flatten(0, 1).float(), y_BT.flatten(), ignore_index=-100,
-                                       reduction="sum").double()
-    return nll_sum.item(), n_tokens
+            x_BT, y_BT = window_batch(documents, jobs[i:i + batch_size], eos_id)
+            logits_BTV = model(input_ids=x_BT.to(device)).logits
+            nll_sum += F.cross_entropy(logits_BTV.flatten(0, 1).float(), y_BT.to(device).flatten(),
+                                       ignore_index=-100, reduction="sum").double()
+    return nll_sum.item(), sum(end - first for *_, end, first in jobs)
 
 
 def make_eval(side: str, model: torch.nn.Module, device: torch.device, documents: list[list[int]],

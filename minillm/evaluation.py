@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from minillm.data import DataError, iter_texts
 
-__all__ = ["PerplexityResult", "read_documents", "evaluate_perplexity", "windows"]
+__all__ = ["PerplexityResult", "read_documents", "evaluate_perplexity", "window_batch", "window_jobs",
+           "windows"]
 
 
 @dataclass
@@ -101,6 +102,37 @@ def windows(n_targets: int, max_length: int, stride: int) -> list[tuple[int, int
     return out
 
 
+def window_jobs(documents: list[list[int]], max_length: int, stride: int) -> list[tuple[int, int, int, int, int]]:
+    """(length, document, begin, end, first_scored) of every window of every document, longest first.
+
+    Longest first: equal lengths share a batch (little padding), and an out-of-memory shows at once.
+    """
+    jobs = [(end - begin, d, begin, end, first) for d, doc in enumerate(documents)
+            for begin, end, first in windows(len(doc) + 1, max_length, stride)]
+    jobs.sort(key=lambda job: -job[0])
+    return jobs
+
+
+def window_batch(documents: list[list[int]], jobs: list[tuple[int, int, int, int, int]],
+                 eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs [B, T], labels [B, T]) of some window_jobs, right-padded to the first (longest) one.
+
+    Padding is eos: causal attention keeps it out of the real positions, and its labels are -100 so it
+    is never scored; neither are the labels of re-read context.
+    """
+    T = jobs[0][0]
+    x_rows, y_rows = [], []
+    for length, d, begin, end, first in jobs:
+        # Stream [eos] + doc + [eos]: input j is stream[j], its label stream[j + 1].
+        doc = documents[d]
+        x = doc[begin - 1:end - 1] if begin > 0 else [eos_id, *doc[:end - 1]]
+        y = doc[first:end] if end <= len(doc) else [*doc[first:], eos_id]
+        pad = T - length
+        x_rows.append([*x, *[eos_id] * pad])
+        y_rows.append([*[-100] * (first - begin), *y, *[-100] * pad])
+    return torch.tensor(x_rows, dtype=torch.long), torch.tensor(y_rows, dtype=torch.long)
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     # DDP's forward may broadcast buffers, a collective that would hang when ranks run different
     # numbers of windows; evaluation needs only the plain module.
@@ -140,14 +172,8 @@ def evaluate_perplexity(
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
 
-    # Every window of this rank's documents; (length, doc, begin, end, first_scored).
     mine = documents[rank::world]
-    jobs = []
-    for d, doc in enumerate(mine):
-        for begin, end, first in windows(len(doc) + 1, max_length, stride):
-            jobs.append((end - begin, d, begin, end, first))
-    # Longest first: equal lengths share a batch (little padding), and an out-of-memory shows at once.
-    jobs.sort(key=lambda job: -job[0])
+    jobs = window_jobs(mine, max_length, stride)
     n_scored = sum(end - first for _, _, _, end, first in jobs)
 
     autocast = dtype in (torch.bfloat16, torch.float16)
@@ -162,20 +188,9 @@ def evaluate_perplexity(
                    disable=not progress or rank != 0) as bar):
             for i in range(0, len(jobs), batch_size):
                 batch = jobs[i:i + batch_size]
-                T = batch[0][0]
-                # Right padding with eos: causal attention keeps it out of the real positions,
-                # and its labels are -100 so it is never scored.
-                x_rows, y_rows = [], []
-                for length, d, begin, end, first in batch:
-                    # Stream [eos] + doc + [eos]: input j is stream[j], its label stream[j + 1].
-                    doc = mine[d]
-                    x = doc[begin - 1:end - 1] if begin > 0 else [eos_id, *doc[:end - 1]]
-                    y = doc[first:end] if end <= len(doc) else [*doc[first:], eos_id]
-                    pad = T - length
-                    x_rows.append([*x, *[eos_id] * pad])
-                    y_rows.append([*[-100] * (first - begin), *y, *[-100] * pad])
-                x_BT = torch.tensor(x_rows, dtype=torch.long).to(device, non_blocking=True)
-                y_BT = torch.tensor(y_rows, dtype=torch.long).to(device, non_blocking=True)
+                x_BT, y_BT = window_batch(mine, batch, eos_id)
+                x_BT = x_BT.to(device, non_blocking=True)
+                y_BT = y_BT.to(device, non_blocking=True)
                 logits_BTV = model(x_BT).logits
                 # float() is a no-op for float32 logits; half-precision logits are upcast once.
                 nll = F.cross_entropy(logits_BTV.flatten(0, 1).float(), y_BT.flatten(),
