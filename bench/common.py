@@ -142,6 +142,12 @@ def paired_speedup(times: dict[str, list[float]]) -> float:
     return statistics.median(h / m for m, h in zip(times["minillm"], times["transformers"]))
 
 
+def print_ratio(tps: dict[str, float], times: dict[str, list[float]]) -> None:
+    """The closing line of a two-side table: ratio of median tokens/s and median of per-round ratios."""
+    print(f"\nratio minillm / transformers: {tps['minillm'] / tps['transformers']:.2f}x tokens/s "
+          f"(ratio of medians); median of per-round ratios {paired_speedup(times):.2f}x")
+
+
 def cpu_gemm_peak(n: int = 2048, repeats: int = 10) -> float:
     """Float32 matrix-multiply FLOP/s: the best of `repeats` n x n x n products on this CPU."""
     a, b = torch.randn(n, n), torch.randn(n, n)

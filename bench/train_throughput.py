@@ -26,8 +26,8 @@ from common import (
     environment,
     load_side,
     median,
-    paired_speedup,
     peak_memory,
+    print_ratio,
     print_table,
     resolve_device,
     setup,
@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             row += [f"{memory[side].peak:,.0f}", f"{memory[side].extra:,.0f}"]
         rows.append(row)
     print_table(header, rows)
-    print(f"\nratio minillm / transformers: {tps['minillm'] / tps['transformers']:.2f}x tokens/s "
-          f"(ratio of medians); median of per-round ratios {paired_speedup(times):.2f}x")
+    print_ratio(tps, times)
 
 
 if __name__ == "__main__":
