@@ -67,30 +67,29 @@ def from_hf_state_dict(hf: Mapping[str, torch.Tensor], config: LMConfig,
     in memory twice, only the tensors of one fused matrix on top of the model.
     """
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
-    remaining = [k for k in hf if not k.endswith("rotary_emb.inv_freq")]  # old checkpoints keep inv_freq
-    present = set(remaining)
+    # The names not placed yet (old checkpoints also keep rotary_emb.inv_freq, which is derived).
+    left = {k for k in hf if not k.endswith("rotary_emb.inv_freq")}
     out: dict[str, torch.Tensor] = {}
     for layer in range(config.num_hidden_layers):
         for module, parts in _fused_parts(config).items():
             for kind in ("weight", "bias"):
                 names = [f"model.layers.{layer}.{hf_module}.{kind}" for hf_module, _ in parts]
-                found = [n in present for n in names]
-                if all(found):
+                missing = [n for n in names if n not in left]
+                if not missing:
                     out[f"layers.{layer}.{module}.{kind}"] = cast(torch.cat([hf[n] for n in names], dim=0))
-                    present.difference_update(names)
-                elif any(found):
-                    missing = [n for n, p in zip(names, found) if not p]
+                    left.difference_update(names)
+                elif len(missing) < len(names):
                     raise KeyError(f"checkpoint is missing {', '.join(missing)}")
-    for name in remaining:
-        if name not in present or name == "lm_head.weight":
-            continue
+    has_head = "lm_head.weight" in left
+    left.discard("lm_head.weight")
+    for name in left:
         if not name.startswith("model."):
             raise KeyError(f"unexpected tensor {name!r} in checkpoint")
         out[name[len("model."):]] = cast(hf[name])
     if config.tie_word_embeddings:
         if "embed_tokens.weight" in out:
             out["lm_head.weight"] = out["embed_tokens.weight"]
-    elif "lm_head.weight" in present:
+    elif has_head:
         out["lm_head.weight"] = cast(hf["lm_head.weight"])
     return out
 
