@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minillm.data import PackedDataset, PretrainDataset, SFTDataset, index_lines, prepare_tokens
+from minillm.data import PretrainDataset, SFTDataset
+from minillm.jsonl import index_lines
+from minillm.packed import PackedDataset, prepare_tokens
 from minillm.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

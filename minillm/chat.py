@@ -7,7 +7,6 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from minillm.data import encode_chat
 from minillm.generation import generate
 from minillm.model import MiniLLM
 from minillm.tokenizer import Tokenizer
@@ -161,11 +160,11 @@ class ChatSession:
     def encode(self, messages: list[dict[str, str]] | None = None) -> list[int]:
         """Prompt ids of `messages` (default: the history) followed by the assistant generation prompt.
 
-        Turns are tokenized as in SFT training (minillm.data.encode_chat), so the model sees at
-        generation the same split it learnt from.
+        Turns are tokenized as in SFT training (Tokenizer.render_conversation), so the model sees at
+        generation the same split it learnt from, and message contents are always plain text.
         """
-        ids, _ = encode_chat(self.tokenizer, self.messages if messages is None else messages)
-        return ids + self.tokenizer.encode("<|im_start|>assistant\n")
+        messages = self.messages if messages is None else messages
+        return self.tokenizer.render_conversation(messages, add_generation_prompt=True)[0]
 
     def add_user(self, content: str) -> int:
         """Append a user message, dropping the oldest turns until the prompt fits; returns how many were dropped.

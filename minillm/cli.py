@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from minillm.config import LMConfig
-from minillm.data import DataError, PackedDataset, PretrainDataset, SFTDataset, check_vocab, packed_cache
+from minillm.data import DataError, PretrainDataset, SFTDataset, check_vocab
 from minillm.distributed import barrier, setup_distributed, teardown_distributed
 from minillm.evaluation import read_documents
 from minillm.lora import DEFAULT_TARGETS, apply_lora, load_adapter, merge_lora, parameter_counts
 from minillm.model import MiniLLM
+from minillm.packed import PackedDataset, packed_cache
 from minillm.tokenizer import Tokenizer, load_tokenizer
 from minillm.trainer import TrainConfig, train
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from minillm.config import LMConfig
+from minillm.files import atomic_path, read_json, write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -94,12 +94,6 @@ def from_hf_state_dict(hf: Mapping[str, torch.Tensor], config: LMConfig,
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer=None) -> None:
     """Write config.json, generation_config.json and model.safetensors (and the tokenizer, if given)."""
     directory = Path(directory)
@@ -113,12 +107,10 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer=Non
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                   "pad_token_id": config.pad_token_id}
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(directory / "generation_config.json",
-                  lambda p: p.write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8"))
-    # config.json last: a directory with a config is a directory whose weights are complete.
-    _atomic_write(directory / CONFIG_NAME,
-                  lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8"))
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_json(directory / "generation_config.json", generation)
+    write_json(directory / CONFIG_NAME, hf_config)  # last: a directory with a config has complete weights
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
@@ -183,8 +175,12 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
         if (directory / WEIGHTS_NAME).is_file():
             files = [directory / WEIGHTS_NAME]
         elif (directory / WEIGHTS_INDEX_NAME).is_file():
-            index = json.loads((directory / WEIGHTS_INDEX_NAME).read_text(encoding="utf-8"))
-            files = [directory / shard for shard in sorted(set(index["weight_map"].values()))]
+            index = read_json(directory / WEIGHTS_INDEX_NAME)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"{directory / WEIGHTS_INDEX_NAME}: expected a \"weight_map\" object of "
+                                 "tensor name -> shard file name")
+            files = [directory / shard for shard in sorted(set(weight_map.values()))]
         elif any(directory.glob("pytorch_model*.bin")):
             raise ValueError(
                 f"{directory} holds only pytorch_model.bin: minillm refuses to load pickled weights, because "

@@ -1,17 +1,22 @@
-"""Byte-level BPE tokenizer: training, loading, ChatML rendering and transformers-compatible saving."""
+"""Byte-level BPE tokenizer: training, loading, ChatML rendering (ids and loss mask) and saving for transformers.
+
+The one rule for control tokens: text is always encoded as text. A document, a user message or a reply
+that contains the string "<|im_end|>" gets the ids of those characters, never the control token; only
+`render_conversation` (the chat template) and the data pipeline insert control-token ids.
+"""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from minillm.data import iter_texts
+from minillm.files import atomic_write, read_json, write_json
+from minillm.jsonl import iter_texts
 
 # ids 0, 1, 2 in tokenizers trained here; other tokenizers (e.g. Qwen2's) hold them at other ids.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -43,7 +48,11 @@ class Tokenizer:
         self.eos_id, self.im_start_id, self.im_end_id = ids
         self.pad_id = self.eos_id  # padding is never scored, so it needs no token of its own
         self.backend = backend
+        # A twin of the backend that encodes special-token strings as ordinary text (the default encode).
+        self._plain = BackendTokenizer.from_str(backend.to_str())
+        self._plain.encode_special_tokens = True
         self.model_max_length = model_max_length
+        self._pieces: dict[str, list[int]] = {}  # template pieces ("assistant\n", "\n"), encoded once
 
     @property
     def vocab_size(self) -> int:
@@ -53,13 +62,21 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; no special tokens are added, but special-token strings map to their ids."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def _backend(self, allow_special: bool) -> BackendTokenizer:
+        return self.backend if allow_special else self._plain
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts in parallel (Rust threads)."""
-        return [enc.ids for enc in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of `text` as plain text; allow_special=True maps special-token strings to their ids.
+
+        Only a string the program rendered itself (a template) should be encoded with allow_special:
+        user text never becomes a control token.
+        """
+        return self._backend(allow_special).encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
+        """Encode many texts in parallel (Rust threads); see encode."""
+        encodings = self._backend(allow_special).encode_batch(list(texts), add_special_tokens=False)
+        return [enc.ids for enc in encodings]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; exact inverse of `encode` for any string."""
@@ -76,11 +93,48 @@ class Tokenizer:
             parts.append("<|im_start|>assistant\n")
         return "".join(parts)
 
+    def _piece(self, text: str) -> list[int]:
+        if text not in self._pieces:
+            self._pieces[text] = self.encode(text)
+        return self._pieces[text]
+
+    def render_conversation(self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+                            ) -> tuple[list[int], list[int]]:
+        """ChatML ids of `messages` and a 0/1 mask that is 1 on each assistant reply and its <|im_end|>.
+
+        The ids are those of ``encode(apply_chat_template(messages, ...), allow_special=True)`` except that
+        message contents are always plain text. System and user turns are encoded as one piece
+        "{role}\\n{content}"; an assistant turn as "assistant\\n" then its content, so the mask boundary
+        is exact and the prompt equals the one generation sees (add_generation_prompt). The one
+        divergence from whole-string encoding: a reply starting with two or more whitespace characters,
+        which BPE could merge with the header's "\\n"; the split used here is the one the model sees when
+        it generates.
+        """
+        newline = self._piece("\n")
+        ids: list[int] = []
+        learn: list[int] = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {i} must have 'role' and 'content' keys, got {m!r}")
+            if m["role"] == "assistant":
+                header, reply = self._piece("assistant\n"), self.encode(m["content"])
+                ids += [self.im_start_id, *header, *reply, self.im_end_id, *newline]
+                learn += [0] * (1 + len(header)) + [1] * (len(reply) + 1) + [0] * len(newline)
+            else:
+                turn = self.encode(f"{m['role']}\n{m['content']}")
+                ids += [self.im_start_id, *turn, self.im_end_id, *newline]
+                learn += [0] * (len(turn) + 2 + len(newline))
+        if add_generation_prompt:
+            header = self._piece("assistant\n")
+            ids += [self.im_start_id, *header]
+            learn += [0] * (1 + len(header))
+        return ids, learn
+
     def save_pretrained(self, directory: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for transformers."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "tokenizer.json").write_text(self.backend.to_str(pretty=True), encoding="utf-8")
+        atomic_write(directory / "tokenizer.json", self.backend.to_str(pretty=True))
         eos = SPECIAL_TOKENS[0]
         added = {
             str(self.backend.token_to_id(tok)): {
@@ -108,7 +162,7 @@ class Tokenizer:
             "model_max_length": self.model_max_length,
             "chat_template": CHAT_TEMPLATE,
         }
-        _write_json(directory / "tokenizer_config.json", config)
+        write_json(directory / "tokenizer_config.json", config)
         special_map = {
             "bos_token": eos,
             "eos_token": eos,
@@ -116,7 +170,7 @@ class Tokenizer:
             "unk_token": eos,
             "additional_special_tokens": SPECIAL_TOKENS[1:],
         }
-        _write_json(directory / "special_tokens_map.json", special_map)
+        write_json(directory / "special_tokens_map.json", special_map)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Tokenizer:
@@ -135,16 +189,15 @@ class Tokenizer:
         max_len = DEFAULT_MODEL_MAX_LENGTH
         config_path = path.parent / "tokenizer_config.json"
         if config_path.is_file():
-            max_len = int(json.loads(config_path.read_text(encoding="utf-8")).get("model_max_length", max_len))
+            config = read_json(config_path)
+            max_len = config.get("model_max_length", max_len) if isinstance(config, dict) else max_len
+            if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+                raise ValueError(f"{config_path}: model_max_length must be a positive integer, got {max_len!r}")
         return cls(backend, model_max_length=max_len)
 
     def fingerprint(self) -> str:
         """sha256 hex digest of the canonical (compact) tokenizer.json string."""
         return hashlib.sha256(self.backend.to_str(pretty=False).encode("utf-8")).hexdigest()
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:

@@ -11,19 +11,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import minillm.data as data
-from minillm.data import (
-    DataError,
-    PackedDataset,
-    PretrainDataset,
-    SFTDataset,
-    check_token_ids,
-    check_vocab,
-    encode_chat,
-    index_lines,
-    load_packed_header,
-    packed_cache,
-    prepare_tokens,
-)
+import minillm.jsonl as jsonl
+import minillm.packed as packed
+from minillm.data import DataError, PretrainDataset, SFTDataset, check_token_ids, check_vocab
+from minillm.jsonl import index_lines
+from minillm.packed import PackedDataset, load_packed_header, packed_cache, prepare_tokens
 from minillm.tokenizer import train_tokenizer
 
 CORPUS = [
@@ -151,7 +143,7 @@ def test_line_index_matches_a_naive_scan_across_chunk_boundaries(tmp_path, monke
     raw = b"\n".join(pieces[i] for i in rng.integers(0, len(pieces), 200)) + b'\n  {"a": 1}'
     path = tmp_path / "f.jsonl"
     path.write_bytes(raw)
-    monkeypatch.setattr(data, "_SCAN_CHUNK", chunk)
+    monkeypatch.setattr(jsonl, "_SCAN_CHUNK", chunk)
     assert index_lines(path, cache=False).tolist() == naive_offsets(raw)
 
 
@@ -161,8 +153,8 @@ def test_line_index_is_cached_reused_and_rebuilt_when_stale(tok, tmp_path, monke
     assert len(PretrainDataset(path, tok)) == 2 and idx.is_file()
 
     calls = []
-    real_scan = data._scan_line_offsets
-    monkeypatch.setattr(data, "_scan_line_offsets", lambda p: calls.append(p) or real_scan(p))
+    real_scan = jsonl._scan_line_offsets
+    monkeypatch.setattr(jsonl, "_scan_line_offsets", lambda p: calls.append(p) or real_scan(p))
     assert len(PretrainDataset(path, tok)) == 2
     assert calls == []  # served from the cache
 
@@ -180,7 +172,7 @@ def test_line_index_stays_in_memory_when_the_folder_is_read_only(tok, tmp_path, 
     def refuse(*args, **kwargs):
         raise PermissionError("read-only")
 
-    monkeypatch.setattr(data, "_write_atomic", refuse)
+    monkeypatch.setattr(jsonl, "atomic_write", refuse)
     ds = PretrainDataset(path, tok, max_length=4)
     assert len(ds) == 2 and ds.text(1) == "b"
     assert not Path(str(path) + ".idx").exists()
@@ -271,7 +263,7 @@ def test_sft_single_turn_mask_covers_reply_and_im_end_only(tok, tmp_path):
     u_ids, u_mask = chatml(tok, "user", "Hello world!", False)
     a_ids, a_mask = chatml(tok, "assistant", "The fox.", True)
     ids, mask = u_ids + a_ids, u_mask + a_mask
-    assert ids == tok.encode(tok.apply_chat_template(conv))  # piecewise == whole-string encoding
+    assert ids == tok.encode(tok.apply_chat_template(conv), allow_special=True)  # piecewise == whole-string encoding
     L = len(ids) + 4
     ds = SFTDataset(write_jsonl(tmp_path / "s.jsonl", [{"conversations": conv}]), tok, max_length=L)
     assert as_lists(ds[0]) == shifted(ids, mask, L)
@@ -294,7 +286,7 @@ def test_sft_multi_turn_masks_every_user_and_system_turn(tok, tmp_path):
         i, m = chatml(tok, turn["role"], turn["content"], turn["role"] == "assistant")
         ids += i
         mask += m
-    assert ids == tok.encode(tok.apply_chat_template(conv))
+    assert ids == tok.encode(tok.apply_chat_template(conv), allow_special=True)
     ds = SFTDataset(write_jsonl(tmp_path / "s.jsonl", [{"messages": conv}]), tok, max_length=len(ids))
     assert as_lists(ds[0]) == shifted(ids, mask, len(ids))
     X, Y, m = as_lists(ds[0])
@@ -331,8 +323,8 @@ def test_sft_system_field_and_default_system_prompt(tok, tmp_path):
     ds = SFTDataset(path, tok, max_length=64, system_prompt="S2")
     assert [m["content"] for m in ds.messages(0)] == ["S1", "Q", "A"]  # its own system turn wins
     assert [m["content"] for m in ds.messages(1)] == ["S2", "Q", "A"]
-    ids, mask = encode_chat(tok, ds.messages(1))
-    assert ids == tok.encode(tok.apply_chat_template(ds.messages(1)))
+    ids, mask = tok.render_conversation(ds.messages(1))
+    assert ids == tok.encode(tok.apply_chat_template(ds.messages(1)), allow_special=True)
     assert sum(mask) == len(tok.encode("A")) + 1
 
 
@@ -364,10 +356,10 @@ def test_sft_reply_with_leading_whitespace_keeps_text_and_generation_prompt(tok)
     diverged = 0
     for reply in ["\n\n\nprint(f(2))", "    return x", "\t\tand more"]:
         conv = [{"role": "user", "content": "Code?"}, {"role": "assistant", "content": reply}]
-        ids, mask = encode_chat(tok, conv)
-        diverged += ids != tok.encode(tok.apply_chat_template(conv))
+        ids, mask = tok.render_conversation(conv)
+        diverged += ids != tok.encode(tok.apply_chat_template(conv), allow_special=True)
         assert tok.decode(ids) == tok.apply_chat_template(conv)  # same text, whatever the split
-        prompt = tok.encode(tok.apply_chat_template(conv[:1], add_generation_prompt=True))
+        prompt = tok.encode(tok.apply_chat_template(conv[:1], add_generation_prompt=True), allow_special=True)
         assert ids[: len(prompt)] == prompt and not any(mask[: len(prompt)])
         learned = [i for i, k in zip(ids, mask) if k]
         assert learned == tok.encode(reply) + [tok.im_end_id]
@@ -493,13 +485,13 @@ def test_large_vocabulary_uses_uint32(tmp_path):
 def test_packed_cache_is_reused_and_invalidated(tok, tok_small, tmp_path, monkeypatch):
     src = write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in CORPUS])
     builds = []
-    real_prepare = data.prepare_tokens
+    real_prepare = packed.prepare_tokens
 
     def counting_prepare(*args, **kwargs):
         builds.append(args[1])
         return real_prepare(*args, **kwargs)
 
-    monkeypatch.setattr(data, "prepare_tokens", counting_prepare)
+    monkeypatch.setattr(packed, "prepare_tokens", counting_prepare)
     cache_dir = tmp_path / "cache"
     path = packed_cache(src, tok, cache_dir, progress=False)
     assert path == cache_dir / "p.tokens.bin" and len(builds) == 1
@@ -612,7 +604,7 @@ def test_reading_good_lines_never_counts_line_numbers(tok, tmp_path, monkeypatch
     def scan(*args):
         raise AssertionError("line numbers counted on the happy path")
 
-    monkeypatch.setattr(data, "_line_number", scan)
+    monkeypatch.setattr(jsonl, "_line_number", scan)
     conv = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
     sft = SFTDataset(write_jsonl(tmp_path / "s.jsonl", [{"conversations": conv}] * 3), tok, max_length=16)
     pre = PretrainDataset(write_jsonl(tmp_path / "p.jsonl", [{"text": "a"}] * 3), tok, max_length=16)

@@ -91,7 +91,7 @@ def reference_answer(model, tok, prompt_ids, max_new_tokens, **sampling):
 
 
 def chat_ids(tok, text):
-    return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True), allow_special=True)
 
 
 # --- streaming text ---------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def test_chat_session_history_renders_exactly(tok):
                 "<|im_start|>user\n再来一首<|im_end|>\n"
                 "<|im_start|>assistant\n")
     assert s.render(add_generation_prompt=True) == expected
-    assert s.prompt_ids() == tok.encode(expected)
+    assert s.prompt_ids() == tok.encode(expected, allow_special=True)
 
 
 def test_chat_session_drops_oldest_turns_to_fit(tok):

@@ -66,8 +66,8 @@ def test_round_trip_mixed(tok, text):
 
 def test_special_tokens_are_single_ids(tok):
     for i, token in enumerate(SPECIAL_TOKENS):
-        assert tok.encode(token) == [i]
-    ids = tok.encode("春<|im_end|>秋<|endoftext|>")
+        assert tok.encode(token, allow_special=True) == [i]
+    ids = tok.encode("春<|im_end|>秋<|endoftext|>", allow_special=True)
     assert ids.count(2) == 1 and ids.count(0) == 1 and ids[-1] == 0
     assert tok.decode(ids, skip_special_tokens=True) == "春秋"
     # Plain text never produces special ids.
@@ -91,7 +91,7 @@ def test_chat_template_exact(tok):
     assert tok.apply_chat_template(CONVERSATION, add_generation_prompt=True) == (
         EXPECTED_CHAT + "<|im_start|>assistant\n"
     )
-    ids = tok.encode(tok.apply_chat_template(CONVERSATION))
+    ids = tok.encode(tok.apply_chat_template(CONVERSATION), allow_special=True)
     assert ids.count(1) == 3 and ids.count(2) == 3 and ids[0] == 1
     with pytest.raises(ValueError, match="message 0"):
         tok.apply_chat_template([{"content": "no role"}])
@@ -110,7 +110,10 @@ def test_transformers_loads_saved_dir_identically(tok, eval_texts, tmp_path):
     assert (hf.eos_token_id, hf.pad_token_id, len(hf)) == (0, 0, 6400)
     assert hf(eval_texts)["input_ids"] == tok.encode_batch(eval_texts)
     for text in MIXED:
-        assert hf.encode(text) == tok.encode(text)
+        # transformers' default turns special-token strings into control tokens (our allow_special=True);
+        # split_special_tokens=True encodes them as text, which is minillm's default.
+        assert hf.encode(text) == tok.encode(text, allow_special=True)
+        assert hf(text, split_special_tokens=True)["input_ids"] == tok.encode(text)
         assert hf.decode(tok.encode(text)) == text
     for gen in (False, True):
         assert hf.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=gen) == (
@@ -135,7 +138,7 @@ def test_train_small_is_deterministic_and_exact(tmp_path):
                       encoding="utf-8")
     a, b = train_tokenizer([corpus], vocab_size=300), train_tokenizer([corpus], vocab_size=300)
     assert a.fingerprint() == b.fingerprint()
-    assert 259 < a.vocab_size <= 300 and a.encode("<|im_start|>") == [1]
+    assert 259 < a.vocab_size <= 300 and a.encode("<|im_start|>", allow_special=True) == [1]
     for text in lines[:3] + MIXED:
         assert a.decode(a.encode(text)) == text
     assert len(a.encode(lines[0])) < len(lines[0].encode("utf-8"))  # merges were learned
@@ -164,18 +167,18 @@ def test_cli_help_and_train(tmp_path, capsys):
     corpus.write_text('{"text": "白日依山尽，黄河入海流。"}\n' * 20, encoding="utf-8")
     main(["--data", str(corpus), "--vocab_size", "280", "--out", str(tmp_path / "tok")])
     loaded = load_tokenizer(tmp_path / "tok")
-    assert loaded.vocab_size <= 280 and loaded.encode("<|im_end|>") == [2]
+    assert loaded.vocab_size <= 280 and loaded.encode("<|im_end|>", allow_special=True) == [2]
 
 
 def test_special_ids_are_looked_up_not_assumed(tmp_path):
-    from minillm.data import PretrainDataset, encode_chat
+    from minillm.data import PretrainDataset
 
     backend = late_specials_backend(MIXED * 5, SPECIAL_TOKENS)
     tok = Tokenizer(backend)
     base = backend.get_vocab_size() - 3
     assert (tok.eos_id, tok.im_start_id, tok.im_end_id, tok.pad_id) == (base, base + 1, base + 2, base)
-    ids, learn = encode_chat(tok, CONVERSATION)
-    assert ids == tok.encode(tok.apply_chat_template(CONVERSATION))
+    ids, learn = tok.render_conversation(CONVERSATION)
+    assert ids == tok.encode(tok.apply_chat_template(CONVERSATION), allow_special=True)
     assert ids[0] == tok.im_start_id and ids.count(tok.im_end_id) == len(CONVERSATION)
     # Learned: each assistant reply and the <|im_end|> that closes it, nothing else.
     assert sum(learn) == sum(len(tok.encode(m["content"])) + 1 for m in CONVERSATION if m["role"] == "assistant")

@@ -261,7 +261,7 @@ def test_sft_from_pretrained_dir_learns_only_assistant_tokens(tmp_path, tokenize
     assert metrics and all(r["loss"] == r["loss"] for r in metrics if "loss" in r)
     ours = MiniLLM.from_pretrained(out)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    ids = torch.tensor([tokenizer.encode(tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True))])
+    ids = torch.tensor([tokenizer.encode(tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True), allow_special=True)])
     with torch.no_grad():
         assert (ours(ids).logits - hf(ids).logits).abs().max().item() < 1e-4
 
