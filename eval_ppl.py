@@ -12,11 +12,9 @@ import math
 import sys
 from pathlib import Path
 
-from minillm.cli import add_model_flags, load_trained
+from minillm.cli import CliError, add_model_flags, load_trained
 from minillm.distributed import DTYPES, resolve_dtype, setup_distributed, teardown_distributed
 from minillm.evaluation import evaluate_perplexity, read_documents
-
-DEFAULT_MAX_LENGTH = 512  # minillm's default pretraining context
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,9 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="JSON lines with a \"text\" field per document, or a .txt file scored as one "
                         "document (default: %(default)s, the shipped held-out split)")
     p.add_argument("--max_length", type=int, default=None,
-                   help=f"input tokens per window; default: min({DEFAULT_MAX_LENGTH}, the model's "
-                        f"max_position_embeddings), since {DEFAULT_MAX_LENGTH} is minillm's pretraining "
-                        "context and longer windows would measure extrapolation, not the model")
+                   help="input tokens per window; default: the context the model was trained on, as "
+                        "train_*.py record it in config.json (longer windows would measure extrapolation), "
+                        "else the model's max_position_embeddings")
     p.add_argument("--stride", type=int, default=None,
                    help="tokens the window advances by (1..max_length); each window re-reads "
                         "max_length - stride tokens of context and scores only new tokens. Smaller is "
@@ -50,16 +48,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class CliError(Exception):
-    """Bad input, reported as one line on stderr."""
-
-
 def run(args: argparse.Namespace, env) -> dict | None:
     """Load, score and report; returns the JSON-ready result (on every rank)."""
     model, tokenizer, tokenizer_dir = load_trained(args, env.device)
     tokenizer_source = "default" if tokenizer_dir is None else str(tokenizer_dir)
     limit = model.config.max_position_embeddings
-    max_length = args.max_length if args.max_length is not None else min(DEFAULT_MAX_LENGTH, limit)
+    trained = model.config.trained_context
+    max_length, source = ((args.max_length, "--max_length") if args.max_length is not None else
+                          (min(trained, limit), "the model's training context") if trained else
+                          (limit, "max_position_embeddings; no training context recorded"))
     if not 1 <= max_length <= limit:
         raise CliError(f"--max_length must be in [1, {limit}] (the model's max_position_embeddings), "
                        f"got {max_length}")
@@ -78,7 +75,7 @@ def run(args: argparse.Namespace, env) -> dict | None:
                                  device=env.device, dtype=dtype, progress=env.is_main)
     settings = {"model": str(args.model), "adapter": args.adapter and str(args.adapter), "data": str(args.data),
                 "tokenizer": tokenizer_source,
-                "max_length": max_length, "stride": stride, "batch_size": args.batch_size,
+                "max_length": max_length, "max_length_from": source, "stride": stride, "batch_size": args.batch_size,
                 "device": str(env.device), "dtype": str(dtype).removeprefix("torch."), "world_size": env.world_size}
     return {**settings, **result.to_dict()}
 
@@ -88,7 +85,7 @@ def format_table(r: dict) -> str:
     rows = [
         ("model", r["model"] + (f" + adapter {r['adapter']}" if r.get("adapter") else "")),
         ("data", r["data"]),
-        ("windows", f"max_length {r['max_length']}, stride {r['stride']}"),
+        ("windows", f"max_length {r['max_length']} ({r['max_length_from']}), stride {r['stride']}"),
         ("compute", f"{r['dtype']} on {r['device']} x {r['world_size']}"),
         ("documents", f"{r['documents']:,}"),
         ("scored tokens", f"{r['tokens']:,}"),

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from minillm.chat import ChatSession, ContextError, StreamingAnswer
-from minillm.cli import add_model_flags, load_trained
+from minillm.cli import CliError, add_model_flags, load_trained
 from minillm.distributed import DTYPES, resolve_device, resolve_dtype
 from minillm.model import MiniLLM
 from minillm.tokenizer import DEFAULT_ASSETS
@@ -66,10 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the decode steps through torch.compile: the first answer waits for the "
                         "compilation (tens of seconds on a CPU), later tokens come faster")
     return p.parse_args(argv)
-
-
-class CliError(Exception):
-    """Bad input, reported as one line on stderr."""
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -253,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.raw and not has_chat_template(tokenizer_dir):
             console.note(f"note: the tokenizer of {args.model} declares no chat template; for a "
                          "pretrained-only model, --raw continues plain text")
+        elif not args.raw and model.config.chat_trained is False and not args.adapter:
+            console.note(f"note: {args.model} was never fine-tuned on chat (no SFT recorded in its "
+                         "config.json), so its answers may not follow the template; --raw continues plain text")
         gen = Generator(args, model, tokenizer, device, console)
         if args.prompt is not None:
             one_shot(gen, args)

@@ -4,5 +4,18 @@ import sys
 
 from minillm.cli import main
 
+# This stage's defaults; every other flag's default is in `python train_sft.py --help`.
+DEFAULTS = dict(
+    out_dir="out/sft",
+    data_path="dataset/sft.jsonl",
+    init_from="out/pretrain",
+    learning_rate=3e-4,
+    warmup_steps=0,
+    epochs=1,
+    batch_size=16,
+    max_length=256,
+    group_by_length=True,  # chat examples vary in length: batch alike ones, skip all-padding columns
+)
+
 if __name__ == "__main__":
-    sys.exit(main("sft"))
+    sys.exit(main("sft", DEFAULTS))

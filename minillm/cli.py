@@ -21,17 +21,17 @@ from minillm.lora import DEFAULT_TARGETS, apply_lora, load_adapter, merge_lora, 
 from minillm.model import MiniLLM
 from minillm.packed import PackedDataset, packed_cache
 from minillm.tokenizer import Tokenizer, load_tokenizer
-from minillm.trainer import TrainConfig, train
+from minillm.trainer import TrainConfig, TrainResult, train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MODEL_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+# Flags that shape a new model; with --init_from the loaded model's values hold and a different value is an error.
+NEW_MODEL_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "dropout")
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 3  # interrupted by a signal with a checkpoint saved: `a && b` does not go on
 
-DEFAULTS = {
-    "pretrain": dict(out_dir="out/pretrain", data_path="dataset/pretrain.jsonl", learning_rate=1e-3,
-                     warmup_steps=50, epochs=1, batch_size=16, max_length=256),
-    "sft": dict(out_dir="out/sft", data_path="dataset/sft.jsonl", learning_rate=3e-4, warmup_steps=0,
-                epochs=1, batch_size=16, max_length=256, init_from="out/pretrain", group_by_length=True),
-}
+
+class CliError(Exception):
+    """Bad input, reported as one line on stderr."""
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -60,9 +60,8 @@ def _add_dataclass_flags(group, cls: type, names, defaults: dict) -> None:
             group.add_argument(flag, type=kind, default=default, help=docs[f.name] + " (default: %(default)s)")
 
 
-def build_parser(kind: str) -> argparse.ArgumentParser:
-    """The flags of train_pretrain.py (kind='pretrain') or train_sft.py (kind='sft')."""
-    d = DEFAULTS[kind]
+def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
+    """The flags of train_pretrain.py (kind='pretrain') or train_sft.py (kind='sft'), with the stage's defaults `d`."""
     what = "Pretrain a language model" if kind == "pretrain" else "Fine-tune a pretrained model on chat data"
     p = argparse.ArgumentParser(
         description=f"{what} with minillm. Runs as one process, or on several GPUs/nodes under torchrun.")
@@ -86,8 +85,11 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     model.add_argument("--init_from", default=d.get("init_from"),
                        help="Start from this model directory (minillm or Hugging Face Llama/Qwen2 safetensors) "
                             + ("(default: %(default)s)" if kind == "sft" else "instead of random weights"))
-    _add_dataclass_flags(model, LMConfig, MODEL_FLAGS, {})
-    model.add_argument("--dropout", type=float, default=0.0, help="Dropout for a new model (default: 0.0)")
+    docs, new_config = field_docs(LMConfig), LMConfig()
+    for name in NEW_MODEL_FLAGS:
+        model.add_argument(f"--{name}", type=float if name == "dropout" else int, default=None,
+                           help=f"{docs[name]} New model only: with --init_from it must match the loaded "
+                                f"model or be left out (default: {getattr(new_config, name)})")
     lora = p.add_argument_group("LoRA (low-rank adapters on a frozen --init_from model)")
     lora.add_argument("--lora", action="store_true",
                       help="Train only LoRA adapters; out_dir then holds the adapter in the PEFT layout "
@@ -103,7 +105,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     lora.add_argument("--merge", action="store_true",
                       help="With --lora: also fold the adapters into the base weights at the end and save that "
                            "plain model (loadable without peft) in out_dir/merged")
-    loop = p.add_argument_group("training loop")
+    loop = p.add_argument_group("training loop (exit status: 0 done, 1 error, 2 bad flags, "
+                                f"{EXIT_INTERRUPTED} interrupted with a checkpoint saved)")
     _add_dataclass_flags(loop, TrainConfig, {f.name for f in fields(TrainConfig)}, d)
     return p
 
@@ -156,6 +159,15 @@ def _add_lora(args, model: MiniLLM, is_main: bool) -> None:
               f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
 
+def _check_new_model_flags(args, model: MiniLLM) -> None:
+    """With --init_from, refuse shape flags that disagree with the loaded model instead of ignoring them."""
+    clash = [f"--{n} {getattr(args, n)} (the model has {getattr(model.config, n)})" for n in NEW_MODEL_FLAGS
+             if getattr(args, n) is not None and getattr(args, n) != getattr(model.config, n)]
+    if clash:
+        raise CliError(f"--init_from {args.init_from}: {'; '.join(clash)}; these flags shape a new model "
+                       "only: leave them out to keep the loaded model's")
+
+
 def _build_model(args, tokenizer: Tokenizer) -> MiniLLM:
     if args.init_from:
         init = Path(args.init_from)
@@ -163,11 +175,12 @@ def _build_model(args, tokenizer: Tokenizer) -> MiniLLM:
             raise FileNotFoundError(f"--init_from {init}: no model there (no config.json); "
                                     + ("run train_pretrain.py first" if "pretrain" in str(init) else ""))
         model = MiniLLM.from_pretrained(init, dtype=torch.float32)
+        _check_new_model_flags(args, model)
         return model.train()
-    sizes = {k: getattr(args, k) for k in MODEL_FLAGS}
-    config = LMConfig(vocab_size=tokenizer.vocab_size, dropout=args.dropout,
-                      max_position_embeddings=max(2048, args.max_length), bos_token_id=tokenizer.eos_id,
-                      eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, **sizes)
+    given = {k: getattr(args, k) for k in NEW_MODEL_FLAGS if getattr(args, k) is not None}
+    config = LMConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=max(2048, args.max_length),
+                      bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                      **given)
     torch.manual_seed(args.seed)
     return MiniLLM(config)
 
@@ -190,51 +203,69 @@ def _build_dataset(kind: str, args, tokenizer: Tokenizer, is_main: bool):
     return dataset
 
 
-def main(kind: str, argv: list[str] | None = None) -> int:
-    """Parse flags, build tokenizer, model and dataset, and run the shared training loop."""
-    args = build_parser(kind).parse_args(argv)
-    cfg_args = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+def _run(kind: str, args, cfg: TrainConfig, env) -> tuple[TrainResult, MiniLLM, Tokenizer]:
+    tokenizer = _load_tokenizer(args)
+    if args.merge and not args.lora:
+        raise CliError("--merge only applies with --lora")
+    model = _build_model(args, tokenizer)
+    _check_tokenizer_fits(args, tokenizer, model)
+    # What eval_ppl.py and generate.py read back: the context trained on, and whether chat was learnt.
+    model.config.trained_context = args.max_length
+    if kind == "sft":
+        model.config.chat_trained = True
+    elif not args.init_from:
+        model.config.chat_trained = False
+    if args.lora:
+        _add_lora(args, model, env.is_main)
+    dataset = _build_dataset(kind, args, tokenizer, env.is_main)
+    eval_path = _resolve(args.eval_data)
+    eval_docs = tokenizer.encode_batch(read_documents(eval_path)) if eval_path is not None else None
+    if env.is_main:
+        print(f"{kind}: {model.num_parameters() / 1e6:.2f}M parameters, {len(dataset):,} examples of "
+              f"{args.max_length} tokens from {args.data_path}, {env.world_size} process(es) on {env.device}, "
+              f"out_dir {cfg.out_dir}")
+    result = train(model, dataset, cfg, eval_documents=eval_docs, tokenizer=tokenizer, env=env)
+    if args.merge and env.is_main and not result.interrupted:
+        merge_lora(model).save_pretrained(Path(cfg.out_dir) / "merged", tokenizer=tokenizer)
+    return result, model, tokenizer
+
+
+def summary(args, cfg: TrainConfig, result: TrainResult) -> str:
+    """The closing lines: steps, this session's tokens and speed, and where the model or checkpoint is."""
+    this = result.steps - result.start_step
+    session = (f"{this} step{'s' * (this != 1)}, {result.tokens:,} tokens in {result.seconds:.0f} s "
+               f"({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s)")
+    done = (f"{result.steps} steps ({session} in this session)" if result.start_step else session)
+    if result.interrupted:
+        ckpt = result.checkpoint
+        use = (f"python generate.py --model {args.init_from} --adapter {ckpt}" if args.lora
+               else f"python generate.py --model {ckpt}")
+        return (f"interrupted after {done}.\nCheckpoint: {ckpt} (usable as it is: {use}).\n"
+                "Continue with the same command plus --resume.")
+    held = f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    merged = f", merged model in {Path(cfg.out_dir) / 'merged'}" if args.merge else ""
+    return f"done: {done}{held}; {'adapter' if args.lora else 'model'} in {cfg.out_dir}{merged}"
+
+
+def main(kind: str, defaults: dict, argv: list[str] | None = None) -> int:
+    """Parse flags, build tokenizer, model and dataset, and run the shared training loop; the exit status."""
+    args = build_parser(kind, defaults).parse_args(argv)
     try:
-        cfg = TrainConfig(**cfg_args)
+        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
         env = setup_distributed(cfg.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        tokenizer = _load_tokenizer(args)
-        if args.merge and not args.lora:
-            raise ValueError("--merge only applies with --lora")
-        model = _build_model(args, tokenizer)
-        _check_tokenizer_fits(args, tokenizer, model)
-        if args.lora:
-            _add_lora(args, model, env.is_main)
-        dataset = _build_dataset(kind, args, tokenizer, env.is_main)
-        eval_path = _resolve(args.eval_data)
-        eval_docs = None
-        if eval_path is not None:
-            texts = read_documents(eval_path)
-            eval_docs = tokenizer.encode_batch(texts)
-        if env.is_main:
-            n = model.num_parameters()
-            print(f"{kind}: {n / 1e6:.2f}M parameters, {len(dataset):,} examples of {args.max_length} tokens "
-                  f"from {args.data_path}, {env.world_size} process(es) on {env.device}, out_dir {cfg.out_dir}")
-        result = train(model, dataset, cfg, eval_documents=eval_docs, tokenizer=tokenizer, env=env)
-        if args.merge and env.is_main and not result.interrupted:
-            merge_lora(model).save_pretrained(Path(cfg.out_dir) / "merged", tokenizer=tokenizer)
-    except (FileNotFoundError, DataError, ValueError, RuntimeError) as e:
+        result, _, _ = _run(kind, args, cfg, env)
+    except (CliError, OSError, DataError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     finally:
         teardown_distributed()
     if env.is_main:
-        tok_s = result.tokens / max(result.seconds, 1e-9)
-        held = f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
-        state = "interrupted" if result.interrupted else "done"
-        print(f"{state}: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f}s "
-              f"({tok_s:,.0f} tokens/s){held}; {'adapter' if args.lora else 'model'} in {cfg.out_dir}"
-              + (f", merged model in {Path(cfg.out_dir) / 'merged'}" if args.merge and not result.interrupted
-                 else ""))
-    return 0
+        print(summary(args, cfg, result), file=sys.stderr if result.interrupted else sys.stdout)
+    return EXIT_INTERRUPTED if result.interrupted else 0
 
 
 # --- eval_ppl.py and generate.py: a trained model, an optional LoRA adapter, its tokenizer ----------------

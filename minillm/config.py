@@ -45,6 +45,10 @@ class LMConfig:
     """Id used for padding; equal to eos in minillm, which the loss mask accounts for."""
     initializer_range: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    trained_context: int | None = None
+    """Sequence length the model was last trained on (recorded by train_*.py); eval_ppl.py defaults to it."""
+    chat_trained: bool | None = None
+    """Whether the model was fine-tuned on the chat template (recorded by train_*.py; None: unknown)."""
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -71,6 +75,8 @@ class LMConfig:
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.trained_context is not None and (not isinstance(self.trained_context, int) or self.trained_context < 2):
+            raise ValueError(f"trained_context must be an integer >= 2 or None, got {self.trained_context!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if not 0 <= value < self.vocab_size:
@@ -136,7 +142,8 @@ class LMConfig:
             d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
         else:
             d.update(attention_bias=False, mlp_bias=False)
-        d["minillm"] = {"dropout": self.dropout}
+        d["minillm"] = {"dropout": self.dropout, "trained_context": self.trained_context,
+                        "chat_trained": self.chat_trained}
         return d
 
     @classmethod
@@ -187,4 +194,6 @@ class LMConfig:
             eos_token_id=eos,
             pad_token_id=one_id(d.get("pad_token_id"), eos),
             initializer_range=d.get("initializer_range", 0.02),
+            trained_context=extra.get("trained_context"),
+            chat_trained=extra.get("chat_trained"),
         )

@@ -8,36 +8,27 @@ with batch 2B and two processes with batch B compute the same gradient.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import signal
-import time
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm import tqdm
 
-from minillm.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    save_model,
-    set_rng_state,
-)
+from minillm.checkpoint import CHECKPOINT_DIR, Checkpointer, list_checkpoints, save_model
 from minillm.data import check_vocab, example_lengths, group_by_length, trim_padding
-from minillm.distributed import DTYPES, DistEnv, all_reduce_sum, resolve_device, resolve_dtype
+from minillm.distributed import DTYPES, DistEnv, all_reduce_sum, barrier, resolve_device, resolve_dtype
 from minillm.evaluation import evaluate_perplexity
-from minillm.lora import base_fingerprint, has_lora
+from minillm.files import remove
 from minillm.model import MiniLLM
+from minillm.progress import METRICS_NAME, Progress, plot_metrics, trim_metrics
 from minillm.schedule import cosine_lr
 
 
@@ -85,6 +76,8 @@ class TrainConfig:
     """How many of the newest checkpoints to keep."""
     resume: bool = False
     """Continue from the newest complete checkpoint in out_dir."""
+    overwrite: bool = False
+    """Start over in an out_dir that holds an earlier run: delete its checkpoints and metrics first."""
     max_bad_steps: int = 5
     """Stop after this many non-finite losses or gradient norms in a row (each one skips its update)."""
 
@@ -114,12 +107,16 @@ class TrainResult:
     """Final held-out loss (mean NLL per token), if eval documents were given."""
     steps: int = 0
     """Optimizer steps completed in total (including those before a resume)."""
+    start_step: int = 0
+    """The step this call started from (0, or the resumed checkpoint's)."""
     tokens: int = 0
     """Input positions processed in this call, over all processes."""
     seconds: float = 0.0
     """Wall time of the loop in this call."""
     interrupted: bool = False
     """True when a signal or should_stop ended the run early (a checkpoint was saved)."""
+    checkpoint: Path | None = None
+    """The checkpoint written last (on rank 0)."""
     skipped_steps: int = 0
     """Updates skipped because the loss or the gradient norm was not finite."""
 
@@ -135,14 +132,14 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
                              fused=device.type in ("cuda", "cpu"))
 
 
-class _StopSignal:
+class StopSignal:
     """Turn SIGINT/SIGTERM into a flag so the loop can finish its step and checkpoint."""
 
     def __init__(self) -> None:
         self.requested = False
         self._old: dict[int, object] = {}
 
-    def __enter__(self) -> _StopSignal:
+    def __enter__(self) -> StopSignal:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -158,46 +155,114 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
+class StepBatches:
+    """The micro-batches of every optimizer step, in the sampler's order, from any step on (exact resume).
+
+    Each epoch is a fresh seeded shuffle split over the processes; with group_by_length, examples of
+    similar length share a batch and all-padding columns are dropped.
+    """
+
+    def __init__(self, dataset: Dataset, cfg: TrainConfig, env: DistEnv) -> None:
+        self.dataset, self.cfg, self.device = dataset, cfg, env.device
+        self.sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                          seed=cfg.seed, drop_last=True)
+        per_step = cfg.batch_size * cfg.accumulation_steps
+        self.steps_per_epoch = len(self.sampler) // per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the dataset has {len(dataset)} examples: too few for one step of {per_step} "
+                             f"examples on each of {env.world_size} processes; lower --batch_size or "
+                             "--accumulation_steps")
+        self.lengths = example_lengths(dataset) if cfg.group_by_length else None
+        self._generator = torch.Generator()  # worker seeds come from here, not the global RNG
+        self._epoch: int | None = None
+        self._loader: Iterator | None = None
+
+    def _epoch_loader(self, epoch: int, skip_steps: int) -> Iterator:
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)
+        if self.lengths is not None:
+            order = group_by_length(order, self.lengths, self.cfg.batch_size, seed=self.cfg.seed + epoch)
+        order = order[skip_steps * self.cfg.batch_size * self.cfg.accumulation_steps:]
+        self._generator.manual_seed(self.cfg.seed + epoch)
+        return iter(DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=order, drop_last=True,
+                               num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
+                               generator=self._generator))
+
+    def get(self, step: int) -> list[tuple[torch.Tensor, ...]]:
+        """The (X, Y, loss_mask) micro-batches of optimizer step `step` (0-based), on the device."""
+        epoch, into = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._loader = epoch, self._epoch_loader(epoch, into)
+        micro = [next(self._loader) for _ in range(self.cfg.accumulation_steps)]
+        if self.cfg.group_by_length:
+            micro = [trim_padding(*batch) for batch in micro]
+        return [tuple(t.to(self.device, non_blocking=True) for t in batch) for batch in micro]
+
+
+def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, micro: list[tuple[torch.Tensor, ...]], amp_dtype: torch.dtype,
+               env: DistEnv, grad_clip: float, stop_requested: bool) -> tuple[float, float, int, bool]:
+    """One optimizer step over the micro-batches: (loss, grad norm, input positions, stop on any rank).
+
+    The stop flag rides along with the loss in one all-reduce, so stopping costs no extra sync.
+    """
+    world = env.world_size
+    n_global = all_reduce_sum(sum(m_BT.sum() for _, _, m_BT in micro).double())
+    loss_sum = torch.zeros((), device=env.device)
+    for i, (x_BT, y_BT, m_BT) in enumerate(micro):
+        last = i == len(micro) - 1
+        with model.no_sync() if env.distributed and not last else nullcontext():
+            with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+                out = model(x_BT, labels=y_BT, loss_mask=m_BT)
+            # out.loss is this micro-batch's token mean; weight it by its share of the global batch's tokens
+            # (x world: DDP averages gradients over processes).
+            loss = out.loss * (m_BT.sum() * world / n_global.clamp(min=1)).float()
+            scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    flags = all_reduce_sum(torch.stack([loss_sum.float() / world,
+                                        torch.tensor(float(stop_requested), device=env.device)]))
+    loss_value, stop_any = flags[0].item(), flags[1].item() > 0
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")).item()
+    if (math.isfinite(loss_value) and math.isfinite(grad_norm)) or scaler.is_enabled():
+        scaler.step(optimizer)  # with a scaler, a step with inf/nan gradients is skipped inside
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm, sum(x_BT.numel() for x_BT, _, _ in micro) * world, stop_any
+
+
+def prepare_out_dir(cfg: TrainConfig, env: DistEnv) -> None:
+    """Refuse to mix a new run into an earlier one's out_dir unless --resume or --overwrite says what to do."""
+    out_dir = Path(cfg.out_dir)
+    earlier = list_checkpoints(out_dir)
+    if not cfg.resume and (earlier or (out_dir / METRICS_NAME).exists()):
+        if not cfg.overwrite:
+            what = f"checkpoints up to {earlier[-1].name}" if earlier else METRICS_NAME
+            raise ValueError(f"{out_dir} already holds a run ({what}); continue it with --resume, or start "
+                             "over with --overwrite (deletes its checkpoints and metrics)")
+        if env.is_main:
+            for name in (CHECKPOINT_DIR, METRICS_NAME, "loss.png"):
+                remove(out_dir / name)
+    barrier()
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def warmup_for(cfg: TrainConfig, total_steps: int, warn: bool) -> int:
+    """cfg.warmup_steps, scaled down to a tenth of the run when it would not end before the run does."""
+    if cfg.warmup_steps < total_steps:
+        return cfg.warmup_steps
+    scaled = total_steps // 10
+    if warn:
+        print(f"warning: --warmup_steps {cfg.warmup_steps} >= the run's {total_steps} steps, so the peak "
+              f"learning rate would never be reached; warming up for {scaled} steps instead", file=sys.stderr)
+    return scaled
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop metric lines written after the checkpoint by the run that stopped."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def plot_metrics(metrics_path: Path, png_path: Path) -> bool:
-    """Draw the loss curve (and held-out loss) to a PNG when matplotlib is installed; False if it is not."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if held:
-        ax.plot(*zip(*held), "o-", label="held-out loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: list[list[int]] | None = None,
@@ -209,211 +274,80 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
     after a step as a signal would: a checkpoint is saved and the result says interrupted.
     """
     env = env or DistEnv(device=resolve_device(cfg.device))
-    device, world = env.device, env.world_size
-    out_dir = Path(cfg.out_dir)
-    metrics_path = out_dir / "metrics.jsonl"
     check_vocab(dataset, model.config.vocab_size)
+    prepare_out_dir(cfg, env)
     _seed_everything(cfg.seed)
+    model.to(env.device)
+    amp_dtype = resolve_dtype(cfg.dtype, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
+    optimizer = build_optimizer(model, cfg, env.device)
+    batches = StepBatches(dataset, cfg, env)
+    total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
+    warmup = warmup_for(cfg, total_steps, warn=env.is_main)
+    checkpointer = Checkpointer(cfg.out_dir, model, optimizer, scaler, asdict(cfg), env.rank, env.world_size,
+                                cfg.keep_checkpoints, tokenizer)
+    start_step, resumed_from = checkpointer.resume() if cfg.resume else (0, None)
+    if cfg.resume and env.is_main:
+        print(f"resumed from {resumed_from} at step {start_step}" if resumed_from else
+              f"--resume: no checkpoint in {Path(cfg.out_dir) / CHECKPOINT_DIR}, starting from scratch")
+        trim_metrics(Path(cfg.out_dir) / METRICS_NAME, start_step)
 
-    model.to(device)
-    amp_dtype = resolve_dtype(cfg.dtype, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    optimizer = build_optimizer(model, cfg, device)
-
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=env.rank, shuffle=True, seed=cfg.seed,
-                                 drop_last=True)
-    per_step = cfg.batch_size * cfg.accumulation_steps
-    steps_per_epoch = len(sampler) // per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"the dataset has {len(dataset)} examples: too few for one step of {per_step} "
-                         f"examples on each of {world} processes; lower --batch_size or --accumulation_steps")
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-
-    # With LoRA the base weights are frozen: checkpoints hold only the adapters, so they record which base
-    # they belong to, and resuming onto another base is refused.
-    lora_base = base_fingerprint(model) if has_lora(model) else None
-    start_step = 0
-    if cfg.resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            if env.is_main:
-                print(f"--resume: no checkpoint in {out_dir / 'checkpoints'}, starting from scratch")
-        else:
-            state = load_checkpoint(ckpt, model)
-            if lora_base is not None and state.get("lora_base", lora_base) != lora_base:
-                raise ValueError(f"{ckpt} holds adapters trained on another base model; resume with the "
-                                 "same --init_from weights")
-            layout = (state["batch_size"], state["accumulation_steps"], state["world_size"])
-            if layout != (cfg.batch_size, cfg.accumulation_steps, world):
-                raise ValueError(f"{ckpt} was written with batch_size, accumulation_steps, processes = {layout}; "
-                                 f"resume with the same values to continue the same data order")
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            start_step = state["step"]
-            rngs = state["rng"]
-            set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
-            if env.is_main:
-                print(f"resumed from {ckpt} at step {start_step}")
-                _trim_metrics(metrics_path, start_step)
-
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
+    wrapped = torch.compile(model) if cfg.compile else model
     if env.distributed:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    loader_rng = torch.Generator()  # worker seeds come from here, not the global RNG, so resume is exact
-    lengths = example_lengths(dataset) if cfg.group_by_length else None
-
-    def batches_from(epoch: int, skip_steps: int):
-        sampler.set_epoch(epoch)
-        order = list(sampler)
-        if lengths is not None:
-            order = group_by_length(order, lengths, cfg.batch_size, seed=cfg.seed + epoch)
-        order = order[skip_steps * per_step:]
-        loader_rng.manual_seed(cfg.seed + epoch)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=order, drop_last=True,
-                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda", generator=loader_rng)
-        return iter(loader)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
-
-    def held_out_loss() -> float | None:
-        if not eval_documents:
-            return None
-        result = evaluate_perplexity(raw_model, eval_documents, max_length=getattr(dataset, "max_length", 512),
-                                     batch_size=cfg.batch_size, eos_id=model_config.eos_token_id,
-                                     device=device, dtype=amp_dtype)
-        return result.mean_nll
-
-    def checkpoint(step: int) -> None:
-        rngs = [None] * world
-        if env.distributed:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if env.is_main:
-            state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                     "epoch": step // steps_per_epoch, "batches_into_epoch": step % steps_per_epoch,
-                     "batch_size": cfg.batch_size, "accumulation_steps": cfg.accumulation_steps,
-                     "world_size": world, "rng": rngs, "train_config": asdict(cfg), "lora_base": lora_base}
-            save_checkpoint(out_dir, step, raw_model, state, keep=cfg.keep_checkpoints)
-
-    def log(row: dict) -> None:
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-
-    model_config = raw_model.config
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    result = TrainResult(steps=start_step)
-    bar = tqdm(total=total_steps, initial=start_step, disable=not env.is_main, dynamic_ncols=True,
-               desc="train", unit="step")
-    epoch = start_step // steps_per_epoch
-    batches = batches_from(epoch, start_step % steps_per_epoch)
-    bad_in_row = 0
-    t0 = time.perf_counter()
-    tokens_since_log, t_log = 0, t0
-    step = start_step
-    model.train()
-    with _StopSignal() as stop:
-        while step < total_steps:
-            if step // steps_per_epoch != epoch:
-                epoch = step // steps_per_epoch
-                batches = batches_from(epoch, 0)
-            lr = cosine_lr(step, total_steps, cfg.learning_rate, cfg.warmup_steps)
+        wrapped = DDP(wrapped, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    params = [p for p in model.parameters()]
+    progress = Progress(Path(cfg.out_dir), total_steps, start_step, cfg.log_every, env.is_main)
+    result = TrainResult(steps=start_step, start_step=start_step)
+    held_out = lambda: held_out_loss(model, eval_documents, dataset, cfg, env.device, amp_dtype)  # noqa: E731
+    step, bad_in_row = start_step, 0
+    wrapped.train()
+    with StopSignal() as stop:
+        while step < total_steps and not result.interrupted:
+            lr = cosine_lr(step, total_steps, cfg.learning_rate, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-
-            micro = [next(batches) for _ in range(cfg.accumulation_steps)]
-            if cfg.group_by_length:
-                micro = [trim_padding(*batch) for batch in micro]
-            micro = [tuple(t.to(device, non_blocking=True) for t in batch) for batch in micro]
-            n_global = all_reduce_sum(sum(m.sum() for _, _, m in micro).double())
-            loss_sum = torch.zeros((), device=device)
-            for i, (X, Y, M) in enumerate(micro):
-                last = i == len(micro) - 1
-                with model.no_sync() if env.distributed and not last else nullcontext():
-                    with autocast():
-                        out = model(X, labels=Y, loss_mask=M)
-                    # out.loss is this micro-batch's token mean; weight it by its share of the global
-                    # batch's tokens (x world: DDP averages gradients over processes).
-                    loss = out.loss * (M.sum() * world / n_global.clamp(min=1)).float()
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-                tokens_since_log += X.numel() * world
-
-            flags = all_reduce_sum(torch.stack([loss_sum.float() / world,
-                                                torch.tensor(float(stop.requested), device=device)]))
-            loss_value, stop_requested = flags[0].item(), flags[1].item() > 0
-
-            scaler.unscale_(optimizer)
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm).item()
-            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-            if finite or scaler.is_enabled():
-                scaler.step(optimizer)  # with a scaler, a step with inf/nan gradients is skipped inside
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm, tokens, stop_any = train_step(wrapped, params, optimizer, scaler, batches.get(step),
+                                                           amp_dtype, env, cfg.grad_clip, stop.requested)
             step += 1
-            result.losses.append(loss_value)
-            if not finite:
-                result.skipped_steps += 1
-            # Overflow under float16 loss scaling is routine (the scaler lowers its scale); a non-finite
-            # loss, or a non-finite gradient without a scaler, means the run is diverging.
-            diverging = not math.isfinite(loss_value) or (not math.isfinite(grad_norm) and not scaler.is_enabled())
+            result.losses.append(loss)
+            result.skipped_steps += not (math.isfinite(loss) and math.isfinite(grad_norm))
+            # Overflow under float16 loss scaling is routine (the scaler lowers its scale); a non-finite loss,
+            # or a non-finite gradient without a scaler, means the run is diverging.
+            diverging = not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaler.is_enabled())
             bad_in_row = bad_in_row + 1 if diverging else 0
             if bad_in_row >= cfg.max_bad_steps:
-                bar.close()
+                progress.close()
                 raise RuntimeError(f"step {step}: {bad_in_row} non-finite losses or gradient norms in a row; "
-                                   f"stopping. Lower --learning_rate or use --dtype bfloat16/float32; "
-                                   f"the last checkpoint holds finite weights.")
-
-            now = time.perf_counter()
-            if env.is_main:
-                bar.update(1)
-                tok_s = tokens_since_log / max(now - t_log, 1e-9)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            if step % cfg.log_every == 0 and env.is_main:
-                log({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                     "tokens": result.tokens + tokens_since_log,
-                     "tokens_per_s": tokens_since_log / max(now - t_log, 1e-9),
-                     "skipped_steps": result.skipped_steps})
-            if step % cfg.log_every == 0:
-                result.tokens += tokens_since_log
-                tokens_since_log, t_log = 0, now
-
-            interrupted = stop_requested or (should_stop is not None and should_stop(step))
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and not interrupted:
-                eval_loss = held_out_loss()
-                if eval_loss is not None and env.is_main:
-                    log({"step": step, "eval_loss": eval_loss})
-                    bar.write(f"step {step}: held-out loss {eval_loss:.4f}")
-            if interrupted:
-                checkpoint(step)
-                result.interrupted = True
-                if env.is_main:
-                    bar.write(f"stopped at step {step}; checkpoint saved in {out_dir / 'checkpoints'}. "
-                              f"Continue with the same command plus --resume.")
-                break
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                checkpoint(step)
-
-    bar.close()
-    result.tokens += tokens_since_log
-    result.seconds = time.perf_counter() - t0
+                                   "stopping. Lower --learning_rate or use --dtype bfloat16/float32; the last "
+                                   "checkpoint holds finite weights.")
+            progress.step(step, tokens, loss, lr, epoch=(step - 1) // batches.steps_per_epoch, grad_norm=grad_norm,
+                          skipped_steps=result.skipped_steps)
+            result.interrupted = stop_any or (should_stop is not None and should_stop(step))
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and not result.interrupted:
+                progress.held_out(step, held_out())
+            if result.interrupted or (cfg.save_every and step % cfg.save_every == 0 and step < total_steps):
+                result.checkpoint = checkpointer.save(step)
+    result.tokens, result.seconds = progress.close()
     result.steps = step
     if result.interrupted:
+        progress.note(f"stopped at step {step}; checkpoint saved in {result.checkpoint}. "
+                      "Continue with the same command plus --resume.")
         return result
-
-    checkpoint(step)
-    result.eval_loss = held_out_loss()
+    result.checkpoint = checkpointer.save(step)
+    result.eval_loss = held_out()
     if env.is_main:
-        if result.eval_loss is not None:
-            log({"step": step, "eval_loss": result.eval_loss})
-        save_model(raw_model, out_dir, tokenizer)  # with LoRA: the adapter only
-        png = out_dir / "loss.png"
-        if not plot_metrics(metrics_path, png):
-            print("(pip install matplotlib to get a loss-curve PNG)")
+        progress.held_out(step, result.eval_loss)
+        save_model(model, cfg.out_dir, tokenizer)  # with LoRA: the adapter only
+        if not plot_metrics(progress.path, Path(cfg.out_dir) / "loss.png"):
+            print("(no loss.png: pip install matplotlib, and log at least one step with --log_every)")
     return result
+
+
+def held_out_loss(model: MiniLLM, documents: list[list[int]] | None, dataset: Dataset, cfg: TrainConfig,
+                  device: torch.device, amp_dtype: torch.dtype) -> float | None:
+    """Mean NLL per token of the held-out documents at the training context, or None without documents."""
+    if not documents:
+        return None
+    return evaluate_perplexity(model, documents, max_length=getattr(dataset, "max_length", 512),
+                               batch_size=cfg.batch_size, eos_id=model.config.eos_token_id, device=device,
+                               dtype=amp_dtype).mean_nll

@@ -3,6 +3,7 @@
 import copy
 import json
 import random
+import runpy
 import sys
 from pathlib import Path
 
@@ -215,8 +216,10 @@ def test_training_changes_only_adapters_and_resume_is_exact(tmp_path, tokenizer,
     out = sorted(p.name for p in (tmp_path / "a").iterdir() if p.is_file())
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(out)
     assert "model.safetensors" not in out
+    # The checkpoint holds the adapters (no base weights), the training state and the tokenizer.
     assert sorted(p.name for p in latest_checkpoint(tmp_path / "a").iterdir()) == \
-        ["adapter_config.json", "adapter_model.safetensors", "state.pt"]
+        ["adapter_config.json", "adapter_model.safetensors", "special_tokens_map.json", "state.pt",
+         "tokenizer.json", "tokenizer_config.json"]
 
     # Stopped after step 2 (mid-epoch), resumed with differently drawn adapters: the same losses and tensors.
     first = train(lora_model(tokenizer, seed=1, dropout=0.1, lora_dropout=0.1), data, train_config(tmp_path / "b"),
@@ -276,7 +279,8 @@ def hf_checkpoint(tmp_path_factory):
 
 
 def run_cli(kind, *args, capsys):
-    code = cli_main(kind, [*map(str, args)])
+    defaults = runpy.run_path(str(REPO / f"train_{kind}.py"))["DEFAULTS"]  # the script's stage defaults
+    code = cli_main(kind, defaults, [*map(str, args)])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -1,0 +1,120 @@
+"""What a run shows and records as it goes: the progress bar, out_dir/metrics.jsonl, tokens/s, loss.png."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from minillm.files import atomic_write
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """The rows of a metrics file and how many unreadable lines were dropped (e.g. one torn by a crash)."""
+    rows, dropped = [], 0
+    if not path.is_file():
+        return rows, dropped
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            dropped += 1
+    return rows, dropped
+
+
+def trim_metrics(path: Path, last_step: int) -> int:
+    """On resume, keep only rows up to the checkpoint's step (and drop torn lines); returns lines dropped."""
+    rows, dropped = read_metrics(path)
+    kept = [r for r in rows if r.get("step", 0) <= last_step]
+    if path.is_file():
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return dropped + len(rows) - len(kept)
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> bool:
+    """Draw the loss curve (and held-out loss) to a PNG; False when matplotlib is missing or nothing was logged."""
+    rows, _ = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not held:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+class Progress:
+    """The bar, the metrics rows and the token throughput of one run; silent on processes other than rank 0."""
+
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int, log_every: int, enabled: bool) -> None:
+        self.path = Path(out_dir) / METRICS_NAME
+        self.log_every, self.enabled = log_every, enabled
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not enabled, dynamic_ncols=True,
+                        desc="train", unit="step")
+        self.tokens = 0  # input positions in the rows logged so far, this session
+        self._window_tokens = 0
+        self._t0 = self._t_window = time.perf_counter()
+
+    def log(self, row: dict) -> None:
+        """Append one row to metrics.jsonl."""
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def note(self, message: str) -> None:
+        """A line above the bar."""
+        if self.enabled:
+            self.bar.write(message)
+
+    def step(self, step: int, tokens: int, loss: float, lr: float, **fields: float) -> None:
+        """Count one optimizer step of `tokens` input positions; a metrics row every log_every steps."""
+        self._window_tokens += tokens
+        now = time.perf_counter()
+        tok_s = self._window_tokens / max(now - self._t_window, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        if step % self.log_every == 0:
+            self.tokens += self._window_tokens
+            self.log({"step": step, "loss": loss, "lr": lr, **fields, "tokens": self.tokens, "tokens_per_s": tok_s})
+            self._window_tokens, self._t_window = 0, now
+
+    def held_out(self, step: int, loss: float | None) -> None:
+        """Record a held-out loss."""
+        if loss is not None:
+            self.log({"step": step, "eval_loss": loss})
+            self.note(f"step {step}: held-out loss {loss:.4f}")
+
+    def close(self) -> tuple[int, float]:
+        """Close the bar; (tokens, seconds) of this session."""
+        self.bar.close()
+        self.tokens += self._window_tokens
+        self._window_tokens = 0
+        return self.tokens, time.perf_counter() - self._t0
