@@ -12,7 +12,7 @@ setup(
     include_package_data=True,
     install_requires=["torch>=2.1", "tokenizers>=0.15", "numpy", "tqdm", "safetensors"],
     extras_require={
-        "dev": ["pytest", "transformers>=4.45", "peft", "ruff"],
+        "dev": ["pytest", "transformers>=4.45", "peft", "ruff", "matplotlib"],
         "plot": ["matplotlib"],
     },
 )

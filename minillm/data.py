@@ -65,14 +65,14 @@ def check_max_length(max_length: int) -> None:
         raise ValueError(f"max_length must be an int >= 2 (one input and one label), got {max_length!r}")
 
 
-class PretrainDataset(Dataset):
-    """JSON lines with a "text" field -> (X, Y, loss_mask) of the text followed by <|endoftext|>.
+class JsonlExamples(Dataset):
+    """Examples stored one per line of a JSON-lines file, parsed when accessed: what both datasets share.
 
-    Construction only indexes line offsets (cached as ``<path>.idx``); each line is read, parsed and
-    validated when accessed. Call :meth:`validate` to check the whole file up front.
+    Construction only indexes line offsets (cached as ``<path>.idx``); call :meth:`validate` to check
+    the whole file up front.
     """
 
-    def __init__(self, path: str | os.PathLike, tokenizer: Tokenizer, max_length: int = 512):
+    def __init__(self, path: str | os.PathLike, tokenizer: Tokenizer, max_length: int = 512) -> None:
         check_max_length(max_length)
         self.lines = JsonLines(path)
         self.path = self.lines.path
@@ -84,7 +84,22 @@ class PretrainDataset(Dataset):
 
     @property
     def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size (the ids this dataset can produce)."""
         return self.tokenizer.vocab_size
+
+    def parse(self, i: int) -> object:
+        """Example `i` read and checked, before tokenization."""
+        raise NotImplementedError
+
+    def validate(self) -> int:
+        """Parse every line (without tokenizing); raise DataError at the first bad one; return the count."""
+        for i in range(len(self)):
+            self.parse(i)
+        return len(self)
+
+
+class PretrainDataset(JsonlExamples):
+    """JSON lines with a "text" field -> (X, Y, loss_mask) of the text followed by <|endoftext|>."""
 
     def text(self, i: int) -> str:
         """The raw text of example ``i``."""
@@ -96,11 +111,7 @@ class PretrainDataset(Dataset):
         ids.append(self.tokenizer.eos_id)  # the closing end-of-text is a real, learned token
         return _make_example(ids, None, self.max_length, self.tokenizer.pad_id)
 
-    def validate(self) -> int:
-        """Parse every line (without tokenizing); raise DataError at the first bad one; return the count."""
-        for i in range(len(self)):
-            self.text(i)
-        return len(self)
+    parse = text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,35 +166,19 @@ def messages_from_record(obj: dict, where: str | Where, system_prompt: str | Non
     return messages
 
 
-class SFTDataset(Dataset):
+class SFTDataset(JsonlExamples):
     """Chat/instruction JSON lines -> (X, Y, loss_mask) with loss only on what the assistant says.
 
     Accepted lines: {"conversations"|"messages": [{"role", "content"}, ...]},
     {"instruct", "input", "label"} and {"instruction", "input", "output"} (optional "system" field;
     user turn = instruction + "\\n" + input when both are non-empty). ``system_prompt`` is prepended
-    to examples that have no system turn. Lines are validated when accessed; see :meth:`validate`.
+    to examples that have no system turn.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        tokenizer: Tokenizer,
-        max_length: int = 512,
-        system_prompt: str | None = None,
-    ):
-        check_max_length(max_length)
-        self.lines = JsonLines(path)
-        self.path = self.lines.path
-        self.tokenizer = tokenizer
-        self.max_length = max_length
+    def __init__(self, path: str | os.PathLike, tokenizer: Tokenizer, max_length: int = 512,
+                 system_prompt: str | None = None) -> None:
+        super().__init__(path, tokenizer, max_length)
         self.system_prompt = system_prompt
-
-    def __len__(self) -> int:
-        return len(self.lines)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
 
     def messages(self, i: int) -> list[dict[str, str]]:
         """Example ``i`` as a list of {"role", "content"} messages."""
@@ -195,11 +190,7 @@ class SFTDataset(Dataset):
         # all-zero mask, so the example adds no loss instead of a wrong one.
         return _make_example(ids, learn, self.max_length, self.tokenizer.pad_id)
 
-    def validate(self) -> int:
-        """Parse every line (without tokenizing); raise DataError at the first bad one; return the count."""
-        for i in range(len(self)):
-            self.messages(i)
-        return len(self)
+    parse = messages
 
 
 # ---------------------------------------------------------------------------------------------

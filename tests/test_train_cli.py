@@ -1,0 +1,175 @@
+"""train_*.py as a new user meets it: short runs, interrupts, reused out_dirs, flags that would be ignored."""
+
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from minillm.checkpoint import latest_checkpoint, list_checkpoints
+from minillm.cli import EXIT_INTERRUPTED
+from minillm.cli import main as cli_main
+from minillm.config import LMConfig
+from minillm.model import MiniLLM
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4",
+        "--num_key_value_heads", "2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "train.jsonl"
+    with open(REPO / "dataset" / "pretrain.jsonl", encoding="utf-8") as f:
+        path.write_text("".join(next(f) for _ in range(200)), encoding="utf-8")
+    return path
+
+
+def run(kind: str, *args, capsys) -> tuple[int, str, str]:
+    defaults = runpy.run_path(str(REPO / f"train_{kind}.py"))["DEFAULTS"]
+    code = cli_main(kind, defaults, [str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def pretrain(out: Path, corpus: Path, *extra, capsys) -> tuple[int, str, str]:
+    return run("pretrain", "--data_path", corpus, "--eval_data", "", "--out_dir", out, "--max_length", "32",
+               "--batch_size", "2", "--log_every", "1", *TINY, *extra, capsys=capsys)
+
+
+def metric_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_shorter_than_log_every_without_eval_finishes_and_merges(tmp_path, corpus, capsys):
+    """Rough edge 1: no metrics line was ever written, and the end of the run crashed before --merge."""
+    code, _, err = pretrain(tmp_path / "base", corpus, "--max_steps", "1", capsys=capsys)
+    assert code == 0, err
+    out = tmp_path / "lora"
+    code, stdout, err = run("pretrain", "--init_from", tmp_path / "base", "--data_path", corpus, "--eval_data", "",
+                            "--out_dir", out, "--max_length", "32", "--batch_size", "2", "--max_steps", "2",
+                            "--log_every", "10", "--lora", "--merge", capsys=capsys)
+    assert code == 0, err
+    assert MiniLLM.from_pretrained(out / "merged") is not None
+    assert f"merged model in {out / 'merged'}" in stdout
+    assert not (out / "loss.png").exists()  # nothing was logged, so there is no curve to draw
+    assert (tmp_path / "base" / "loss.png").is_file()  # --log_every 1: one point
+
+
+def test_loss_curve_is_drawn(tmp_path, corpus, capsys):
+    pytest.importorskip("matplotlib")
+    code, _, err = pretrain(tmp_path / "run", corpus, "--max_steps", "3", capsys=capsys)
+    assert code == 0, err
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_launcher_turns_torchrun_interrupt_into_one_line_and_status_3(tmp_path, corpus):
+    """Rough edge 3: under torchrun a Ctrl-C ended in the agent's SignalException traceback and status 1."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "minillm.launch", "--standalone", "--nproc_per_node=1",
+            str(REPO / "train_pretrain.py"), "--data_path", str(corpus), "--eval_data", "", "--out_dir", str(out),
+            "--max_length", "32", "--batch_size", "2", "--max_steps", "100000", "--save_every", "0", *TINY]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # as Ctrl-C reaches the launcher; it forwards the signal to the workers
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr[-2000:]
+    assert "Traceback" not in stderr and "minillm.launch: stopped by SIGINT" in stderr
+    assert latest_checkpoint(out) is not None and "--resume" in stderr
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 3}\n', encoding="utf-8")
+    failed = subprocess.run([*args[:6], "--data_path", str(bad), "--out_dir", str(tmp_path / "o"), *TINY],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert f"{bad}:1" in failed.stderr and "minillm.launch: worker 0 exited with status 1" in failed.stderr
+
+
+def test_out_dir_with_an_earlier_run_needs_resume_or_overwrite(tmp_path, corpus, capsys):
+    """Rough edge 4: a new run silently mixed into the old checkpoints and appended to its metrics."""
+    out = tmp_path / "run"
+    assert pretrain(out, corpus, "--max_steps", "4", "--save_every", "2", capsys=capsys)[0] == 0
+    code, _, err = pretrain(out, corpus, "--max_steps", "2", capsys=capsys)
+    assert code == 1 and "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert metric_steps(out) == [1, 2, 3, 4]  # untouched
+    code, _, err = pretrain(out, corpus, "--max_steps", "2", "--overwrite", capsys=capsys)
+    assert code == 0, err
+    assert metric_steps(out) == [1, 2] and [p.name for p in list_checkpoints(out)] == ["step_00000002"]
+
+
+def test_eval_ppl_defaults_to_the_trained_context(tmp_path, corpus, capsys):
+    """Rough edge 5: eval_ppl.py windows defaulted to 512 whatever the model was trained on."""
+    out = tmp_path / "run"
+    assert pretrain(out, corpus, "--max_steps", "2", capsys=capsys)[0] == 0
+    assert MiniLLM.from_pretrained(out).config.trained_context == 32
+    report = tmp_path / "ppl.json"
+    res = subprocess.run([sys.executable, str(REPO / "eval_ppl.py"), "--model", str(out), "--data", str(corpus),
+                          "--json", str(report)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(report.read_text())
+    assert got["max_length"] == 32 and got["max_length_from"] == "the model's training context"
+    assert "max_length 32 (the model's training context)" in res.stdout
+
+
+def test_shape_flags_that_disagree_with_init_from_are_an_error(tmp_path, corpus, capsys):
+    """Rough edge 6: --init_from X --hidden_size N silently ignored the size flags."""
+    base = tmp_path / "base"
+    assert pretrain(base, corpus, "--max_steps", "1", capsys=capsys)[0] == 0
+    sft = REPO / "dataset" / "sft.jsonl"
+    common = ["--init_from", base, "--data_path", sft, "--eval_data", "", "--max_length", "32", "--max_steps", "1",
+              "--batch_size", "2"]
+    code, _, err = run("sft", *common, "--out_dir", tmp_path / "a", "--hidden_size", "128", "--dropout", "0.1",
+                       capsys=capsys)
+    assert code == 1 and "--hidden_size 128 (the model has 64)" in err and "--dropout 0.1 (the model has 0.0)" in err
+    assert "new model only" in err and not (tmp_path / "a").exists()
+    code, _, err = run("sft", *common, "--out_dir", tmp_path / "b", "--hidden_size", "64", capsys=capsys)
+    assert code == 0, err  # a value that agrees is fine
+    with pytest.raises(SystemExit):
+        run("sft", "--help", capsys=capsys)
+    assert "New model only" in capsys.readouterr().out
+
+
+def test_warmup_longer_than_the_run_is_scaled_so_the_peak_is_reached(tmp_path, corpus, capsys):
+    """Rough edge 7: --max_steps 30 with the default 50 warmup steps never reached the peak learning rate."""
+    out = tmp_path / "run"
+    code, _, err = pretrain(out, corpus, "--max_steps", "30", "--learning_rate", "1e-3", capsys=capsys)
+    assert code == 0, err
+    assert "--warmup_steps 50 >= the run's 30 steps" in err and "warming up for 3 steps" in err
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(lrs) == pytest.approx(1e-3) and lrs[0] == 0.0 and lrs[-1] == pytest.approx(1e-4)
+
+
+def test_generate_hints_raw_for_a_model_never_tuned_on_chat(tmp_path, tokenizer):
+    """Rough edge 8: generate.py chatted with a pretrain-only model without a word."""
+    def save(name, chat_trained):
+        config = LMConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, chat_trained=chat_trained)
+        MiniLLM(config).save_pretrained(tmp_path / name, tokenizer=tokenizer)
+        res = subprocess.run([sys.executable, str(REPO / "generate.py"), "--model", str(tmp_path / name),
+                              "--prompt", "春", "--max_new_tokens", "2", "--seed", "0"],
+                             capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert res.returncode == 0, res.stderr
+        return res.stderr
+
+    assert "never fine-tuned on chat" in save("pretrained", False) and "--raw" in save("pretrained", False)
+    assert "never fine-tuned" not in save("sft", True)
+    assert "never fine-tuned" not in save("unknown", None)  # not recorded (e.g. a Hugging Face model)
+
+
+def test_resume_summary_separates_total_steps_from_this_session(tmp_path, corpus, capsys):
+    """Rough edge 9: "23 steps, 24,480 tokens" mixed all steps with this session's tokens."""
+    out = tmp_path / "run"
+    assert pretrain(out, corpus, "--max_steps", "3", "--save_every", "3", capsys=capsys)[0] == 0
+    code, stdout, err = pretrain(out, corpus, "--max_steps", "5", "--resume", capsys=capsys)
+    assert code == 0, err
+    # 2 steps of 2 x 31 input positions in this session.
+    assert "done: 5 steps (2 steps, 124 tokens in" in stdout and "in this session)" in stdout
+    assert metric_steps(out) == [1, 2, 3, 4, 5]
