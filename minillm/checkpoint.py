@@ -1,16 +1,21 @@
 """Training checkpoints: the one definition of the training state, and the checkpointer that saves and resumes it.
 
-Layout: <out_dir>/checkpoints/step_00000100/{config.json, model.safetensors, tokenizer files, state.pt}, so
-a checkpoint is also a complete model directory; for a model with LoRA adapters, {adapter_config.json,
-adapter_model.safetensors, state.pt} (the frozen base is not copied). A checkpoint is written under a
-temporary name, flushed to the disk and renamed only when complete, so a crash never leaves one that
-looks whole.
+Layout: <out_dir>/checkpoints/step_00000100/{config.json, model.safetensors, tokenizer files, state.pt,
+manifest.json}, so a checkpoint is also a complete model directory; for a model with LoRA adapters,
+{adapter_config.json, adapter_model.safetensors, ...} (the frozen base is not copied). A checkpoint is
+written under a temporary name, its manifest (every file's size and sha256) last, flushed to the disk
+and renamed only when complete. Resume verifies the manifest and falls back to the newest intact
+checkpoint, so neither a crash nor a damaged file loses the run.
 """
 
 from __future__ import annotations
 
+import errno
+import pickle
 import random
 import re
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -19,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minillm.files import atomic_path, remove
+from minillm.files import atomic_path, read_json, remove, sha256_file, write_json
 from minillm.hf import SafetensorsCheckpoint, from_hf_state_dict
 from minillm.lora import (
     ADAPTER_CONFIG_NAME,
@@ -32,6 +37,9 @@ from minillm.lora import (
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "state.pt"
+MANIFEST_NAME = "manifest.json"
+# Settings that fix the data order or the model: a resume that changes them would not continue the run.
+EXACT_SETTINGS = ("seed", "batch_size", "accumulation_steps", "group_by_length")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -80,6 +88,8 @@ class TrainState:
     """The whole TrainConfig of the run that wrote the checkpoint."""
     lora_base: str | None = None
     """sha256 of the frozen base weights when only LoRA adapters train (they fit no other base)."""
+    identity: dict | None = None
+    """What the run trains on: the data (kind, size, content) and the model's shape; fixed for a run."""
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict for torch.save (not deep-copied)."""
@@ -89,7 +99,7 @@ class TrainState:
     def from_dict(cls, d: Any, source: str | Path = "state") -> TrainState:
         """Rebuild from to_dict(); ValueError naming `source` when a field is missing."""
         names = [f.name for f in fields(cls)]
-        required = [f.name for f in fields(cls) if f.name != "lora_base"]
+        required = [f.name for f in fields(cls) if f.name not in ("lora_base", "identity")]
         missing = [n for n in required if not isinstance(d, dict) or n not in d]
         if missing:
             raise ValueError(f"{source}: not a minillm training state (missing {', '.join(missing)})")
@@ -117,6 +127,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, stat
     with atomic_path(final) as tmp:
         save_model(model, tmp, tokenizer)
         torch.save(state.to_dict(), tmp / STATE_NAME)
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
+        write_json(tmp / MANIFEST_NAME, {"step": step, "files": files})  # last: it vouches for the rest
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         delete_checkpoint(old)
     return final
@@ -138,42 +150,99 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint at `path` is damaged (a file missing, cut short or changed), or None if intact."""
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return None  # written by a minillm without manifests: nothing to verify against
+    try:
+        files = read_json(manifest_path)["files"]
+        for name, expected in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != expected["size"]:
+                return f"{name} has {f.stat().st_size} bytes, the manifest says {expected['size']}"
+            if sha256_file(f) != expected["sha256"]:
+                return f"{name} does not match its checksum"
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST_NAME} is damaged ({e})"
+    return None
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The newest complete checkpoint, or None."""
     found = list_checkpoints(out_dir)
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module) -> TrainState:
-    """Copy a checkpoint's weights (or adapters) into `model` and return its training state (weights_only)."""
+class DamagedCheckpoint(ValueError):
+    """A checkpoint whose files are missing, cut short or changed since they were written."""
+
+
+def read_state(path: str | Path) -> TrainState:
+    """The training state of a checkpoint (weights_only: never unpickles code); DamagedCheckpoint if unreadable."""
     path = Path(path)
+    try:
+        raw = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        # weights_only refuses any pickled object other than tensors and plain values; its own message
+        # suggests weights_only=False, which would run whatever code the file carries.
+        reason = ("it holds objects other than tensors and plain values" if isinstance(e, pickle.UnpicklingError)
+                  else f"unreadable: {str(e).splitlines()[0]}")
+        raise DamagedCheckpoint(f"{path / STATE_NAME}: not a minillm training state ({reason}); it will not be "
+                                "unpickled") from None
+    return TrainState.from_dict(raw, path / STATE_NAME)
+
+
+def check_checkpoint_kind(path: Path, model: torch.nn.Module) -> None:
+    """Refuse adapters for a full model and a full model for adapters, or adapters of another shape."""
     if has_lora(model):
         if not (path / ADAPTER_CONFIG_NAME).is_file():
             raise ValueError(f"{path} holds a full model, not a LoRA adapter; resume without --lora")
         check_same_lora(model, path)
-        load_adapter_weights(model, path)
     elif (path / ADAPTER_CONFIG_NAME).is_file():
         raise ValueError(f"{path} holds a LoRA adapter only; resume with --lora, the same LoRA flags and the "
                          "same --init_from base model")
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Copy a checkpoint's weights (or adapters) into `model`."""
+    if has_lora(model):
+        load_adapter_weights(model, path)
     else:
         model.load_state_dict(from_hf_state_dict(SafetensorsCheckpoint(path), model.config), strict=True)
-    return TrainState.from_dict(torch.load(path / STATE_NAME, map_location="cpu", weights_only=True),
-                                path / STATE_NAME)
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module) -> TrainState:
+    """Copy a checkpoint's weights (or adapters) into `model` and return its training state."""
+    path = Path(path)
+    state = read_state(path)
+    check_checkpoint_kind(path, model)
+    load_weights(path, model)
+    return state
+
+
+def _differences(old: dict, new: dict, keys) -> list[str]:
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 class Checkpointer:
     """Saves the training state of a run to out_dir/checkpoints and restores it on --resume.
 
     `model` is the plain module (not the DDP/compiled wrapper). Every process calls save() (the RNG
-    states are gathered from all ranks); rank 0 alone writes.
+    states are gathered from all ranks); rank 0 alone writes. `identity` describes the data and the model
+    (what a resumed run must share); `log` prints notes (on rank 0).
     """
 
     def __init__(self, out_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, train_config: dict, rank: int = 0, world_size: int = 1,
-                 keep: int = 2, tokenizer=None) -> None:
+                 keep: int = 2, tokenizer=None, identity: dict | None = None,
+                 log: Callable[[str], None] = print) -> None:
         self.out_dir, self.model, self.optimizer, self.scaler = Path(out_dir), model, optimizer, scaler
         self.train_config, self.rank, self.world_size = train_config, rank, world_size
-        self.keep, self.tokenizer = keep, tokenizer
+        self.keep, self.tokenizer, self.identity = keep, tokenizer, identity or {}
+        self.log = log if rank == 0 else (lambda message: None)
         # With LoRA the base weights are frozen and not in the checkpoint: record which base it fits.
         self.lora_base = base_fingerprint(model) if has_lora(model) else None
 
@@ -186,18 +255,31 @@ class Checkpointer:
         return TrainState(step=step, optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                           rng=rngs, batch_size=self.train_config["batch_size"],
                           accumulation_steps=self.train_config["accumulation_steps"], world_size=self.world_size,
-                          train_config=self.train_config, lora_base=self.lora_base)
+                          train_config=self.train_config, lora_base=self.lora_base, identity=self.identity)
 
-    def restore(self, state: TrainState, source: Path) -> None:
-        """Put a loaded state back into the optimizer, the scaler and the RNGs; refuse what cannot continue."""
+    def check_compatible(self, state: TrainState, source: Path) -> None:
+        """Refuse a resume that would not continue the same run; note the settings it may change."""
         if self.lora_base is not None and (state.lora_base or self.lora_base) != self.lora_base:
             raise ValueError(f"{source} holds adapters trained on another base model; resume with the "
                              "same --init_from weights")
-        layout = (state.batch_size, state.accumulation_steps, state.world_size)
-        now = (self.train_config["batch_size"], self.train_config["accumulation_steps"], self.world_size)
-        if layout != now:
-            raise ValueError(f"{source} was written with batch_size, accumulation_steps, processes = {layout}; "
-                             f"resume with the same values to continue the same data order")
+        old, new = state.train_config, self.train_config
+        refused = _differences({**old, "processes": state.world_size}, {**new, "processes": self.world_size},
+                               (*EXACT_SETTINGS, "processes"))
+        for part in ("data", "model"):
+            if state.identity and part in state.identity:
+                refused += [f"{part} {d}" for d in _differences(state.identity[part], self.identity.get(part, {}),
+                                                                state.identity[part])]
+        if refused:
+            raise ValueError(f"{source} was written by a run with other settings ({'; '.join(refused)}): "
+                             "resume with the same values to continue the same data order, or start a new "
+                             "run (another --out_dir, or --overwrite)")
+        allowed = [k for k in new if k in old and k not in (*EXACT_SETTINGS, "resume", "overwrite")]
+        changed = _differences(old, new, allowed)
+        if changed:
+            self.log(f"note: resuming with changed settings: {'; '.join(changed)}")
+
+    def restore(self, state: TrainState) -> None:
+        """Put a loaded state back into the optimizer, the scaler and the RNGs."""
         self.optimizer.load_state_dict(state.optimizer)
         self.scaler.load_state_dict(state.scaler)
         set_rng_state(state.rng[self.rank] if self.rank < len(state.rng) else state.rng[0])
@@ -207,13 +289,36 @@ class Checkpointer:
         state = self.capture(step)
         if self.rank != 0:
             return None
-        return save_checkpoint(self.out_dir, step, self.model, state, keep=self.keep, tokenizer=self.tokenizer)
+        previous = latest_checkpoint(self.out_dir)
+        try:
+            return save_checkpoint(self.out_dir, step, self.model, state, keep=self.keep, tokenizer=self.tokenizer)
+        except (OSError, RuntimeError) as e:
+            if "non-finite" in str(e):
+                raise
+            # torch.save reports a full disk as a RuntimeError from its zip writer, not as ENOSPC.
+            full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(self.out_dir).free < 1 << 20
+            reason = "no space left on device" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0])
+            kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+            raise RuntimeError(f"{reason} while writing checkpoint step {step} in {self.out_dir / CHECKPOINT_DIR}; "
+                               f"{kept}") from None
 
     def resume(self) -> tuple[int, Path | None]:
-        """Load the newest checkpoint into the model and the training state; (its step, its path), or (0, None)."""
-        path = latest_checkpoint(self.out_dir)
-        if path is None:
-            return 0, None
-        state = load_checkpoint(path, self.model)
-        self.restore(state, path)
-        return state.step, path
+        """Load the newest intact checkpoint into the model and the training state; (its step, its path).
+
+        A damaged checkpoint is skipped with a note naming it and why; (0, None) when none is left.
+        """
+        for path in reversed(list_checkpoints(self.out_dir)):
+            try:
+                damage = verify_checkpoint(path)
+                if damage is not None:
+                    raise DamagedCheckpoint(damage)
+                state = read_state(path)
+            except DamagedCheckpoint as e:
+                self.log(f"skipping checkpoint {path}: {e}")
+                continue
+            check_checkpoint_kind(path, self.model)
+            self.check_compatible(state, path)
+            load_weights(path, self.model)
+            self.restore(state)
+            return state.step, path
+        return 0, None

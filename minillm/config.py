@@ -87,6 +87,12 @@ class LMConfig:
         """Width of one attention head."""
         return self.hidden_size // self.num_attention_heads
 
+    def shape(self) -> dict[str, Any]:
+        """The fields that decide the weights' names and shapes (what a checkpoint must match)."""
+        keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "tie_word_embeddings", "attention_bias")
+        return {k: getattr(self, k) for k in keys}
+
     # --- minillm's own JSON -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """All fields as a plain dict."""

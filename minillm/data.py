@@ -29,6 +29,7 @@ __all__ = [
     "check_max_length",
     "check_token_ids",
     "check_vocab",
+    "dataset_identity",
     "example_lengths",
     "group_by_length",
     "messages_from_record",
@@ -86,6 +87,11 @@ class JsonlExamples(Dataset):
     def vocab_size(self) -> int:
         """The tokenizer's vocabulary size (the ids this dataset can produce)."""
         return self.tokenizer.vocab_size
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed run must train on again: the file's size and the example count and length."""
+        return {"kind": type(self).__name__, "examples": len(self), "max_length": self.max_length,
+                "bytes": self.path.stat().st_size}
 
     def parse(self, i: int) -> object:
         """Example `i` read and checked, before tokenization."""
@@ -195,6 +201,13 @@ class SFTDataset(JsonlExamples):
 
 # ---------------------------------------------------------------------------------------------
 # Batching helpers: spend less compute on padding, exactly.
+
+
+def dataset_identity(dataset: Dataset) -> dict[str, Any]:
+    """The dataset's own identity() when it has one, else its type, length and max_length."""
+    if hasattr(dataset, "identity"):
+        return dataset.identity()
+    return {"kind": type(dataset).__name__, "examples": len(dataset), "max_length": getattr(dataset, "max_length", None)}
 
 
 def example_lengths(dataset: Dataset) -> list[int]:

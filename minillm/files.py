@@ -7,6 +7,7 @@ flush the folder, so that after a power loss the name points either at the old c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def tmp_name(path: Path) -> Path:
@@ -38,6 +48,51 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def set_default_mode(path: Path) -> None:
+    """Give a file (or a folder and its files) the permissions a plain open() would: 0644 under umask 022.
+
+    Some writers (safetensors) create their files 0600; what minillm writes is meant to be shared.
+    """
+    mask = _umask()
+    if path.is_dir():
+        for child in path.iterdir():
+            if child.is_file():
+                os.chmod(child, 0o666 & ~mask)
+        os.chmod(path, 0o777 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the `<name>.<pid>.tmp` files and folders of processes that no longer run; returns them."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(f"*.*{TMP_SUFFIX}"):
+        pid = path.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            remove(path)
+            removed.append(path)
+    return removed
+
+
 def remove(path: Path) -> None:
     """Delete a file or a folder tree if it exists."""
     if path.is_dir() and not path.is_symlink():
@@ -57,6 +112,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     remove(tmp)
     try:
         yield tmp
+        set_default_mode(tmp)
         fsync_path(tmp)
         if path.is_dir() and tmp.is_dir():
             shutil.rmtree(path)  # a folder cannot be renamed over a non-empty one
@@ -88,3 +144,51 @@ def read_json(path: str | os.PathLike) -> object:
 def write_json(path: str | os.PathLike, obj: object) -> None:
     """Write `obj` as indented JSON (non-ASCII kept as is), atomically."""
     atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create `folder` if needed and write a probe file in it; OSError naming `what` when that fails."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{what} {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tmp_name(folder / ".write-probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write to {what} {folder}: {e.strerror or e}") from None
+
+
+class DirLock:
+    """An exclusive lock on a folder for one process (flock on <folder>/.lock, holding the owner's pid).
+
+    The kernel releases it when the process ends in any way, kill -9 included, so a stale lock never
+    blocks the next run; a second live holder is refused with the first one's pid.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / self.NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> DirLock:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RuntimeError(f"{self.path.parent} is in use by another run (pid {holder}); wait for it to "
+                               "finish, or give this run another --out_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from minillm.data import check_max_length
-from minillm.files import atomic_path, atomic_write
+from minillm.files import atomic_path, atomic_write, remove_stale_temporaries, sha256_file
 from minillm.jsonl import DataError, file_key, get_str, iter_records, text_expected
 
 if TYPE_CHECKING:
@@ -34,14 +34,6 @@ _PACKED_FORMAT = "minillm-packed-v2"
 
 def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _header_path(bin_path: Path) -> Path:
@@ -156,7 +148,7 @@ def _cache_is_fresh(bin_path: Path, src: Path, tokenizer: Tokenizer) -> bool:
     if source.get("size") != size:
         return False
     # Same size and mtime: unchanged. Same size, new mtime (e.g. touched or copied): compare contents.
-    return source.get("mtime_ns") == mtime_ns or source.get("sha256") == _sha256(src)
+    return source.get("mtime_ns") == mtime_ns or source.get("sha256") == sha256_file(src)
 
 
 def packed_cache(
@@ -174,6 +166,7 @@ def packed_cache(
     src = Path(jsonl_path)
     folder = Path(cache_dir) if cache_dir is not None else src.parent
     bin_path = folder / f"{src.stem}.tokens.bin"
+    remove_stale_temporaries(folder)  # what builds killed with -9 left behind
     if not _cache_is_fresh(bin_path, src, tokenizer):
         prepare_tokens(src, tokenizer, bin_path, chunk_size=chunk_size, progress=progress)
     return bin_path
@@ -229,6 +222,11 @@ class PackedDataset(Dataset):
         step = self.max_length - 1
         block_T = torch.from_numpy(self.tokens[i * step : i * step + self.max_length].astype(np.int64))
         return block_T[:-1], block_T[1:], torch.ones(step, dtype=torch.float32)
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed run must train on again: the same token stream, cut into the same blocks."""
+        return {"kind": type(self).__name__, "examples": len(self), "max_length": self.max_length,
+                "sha256": self.header["source"]["sha256"], "tokens": self.n_tokens}
 
     def max_token_id(self) -> int:
         """Largest token id in the cache (a full scan of the memory map)."""

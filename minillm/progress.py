@@ -34,12 +34,11 @@ def read_metrics(path: Path) -> tuple[list[dict], int]:
 
 
 def trim_metrics(path: Path, last_step: int) -> int:
-    """On resume, keep only rows up to the checkpoint's step (and drop torn lines); returns lines dropped."""
-    rows, dropped = read_metrics(path)
-    kept = [r for r in rows if r.get("step", 0) <= last_step]
+    """On resume, keep only rows up to the checkpoint's step (0 when there is none); returns the torn lines dropped."""
+    rows, torn = read_metrics(path)
     if path.is_file():
-        atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
-    return dropped + len(rows) - len(kept)
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= last_step))
+    return torn
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> bool:

@@ -13,7 +13,7 @@ import random
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,10 +23,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from minillm.checkpoint import CHECKPOINT_DIR, Checkpointer, list_checkpoints, save_model
-from minillm.data import check_vocab, example_lengths, group_by_length, trim_padding
+from minillm.data import check_vocab, dataset_identity, example_lengths, group_by_length, trim_padding
 from minillm.distributed import DTYPES, DistEnv, all_reduce_sum, barrier, resolve_device, resolve_dtype
 from minillm.evaluation import evaluate_perplexity
-from minillm.files import remove
+from minillm.files import DirLock, check_writable, remove, remove_stale_temporaries
 from minillm.model import MiniLLM
 from minillm.progress import METRICS_NAME, Progress, plot_metrics, trim_metrics
 from minillm.schedule import cosine_lr
@@ -137,6 +137,7 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.requested = False
+        self.raise_now = False  # set while nothing can be finished gracefully (the final evaluation)
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> StopSignal:
@@ -149,6 +150,8 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+        if self.raise_now:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
@@ -231,21 +234,28 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimiz
     return loss_value, grad_norm, sum(x_BT.numel() for x_BT, _, _ in micro) * world, stop_any
 
 
-def prepare_out_dir(cfg: TrainConfig, env: DistEnv) -> None:
-    """Refuse to mix a new run into an earlier one's out_dir unless --resume or --overwrite says what to do."""
+@contextmanager
+def claim_out_dir(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
+    """Own out_dir for the run: writable (checked now, not at the first checkpoint), locked against a second
+    run, and not mixed into an earlier run's files unless --resume or --overwrite says what to do."""
     out_dir = Path(cfg.out_dir)
-    earlier = list_checkpoints(out_dir)
-    if not cfg.resume and (earlier or (out_dir / METRICS_NAME).exists()):
-        if not cfg.overwrite:
-            what = f"checkpoints up to {earlier[-1].name}" if earlier else METRICS_NAME
-            raise ValueError(f"{out_dir} already holds a run ({what}); continue it with --resume, or start "
-                             "over with --overwrite (deletes its checkpoints and metrics)")
+    check_writable(out_dir, "out_dir")
+    check_writable(out_dir / CHECKPOINT_DIR, "the checkpoint folder")
+    with DirLock(out_dir) if env.is_main else nullcontext():
+        earlier = list_checkpoints(out_dir)
+        if not cfg.resume and (earlier or (out_dir / METRICS_NAME).exists()):
+            if not cfg.overwrite:
+                what = f"checkpoints up to {earlier[-1].name}" if earlier else METRICS_NAME
+                raise ValueError(f"{out_dir} already holds a run ({what}); continue it with --resume, or start "
+                                 "over with --overwrite (deletes its checkpoints and metrics)")
+            if env.is_main:
+                for name in (CHECKPOINT_DIR, METRICS_NAME, "loss.png"):
+                    remove(out_dir / name)
+                (out_dir / CHECKPOINT_DIR).mkdir()
         if env.is_main:
-            for name in (CHECKPOINT_DIR, METRICS_NAME, "loss.png"):
-                remove(out_dir / name)
-    barrier()
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(out_dir / CHECKPOINT_DIR)  # checkpoints a kill -9 cut short
+        barrier()
+        yield
 
 
 def warmup_for(cfg: TrainConfig, total_steps: int, warn: bool) -> int:
@@ -275,7 +285,6 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
     """
     env = env or DistEnv(device=resolve_device(cfg.device))
     check_vocab(dataset, model.config.vocab_size)
-    prepare_out_dir(cfg, env)
     _seed_everything(cfg.seed)
     model.to(env.device)
     amp_dtype = resolve_dtype(cfg.dtype, env.device)
@@ -284,24 +293,20 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
     batches = StepBatches(dataset, cfg, env)
     total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     warmup = warmup_for(cfg, total_steps, warn=env.is_main)
+    identity = {"data": dataset_identity(dataset), "model": model.config.shape()}
     checkpointer = Checkpointer(cfg.out_dir, model, optimizer, scaler, asdict(cfg), env.rank, env.world_size,
-                                cfg.keep_checkpoints, tokenizer)
-    start_step, resumed_from = checkpointer.resume() if cfg.resume else (0, None)
-    if cfg.resume and env.is_main:
-        print(f"resumed from {resumed_from} at step {start_step}" if resumed_from else
-              f"--resume: no checkpoint in {Path(cfg.out_dir) / CHECKPOINT_DIR}, starting from scratch")
-        trim_metrics(Path(cfg.out_dir) / METRICS_NAME, start_step)
-
-    wrapped = torch.compile(model) if cfg.compile else model
-    if env.distributed:
-        wrapped = DDP(wrapped, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    params = [p for p in model.parameters()]
-    progress = Progress(Path(cfg.out_dir), total_steps, start_step, cfg.log_every, env.is_main)
-    result = TrainResult(steps=start_step, start_step=start_step)
-    held_out = lambda: held_out_loss(model, eval_documents, dataset, cfg, env.device, amp_dtype)  # noqa: E731
-    step, bad_in_row = start_step, 0
-    wrapped.train()
-    with StopSignal() as stop:
+                                cfg.keep_checkpoints, tokenizer, identity)
+    with claim_out_dir(cfg, env), StopSignal() as stop:
+        start_step = _resume(checkpointer, cfg, env)
+        wrapped = torch.compile(model) if cfg.compile else model
+        if env.distributed:
+            wrapped = DDP(wrapped, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        params = list(model.parameters())
+        progress = Progress(Path(cfg.out_dir), total_steps, start_step, cfg.log_every, env.is_main)
+        result = TrainResult(steps=start_step, start_step=start_step)
+        held_out = lambda: held_out_loss(model, eval_documents, dataset, cfg, env.device, amp_dtype)  # noqa: E731
+        step, bad_in_row = start_step, 0
+        wrapped.train()
         while step < total_steps and not result.interrupted:
             lr = cosine_lr(step, total_steps, cfg.learning_rate, warmup)
             for group in optimizer.param_groups:
@@ -327,20 +332,40 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
                 progress.held_out(step, held_out())
             if result.interrupted or (cfg.save_every and step % cfg.save_every == 0 and step < total_steps):
                 result.checkpoint = checkpointer.save(step)
-    result.tokens, result.seconds = progress.close()
-    result.steps = step
-    if result.interrupted:
-        progress.note(f"stopped at step {step}; checkpoint saved in {result.checkpoint}. "
-                      "Continue with the same command plus --resume.")
-        return result
-    result.checkpoint = checkpointer.save(step)
-    result.eval_loss = held_out()
-    if env.is_main:
-        progress.held_out(step, result.eval_loss)
-        save_model(model, cfg.out_dir, tokenizer)  # with LoRA: the adapter only
-        if not plot_metrics(progress.path, Path(cfg.out_dir) / "loss.png"):
-            print("(no loss.png: pip install matplotlib, and log at least one step with --log_every)")
+        result.tokens, result.seconds = progress.close()
+        result.steps = step
+        if result.interrupted:
+            return result
+        result.checkpoint = checkpointer.save(step)
+        try:  # the last evaluation cannot stop half-way and resume: a signal abandons it at once
+            stop.raise_now = True
+            result.eval_loss = held_out()
+        except KeyboardInterrupt:
+            result.interrupted = True
+            return result
+        finally:
+            stop.raise_now = False
+        if env.is_main:
+            progress.held_out(step, result.eval_loss)
+            save_model(model, cfg.out_dir, tokenizer)  # with LoRA: the adapter only
+            if not plot_metrics(progress.path, Path(cfg.out_dir) / "loss.png"):
+                print("(no loss.png: pip install matplotlib, and log at least one step with --log_every)")
     return result
+
+
+def _resume(checkpointer: Checkpointer, cfg: TrainConfig, env: DistEnv) -> int:
+    """With --resume: load the newest intact checkpoint and trim metrics.jsonl to it; the step to start from."""
+    if not cfg.resume:
+        return 0
+    start_step, path = checkpointer.resume()
+    if env.is_main:
+        print(f"resumed from {path} at step {start_step}" if path else
+              f"--resume: no intact checkpoint in {Path(cfg.out_dir) / CHECKPOINT_DIR}, starting from scratch")
+        torn = trim_metrics(Path(cfg.out_dir) / METRICS_NAME, start_step)
+        if torn:
+            print(f"note: dropped {torn} unreadable line{'s' * (torn > 1)} of {METRICS_NAME} (cut short by a crash "
+                  "or a full disk)")
+    return start_step
 
 
 def held_out_loss(model: MiniLLM, documents: list[list[int]] | None, dataset: Dataset, cfg: TrainConfig,
