@@ -17,6 +17,7 @@ import torch
 from minillm.chat import ChatSession, ContextError, StreamingAnswer
 from minillm.cli import CliError, add_model_flags, load_trained
 from minillm.distributed import DTYPES, resolve_device, resolve_dtype
+from minillm.generation import check_sampling
 from minillm.model import MiniLLM
 from minillm.tokenizer import DEFAULT_ASSETS
 
@@ -72,25 +73,39 @@ def check_flags(args: argparse.Namespace) -> None:
     """Reject flag values that make no sense, before anything is loaded."""
     if args.max_new_tokens < 1:
         raise CliError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise CliError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.top_k < 0:
         raise CliError(f"--top_k must be >= 0 (0 = off), got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        raise CliError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.repetition_penalty <= 0:
-        raise CliError(f"--repetition_penalty must be > 0 (1 = off), got {args.repetition_penalty}")
+    try:
+        check_sampling(args.temperature, args.top_p, args.repetition_penalty)
+    except ValueError as e:
+        raise CliError(f"--{e}") from None
+    for flag in ("prompt", "system"):
+        bad = not_utf8(getattr(args, flag))
+        if bad:
+            raise CliError(f"--{flag} is not valid UTF-8 text ({bad})")
     if args.raw and args.system is not None:
         raise CliError("--system needs the chat template; it cannot be combined with --raw")
     if args.context is not None and args.context < 2:
         raise CliError(f"--context must be >= 2, got {args.context}")
 
 
+def not_utf8(text: str | None) -> str | None:
+    """Where `text` (argv or stdin, decoded with surrogateescape) holds bytes that are not UTF-8, or None."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text[e.start].encode("utf-8", "surrogateescape")
+        return f"byte 0x{raw.hex()} at character {e.start + 1}"
+    return None
+
+
 class Console:
     """Where text goes: answers to stdout, notices and stats to stderr (dim when stderr is a terminal)."""
 
     def __init__(self) -> None:
-        self.dim = sys.stderr.isatty()
+        self.dim = sys.stderr is not None and sys.stderr.isatty()
 
     def write(self, text: str) -> None:
         sys.stdout.write(text)
@@ -201,6 +216,11 @@ def read_line(interactive: bool) -> str | None:
 
 def chat(gen: Generator, args: argparse.Namespace) -> None:
     """Interactive loop: read a line, stream the answer, keep the history within the context."""
+    if sys.stdin is None or sys.stdin.closed:
+        raise CliError("standard input is closed: give --prompt, or chat from a terminal or a pipe")
+    # A line that is not UTF-8 is reported and skipped instead of ending the chat and losing the history.
+    if hasattr(sys.stdin, "reconfigure"):  # a real text stream (not a StringIO)
+        sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -219,6 +239,10 @@ def chat(gen: Generator, args: argparse.Namespace) -> None:
         if line is None or line.strip() in ("/exit", "/quit"):
             return
         if not line.strip():
+            continue
+        bad = not_utf8(line)
+        if bad:
+            gen.console.note(f"(not sent: the line is not valid UTF-8 text: {bad})")
             continue
         if line.strip() == "/reset":
             session.reset()

@@ -14,7 +14,6 @@ import errno
 import pickle
 import random
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -295,8 +294,10 @@ class Checkpointer:
         except (OSError, RuntimeError) as e:
             if "non-finite" in str(e):
                 raise
-            # torch.save reports a full disk as a RuntimeError from its zip writer, not as ENOSPC.
-            full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(self.out_dir).free < 1 << 20
+            # torch.save reports a full disk as a short write of its zip writer ("unexpected pos ...", "file
+            # write failed"), not as ENOSPC; the temporary is gone by now, so free space proves nothing.
+            full = (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+                    or any(s in str(e) for s in ("unexpected pos", "file write failed", "No space left")))
             reason = "no space left on device" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0])
             kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
             raise RuntimeError(f"{reason} while writing checkpoint step {step} in {self.out_dir / CHECKPOINT_DIR}; "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from minillm.files import read_json, write_json
+
+_REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
 @dataclass
@@ -60,6 +63,13 @@ class LMConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"LMConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("rope_theta", "rms_norm_eps", "dropout", "initializer_range"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"LMConfig.{name} must be a finite number, got {value!r}")
+        for name in ("tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LMConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size})")
@@ -77,9 +87,11 @@ class LMConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.trained_context is not None and (not isinstance(self.trained_context, int) or self.trained_context < 2):
             raise ValueError(f"trained_context must be an integer >= 2 or None, got {self.trained_context!r}")
+        if self.chat_trained not in (None, True, False):
+            raise ValueError(f"chat_trained must be true, false or null, got {self.chat_trained!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
-            if not 0 <= value < self.vocab_size:
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
                 raise ValueError(f"{name} ({value}) must be a valid id below vocab_size ({self.vocab_size})")
 
     @property
@@ -109,12 +121,12 @@ class LMConfig:
 
     def save_json(self, path: str | Path) -> None:
         """Write the fields to a JSON file."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load_json(cls, path: str | Path) -> LMConfig:
         """Read a file written by save_json."""
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        return cls.from_dict(read_json(path))
 
     # --- Hugging Face config.json -------------------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
@@ -155,6 +167,11 @@ class LMConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> LMConfig:
         """Read a Hugging Face Llama or Qwen2 config.json; unsupported variants raise a clear error."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+        missing = [k for k in _REQUIRED_HF_KEYS if k not in d]
+        if missing:
+            raise ValueError(f"missing required key{'s' * (len(missing) > 1)} {', '.join(missing)}")
         model_type = d.get("model_type", "llama")
         if model_type not in ("llama", "qwen2"):
             raise ValueError(f"unsupported model_type {model_type!r}: minillm loads Llama and Qwen2 layouts")
@@ -168,22 +185,22 @@ class LMConfig:
         if model_type == "qwen2" and d.get("use_sliding_window"):
             raise ValueError("Qwen2 sliding-window attention is not supported")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_scaling must be an object such as {{\"rope_type\": \"default\"}}, got {rope!r}")
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise ValueError(f"unsupported rope scaling {rope!r}: only plain RoPE is implemented")
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         heads = d["num_attention_heads"]
-        if d.get("head_dim") not in (None, d["hidden_size"] // heads):
-            raise ValueError(f"head_dim {d['head_dim']} != hidden_size / num_attention_heads is not supported")
 
         def one_id(value: Any, default: int) -> int:
             # eos_token_id may be a list in HF configs; minillm keeps the first.
             if isinstance(value, list):
                 value = value[0] if value else None
-            return default if value is None else int(value)
+            return default if value is None else value
 
-        extra = d.get("minillm", {})
+        extra = d.get("minillm") or {}
         eos = one_id(d.get("eos_token_id"), 0)
-        return cls(
+        config = cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
             num_hidden_layers=d["num_hidden_layers"],
@@ -191,7 +208,7 @@ class LMConfig:
             num_key_value_heads=d.get("num_key_value_heads") or heads,
             intermediate_size=d["intermediate_size"],
             max_position_embeddings=d.get("max_position_embeddings", 2048),
-            rope_theta=float(theta),
+            rope_theta=theta,
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             dropout=extra.get("dropout", d.get("attention_dropout", 0.0)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -203,3 +220,6 @@ class LMConfig:
             trained_context=extra.get("trained_context"),
             chat_trained=extra.get("chat_trained"),
         )
+        if d.get("head_dim") not in (None, config.head_dim):
+            raise ValueError(f"head_dim {d['head_dim']} != hidden_size / num_attention_heads is not supported")
+        return config

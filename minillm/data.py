@@ -30,7 +30,9 @@ __all__ = [
     "check_token_ids",
     "check_vocab",
     "dataset_identity",
+    "check_learnable",
     "example_lengths",
+    "scan_examples",
     "group_by_length",
     "messages_from_record",
     "trim_padding",
@@ -210,13 +212,33 @@ def dataset_identity(dataset: Dataset) -> dict[str, Any]:
     return {"kind": type(dataset).__name__, "examples": len(dataset), "max_length": getattr(dataset, "max_length", None)}
 
 
+def scan_examples(dataset: Dataset) -> tuple[list[int], list[int]]:
+    """Per example (one full pass): positions up to and including its last learned label (1 if none), and
+    the number of learned labels."""
+    lengths, learned = [], []
+    for i in range(len(dataset)):
+        positions = dataset[i][2].nonzero()
+        lengths.append(int(positions[-1]) + 1 if len(positions) else 1)
+        learned.append(len(positions))
+    return lengths, learned
+
+
 def example_lengths(dataset: Dataset) -> list[int]:
     """Per example, the number of positions up to and including its last learned label (one full pass)."""
-    lengths = []
-    for i in range(len(dataset)):
-        learned = dataset[i][2].nonzero()
-        lengths.append(int(learned[-1]) + 1 if len(learned) else 1)
-    return lengths
+    return scan_examples(dataset)[0]
+
+
+def check_learnable(learned: Sequence[int], source: Any, max_length: int | None) -> str | None:
+    """DataError when no example has a label to learn; a warning when most examples have none."""
+    empty = sum(n == 0 for n in learned)
+    within = f" within max_length {max_length}" if max_length else ""
+    if sum(learned) == 0:
+        raise DataError(f"{source}: none of the {len(learned):,} examples has a token to learn{within} (empty "
+                        "texts, or SFT answers all cut off by max_length); training would learn nothing")
+    if empty > len(learned) / 2:
+        return (f"warning: {empty:,} of {len(learned):,} examples ({100 * empty / len(learned):.0f}%) have no token "
+                f"to learn{within} and add nothing to training")
+    return None
 
 
 def group_by_length(order: Sequence[int], lengths: Sequence[int], batch_size: int, window_batches: int = 64,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -37,6 +38,20 @@ def next_token(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int | N
         return logits_BV.argmax(dim=-1)
     logits_BV = _filter_top_k_top_p(logits_BV.float() / temperature, top_k, top_p)
     return torch.multinomial(logits_BV.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+# Below this, logits / temperature overflow float32 for ordinary logits: sampling would be greedy at best.
+MIN_TEMPERATURE = 1e-3
+
+
+def check_sampling(temperature: float, top_p: float | None = None, repetition_penalty: float = 1.0) -> None:
+    """ValueError for sampling values that are not finite or make no sense (one rule for library and CLI)."""
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
+        raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 < repetition_penalty < math.inf:
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty}")
 
 
 @torch.inference_mode()
@@ -91,12 +106,7 @@ def generate(model: MiniLLM, input_ids: torch.Tensor | Sequence[int], max_new_to
     torch.compile: the first call pays the compilation (about 30 s on a 2-core CPU), later calls decode
     faster (bench/RESULTS.md).
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_p, repetition_penalty)
     param = next(model.parameters())
     ids_BT = torch.as_tensor(input_ids, dtype=torch.long, device=param.device)
     if ids_BT.dim() == 1:

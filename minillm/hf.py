@@ -36,6 +36,10 @@ def _fused_parts(config: LMConfig) -> dict[str, list[tuple[str, int]]]:
     }
 
 
+class CheckpointError(ValueError):
+    """Weights that do not fit their config, or that are broken (NaN/inf)."""
+
+
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
@@ -79,12 +83,12 @@ def from_hf_state_dict(hf: Mapping[str, torch.Tensor], config: LMConfig,
                     out[f"layers.{layer}.{module}.{kind}"] = cast(torch.cat([hf[n] for n in names], dim=0))
                     left.difference_update(names)
                 elif len(missing) < len(names):
-                    raise KeyError(f"checkpoint is missing {', '.join(missing)}")
+                    raise CheckpointError(f"checkpoint is missing {', '.join(missing)}")
     has_head = "lm_head.weight" in left
     left.discard("lm_head.weight")
     for name in left:
         if not name.startswith("model."):
-            raise KeyError(f"unexpected tensor {name!r} in checkpoint")
+            raise CheckpointError(f"unexpected tensor {name!r} in checkpoint")
         out[name[len("model."):]] = cast(hf[name])
     if config.tie_word_embeddings:
         if "embed_tokens.weight" in out:
@@ -200,7 +204,14 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
             f.seek(e.offset)
             if e.nbytes and f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != e.nbytes:
                 raise ValueError(f"{e.path}: tensor {name!r} is cut short; is the file truncated?")
+        if out.is_floating_point() and not torch.isfinite(out).all():
+            raise CheckpointError(f"{e.path}: tensor {name!r} holds NaN or infinite values; the weights are "
+                                  "broken (use an earlier checkpoint)")
         return out
+
+    def shapes(self) -> dict[str, list[int]]:
+        """Every tensor's shape, from the headers alone."""
+        return {name: list(e.shape) for name, e in self._entries.items()}
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -209,22 +220,59 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
         return len(self._entries)
 
 
+def check_shapes(config: LMConfig, checkpoint: SafetensorsCheckpoint, source: Path, cls) -> None:
+    """CheckpointError unless the tensors on disk are exactly those `config` describes, names and shapes.
+
+    The vocabulary, width and layer count are compared with the file's header first, so an absurd config
+    (1e5 layers, a 1e12 vocabulary) fails before any model is built.
+    """
+    shapes = checkpoint.shapes()
+    embed = shapes.get("model.embed_tokens.weight")
+    if embed != [config.vocab_size, config.hidden_size]:
+        raise CheckpointError(f"{source}: config.json says vocab_size x hidden_size = {config.vocab_size} x "
+                              f"{config.hidden_size}, but model.embed_tokens.weight is {embed or 'missing'}")
+    layers = {int(m.group(1)) for name in shapes if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    if layers != set(range(config.num_hidden_layers)):
+        raise CheckpointError(f"{source}: config.json says num_hidden_layers {config.num_hidden_layers}, but the "
+                              f"weights hold {len(layers)} layers")
+    with torch.device("meta"):  # names and shapes only: nothing is allocated
+        expected = {k: list(v.shape) for k, v in to_hf_state_dict(cls(config).state_dict(), config).items()}
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    given = {k: v for k, v in shapes.items() if not k.endswith("rotary_emb.inv_freq") and k not in optional}
+    missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    wrong = [f"{k} {given[k]} (expected {expected[k]})" for k in sorted(set(expected) & set(given))
+             if given[k] != expected[k]]
+    if missing or unexpected or wrong:
+        parts = [f"{label}: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
+                 for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                 if names]
+        raise CheckpointError(f"{source}: the weights do not match config.json ({'; '.join(parts)})")
+
+
+def read_config(directory: Path) -> LMConfig:
+    """The LMConfig of a model directory's config.json; ValueError naming the file and the field."""
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is it a model directory?")
+    try:
+        return LMConfig.from_hf_dict(read_json(path))
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
 def load_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None):
     """Build `cls` from a checkpoint directory (see MiniLLM.from_pretrained)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")
-    if not (directory / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is it a model directory?")
-    config = LMConfig.from_hf_dict(json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8")))
-    state = from_hf_state_dict(SafetensorsCheckpoint(directory), config, dtype)
+    config = read_config(directory)
+    checkpoint = SafetensorsCheckpoint(directory)
+    check_shapes(config, checkpoint, directory, cls)
+    state = from_hf_state_dict(checkpoint, config, dtype)
     with torch.device("meta"):  # no time spent initialising weights that are about to be replaced
         model = cls(config)
-    expected, given = set(model.state_dict()), set(state)
-    if expected != given:
-        raise KeyError(f"{directory}: checkpoint does not match the config: missing "
-                       f"{sorted(expected - given)[:8]}, unexpected {sorted(given - expected)[:8]}")
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assign=True broke the tie; restore it
     model._set_rope_tables()

@@ -9,7 +9,6 @@ slice: the adapters are exactly those PEFT puts on transformers' separate q_proj
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from minillm.files import atomic_path, read_json, write_json
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -236,6 +237,8 @@ def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], sou
             if tensors[key].shape != target.shape:
                 raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, "
                                  f"the model expects {tuple(target.shape)}")
+            if not torch.isfinite(tensors[key]).all():
+                raise ValueError(f"{source}: tensor {key!r} holds NaN or infinite values; the adapter is broken")
             target.copy_(tensors[key])
 
 
@@ -273,13 +276,10 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_path: str |
     if base_model_path is not None:
         cfg.base_model_name_or_path = str(base_model_path)
     tensors = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
-    tmp = directory / (ADAPTER_WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(directory / ADAPTER_WEIGHTS_NAME)
+    with atomic_path(directory / ADAPTER_WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     # The config last: a directory with a config is one whose tensors are complete.
-    tmp = directory / (ADAPTER_CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(adapter_config(cfg), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(directory / ADAPTER_CONFIG_NAME)
+    write_json(directory / ADAPTER_CONFIG_NAME, adapter_config(cfg))
 
 
 def read_adapter_config(directory: str | Path) -> LoRAConfig:
@@ -287,10 +287,9 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
     path = Path(directory) / ADAPTER_CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory} has no {ADAPTER_CONFIG_NAME}; is it a LoRA adapter directory?")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    d = read_json(path)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
     if d.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {d.get('peft_type')!r}; only LORA adapters are supported")
     unsupported = {"use_rslora": True, "use_dora": True, "fan_in_fan_out": True}

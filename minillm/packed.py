@@ -173,6 +173,8 @@ def packed_cache(
 
 
 class PackedDataset(Dataset):
+    all_learned = True  # every position is a label: nothing to count up front
+
     """Contiguous, non-overlapping blocks of a packed token cache; every position is learned.
 
     Block i covers tokens [i*(L-1), i*(L-1) + L) with L = max_length: X is its first L-1 tokens and Y

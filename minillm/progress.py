@@ -73,13 +73,24 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> bool:
 class Progress:
     """The bar, the metrics rows and the token throughput of one run; silent on processes other than rank 0."""
 
-    def __init__(self, out_dir: Path, total_steps: int, start_step: int, log_every: int, enabled: bool) -> None:
+    def __init__(self, out_dir: Path, log_every: int, enabled: bool) -> None:
         self.path = Path(out_dir) / METRICS_NAME
         self.log_every, self.enabled = log_every, enabled
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not enabled, dynamic_ncols=True,
-                        desc="train", unit="step")
+        self.bar: tqdm | None = None
         self.tokens = 0  # input positions in the rows logged so far, this session
         self._window_tokens = 0
+        self._t0 = self._t_window = time.perf_counter()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # a message printed after an error starts on a line of its own
+
+    def begin(self, total_steps: int, start_step: int) -> None:
+        """Show the bar, at start_step of total_steps; the clock starts now."""
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.enabled, dynamic_ncols=True,
+                        desc="train", unit="step")
         self._t0 = self._t_window = time.perf_counter()
 
     def log(self, row: dict) -> None:
@@ -91,7 +102,7 @@ class Progress:
     def note(self, message: str) -> None:
         """A line above the bar."""
         if self.enabled:
-            self.bar.write(message)
+            tqdm.write(message)
 
     def step(self, step: int, tokens: int, loss: float, lr: float, **fields: float) -> None:
         """Count one optimizer step of `tokens` input positions; a metrics row every log_every steps."""
@@ -112,8 +123,9 @@ class Progress:
             self.note(f"step {step}: held-out loss {loss:.4f}")
 
     def close(self) -> tuple[int, float]:
-        """Close the bar; (tokens, seconds) of this session."""
-        self.bar.close()
+        """Close the bar (again: a no-op); (tokens, seconds) of this session."""
+        if self.bar is not None:
+            self.bar.close()
         self.tokens += self._window_tokens
         self._window_tokens = 0
         return self.tokens, time.perf_counter() - self._t0

@@ -23,7 +23,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from minillm.checkpoint import CHECKPOINT_DIR, Checkpointer, list_checkpoints, save_model
-from minillm.data import check_vocab, dataset_identity, example_lengths, group_by_length, trim_padding
+from minillm.data import (
+    check_learnable,
+    check_vocab,
+    dataset_identity,
+    example_lengths,
+    group_by_length,
+    scan_examples,
+    trim_padding,
+)
 from minillm.distributed import DTYPES, DistEnv, all_reduce_sum, barrier, resolve_device, resolve_dtype
 from minillm.evaluation import evaluate_perplexity
 from minillm.files import DirLock, check_writable, remove, remove_stale_temporaries
@@ -89,6 +97,9 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("learning_rate", "weight_decay", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.grad_clip < 0 or self.weight_decay < 0:
@@ -162,7 +173,8 @@ class StepBatches:
     """The micro-batches of every optimizer step, in the sampler's order, from any step on (exact resume).
 
     Each epoch is a fresh seeded shuffle split over the processes; with group_by_length, examples of
-    similar length share a batch and all-padding columns are dropped.
+    similar length share a batch and all-padding columns are dropped. Examples that are not all labels
+    (SFT, padded documents) are counted up front: none to learn is an error, mostly none a warning.
     """
 
     def __init__(self, dataset: Dataset, cfg: TrainConfig, env: DistEnv) -> None:
@@ -175,7 +187,14 @@ class StepBatches:
             raise ValueError(f"the dataset has {len(dataset)} examples: too few for one step of {per_step} "
                              f"examples on each of {env.world_size} processes; lower --batch_size or "
                              "--accumulation_steps")
-        self.lengths = example_lengths(dataset) if cfg.group_by_length else None
+        lengths = None
+        if not getattr(dataset, "all_learned", False):  # count the labels up front: fail now, not after the run
+            lengths, learned = scan_examples(dataset)
+            warning = check_learnable(learned, getattr(dataset, "path", type(dataset).__name__),
+                                      getattr(dataset, "max_length", None))
+            if warning and env.is_main:
+                print(warning, file=sys.stderr)
+        self.lengths = (lengths or example_lengths(dataset)) if cfg.group_by_length else None
         self._generator = torch.Generator()  # worker seeds come from here, not the global RNG
         self._epoch: int | None = None
         self._loader: Iterator | None = None
@@ -296,13 +315,14 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
     identity = {"data": dataset_identity(dataset), "model": model.config.shape()}
     checkpointer = Checkpointer(cfg.out_dir, model, optimizer, scaler, asdict(cfg), env.rank, env.world_size,
                                 cfg.keep_checkpoints, tokenizer, identity)
-    with claim_out_dir(cfg, env), StopSignal() as stop:
+    progress = Progress(Path(cfg.out_dir), cfg.log_every, env.is_main)
+    with claim_out_dir(cfg, env), StopSignal() as stop, progress:
         start_step = _resume(checkpointer, cfg, env)
+        progress.begin(total_steps, start_step)
         wrapped = torch.compile(model) if cfg.compile else model
         if env.distributed:
             wrapped = DDP(wrapped, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         params = list(model.parameters())
-        progress = Progress(Path(cfg.out_dir), total_steps, start_step, cfg.log_every, env.is_main)
         result = TrainResult(steps=start_step, start_step=start_step)
         held_out = lambda: held_out_loss(model, eval_documents, dataset, cfg, env.device, amp_dtype)  # noqa: E731
         step, bad_in_row = start_step, 0
@@ -321,7 +341,6 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
             diverging = not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaler.is_enabled())
             bad_in_row = bad_in_row + 1 if diverging else 0
             if bad_in_row >= cfg.max_bad_steps:
-                progress.close()
                 raise RuntimeError(f"step {step}: {bad_in_row} non-finite losses or gradient norms in a row; "
                                    "stopping. Lower --learning_rate or use --dtype bfloat16/float32; the last "
                                    "checkpoint holds finite weights.")

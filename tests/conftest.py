@@ -52,3 +52,45 @@ def late_specials_backend(texts: list[str], specials: list[str], vocab_size: int
     backend.train_from_iterator(texts, trainer=trainer)
     backend.add_special_tokens(specials)
     return backend
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+TINY_ARGS = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4",
+             "--num_key_value_heads", "2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The first 200 poems of the shipped corpus."""
+    path = tmp_path_factory.mktemp("corpus") / "train.jsonl"
+    with open(REPO / "dataset" / "pretrain.jsonl", encoding="utf-8") as f:
+        path.write_text("".join(next(f) for _ in range(200)), encoding="utf-8")
+    return path
+
+
+def run_train_cli(kind: str, *args, capsys) -> tuple[int, str, str]:
+    """train_pretrain.py / train_sft.py in this process, with the script's own stage defaults."""
+    import runpy
+
+    from minillm.cli import main
+
+    defaults = runpy.run_path(str(REPO / f"train_{kind}.py"))["DEFAULTS"]
+    code = main(kind, defaults, [str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_pretrain(out, corpus, *extra, capsys) -> tuple[int, str, str]:
+    """A few steps of a tiny model on `corpus`, logging every step, without held-out data."""
+    return run_train_cli("pretrain", "--data_path", corpus, "--eval_data", "", "--out_dir", out, "--max_length",
+                         "32", "--batch_size", "2", "--log_every", "1", *TINY_ARGS, *extra, capsys=capsys)
+
+
+def load_script(name: str):
+    """A top-level script (generate.py, eval_ppl.py) imported as a module, without running its main()."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py") + "_cli", REPO / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """generate.py and minillm.chat on a tiny model trained for a few steps on the shipped SFT data."""
 
-import importlib.util
 import io
 import os
 import re
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from minillm.chat import REPLACEMENT, ChatSession, ContextError, StreamDecoder, StreamingAnswer, stream_decode
 from minillm.config import LMConfig
@@ -23,14 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SPEED_LINE = re.compile(r"^\[(\d+) tokens in [\d.]+ s, [\d.]+ tokens/s(, cut at --max_new_tokens \d+)?\]$", re.M)
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load_cli()
+cli = load_script("generate.py")
 
 
 @pytest.fixture(scope="module", autouse=True)

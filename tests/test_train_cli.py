@@ -2,7 +2,6 @@
 
 import json
 import os
-import runpy
 import signal
 import subprocess
 import sys
@@ -10,36 +9,20 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TINY_ARGS, run_train_cli, tiny_pretrain
 
 from minillm.checkpoint import latest_checkpoint, list_checkpoints
 from minillm.cli import EXIT_INTERRUPTED
-from minillm.cli import main as cli_main
 from minillm.config import LMConfig
 from minillm.model import MiniLLM
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4",
-        "--num_key_value_heads", "2"]
+
+def run(kind, *args, capsys):
+    return run_train_cli(kind, *args, capsys=capsys)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "train.jsonl"
-    with open(REPO / "dataset" / "pretrain.jsonl", encoding="utf-8") as f:
-        path.write_text("".join(next(f) for _ in range(200)), encoding="utf-8")
-    return path
-
-
-def run(kind: str, *args, capsys) -> tuple[int, str, str]:
-    defaults = runpy.run_path(str(REPO / f"train_{kind}.py"))["DEFAULTS"]
-    code = cli_main(kind, defaults, [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def pretrain(out: Path, corpus: Path, *extra, capsys) -> tuple[int, str, str]:
-    return run("pretrain", "--data_path", corpus, "--eval_data", "", "--out_dir", out, "--max_length", "32",
-               "--batch_size", "2", "--log_every", "1", *TINY, *extra, capsys=capsys)
+def pretrain(out, corpus, *extra, capsys):
+    return tiny_pretrain(out, corpus, *extra, capsys=capsys)
 
 
 def metric_steps(out: Path) -> list[int]:
@@ -73,7 +56,7 @@ def test_launcher_turns_torchrun_interrupt_into_one_line_and_status_3(tmp_path, 
     out = tmp_path / "run"
     args = [sys.executable, "-m", "minillm.launch", "--standalone", "--nproc_per_node=1",
             str(REPO / "train_pretrain.py"), "--data_path", str(corpus), "--eval_data", "", "--out_dir", str(out),
-            "--max_length", "32", "--batch_size", "2", "--max_steps", "100000", "--save_every", "0", *TINY]
+            "--max_length", "32", "--batch_size", "2", "--max_steps", "100000", "--save_every", "0", *TINY_ARGS]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
@@ -87,7 +70,7 @@ def test_launcher_turns_torchrun_interrupt_into_one_line_and_status_3(tmp_path, 
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": 3}\n', encoding="utf-8")
-    failed = subprocess.run([*args[:6], "--data_path", str(bad), "--out_dir", str(tmp_path / "o"), *TINY],
+    failed = subprocess.run([*args[:6], "--data_path", str(bad), "--out_dir", str(tmp_path / "o"), *TINY_ARGS],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert f"{bad}:1" in failed.stderr and "minillm.launch: worker 0 exited with status 1" in failed.stderr
