@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 
+from minillm.checkpoint import CHECKPOINT_DIR
 from minillm.config import LMConfig
 from minillm.data import DataError, PretrainDataset, SFTDataset, check_vocab
 from minillm.distributed import barrier, setup_distributed, teardown_distributed
 from minillm.evaluation import read_documents
+from minillm.files import check_writable
 from minillm.lora import DEFAULT_TARGETS, apply_lora, load_adapter, merge_lora, parameter_counts
 from minillm.model import MiniLLM
 from minillm.packed import PackedDataset, packed_cache
@@ -204,6 +206,9 @@ def _build_dataset(kind: str, args, tokenizer: Tokenizer, is_main: bool):
 
 
 def _run(kind: str, args, cfg: TrainConfig, env) -> tuple[TrainResult, MiniLLM, Tokenizer]:
+    # An unwritable out_dir fails now, before minutes of loading and tokenizing (train() checks again).
+    check_writable(Path(cfg.out_dir), "out_dir")
+    check_writable(Path(cfg.out_dir) / CHECKPOINT_DIR, "the checkpoint folder")
     tokenizer = _load_tokenizer(args)
     if args.merge and not args.lora:
         raise CliError("--merge only applies with --lora")
