@@ -147,12 +147,19 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
 
 
 def check_writable(folder: Path, what: str) -> None:
-    """Create `folder` if needed and write a probe file in it; OSError naming `what` when that fails."""
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"{what} {folder} is a file, not a folder")
+    """OSError naming `what` unless `folder` could be created and written; creates nothing.
+
+    The probe file goes into `folder`, or into its nearest existing ancestor when it does not exist yet.
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == folder else f": {existing}"
+        raise NotADirectoryError(f"{what} {folder}{where} is a file, not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = tmp_name(folder / ".write-probe")
+        probe = tmp_name(existing / ".write-probe")
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:

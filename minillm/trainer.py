@@ -260,6 +260,8 @@ def claim_out_dir(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
     out_dir = Path(cfg.out_dir)
     check_writable(out_dir, "out_dir")
     check_writable(out_dir / CHECKPOINT_DIR, "the checkpoint folder")
+    if env.is_main:
+        (out_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     with DirLock(out_dir) if env.is_main else nullcontext():
         earlier = list_checkpoints(out_dir)
         if not cfg.resume and (earlier or (out_dir / METRICS_NAME).exists()):
