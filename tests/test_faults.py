@@ -162,7 +162,7 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, corpus, capsys, dama
 
 
 def test_sigkill_at_random_moments_always_resumes_bit_identically(tmp_path, corpus):
-    """10 kills at random times, many of them inside a checkpoint write (one is written every step)."""
+    """10 kills: 5 at random times, 5 inside a checkpoint write (the moment its temporary folder appears)."""
     args = ["--data_path", corpus, "--eval_data", "", "--max_length", "32", "--batch_size", "2", "--max_steps", "12",
             "--save_every", "1", "--keep_checkpoints", "2", "--log_every", "1", *TINY_ARGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -175,10 +175,17 @@ def test_sigkill_at_random_moments_always_resumes_bit_identically(tmp_path, corp
         proc = subprocess.Popen([sys.executable, str(REPO / "train_pretrain.py"), *map(str, args), "--out_dir",
                                  str(out)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         while not (out / "metrics.jsonl").exists() and proc.poll() is None:  # past the start-up
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.6))
+            time.sleep(0.001)
+        if trial % 2:
+            deadline = time.time() + 60
+            while not list((out / "checkpoints").glob("*.tmp")) and time.time() < deadline:
+                time.sleep(0.0005)
+        else:
+            time.sleep(rng.uniform(0, 0.6))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        if trial % 2:  # the kill cut a checkpoint write short: its temporary is still there
+            assert list((out / "checkpoints").glob("*.tmp")), f"trial {trial}: no write was under way"
         done = script("train_pretrain.py", *args, "--out_dir", out, "--resume", env=env)
         assert done.returncode == 0, done.stderr
         got = load_file(out / "model.safetensors")
