@@ -77,12 +77,8 @@ class TrainState:
     """GradScaler.state_dict() (float16 loss scaling; empty when disabled)."""
     rng: list
     """rng_state() of every process, by rank: dropout and data-loader draws continue where they were."""
-    batch_size: int
-    """Sequences per micro-batch per process; with the next two it fixes the data order."""
-    accumulation_steps: int
-    """Micro-batches per optimizer step."""
     world_size: int
-    """Number of processes."""
+    """Number of processes; with train_config's batch_size and accumulation_steps it fixes the data order."""
     train_config: dict
     """The whole TrainConfig of the run that wrote the checkpoint."""
     lora_base: str | None = None
@@ -117,17 +113,31 @@ def save_model(model: torch.nn.Module, directory: str | Path, tokenizer=None) ->
 
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, state: TrainState,
                     keep: int = 2, tokenizer=None) -> Path:
-    """Write model weights and training state for `step`, then keep only the newest `keep` checkpoints."""
+    """Write model weights and training state for `step`, then keep only the newest `keep` checkpoints.
+
+    A failed write (a full disk) removes what it wrote and raises one RuntimeError naming the step and the
+    intact previous checkpoint.
+    """
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise RuntimeError(f"refusing to checkpoint non-finite weights ({name})")
     final = Path(out_dir) / CHECKPOINT_DIR / f"step_{step:08d}"
     final.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(final) as tmp:
-        save_model(model, tmp, tokenizer)
-        torch.save(state.to_dict(), tmp / STATE_NAME)
-        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
-        write_json(tmp / MANIFEST_NAME, {"step": step, "files": files})  # last: it vouches for the rest
+    try:
+        with atomic_path(final) as tmp:
+            save_model(model, tmp, tokenizer)
+            torch.save(state.to_dict(), tmp / STATE_NAME)
+            files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
+            write_json(tmp / MANIFEST_NAME, {"step": step, "files": files})  # last: it vouches for the rest
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a full disk as a short write of its zip writer ("unexpected pos ...", "file
+        # write failed"), not as ENOSPC; the temporary is gone by now, so free space proves nothing.
+        full = (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+                or any(s in str(e) for s in ("unexpected pos", "file write failed", "No space left")))
+        reason = "no space left on device" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0])
+        previous = latest_checkpoint(out_dir)
+        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+        raise RuntimeError(f"{reason} while writing checkpoint step {step} in {final.parent}; {kept}") from None
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         delete_checkpoint(old)
     return final
@@ -252,9 +262,8 @@ class Checkpointer:
             rngs = [None] * self.world_size
             dist.all_gather_object(rngs, rng_state())
         return TrainState(step=step, optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                          rng=rngs, batch_size=self.train_config["batch_size"],
-                          accumulation_steps=self.train_config["accumulation_steps"], world_size=self.world_size,
-                          train_config=self.train_config, lora_base=self.lora_base, identity=self.identity)
+                          rng=rngs, world_size=self.world_size, train_config=self.train_config,
+                          lora_base=self.lora_base, identity=self.identity)
 
     def check_compatible(self, state: TrainState, source: Path) -> None:
         """Refuse a resume that would not continue the same run; note the settings it may change."""
@@ -288,20 +297,7 @@ class Checkpointer:
         state = self.capture(step)
         if self.rank != 0:
             return None
-        previous = latest_checkpoint(self.out_dir)
-        try:
-            return save_checkpoint(self.out_dir, step, self.model, state, keep=self.keep, tokenizer=self.tokenizer)
-        except (OSError, RuntimeError) as e:
-            if "non-finite" in str(e):
-                raise
-            # torch.save reports a full disk as a short write of its zip writer ("unexpected pos ...", "file
-            # write failed"), not as ENOSPC; the temporary is gone by now, so free space proves nothing.
-            full = (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-                    or any(s in str(e) for s in ("unexpected pos", "file write failed", "No space left")))
-            reason = "no space left on device" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0])
-            kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-            raise RuntimeError(f"{reason} while writing checkpoint step {step} in {self.out_dir / CHECKPOINT_DIR}; "
-                               f"{kept}") from None
+        return save_checkpoint(self.out_dir, step, self.model, state, keep=self.keep, tokenizer=self.tokenizer)
 
     def resume(self) -> tuple[int, Path | None]:
         """Load the newest intact checkpoint into the model and the training state; (its step, its path).

@@ -205,7 +205,7 @@ def _build_dataset(kind: str, args, tokenizer: Tokenizer, is_main: bool):
     return dataset
 
 
-def _run(kind: str, args, cfg: TrainConfig, env) -> tuple[TrainResult, MiniLLM, Tokenizer]:
+def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
     # An unwritable out_dir fails now, before minutes of loading and tokenizing (train() checks again).
     check_writable(Path(cfg.out_dir), "out_dir")
     check_writable(Path(cfg.out_dir) / CHECKPOINT_DIR, "the checkpoint folder")
@@ -232,7 +232,7 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> tuple[TrainResult, MiniLLM, 
     result = train(model, dataset, cfg, eval_documents=eval_docs, tokenizer=tokenizer, env=env)
     if args.merge and env.is_main and not result.interrupted:
         merge_lora(model).save_pretrained(Path(cfg.out_dir) / "merged", tokenizer=tokenizer)
-    return result, model, tokenizer
+    return result
 
 
 def summary(args, cfg: TrainConfig, result: TrainResult) -> str:
@@ -262,7 +262,7 @@ def main(kind: str, defaults: dict, argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        result, _, _ = _run(kind, args, cfg, env)
+        result = _run(kind, args, cfg, env)
     except (CliError, OSError, DataError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -261,7 +261,7 @@ def claim_out_dir(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
     check_writable(out_dir, "out_dir")
     check_writable(out_dir / CHECKPOINT_DIR, "the checkpoint folder")
     if env.is_main:
-        (out_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
     with DirLock(out_dir) if env.is_main else nullcontext():
         earlier = list_checkpoints(out_dir)
         if not cfg.resume and (earlier or (out_dir / METRICS_NAME).exists()):
@@ -272,8 +272,8 @@ def claim_out_dir(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
             if env.is_main:
                 for name in (CHECKPOINT_DIR, METRICS_NAME, "loss.png"):
                     remove(out_dir / name)
-                (out_dir / CHECKPOINT_DIR).mkdir()
         if env.is_main:
+            (out_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
             remove_stale_temporaries(out_dir / CHECKPOINT_DIR)  # checkpoints a kill -9 cut short
         barrier()
         yield
