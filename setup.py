@@ -12,7 +12,9 @@ setup(
     include_package_data=True,
     install_requires=["torch>=2.1", "tokenizers>=0.15", "numpy", "tqdm", "safetensors"],
     extras_require={
-        "dev": ["pytest", "transformers>=4.45", "peft", "ruff", "matplotlib"],
+        "serve": ["starlette>=0.40", "uvicorn>=0.30"],
+        "dev": ["pytest", "transformers>=4.45", "peft", "ruff", "matplotlib",
+                "starlette>=0.40", "uvicorn>=0.30", "openai>=1.40", "httpx", "selenium>=4.20"],
         "plot": ["matplotlib"],
     },
 )

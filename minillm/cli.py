@@ -273,13 +273,14 @@ def main(kind: str, defaults: dict, argv: list[str] | None = None) -> int:
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
-# --- eval_ppl.py and generate.py: a trained model, an optional LoRA adapter, its tokenizer ----------------
+# --- eval_ppl.py, generate.py, serve.py: a trained model, an optional LoRA adapter, its tokenizer ----------------
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """--model, --adapter and --tokenizer, as the scripts that use a trained model take them."""
-    p.add_argument("--model", required=True,
+def add_model_flags(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--model (required unless given a default), --adapter and --tokenizer, for scripts that use a trained model."""
+    p.add_argument("--model", required=default is None, default=default,
                    help="model directory (config.json + model.safetensors) as written by train_pretrain.py / "
-                        "train_sft.py, or any Hugging Face Llama/Qwen2 checkpoint MiniLLM.from_pretrained loads")
+                        "train_sft.py, or any Hugging Face Llama/Qwen2 checkpoint MiniLLM.from_pretrained loads"
+                        + ("" if default is None else f" (default: {default})"))
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter directory (adapter_config.json + adapter_model.safetensors, PEFT layout, "
                         "as train_*.py --lora writes) applied on top of --model")

@@ -68,6 +68,21 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0  # number of positions already filled
 
+    @classmethod
+    def over(cls, k: list[torch.Tensor], v: list[torch.Tensor]) -> KVCache:
+        """An empty cache writing into existing per-layer buffers (e.g. one slot of a SlotKVCache)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_len, cache.pos = k, v, k[0].shape[2], 0
+        return cache
+
+    def rope_index(self, T: int) -> slice:
+        """Positions of the next T tokens, as an index into the RoPE tables."""
+        return slice(self.pos, self.pos + T)
+
+    def advance(self, T: int) -> None:
+        """Count T more filled positions (after every layer has written them)."""
+        self.pos += T
+
     def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values after the cached ones; return all of them so far."""
         end = self.pos + k_BKTD.shape[2]
@@ -76,6 +91,71 @@ class KVCache:
         self.k[layer][:, :, self.pos:end] = k_BKTD
         self.v[layer][:, :, self.pos:end] = v_BKTD
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class SlotKVCache:
+    """KV buffers for a server's batch: B slots, each holding one sequence at its own length.
+
+    A decode step feeds one token per slot. Each slot writes at its own position and attends over its own
+    length only, row by row, so a sequence's arithmetic is the same whatever shares the batch; idle slots
+    (`active` False) compute nothing in attention and their outputs are ignored.
+    """
+
+    def __init__(self, config: LMConfig, slots: int, max_len: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        self.cache = KVCache(config, slots, max_len, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.lengths = [0] * slots  # filled positions per slot
+        self.active = [False] * slots
+
+    def slot(self, b: int) -> KVCache:
+        """A batch-of-one cache over slot b's buffers, empty, for prefilling a new sequence there."""
+        self.lengths[b] = 0
+        return KVCache.over([k[b:b + 1] for k in self.cache.k], [v[b:b + 1] for v in self.cache.v])
+
+    def rope_index(self, T: int) -> torch.Tensor:
+        """Each slot's position for its one new token, [B, 1]."""
+        if T != 1:
+            raise ValueError(f"a SlotKVCache decodes one token per slot, got {T}")
+        return torch.tensor(self.lengths, device=self.cache.k[0].device)[:, None]
+
+    def advance(self, T: int) -> None:
+        """Count the token each active slot has just written."""
+        for b, on in enumerate(self.active):
+            self.lengths[b] += on
+
+    def attend(self, layer: int, q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> torch.Tensor:
+        """Write each slot's new key/value at its position; attention output [B, H, 1, D] row by row."""
+        B = q_BHTD.shape[0]
+        if max(self.lengths) >= self.max_len:
+            raise ValueError(f"KV cache is full: a slot needs position {max(self.lengths)}, "
+                             f"{self.max_len} allocated")
+        rows = torch.arange(B, device=q_BHTD.device)
+        pos_B = torch.tensor(self.lengths, device=q_BHTD.device)
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        k_cache[rows, :, pos_B] = k_BKTD[:, :, 0]
+        v_cache[rows, :, pos_B] = v_BKTD[:, :, 0]
+        out = []
+        for b in range(B):
+            if not self.active[b]:
+                out.append(torch.zeros_like(q_BHTD[b:b + 1]))
+                continue
+            S = self.lengths[b] + 1
+            out.append(decode_attention(q_BHTD[b:b + 1], k_cache[b:b + 1, :, :S], v_cache[b:b + 1, :, :S]))
+        return torch.cat(out)
+
+
+def decode_attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor) -> torch.Tensor:
+    """One query per head over every cached key: two small matmuls, [B, H, 1, D].
+
+    SDPA's flash kernel splits this tiny job across threads and loses (bench/RESULTS.md).
+    """
+    B, H, _, D = q_BHTD.shape
+    K = k_BKSD.shape[1]
+    G = H // K  # query heads per KV head; head h reads KV head h // G, as in enable_gqa
+    scores_BKGS = q_BHTD.reshape(B, K, G, D) @ k_BKSD.transpose(-1, -2) * D**-0.5
+    probs_BKGS = scores_BKGS.softmax(-1, dtype=torch.float32).to(v_BKSD.dtype)
+    return (probs_BKGS @ v_BKSD).reshape(B, H, 1, D)
 
 
 class Attention(nn.Module):
@@ -92,7 +172,7 @@ class Attention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x_BTC: torch.Tensor, cos_T1D: torch.Tensor, sin_T1D: torch.Tensor,
-                kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                kv_cache: KVCache | SlotKVCache | None = None, layer: int = 0) -> torch.Tensor:
         """Attend causally over the cached and the new positions."""
         B, T, _ = x_BTC.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -102,17 +182,15 @@ class Attention(nn.Module):
         q_BHTD = qk_BTND[:, :, :H].transpose(1, 2)
         k_BKTD = qk_BTND[:, :, H:].transpose(1, 2)
         v_BKTD = qkv_BTND[:, :, H + K:].transpose(1, 2)
+        if isinstance(kv_cache, SlotKVCache):
+            y_BHTD = kv_cache.attend(layer, q_BHTD, k_BKTD, v_BKTD)
+            return self.o_proj(y_BHTD.transpose(1, 2).reshape(B, T, H * D))
         past = 0
         if kv_cache is not None:
             past = kv_cache.pos
             k_BKTD, v_BKTD = kv_cache.update(layer, k_BKTD, v_BKTD)
         if T == 1 and not (self.training and self.dropout):
-            # Decoding: one query per head sees every cached key. Two small matmuls beat SDPA's flash
-            # kernel here, which splits this tiny job across threads (bench/RESULTS.md).
-            G = H // K  # query heads per KV head; head h reads KV head h // G, as in enable_gqa
-            scores_BKGS = q_BHTD.reshape(B, K, G, D) @ k_BKTD.transpose(-1, -2) * D**-0.5
-            probs_BKGS = scores_BKGS.softmax(-1, dtype=torch.float32).to(v_BKTD.dtype)
-            y_BHTD = (probs_BKGS @ v_BKTD).reshape(B, H, 1, D)
+            y_BHTD = decode_attention(q_BHTD, k_BKTD, v_BKTD)
             return self.o_proj(y_BHTD.transpose(1, 2).reshape(B, T, H * D))
         if T == 1:
             mask, causal = None, False  # one new query sees every cached key
@@ -156,7 +234,7 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x_BTC: torch.Tensor, cos_T1D: torch.Tensor, sin_T1D: torch.Tensor,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
         """One transformer layer."""
         x_BTC = x_BTC + self.resid_dropout(
             self.self_attn(self.input_layernorm(x_BTC), cos_T1D, sin_T1D, kv_cache, self.layer))
@@ -234,20 +312,23 @@ class MiniLLM(nn.Module):
         return n
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> ModelOutput:
+                loss_mask: torch.Tensor | None = None, kv_cache: KVCache | SlotKVCache | None = None
+                ) -> ModelOutput:
         """Logits for every position and, given already-shifted labels, the masked mean cross-entropy."""
         B, T = input_ids.shape
-        past = kv_cache.pos if kv_cache is not None else 0
+        past = kv_cache.pos if isinstance(kv_cache, KVCache) else 0
         if past + T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {past + T} positions exceeds max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
         x_BTC = self.dropout(self.embed_tokens(input_ids))
-        cos_T1D = self.rope_cos[past:past + T, None].to(x_BTC.dtype)  # broadcast over heads
-        sin_T1D = self.rope_sin[past:past + T, None].to(x_BTC.dtype)
+        # Positions [T] (or [B, 1] for a SlotKVCache) -> cos/sin [T, 1, D] ([B, 1, 1, D]), broadcast over heads.
+        index = kv_cache.rope_index(T) if kv_cache is not None else slice(0, T)
+        cos_T1D = self.rope_cos[index][..., None, :].to(x_BTC.dtype)
+        sin_T1D = self.rope_sin[index][..., None, :].to(x_BTC.dtype)
         for block in self.layers:
             x_BTC = block(x_BTC, cos_T1D, sin_T1D, kv_cache)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
         logits_BTV = self.lm_head(self.norm(x_BTC))
         loss = None
         if labels is not None:

@@ -94,3 +94,67 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_dir(tmp_path_factory, tokenizer):
+    """A 2-layer chat model fitted for 40 steps to 16 SFT examples, so that it writes real characters."""
+    from minillm.data import SFTDataset
+
+    torch.manual_seed(0)
+    config = LMConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256)
+    model = MiniLLM(config)
+    data = SFTDataset(REPO / "dataset" / "sft.jsonl", tokenizer, max_length=96)
+    X, Y, mask = (torch.stack(t) for t in zip(*(data[i] for i in range(16))))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(40):
+        rows = torch.arange(8) + 8 * (step % 2)
+        loss = model(X[rows], labels=Y[rows], loss_mask=mask[rows]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    directory = tmp_path_factory.mktemp("tiny_sft")
+    model.save_pretrained(directory, tokenizer=tokenizer)
+    return directory
+
+
+class LiveServer:
+    """serve.py's app on 127.0.0.1 in a background thread: .url, .scheduler, .tokenizer, .model."""
+
+    def __init__(self, model_dir, max_batch: int = 16, context: int | None = None, max_waiting: int = 256,
+                 api_key: str | None = None, max_body_bytes: int = 1 << 20):
+        import socket
+        import threading
+
+        import uvicorn
+
+        from minillm.server import ServerConfig, create_app
+        from minillm.serving import Scheduler
+
+        self.model = MiniLLM.from_pretrained(model_dir).eval()
+        self.tokenizer = load_tokenizer(model_dir)
+        self.scheduler = Scheduler(self.model, max_batch, context or self.model.config.max_position_embeddings,
+                                   max_waiting)
+        app = create_app(self.scheduler, self.tokenizer, ServerConfig("tiny", api_key, max_body_bytes))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -13,8 +13,6 @@ import torch
 from conftest import load_script
 
 from minillm.chat import REPLACEMENT, ChatSession, ContextError, StreamDecoder, StreamingAnswer, stream_decode
-from minillm.config import LMConfig
-from minillm.data import SFTDataset
 from minillm.generation import generate
 from minillm.model import MiniLLM
 from minillm.tokenizer import load_tokenizer
@@ -41,24 +39,8 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tok):
-    """A 2-layer model fitted for 40 steps to 16 SFT examples, so that it writes real characters."""
-    torch.manual_seed(0)
-    config = LMConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256)
-    model = MiniLLM(config)
-    data = SFTDataset(ROOT / "dataset" / "sft.jsonl", tok, max_length=96)
-    X, Y, mask = (torch.stack(t) for t in zip(*(data[i] for i in range(16))))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(40):
-        rows = torch.arange(8) + 8 * (step % 2)
-        loss = model(X[rows], labels=Y[rows], loss_mask=mask[rows]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    directory = tmp_path_factory.mktemp("tiny_sft")
-    model.save_pretrained(directory, tokenizer=tok)
-    return directory
+def model_dir(tiny_sft_dir):
+    return tiny_sft_dir
 
 
 @pytest.fixture(scope="module")

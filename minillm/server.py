@@ -1,0 +1,247 @@
+"""HTTP front of the scheduler: OpenAI-compatible routes, server-sent events, and the chat page.
+
+    GET  /                     the chat page (minillm/assets/chat.html; no network, no CDN)
+    GET  /health               {"status": "ok", "running": ..., "waiting": ...}
+    GET  /v1/models            the one served model
+    POST /v1/chat/completions  ChatML conversations (messages), streamed or not
+    POST /v1/completions       raw text continuation
+
+Starlette (with uvicorn) rather than FastAPI: the request bodies are validated by openai_api.py into
+OpenAI's own error shape, so a pydantic layer would add a dependency and a second error format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from minillm.openai_api import (
+    ApiError,
+    CompletionSpec,
+    choice,
+    model_list,
+    new_id,
+    parse_request,
+    reply,
+    usage,
+)
+from minillm.serving import GenerationRequest, QueueFull, Scheduler, TextStream
+from minillm.tokenizer import Tokenizer
+
+PAGE = Path(__file__).resolve().parent / "assets" / "chat.html"
+
+
+@dataclass
+class ServerConfig:
+    """What the HTTP layer needs besides the scheduler."""
+
+    model_name: str
+    """The id in /v1/models; requests naming another model get 404."""
+    api_key: str | None = None
+    """When set, /v1 routes need `Authorization: Bearer <api_key>`."""
+    max_body_bytes: int = 1 << 20
+    """Larger request bodies get 413."""
+
+
+class Choices:
+    """The choices of one request in flight: their scheduler requests, text streams and one event queue."""
+
+    def __init__(self, spec: CompletionSpec, tokenizer: Tokenizer, loop: asyncio.AbstractEventLoop) -> None:
+        self.events: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
+        stop_ids = (tokenizer.eos_id, tokenizer.im_end_id)
+        self.requests, self.texts, self.prompt_len = [], [], []
+        for prompt in spec.prompts:
+            for _ in range(spec.n):
+                i = len(self.requests)
+
+                def emit(token: int | None, i: int = i) -> None:  # scheduler thread -> event loop
+                    loop.call_soon_threadsafe(self.events.put_nowait, (i, token))
+
+                self.requests.append(GenerationRequest(prompt, spec.max_tokens, spec.choice_sampling(i % spec.n),
+                                                       stop_ids, emit))
+                self.texts.append(TextStream(tokenizer, spec.stop))
+                self.prompt_len.append(len(prompt))
+        self.open = len(self.requests)
+        self.counted = [0] * len(self.requests)  # tokens of each choice up to where its text ended
+
+    async def next(self) -> tuple[int, str, str | None]:
+        """(choice index, new text, finish reason or None) for the next event of any choice."""
+        i, token = await self.events.get()
+        text, r = self.texts[i], self.requests[i]
+        if token is not None:
+            if text.stopped:  # tokens decoded after the stop string, before the slot was freed
+                return i, "", None
+            self.counted[i] += 1
+            piece = text.push(token)
+            if text.stopped:
+                r.cancel()  # a stop string: the text is complete, free the slot at the next step
+                return i, piece + text.finish(), "stop"
+            return i, piece, None
+        self.open -= 1
+        self.counted[i] += r.finish_reason == "stop" and not text.stopped  # the end-of-turn id produced
+        if r.finish_reason == "error":
+            raise ApiError(500, f"generation failed: {r.error}", kind="server_error")
+        if text.stopped:  # already reported when the stop string was found
+            return i, "", None
+        return i, text.finish(), "stop" if r.finish_reason == "stop" else "length"
+
+    def usage(self, spec: CompletionSpec) -> dict[str, int]:
+        """Prompt tokens (each prompt once) and the tokens generated for the text of all choices.
+
+        A choice counts its tokens up to the end of its text: the end-of-turn id when it stopped on one,
+        the token that completed a stop string when it stopped on that.
+        """
+        return usage(sum(self.prompt_len[::spec.n]), sum(self.counted))
+
+    def cancel(self) -> None:
+        """Stop every choice (a client that went away)."""
+        for r in self.requests:
+            r.cancel()
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    """An ApiError as an OpenAI-style JSON error."""
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def sse(obj: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig) -> Starlette:
+    """The ASGI application serving `scheduler`'s model (the scheduler starts and stops with the app)."""
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        scheduler.start()
+        yield
+        scheduler.stop()
+
+    def authorize(request: Request) -> None:
+        if config.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+            raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    async def read_json(request: Request) -> object:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
+            raise ApiError(413, f"the request body is {declared} bytes; the limit is {config.max_body_bytes}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > config.max_body_bytes:
+                raise ApiError(413, f"the request body exceeds the limit of {config.max_body_bytes} bytes")
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+    async def complete(request: Request, chat: bool) -> Response:
+        try:
+            authorize(request)
+            spec = parse_request(await read_json(request), chat, tokenizer, scheduler.context, config.model_name)
+            choices = Choices(spec, tokenizer, asyncio.get_running_loop())
+            try:
+                scheduler.submit(choices.requests)
+            except QueueFull as e:
+                raise ApiError(503, f"the server is busy: {e}; retry shortly", code="server_busy",
+                               kind="server_error", headers={"Retry-After": "1"}) from None
+        except ApiError as e:
+            return error_response(e)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        rid = new_id(chat)
+        if spec.stream:
+            return StreamingResponse(stream(spec, choices, rid), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await whole(request, spec, choices, rid)
+
+    async def whole(request: Request, spec: CompletionSpec, choices: Choices, rid: str) -> Response:
+        texts = [""] * len(choices.requests)
+        reasons: list[str | None] = [None] * len(choices.requests)
+
+        async def watch() -> None:  # a client that hangs up frees its slots
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.25)
+            choices.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            while choices.open:
+                i, piece, reason = await choices.next()
+                texts[i] += piece
+                reasons[i] = reason or reasons[i]
+        except ApiError as e:
+            return error_response(e)
+        finally:
+            watcher.cancel()
+        out = [choice(spec.chat, i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))]
+        return JSONResponse(reply(spec, rid, config.model_name, out, choices.usage(spec)))
+
+    async def stream(spec: CompletionSpec, choices: Choices, rid: str) -> AsyncIterator[str]:
+        try:
+            if spec.chat:
+                first = [choice(True, i, "", None, delta=True, first=True) for i in range(len(choices.requests))]
+                yield sse(reply(spec, rid, config.model_name, first, None, chunk=True))
+            while choices.open:
+                try:
+                    i, piece, reason = await choices.next()
+                except ApiError as e:
+                    yield sse(e.body())
+                    return
+                if piece or reason:
+                    out = [choice(spec.chat, i, piece, reason, delta=True)]
+                    yield sse(reply(spec, rid, config.model_name, out, None, chunk=True))
+            if spec.include_usage:
+                yield sse(reply(spec, rid, config.model_name, [], choices.usage(spec), chunk=True))
+            yield sse("[DONE]")
+        finally:  # normal end, or the client went away (the task is cancelled): free the slots
+            choices.cancel()
+
+    async def chat_completions(request: Request) -> Response:
+        return await complete(request, chat=True)
+
+    async def completions(request: Request) -> Response:
+        return await complete(request, chat=False)
+
+    async def models(request: Request) -> Response:
+        try:
+            authorize(request)
+        except ApiError as e:
+            return error_response(e)
+        return JSONResponse(model_list(config.model_name, created))
+
+    async def health(request: Request) -> Response:
+        running, waiting = scheduler.load()
+        return JSONResponse({"status": "ok", "model": config.model_name, "running": running, "waiting": waiting})
+
+    async def page(request: Request) -> Response:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
+
+    app = Starlette(
+        routes=[Route("/", page), Route("/health", health), Route("/v1/models", models),
+                Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+                Route("/v1/completions", completions, methods=["POST"])],
+        exception_handlers={HTTPException: http_error},
+        lifespan=lifespan)
+    return app

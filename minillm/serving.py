@@ -1,0 +1,283 @@
+"""Continuous batching: sequences in, tokens out, many sequences sharing each decode step.
+
+A `Scheduler` owns the model on one background thread. Between decode steps it retires finished or
+cancelled sequences and admits waiting ones: each is prefilled alone (a batch of one) into a free slot
+of a `SlotKVCache` and then joins the running batch, where every slot decodes at its own position.
+
+Exactness: a decode step always feeds all `max_batch` slots (idle ones with a dummy token), so every
+matrix product has the same shape whatever is running, and attention runs row by row over each slot's
+own length. A sequence's arithmetic, and so its greedy (or seeded) tokens, is therefore the same
+whether it ran alone or beside others: the price is that a lone request pays for a full batch's matrix
+products (bench/RESULTS.md; `--max_batch 1` serves one at a time without that cost).
+
+`TextStream` turns a sequence's tokens into text pieces and applies stop strings.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from minillm.chat import StreamDecoder
+from minillm.generation import next_token
+from minillm.model import MiniLLM, SlotKVCache
+from minillm.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one sequence picks its tokens."""
+
+    temperature: float = 1.0
+    """0 is greedy; otherwise logits are divided by it before sampling."""
+    top_p: float | None = None
+    """Nucleus sampling threshold in (0, 1]; None or 1 samples from the whole distribution."""
+    seed: int | None = None
+    """Seed of this sequence's own random generator; None draws a fresh one."""
+
+
+class QueueFull(Exception):
+    """More sequences are waiting than the scheduler accepts; the client should retry later."""
+
+
+class GenerationRequest:
+    """One sequence to generate (one choice of an API request), and what happened to it.
+
+    `emit(token)` is called on the scheduler thread for every generated token that is not a stop id, and
+    `emit(None)` once at the end, after `finish_reason` ("stop", "length", "cancelled" or "error") is set.
+    """
+
+    def __init__(self, prompt_ids: Sequence[int], max_tokens: int, sampling: Sampling,
+                 stop_ids: Sequence[int], emit: Callable[[int | None], None]) -> None:
+        if not prompt_ids:
+            raise ValueError("a request needs a prompt of at least one token")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.prompt_ids = list(prompt_ids)
+        self.max_tokens = max_tokens
+        self.sampling = sampling
+        self.stop_ids = frozenset(stop_ids)
+        self.emit = emit
+        self.generator: torch.Generator | None = None
+        if sampling.temperature > 0:
+            self.generator = torch.Generator()
+            if sampling.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(sampling.seed)
+        self.generated = 0  # tokens the model produced, a final stop id included
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.cancelled = False
+        self.last_token = -1
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        """Ask the scheduler to stop this sequence; its slot is freed at the next step."""
+        self.cancelled = True
+
+    def pick(self, logits_1V: torch.Tensor) -> int:
+        """The next token from this sequence's logits, with its own sampling settings and generator."""
+        s = self.sampling
+        top_p = s.top_p if s.top_p is not None and s.top_p < 1 else None
+        return int(next_token(logits_1V.float(), s.temperature, None, top_p, self.generator)[0])
+
+
+class Scheduler:
+    """Runs `model` on a background thread, batching up to `max_batch` sequences per decode step."""
+
+    def __init__(self, model: MiniLLM, max_batch: int, context: int, max_waiting: int = 256) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if not 2 <= context <= model.config.max_position_embeddings:
+            raise ValueError(f"context must be in [2, {model.config.max_position_embeddings}] (the model's "
+                             f"max_position_embeddings), got {context}")
+        param = next(model.parameters())
+        self.model = model.eval()
+        self.device = param.device
+        self.max_batch, self.context, self.max_waiting = max_batch, context, max_waiting
+        self.cache = SlotKVCache(model.config, max_batch, context, device=param.device, dtype=param.dtype)
+        self.slots: list[GenerationRequest | None] = [None] * max_batch
+        self.waiting: deque[GenerationRequest] = deque()
+        self.wakeup = threading.Condition()
+        self.stopping = False
+        self.steps = 0  # decode steps run
+        self.finished: Counter[str] = Counter()  # sequences ended, by finish reason
+        self.max_running = 0  # most sequences that shared one decode step
+        self.thread = threading.Thread(target=self._run, name="minillm-scheduler", daemon=True)
+
+    # --- the client side (any thread) -----------------------------------------------------------------
+    def start(self) -> Scheduler:
+        """Start the background thread."""
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Finish the thread; sequences still running or waiting end as cancelled."""
+        with self.wakeup:
+            self.stopping = True
+            self.wakeup.notify()
+        self.thread.join()
+
+    def submit(self, requests: Sequence[GenerationRequest]) -> None:
+        """Queue sequences (all or none); QueueFull when the waiting line would exceed max_waiting."""
+        for r in requests:
+            if len(r.prompt_ids) + r.max_tokens > self.context:
+                raise ValueError(f"{len(r.prompt_ids)} prompt tokens + max_tokens {r.max_tokens} exceed the "
+                                 f"context of {self.context}")
+        with self.wakeup:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) + len(requests) > self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} sequences are already waiting (limit {self.max_waiting})")
+            self.waiting.extend(requests)
+            self.wakeup.notify()
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) sequence counts."""
+        with self.wakeup:
+            return sum(s is not None for s in self.slots), len(self.waiting)
+
+    # --- the scheduler thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.wakeup:
+                    while not self.stopping and not self.waiting and not any(self.slots):
+                        self.wakeup.wait()
+                    if self.stopping:
+                        break
+                try:
+                    self.step()
+                except Exception as e:  # a failed step fails the sequences in it, not the server
+                    for b, r in enumerate(self.slots):
+                        if r is not None:
+                            r.error = f"{type(e).__name__}: {e}"
+                            self._finish(b, "error")
+        for b, r in enumerate(self.slots):
+            if r is not None:
+                self._finish(b, "cancelled")
+        with self.wakeup:
+            waiting, self.waiting = list(self.waiting), deque()
+        for r in waiting:
+            r.finish_reason = "cancelled"
+            r.emit(None)
+
+    def step(self) -> None:
+        """Retire cancelled sequences, admit waiting ones (prefill), then one decode step for all slots."""
+        for b, r in enumerate(self.slots):
+            if r is not None and r.cancelled:
+                self._finish(b, "cancelled")
+        for b in range(self.max_batch):
+            if self.slots[b] is None:
+                r = self._next_waiting()
+                if r is None:
+                    break
+                self._prefill(b, r)
+        if not any(self.slots):
+            return
+        self.max_running = max(self.max_running, sum(r is not None for r in self.slots))
+        tokens_B1 = torch.tensor([[r.last_token if r else 0] for r in self.slots], device=self.device)
+        logits_BV = self.model(tokens_B1, kv_cache=self.cache).logits[:, -1]
+        self.steps += 1
+        for b, r in enumerate(self.slots):
+            if r is not None:
+                self._deliver(b, r.pick(logits_BV[b:b + 1]))
+
+    def _next_waiting(self) -> GenerationRequest | None:
+        with self.wakeup:
+            while self.waiting:
+                r = self.waiting.popleft()
+                if not r.cancelled:
+                    return r
+                self.finished["cancelled"] += 1
+                r.finish_reason = "cancelled"
+                r.emit(None)
+        return None
+
+    def _prefill(self, b: int, r: GenerationRequest) -> None:
+        """Run the prompt alone into slot b and deliver its first token."""
+        self.slots[b] = r
+        self.cache.active[b] = True
+        prompt_1T = torch.tensor([r.prompt_ids], device=self.device)
+        logits_1V = self.model(prompt_1T, kv_cache=self.cache.slot(b)).logits[:, -1]
+        self.cache.lengths[b] = len(r.prompt_ids)
+        self._deliver(b, r.pick(logits_1V))
+
+    def _deliver(self, b: int, token: int) -> None:
+        r = self.slots[b]
+        r.generated += 1
+        r.last_token = token
+        if r.first_token_at is None:
+            r.first_token_at = time.perf_counter()
+        if token in r.stop_ids:
+            self._finish(b, "stop")
+            return
+        r.emit(token)
+        if r.generated >= r.max_tokens:
+            self._finish(b, "length")
+
+    def _finish(self, b: int, reason: str) -> None:
+        r = self.slots[b]
+        self.slots[b] = None
+        self.cache.active[b] = False
+        self.cache.lengths[b] = 0
+        self.finished[reason] += 1
+        r.finish_reason = reason
+        r.emit(None)
+
+
+class TextStream:
+    """A sequence's tokens as text pieces, cut at the first stop string (which is not part of the text).
+
+    Text that could be the start of a stop string is held back until it is known not to be one, so a
+    streamed answer never shows part of a stop string.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self.decoder = StreamDecoder(tokenizer)
+        self.stop = [s for s in stop if s]
+        self.text = ""  # settled text so far (before any stop string)
+        self.sent = 0  # characters of self.text already handed out
+        self.stopped = False  # a stop string was found
+
+    def push(self, token: int) -> str:
+        """Add one token; the text that can be shown now (possibly empty)."""
+        if self.stopped:
+            return ""
+        self.text += self.decoder.push(token)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The text still held back, once the sequence has ended."""
+        if not self.stopped:
+            self.text += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stop and not self.stopped:
+            longest = max(map(len, self.stop))
+            start = max(0, self.sent - longest + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.stopped = True
+        end = len(self.text)
+        if not final and not self.stopped:
+            end -= self._held(self.text)
+        piece = self.text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return piece
+
+    def _held(self, text: str) -> int:
+        """Length of the longest end of `text` that begins some stop string."""
+        for n in range(min(len(text), max(map(len, self.stop), default=0) - 1), 0, -1):
+            if any(s.startswith(text[-n:]) for s in self.stop):
+                return n
+        return 0

@@ -1,0 +1,109 @@
+"""Serve a trained model over HTTP: an OpenAI-compatible API with batched decoding, and a chat page.
+
+    pip install -e ".[serve]"
+    python serve.py --model out/sft                  # http://127.0.0.1:8000 (chat page at /)
+    curl http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \\
+         -d '{"messages": [{"role": "user", "content": "请以《浣溪沙》为词牌写一首词"}]}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from minillm.cli import CliError, add_model_flags, load_trained
+from minillm.distributed import DTYPES, resolve_device, resolve_dtype
+
+PROG = "serve.py"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
+                    "/v1/models, /health) and a chat page at /. Concurrent requests share decode steps "
+                    "(continuous batching). Needs the serve extra: pip install -e \".[serve]\".")
+    add_model_flags(p, default="out/sft")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 exposes the server to the network (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    p.add_argument("--api_key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: no key)")
+    p.add_argument("--model_name", default=None,
+                   help="the model id clients send and /v1/models lists (default: the --model directory's name)")
+    p.add_argument("--max_batch", type=int, default=16,
+                   help="sequences decoded together per step; 1 serves one request at a time (default: %(default)s)")
+    p.add_argument("--max_waiting", type=int, default=256,
+                   help="sequences allowed to wait for a slot; beyond it requests get 503 with Retry-After "
+                        "(default: %(default)s)")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per sequence, prompt and answer together; the KV cache holds max_batch of them "
+                        "(default: the model's max_position_embeddings)")
+    p.add_argument("--max_body_bytes", type=int, default=1 << 20,
+                   help="largest request body accepted; larger ones get 413 (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N (default: auto = cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="dtype of the weights and the KV cache (default: auto = bfloat16 on GPUs that support it, "
+                        "else float16 on GPU, float32 on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each block's feed-forward through torch.compile (the first requests wait for the "
+                        "compilation)")
+    return p.parse_args(argv)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Reject flag values that make no sense, before anything is loaded."""
+    for flag, lo in (("max_batch", 1), ("max_waiting", 1), ("max_body_bytes", 1), ("port", 0)):
+        if getattr(args, flag) < lo:
+            raise CliError(f"--{flag} must be >= {lo}, got {getattr(args, flag)}")
+    if args.port > 65535:
+        raise CliError(f"--port must be <= 65535, got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise CliError("--api_key is empty")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; bad input gives one message on stderr and exit status 1, no traceback."""
+    args = parse_args(argv)
+    try:
+        check_flags(args)
+        try:
+            import uvicorn
+
+            from minillm.server import ServerConfig, create_app
+        except ImportError as e:
+            raise CliError(f"the server needs the serve extra ({e.name} is missing): "
+                           "pip install -e \".[serve]\"") from None
+        from minillm.serving import Scheduler
+
+        device = resolve_device(args.device)
+        model, tokenizer, _ = load_trained(args, device, resolve_dtype(args.dtype, device))
+        context = args.context or model.config.max_position_embeddings
+        if not 2 <= context <= model.config.max_position_embeddings:
+            raise CliError(f"--context must be in [2, {model.config.max_position_embeddings}] (the model's "
+                           f"max_position_embeddings), got {context}")
+        if args.compile:
+            for block in model.layers:
+                block.mlp.compile(dynamic=True)
+        scheduler = Scheduler(model, args.max_batch, context, args.max_waiting)
+        name = args.model_name or Path(args.model).resolve().name
+        app = create_app(scheduler, tokenizer, ServerConfig(name, args.api_key, args.max_body_bytes))
+    except (CliError, OSError, ValueError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+    print(f"serving {name} ({model.num_parameters() / 1e6:.1f}M parameters, {device}, context {context}, "
+          f"max_batch {args.max_batch}) on http://{args.host}:{args.port}/ (chat page), API at /v1",
+          file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
