@@ -230,7 +230,8 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig)
 
     async def health(request: Request) -> Response:
         running, waiting = scheduler.load()
-        return JSONResponse({"status": "ok", "model": config.model_name, "running": running, "waiting": waiting})
+        return JSONResponse({"status": "ok", "model": config.model_name, "context": scheduler.context,
+                             "max_batch": scheduler.max_batch, "running": running, "waiting": waiting})
 
     async def page(request: Request) -> Response:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
