@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+import torch
 
 from minillm.cli import CliError, add_model_flags, load_trained
 from minillm.distributed import DTYPES, resolve_device, resolve_dtype
@@ -48,14 +51,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="dtype of the weights and the KV cache (default: auto = bfloat16 on GPUs that support it, "
                         "else float16 on GPU, float32 on CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores minus one, left to the HTTP side; on a 2-core "
+                        "machine this measured 1.1x the throughput of using both, bench/RESULTS.md)")
     p.add_argument("--compile", action="store_true",
                    help="run each block's feed-forward through torch.compile (the first requests wait for the "
-                        "compilation)")
+                        "compilation; on the 2-core CPU of bench/RESULTS.md it measured no faster)")
     return p.parse_args(argv)
 
 
 def check_flags(args: argparse.Namespace) -> None:
     """Reject flag values that make no sense, before anything is loaded."""
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads must be >= 1, got {args.threads}")
     for flag, lo in (("max_batch", 1), ("max_waiting", 1), ("max_body_bytes", 1), ("port", 0)):
         if getattr(args, flag) < lo:
             raise CliError(f"--{flag} must be >= {lo}, got {getattr(args, flag)}")
@@ -79,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                            "pip install -e \".[serve]\"") from None
         from minillm.serving import Scheduler
 
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
         device = resolve_device(args.device)
         model, tokenizer, _ = load_trained(args, device, resolve_dtype(args.dtype, device))
         context = args.context or model.config.max_position_embeddings
