@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         from minillm.serving import Scheduler
 
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
+        if not Path(args.model).is_dir():
+            raise CliError(f"model directory {args.model} does not exist; train one (train_pretrain.py, then "
+                           "train_sft.py writes out/sft) or pass --model DIR")
         device = resolve_device(args.device)
         model, tokenizer, _ = load_trained(args, device, resolve_dtype(args.dtype, device))
         context = args.context or model.config.max_position_embeddings

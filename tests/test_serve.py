@@ -17,6 +17,14 @@ serve_cli = load_script("serve.py")
 QUESTION = [{"role": "user", "content": "请以《浣溪沙》为词牌写一首词"}]
 
 
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """serve.py's main sets torch's thread count for its process; give the other tests theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def live(tiny_sft_dir):
     with LiveServer(tiny_sft_dir) as server:
@@ -347,3 +355,10 @@ def test_serve_bad_flags_give_one_line(tiny_sft_dir, capsys, argv, message):
     assert serve_cli.main(["--model", str(tiny_sft_dir), *argv]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_serve_without_a_trained_model_says_how_to_get_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no out/sft here
+    assert serve_cli.main([]) == 1
+    err = capsys.readouterr().err
+    assert "out/sft does not exist" in err and "train_sft.py" in err and err.count("\n") == 1
