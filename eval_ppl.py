@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from minillm.cli import CliError, add_model_flags, load_trained
+from minillm.cli import BAD_INPUT, CliError, add_model_flags, load_trained, report
 from minillm.distributed import DTYPES, resolve_dtype, setup_distributed, teardown_distributed
 from minillm.evaluation import evaluate_perplexity, read_documents
 
@@ -105,11 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = setup_distributed(None if args.device == "auto" else args.device)
         result = run(args, env)
-    # The specific failures of bad input; anything else is a bug and keeps its traceback.
-    except (CliError, OSError, ValueError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"eval_ppl.py: error: {message}", file=sys.stderr)
-        return 1
+    except BAD_INPUT as e:
+        return report("eval_ppl.py", e)
     finally:
         teardown_distributed()
     if env.is_main:

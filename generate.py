@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from minillm.chat import ChatSession, ContextError, StreamingAnswer
-from minillm.cli import CliError, add_model_flags, load_trained
-from minillm.distributed import DTYPES, resolve_device, resolve_dtype
+from minillm.cli import BAD_INPUT, CliError, add_inference_flags, add_model_flags, load_trained, report
+from minillm.distributed import resolve_device, resolve_dtype
 from minillm.generation import check_sampling
 from minillm.model import MiniLLM
 from minillm.tokenizer import DEFAULT_ASSETS
@@ -58,11 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the sampling random generator: the same seed, model and flags give the same "
                         "text (default: a fresh random seed)")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda or cuda:N (default: auto = cuda if available, else cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="dtype of the weights and the KV cache (default: auto = bfloat16 on GPUs that support it, "
-                        "else float16 on GPU, float32 on CPU)")
+    add_inference_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="run the decode steps through torch.compile: the first answer waits for the "
                         "compilation (tens of seconds on a CPU), later tokens come faster")
@@ -281,11 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             one_shot(gen, args)
         else:
             chat(gen, args)
-    # The specific failures of bad input; anything else is a bug and keeps its traceback.
-    except (CliError, OSError, ValueError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 1
+    except BAD_INPUT as e:
+        return report(PROG, e)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from minillm.cli import CliError, add_model_flags, load_trained
-from minillm.distributed import DTYPES, resolve_device, resolve_dtype
+from minillm.cli import BAD_INPUT, CliError, add_inference_flags, add_model_flags, load_trained, report
+from minillm.distributed import resolve_device, resolve_dtype
 
 PROG = "serve.py"
 
@@ -46,11 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: the model's max_position_embeddings)")
     p.add_argument("--max_body_bytes", type=int, default=1 << 20,
                    help="largest request body accepted; larger ones get 413 (default: %(default)s)")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda or cuda:N (default: auto = cuda if available, else cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="dtype of the weights and the KV cache (default: auto = bfloat16 on GPUs that support it, "
-                        "else float16 on GPU, float32 on CPU)")
+    add_inference_flags(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the cores minus one, left to the HTTP side; on a 2-core "
                         "machine this measured 1.1x the throughput of using both, bench/RESULTS.md)")
@@ -94,19 +90,17 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         model, tokenizer, _ = load_trained(args, device, resolve_dtype(args.dtype, device))
         context = args.context or model.config.max_position_embeddings
-        if not 2 <= context <= model.config.max_position_embeddings:
-            raise CliError(f"--context must be in [2, {model.config.max_position_embeddings}] (the model's "
-                           f"max_position_embeddings), got {context}")
         if args.compile:
             for block in model.layers:
                 block.mlp.compile(dynamic=True)
-        scheduler = Scheduler(model, args.max_batch, context, args.max_waiting)
+        try:
+            scheduler = Scheduler(model, args.max_batch, context, args.max_waiting)
+        except ValueError as e:  # the context's range, checked in one place
+            raise CliError(f"--{e}") from None
         name = args.model_name or Path(args.model).resolve().name
         app = create_app(scheduler, tokenizer, ServerConfig(name, args.api_key, args.max_body_bytes))
-    except (CliError, OSError, ValueError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 1
+    except BAD_INPUT as e:
+        return report(PROG, e)
     print(f"serving {name} ({model.num_parameters() / 1e6:.1f}M parameters, {device}, context {context}, "
           f"max_batch {args.max_batch}) on http://{args.host}:{args.port}/ (chat page), API at /v1",
           file=sys.stderr, flush=True)

@@ -16,7 +16,7 @@ import torch
 from minillm.checkpoint import CHECKPOINT_DIR
 from minillm.config import LMConfig
 from minillm.data import DataError, PretrainDataset, SFTDataset, check_vocab
-from minillm.distributed import barrier, setup_distributed, teardown_distributed
+from minillm.distributed import DTYPES, barrier, setup_distributed, teardown_distributed
 from minillm.evaluation import read_documents
 from minillm.files import check_writable
 from minillm.lora import DEFAULT_TARGETS, apply_lora, load_adapter, merge_lora, parameter_counts
@@ -287,6 +287,27 @@ def add_model_flags(p: argparse.ArgumentParser, default: str | None = None) -> N
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory (tokenizer.json); default: the tokenizer saved beside the weights "
                         "in --model (or beside --adapter); 'default' uses the tokenizer shipped in minillm/assets")
+
+
+def add_inference_flags(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype, as generate.py and serve.py take them (weights and KV cache in one dtype)."""
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N (default: auto = cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="dtype of the weights and the KV cache (default: auto = bfloat16 on GPUs that support it, "
+                        "else float16 on GPU, float32 on CPU)")
+
+
+# The specific failures of bad input in the scripts that use a trained model; anything else is a bug and
+# keeps its traceback.
+BAD_INPUT = (CliError, OSError, ValueError, KeyError)
+
+
+def report(prog: str, e: Exception) -> int:
+    """Print a bad-input error as one line on stderr; the exit status for it."""
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def load_trained(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None = None

@@ -104,7 +104,6 @@ class SlotKVCache:
     def __init__(self, config: LMConfig, slots: int, max_len: int, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32):
         self.cache = KVCache(config, slots, max_len, device=device, dtype=dtype)
-        self.max_len = max_len
         self.lengths = [0] * slots  # filled positions per slot
         self.active = [False] * slots
 
@@ -127,9 +126,9 @@ class SlotKVCache:
     def attend(self, layer: int, q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> torch.Tensor:
         """Write each slot's new key/value at its position; attention output [B, H, 1, D] row by row."""
         B = q_BHTD.shape[0]
-        if max(self.lengths) >= self.max_len:
+        if max(self.lengths) >= self.cache.max_len:
             raise ValueError(f"KV cache is full: a slot needs position {max(self.lengths)}, "
-                             f"{self.max_len} allocated")
+                             f"{self.cache.max_len} allocated")
         rows = torch.arange(B, device=q_BHTD.device)
         pos_B = torch.tensor(self.lengths, device=q_BHTD.device)
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]

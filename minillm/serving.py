@@ -16,7 +16,6 @@ products (bench/RESULTS.md; `--max_batch 1` serves one at a time without that co
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -75,8 +74,6 @@ class GenerationRequest:
         self.error: str | None = None
         self.cancelled = False
         self.last_token = -1
-        self.submitted = time.perf_counter()
-        self.first_token_at: float | None = None
 
     def cancel(self) -> None:
         """Ask the scheduler to stop this sequence; its slot is freed at the next step."""
@@ -107,7 +104,6 @@ class Scheduler:
         self.waiting: deque[GenerationRequest] = deque()
         self.wakeup = threading.Condition()
         self.stopping = False
-        self.steps = 0  # decode steps run
         self.finished: Counter[str] = Counter()  # sequences ended, by finish reason
         self.max_running = 0  # most sequences that shared one decode step
         self.thread = threading.Thread(target=self._run, name="minillm-scheduler", daemon=True)
@@ -185,7 +181,6 @@ class Scheduler:
         self.max_running = max(self.max_running, sum(r is not None for r in self.slots))
         tokens_B1 = torch.tensor([[r.last_token if r else 0] for r in self.slots], device=self.device)
         logits_BV = self.model(tokens_B1, kv_cache=self.cache).logits[:, -1]
-        self.steps += 1
         for b, r in enumerate(self.slots):
             if r is not None:
                 self._deliver(b, r.pick(logits_BV[b:b + 1]))
@@ -214,8 +209,6 @@ class Scheduler:
         r = self.slots[b]
         r.generated += 1
         r.last_token = token
-        if r.first_token_at is None:
-            r.first_token_at = time.perf_counter()
         if token in r.stop_ids:
             self._finish(b, "stop")
             return
