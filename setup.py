@@ -13,8 +13,12 @@ setup(
     install_requires=["torch>=2.1", "tokenizers>=0.15", "numpy", "tqdm", "safetensors"],
     extras_require={
         "serve": ["starlette>=0.40", "uvicorn>=0.30"],
+        "gguf": ["gguf>=0.17"],
+        # llama-cpp-python builds llama.cpp from source (a C++ compiler and cmake; minutes): the reference
+        # the GGUF export is tested against.
         "dev": ["pytest", "transformers>=4.45", "peft", "ruff", "matplotlib",
-                "starlette>=0.40", "uvicorn>=0.30", "openai>=1.40", "httpx", "selenium>=4.20"],
+                "starlette>=0.40", "uvicorn>=0.30", "openai>=1.40", "httpx", "selenium>=4.20",
+                "gguf>=0.17", "llama-cpp-python==0.3.36"],
         "plot": ["matplotlib"],
     },
 )

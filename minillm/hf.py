@@ -98,6 +98,17 @@ def from_hf_state_dict(hf: Mapping[str, torch.Tensor], config: LMConfig,
     return out
 
 
+def end_ids(config: LMConfig, tokenizer=None) -> int | list[int]:
+    """generation_config's eos_token_id: a chat model ends a turn with <|im_end|> as well as <|endoftext|>.
+
+    transformers' generate (and servers that read generation_config.json, such as vLLM) stop only at
+    these ids, so a chat model that listed only <|endoftext|> would run past the end of its answer.
+    """
+    if config.chat_trained and tokenizer is not None:
+        return [config.eos_token_id, tokenizer.im_end_id]
+    return config.eos_token_id
+
+
 def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer=None) -> None:
     """Write config.json, generation_config.json and model.safetensors (and the tokenizer, if given)."""
     directory = Path(directory)
@@ -109,7 +120,7 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer=Non
     dtype = next(iter(tensors.values())).dtype
     hf_config = config.to_hf_dict()
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": end_ids(config, tokenizer),
                   "pad_token_id": config.pad_token_id}
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})

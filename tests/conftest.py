@@ -103,7 +103,7 @@ def tiny_sft_dir(tmp_path_factory, tokenizer):
 
     torch.manual_seed(0)
     config = LMConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256)
+                      num_key_value_heads=2, max_position_embeddings=256, chat_trained=True)
     model = MiniLLM(config)
     data = SFTDataset(REPO / "dataset" / "sft.jsonl", tokenizer, max_length=96)
     X, Y, mask = (torch.stack(t) for t in zip(*(data[i] for i in range(16))))

@@ -115,6 +115,9 @@ def test_shape_flags_that_disagree_with_init_from_are_an_error(tmp_path, corpus,
     assert "new model only" in err and not (tmp_path / "a").exists()
     code, _, err = run("sft", *common, "--out_dir", tmp_path / "b", "--hidden_size", "64", capsys=capsys)
     assert code == 0, err  # a value that agrees is fine
+    # transformers stops a chat model's generate at <|im_end|> too; a pretrained one at <|endoftext|> only.
+    assert json.loads((tmp_path / "b" / "generation_config.json").read_text())["eos_token_id"] == [0, 2]
+    assert json.loads((base / "generation_config.json").read_text())["eos_token_id"] == 0
     with pytest.raises(SystemExit):
         run("sft", "--help", capsys=capsys)
     assert "New model only" in capsys.readouterr().out

@@ -1,0 +1,82 @@
+"""Export a trained model to GGUF for llama.cpp, ollama and LM Studio: a thin CLI over minillm.gguf_export.
+
+    pip install -e ".[gguf]"
+    python export_gguf.py --model out/sft                       # out/sft-f16.gguf + out/sft-f16.Modelfile
+    python export_gguf.py --model out/sft --dtype q8_0 --out model.gguf
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from minillm.cli import BAD_INPUT, CliError, add_model_flags, load_trained, report
+from minillm.gguf_export import DTYPES, export_gguf, write_modelfile
+
+PROG = "export_gguf.py"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Write a model directory (minillm's, or a Hugging Face Llama/Qwen2 checkpoint) as one GGUF "
+                    "file with its tokenizer, special ids and ChatML template, plus an ollama Modelfile beside "
+                    "it. Needs the [gguf] extra.")
+    add_model_flags(p)
+    p.add_argument("--out", default=None, metavar="FILE.gguf",
+                   help="output file (default: the model directory's path with -DTYPE.gguf appended, e.g. "
+                        "out/sft-f16.gguf); the Modelfile goes beside it with the suffix .Modelfile")
+    p.add_argument("--dtype", default="f16", choices=DTYPES,
+                   help="type of the weight matrices: f32 (exact), f16 and bf16 (half the size), or q8_0 "
+                        "(8-bit blocks, about a quarter); norms and biases stay f32 (default: %(default)s)")
+    p.add_argument("--name", default=None,
+                   help="general.name in the file (default: the model directory's name)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file and Modelfile")
+    return p.parse_args(argv)
+
+
+def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(the .gguf path, the Modelfile path), refused if they exist and --force is not given."""
+    model = Path(args.model)
+    out = Path(args.out) if args.out else model.with_name(f"{model.name}-{args.dtype}.gguf")
+    modelfile = out.with_suffix(".Modelfile")
+    if out.is_dir():
+        raise CliError(f"--out {out} is a directory; give a file name such as {out / 'model.gguf'}")
+    for path in (out, modelfile):
+        if path.exists() and not args.force:
+            raise CliError(f"{path} already exists; pass --force to overwrite it")
+    return out, modelfile
+
+
+def run(args: argparse.Namespace) -> str:
+    """Export; the summary line."""
+    out, modelfile = output_paths(args)
+    model, tokenizer, _ = load_trained(args, torch.device("cpu"), dtype=torch.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    name = args.name or Path(args.model).resolve().name
+    summary = export_gguf(model, tokenizer, out, args.dtype, name=name)
+    chat = bool(model.config.chat_trained)
+    write_modelfile(modelfile, out, chat)
+    return (f"wrote {out} ({summary['bytes'] / 2**20:.1f} MiB, {summary['tensors']} tensors, {args.dtype}, "
+            f"architecture {summary['architecture']}, pre-tokenizer {summary['pre_tokenizer']}) and {modelfile} "
+            f"({'ChatML' if chat else 'raw-prompt'} template)\n"
+            f"  llama.cpp: llama-cli -m {out}" + (" -cnv" if chat else ' -p "..."') + "\n"
+            f"  ollama:    ollama create {name} -f {modelfile} && ollama run {name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; bad input gives one message on stderr and exit status 1, no traceback."""
+    args = parse_args(argv)
+    try:
+        print(run(args))
+    except BAD_INPUT as e:
+        return report(PROG, e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
