@@ -514,3 +514,26 @@ def test_help_and_default_output_name(tiny_sft_dir, tmp_path):
     modelfile = (tmp_path / "sft-bf16.Modelfile").read_text()
     assert modelfile.startswith("FROM ./sft-bf16.gguf\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n" in modelfile
+
+
+def test_base_plus_adapter_exports_the_merged_model(tiny_sft_dir, tokenizer, tmp_path):
+    """--adapter folds a LoRA adapter in: the file equals the export of the merged model, byte for byte."""
+    from minillm.lora import apply_lora, merge_lora, save_adapter
+
+    model = apply_lora(MiniLLM.from_pretrained(tiny_sft_dir), r=4, alpha=8)
+    with torch.no_grad():  # B starts at zero; give the adapter an effect
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    save_adapter(model, tmp_path / "adapter", base_model_path=tiny_sft_dir)
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    merge_lora(model).save_pretrained(tmp_path / "merged", tokenizer=tokenizer)
+    assert export_cli.main(["--model", str(tiny_sft_dir), "--adapter", str(tmp_path / "adapter"),
+                            "--out", str(tmp_path / "a.gguf"), "--name", "m", "--dtype", "f32"]) == 0
+    assert export_cli.main(["--model", str(tmp_path / "merged"), "--out", str(tmp_path / "b.gguf"),
+                            "--name", "m", "--dtype", "f32"]) == 0
+    assert export_cli.main(["--model", str(tiny_sft_dir), "--out", str(tmp_path / "plain.gguf"), "--name", "m",
+                            "--dtype", "f32"]) == 0
+    merged = (tmp_path / "a.gguf").read_bytes()
+    assert merged == (tmp_path / "b.gguf").read_bytes()
+    assert merged != (tmp_path / "plain.gguf").read_bytes()  # the adapter changed the weights
