@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -537,3 +538,48 @@ def test_base_plus_adapter_exports_the_merged_model(tiny_sft_dir, tokenizer, tmp
     merged = (tmp_path / "a.gguf").read_bytes()
     assert merged == (tmp_path / "b.gguf").read_bytes()
     assert merged != (tmp_path / "plain.gguf").read_bytes()  # the adapter changed the weights
+
+
+GO_RENDERER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+func main() {
+	tmpl := template.Must(template.New("modelfile").Parse(os.Args[1]))
+	var messages []Message
+	if err := json.Unmarshal([]byte(os.Args[2]), &messages); err != nil {
+		panic(err)
+	}
+	if err := tmpl.Execute(os.Stdout, map[string]any{"Messages": messages}); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("go") is None and os.environ.get("MINILLM_REQUIRE_GO") != "1",
+                    reason="go (Go's text/template, which ollama's TEMPLATE uses) is not installed")
+def test_modelfile_template_renders_chatml_under_go_text_template(chat_dir, tokenizer, tmp_path):
+    """ollama executes TEMPLATE with Go's text/template over .Messages; the result must be minillm's ChatML."""
+    import re
+
+    assert export_cli.main(["--model", str(chat_dir), "--out", str(tmp_path / "m.gguf")]) == 0
+    template = re.search(r'TEMPLATE """(.*?)"""', (tmp_path / "m.Modelfile").read_text(), re.S).group(1)
+    (tmp_path / "render.go").write_text(GO_RENDERER)
+    env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"),
+           "GO111MODULE": "off"}
+    for messages in ([CHATS[0][0]], [{"role": "system", "content": "简洁"}, *CHATS[1], CHATS[0][0]],
+                     [{"role": "user", "content": "a {{ .Role }} <|im_end|>\n\n  b"}]):
+        res = subprocess.run(["go", "run", str(tmp_path / "render.go"), template, json.dumps(messages)],
+                             capture_output=True, text=True, timeout=300, env=env)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == tokenizer.apply_chat_template(messages, add_generation_prompt=True)
