@@ -46,7 +46,8 @@ def worker(args: argparse.Namespace) -> dict:
     from minillm.config import LMConfig
     from minillm.lora import apply_lora, parameter_counts
     from minillm.model import MiniLLM
-    from minillm.trainer import TrainConfig, build_optimizer
+    from minillm.train_config import TrainConfig
+    from minillm.trainer import build_optimizer
 
     torch.set_num_threads(args.threads)
     baseline = peak_rss_mib()  # the interpreter plus torch, before any model exists

@@ -36,7 +36,8 @@ from common import (
     write_checkpoint,
 )
 
-from minillm.trainer import TrainConfig, build_optimizer
+from minillm.train_config import TrainConfig
+from minillm.trainer import build_optimizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -23,7 +23,8 @@ from minillm.lora import DEFAULT_TARGETS, apply_lora, load_adapter, merge_lora, 
 from minillm.model import MiniLLM
 from minillm.packed import PackedDataset, packed_cache
 from minillm.tokenizer import Tokenizer, load_tokenizer
-from minillm.trainer import TrainConfig, TrainResult, train
+from minillm.train_config import TrainConfig, TrainResult
+from minillm.trainer import train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Flags that shape a new model; with --init_from the loaded model's values hold and a different value is an error.

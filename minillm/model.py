@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from minillm.config import LMConfig
+from minillm.loss import chunked_cross_entropy, masked_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -248,8 +250,8 @@ class Block(nn.Module):
 class ModelOutput:
     """What MiniLLM.forward returns."""
 
-    logits: torch.Tensor
-    """[B, T, V] next-token logits."""
+    logits: torch.Tensor | None
+    """[B, T, V] next-token logits (None when the loss was computed in chunks)."""
     loss: torch.Tensor | None = None
     """Mean cross-entropy over the counted tokens, when labels were given."""
 
@@ -268,6 +270,8 @@ class MiniLLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
+        # Training-time switch: recompute each block in backward instead of keeping its activations.
+        self.activation_checkpointing = False
         # Built on the meta device (from_pretrained, or meta -> to_empty() -> reset_parameters()), there is
         # nothing to compute yet; normal_ or pow on meta tensors would also import torch's symbolic machinery
         # (2 s and 70 MB).
@@ -315,9 +319,13 @@ class MiniLLM(nn.Module):
         return n
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None, kv_cache: KVCache | SlotKVCache | None = None
-                ) -> ModelOutput:
-        """Logits for every position and, given already-shifted labels, the masked mean cross-entropy."""
+                loss_mask: torch.Tensor | None = None, kv_cache: KVCache | SlotKVCache | None = None,
+                loss_chunk: int = 0) -> ModelOutput:
+        """Logits for every position and, given already-shifted labels, the masked mean cross-entropy.
+
+        loss_chunk > 0 (with labels) computes the loss over chunks of that many positions and returns no
+        logits: the [B, T, V] logits are never all in memory, in forward or backward.
+        """
         B, T = input_ids.shape
         past = kv_cache.pos if isinstance(kv_cache, KVCache) else 0
         if past + T > self.config.max_position_embeddings:
@@ -328,10 +336,17 @@ class MiniLLM(nn.Module):
         index = kv_cache.rope_index(T) if kv_cache is not None else slice(0, T)
         cos_T1D = self.rope_cos[index][..., None, :].to(x_BTC.dtype)
         sin_T1D = self.rope_sin[index][..., None, :].to(x_BTC.dtype)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for block in self.layers:
-            x_BTC = block(x_BTC, cos_T1D, sin_T1D, kv_cache)
+            if recompute:  # keep only the block's input; backward runs its forward again (same dropout masks)
+                x_BTC = checkpoint(block, x_BTC, cos_T1D, sin_T1D, use_reentrant=False)
+            else:
+                x_BTC = block(x_BTC, cos_T1D, sin_T1D, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if labels is not None and loss_chunk > 0:
+            return ModelOutput(logits=None, loss=chunked_cross_entropy(self.lm_head, self.norm(x_BTC), labels,
+                                                                       loss_mask, loss_chunk))
         logits_BTV = self.lm_head(self.norm(x_BTC))
         loss = None
         if labels is not None:
@@ -352,15 +367,3 @@ class MiniLLM(nn.Module):
         from minillm.hf import load_pretrained
 
         return load_pretrained(cls, directory, dtype=dtype, device=device)
-
-
-def masked_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
-                         loss_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of token cross-entropies where the mask is set (and label != -100), over the count of such tokens."""
-    V = logits_BTV.shape[-1]
-    nll = F.cross_entropy(logits_BTV.reshape(-1, V), labels_BT.reshape(-1), ignore_index=-100, reduction="none")
-    weight = (labels_BT.reshape(-1) != -100).to(nll.dtype)
-    if loss_mask_BT is not None:
-        weight = weight * loss_mask_BT.reshape(-1).to(nll.dtype)
-    # A batch with nothing to learn (e.g. SFT answers cut off) gives 0, not NaN.
-    return (nll * weight).sum() / weight.sum().clamp(min=1.0)

@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -32,104 +32,13 @@ from minillm.data import (
     scan_examples,
     trim_padding,
 )
-from minillm.distributed import DTYPES, DistEnv, all_reduce_sum, barrier, resolve_device, resolve_dtype
+from minillm.distributed import DistEnv, all_reduce_sum, barrier, resolve_device, resolve_dtype
 from minillm.evaluation import evaluate_perplexity
 from minillm.files import DirLock, check_writable, remove, remove_stale_temporaries
 from minillm.model import MiniLLM
 from minillm.progress import METRICS_NAME, Progress, plot_metrics, trim_metrics
 from minillm.schedule import cosine_lr
-
-
-@dataclass
-class TrainConfig:
-    """Everything the training loop needs besides the model and the data."""
-
-    out_dir: str = "out/pretrain"
-    """Directory for the final model, checkpoints/ and metrics.jsonl."""
-    epochs: int = 1
-    """Passes over the training data."""
-    max_steps: int = 0
-    """If > 0, train for this many optimizer steps instead of whole epochs (the schedule spans them)."""
-    batch_size: int = 16
-    """Sequences per micro-batch on each process."""
-    accumulation_steps: int = 1
-    """Micro-batches per optimizer step (global batch = batch_size x accumulation_steps x processes)."""
-    learning_rate: float = 5e-4
-    """Peak learning rate; the cosine schedule decays it to learning_rate / 10."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warmup from 0 to the peak learning rate."""
-    weight_decay: float = 0.1
-    """AdamW weight decay, applied to matrices only (not to norms, biases)."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables clipping."""
-    dtype: str = "auto"
-    """Autocast dtype: auto (bfloat16 on GPUs that support it, else float16; float32 on CPU), float32, bfloat16, float16."""
-    device: str = "auto"
-    """cpu, cuda, cuda:N or auto (cuda when available). Under torchrun each process takes cuda:LOCAL_RANK."""
-    compile: bool = False
-    """Wrap the model in torch.compile."""
-    seed: int = 1337
-    """Seed for weights, data order and dropout; the same seed gives the same run."""
-    num_workers: int = 0
-    """DataLoader worker processes per training process."""
-    group_by_length: bool = False
-    """Batch examples of similar length together and drop all-padding columns (less compute on padding)."""
-    log_every: int = 10
-    """Write a line to metrics.jsonl every this many steps."""
-    eval_every: int = 200
-    """Measure the held-out loss every this many steps (0: only at the end)."""
-    save_every: int = 500
-    """Write a checkpoint every this many steps (0: only at the end)."""
-    keep_checkpoints: int = 2
-    """How many of the newest checkpoints to keep."""
-    resume: bool = False
-    """Continue from the newest complete checkpoint in out_dir."""
-    overwrite: bool = False
-    """Start over in an out_dir that holds an earlier run: delete its checkpoints and metrics first."""
-    max_bad_steps: int = 5
-    """Stop after this many non-finite losses or gradient norms in a row (each one skips its update)."""
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "accumulation_steps", "keep_checkpoints", "max_bad_steps",
-                     "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("learning_rate", "weight_decay", "grad_clip"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("grad_clip and weight_decay must be >= 0")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
-
-
-@dataclass
-class TrainResult:
-    """What a run did."""
-
-    losses: list[float] = field(default_factory=list)
-    """Training loss of every optimizer step run in this call (token-weighted over the global batch)."""
-    eval_loss: float | None = None
-    """Final held-out loss (mean NLL per token), if eval documents were given."""
-    steps: int = 0
-    """Optimizer steps completed in total (including those before a resume)."""
-    start_step: int = 0
-    """The step this call started from (0, or the resumed checkpoint's)."""
-    tokens: int = 0
-    """Input positions processed in this call, over all processes."""
-    seconds: float = 0.0
-    """Wall time of the loop in this call."""
-    interrupted: bool = False
-    """True when a signal or should_stop ended the run early (a checkpoint was saved)."""
-    checkpoint: Path | None = None
-    """The checkpoint written last (on rank 0)."""
-    skipped_steps: int = 0
-    """Updates skipped because the loss or the gradient norm was not finite."""
+from minillm.train_config import TrainConfig, TrainResult
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -223,7 +132,8 @@ class StepBatches:
 
 def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, micro: list[tuple[torch.Tensor, ...]], amp_dtype: torch.dtype,
-               env: DistEnv, grad_clip: float, stop_requested: bool) -> tuple[float, float, int, bool]:
+               env: DistEnv, grad_clip: float, stop_requested: bool, loss_chunk: int = 0
+               ) -> tuple[float, float, int, bool]:
     """One optimizer step over the micro-batches: (loss, grad norm, input positions, stop on any rank).
 
     The stop flag rides along with the loss in one all-reduce, so stopping costs no extra sync.
@@ -235,7 +145,7 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimiz
         last = i == len(micro) - 1
         with model.no_sync() if env.distributed and not last else nullcontext():
             with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-                out = model(x_BT, labels=y_BT, loss_mask=m_BT)
+                out = model(x_BT, labels=y_BT, loss_mask=m_BT, loss_chunk=loss_chunk)
             # out.loss is this micro-batch's token mean; weight it by its share of the global batch's tokens
             # (x world: DDP averages gradients over processes).
             loss = out.loss * (m_BT.sum() * world / n_global.clamp(min=1)).float()
@@ -321,6 +231,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
     with claim_out_dir(cfg, env), StopSignal() as stop, progress:
         start_step = _resume(checkpointer, cfg, env)
         progress.begin(total_steps, start_step)
+        model.activation_checkpointing = cfg.activation_checkpointing
         wrapped = torch.compile(model) if cfg.compile else model
         if env.distributed:
             wrapped = DDP(wrapped, device_ids=[env.device.index] if env.device.type == "cuda" else None)
@@ -334,7 +245,8 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, grad_norm, tokens, stop_any = train_step(wrapped, params, optimizer, scaler, batches.get(step),
-                                                           amp_dtype, env, cfg.grad_clip, stop.requested)
+                                                           amp_dtype, env, cfg.grad_clip, stop.requested,
+                                                           cfg.loss_chunk)
             step += 1
             result.losses.append(loss)
             result.skipped_steps += not (math.isfinite(loss) and math.isfinite(grad_norm))

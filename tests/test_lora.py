@@ -27,7 +27,8 @@ from minillm.lora import (
 )
 from minillm.model import MiniLLM
 from minillm.tokenizer import SPECIAL_TOKENS, Tokenizer
-from minillm.trainer import TrainConfig, train
+from minillm.train_config import TrainConfig
+from minillm.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -19,7 +19,8 @@ from minillm.config import LMConfig
 from minillm.data import PretrainDataset, SFTDataset
 from minillm.evaluation import read_documents
 from minillm.model import MiniLLM
-from minillm.trainer import TrainConfig, train
+from minillm.train_config import TrainConfig
+from minillm.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

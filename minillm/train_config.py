@@ -1,0 +1,105 @@
+"""TrainConfig and TrainResult: what the training loop is asked to do, validated, and what it did."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minillm.distributed import DTYPES
+
+
+@dataclass
+class TrainConfig:
+    """Everything the training loop needs besides the model and the data."""
+
+    out_dir: str = "out/pretrain"
+    """Directory for the final model, checkpoints/ and metrics.jsonl."""
+    epochs: int = 1
+    """Passes over the training data."""
+    max_steps: int = 0
+    """If > 0, train for this many optimizer steps instead of whole epochs (the schedule spans them)."""
+    batch_size: int = 16
+    """Sequences per micro-batch on each process."""
+    accumulation_steps: int = 1
+    """Micro-batches per optimizer step (global batch = batch_size x accumulation_steps x processes)."""
+    learning_rate: float = 5e-4
+    """Peak learning rate; the cosine schedule decays it to learning_rate / 10."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to the peak learning rate."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not to norms, biases)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    dtype: str = "auto"
+    """Autocast dtype: auto (bfloat16 on GPUs that support it, else float16; float32 on CPU), float32, bfloat16, float16."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto (cuda when available). Under torchrun each process takes cuda:LOCAL_RANK."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in backward instead of keeping its activations: the same losses, less memory, about one more forward pass of compute."""
+    loss_chunk: int = 0
+    """If > 0, compute the loss over chunks of this many positions, recomputed in backward, so the [batch, seq, vocab] logits are never all in memory (large vocabularies); 0: at once."""
+    seed: int = 1337
+    """Seed for weights, data order and dropout; the same seed gives the same run."""
+    num_workers: int = 0
+    """DataLoader worker processes per training process."""
+    group_by_length: bool = False
+    """Batch examples of similar length together and drop all-padding columns (less compute on padding)."""
+    log_every: int = 10
+    """Write a line to metrics.jsonl every this many steps."""
+    eval_every: int = 200
+    """Measure the held-out loss every this many steps (0: only at the end)."""
+    save_every: int = 500
+    """Write a checkpoint every this many steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in out_dir."""
+    overwrite: bool = False
+    """Start over in an out_dir that holds an earlier run: delete its checkpoints and metrics first."""
+    max_bad_steps: int = 5
+    """Stop after this many non-finite losses or gradient norms in a row (each one skips its update)."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "accumulation_steps", "keep_checkpoints", "max_bad_steps",
+                     "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "num_workers", "loss_chunk"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("learning_rate", "weight_decay", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("grad_clip and weight_decay must be >= 0")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass
+class TrainResult:
+    """What a run did."""
+
+    losses: list[float] = field(default_factory=list)
+    """Training loss of every optimizer step run in this call (token-weighted over the global batch)."""
+    eval_loss: float | None = None
+    """Final held-out loss (mean NLL per token), if eval documents were given."""
+    steps: int = 0
+    """Optimizer steps completed in total (including those before a resume)."""
+    start_step: int = 0
+    """The step this call started from (0, or the resumed checkpoint's)."""
+    tokens: int = 0
+    """Input positions processed in this call, over all processes."""
+    seconds: float = 0.0
+    """Wall time of the loop in this call."""
+    interrupted: bool = False
+    """True when a signal or should_stop ended the run early (a checkpoint was saved)."""
+    checkpoint: Path | None = None
+    """The checkpoint written last (on rank 0)."""
+    skipped_steps: int = 0
+    """Updates skipped because the loss or the gradient norm was not finite."""
