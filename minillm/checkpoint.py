@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from minillm.distributed import barrier
 from minillm.files import atomic_path, read_json, remove, sha256_file, write_json
 from minillm.hf import SafetensorsCheckpoint, from_hf_state_dict
 from minillm.lora import (
@@ -33,12 +34,16 @@ from minillm.lora import (
     load_adapter_weights,
     save_adapter,
 )
+from minillm.sharding import DCP_DIR, load_sharded, non_finite_parameter, save_sharded
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "state.pt"
 MANIFEST_NAME = "manifest.json"
-# Settings that fix the data order or the model: a resume that changes them would not continue the run.
-EXACT_SETTINGS = ("seed", "batch_size", "accumulation_steps", "group_by_length")
+# Settings that fix the data order: a resume that changes them would not continue the run. The batch
+# layout (batch_size x accumulation_steps x processes) may change if the global batch stays the same:
+# step s always takes positions [s G, (s + 1) G) of the epoch's shuffle, however they are split.
+EXACT_SETTINGS = ("seed", "group_by_length", "global_batch")
+LAYOUT_SETTINGS = ("batch_size", "accumulation_steps", "processes")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -72,7 +77,7 @@ class TrainState:
     step: int
     """Optimizer steps completed; the data position and the learning rate follow from it."""
     optimizer: dict
-    """optimizer.state_dict(): AdamW moments and step counts."""
+    """optimizer.state_dict(): AdamW moments and step counts (empty for --fsdp runs: they are in the DCP files)."""
     scaler: dict
     """GradScaler.state_dict() (float16 loss scaling; empty when disabled)."""
     rng: list
@@ -127,8 +132,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, stat
         with atomic_path(final) as tmp:
             save_model(model, tmp, tokenizer)
             torch.save(state.to_dict(), tmp / STATE_NAME)
-            files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
-            write_json(tmp / MANIFEST_NAME, {"step": step, "files": files})  # last: it vouches for the rest
+            write_manifest(tmp, step)
     except (OSError, RuntimeError) as e:
         # torch.save reports a full disk as a short write of its zip writer ("unexpected pos ...", "file
         # write failed"), not as ENOSPC; the temporary is gone by now, so free space proves nothing.
@@ -138,6 +142,48 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, stat
         previous = latest_checkpoint(out_dir)
         kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
         raise RuntimeError(f"{reason} while writing checkpoint step {step} in {final.parent}; {kept}") from None
+    for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+        delete_checkpoint(old)
+    return final
+
+
+def write_manifest(directory: Path, step: int) -> None:
+    """Write the manifest: every file's size and sha256 (last: it vouches for the rest)."""
+    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file()}
+    write_json(directory / MANIFEST_NAME, {"step": step, "files": files})
+
+
+def save_sharded_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module,
+                            optimizer: torch.optim.Optimizer, state: TrainState, rank: int, keep: int = 2,
+                            tokenizer=None) -> Path | None:
+    """An --fsdp checkpoint (a collective): every rank writes its DCP shards; rank 0 the rest, then renames.
+
+    Layout: dcp/ (model and optimizer shards), state.pt, the tokenizer, manifest.json; not a model directory
+    (the final model is). Returns the path on rank 0, None elsewhere.
+    """
+    bad = non_finite_parameter(model)
+    if bad is not None:
+        raise RuntimeError(f"refusing to checkpoint non-finite weights ({bad})")
+    final = Path(out_dir) / CHECKPOINT_DIR / f"step_{step:08d}"
+    name = [None]
+    if rank != 0:
+        if dist.is_initialized():
+            dist.broadcast_object_list(name, src=0)  # rank 0 names the temporary directory
+        save_sharded(Path(name[0]) / DCP_DIR, model, optimizer)
+        barrier()
+        return None
+    with atomic_path(final) as tmp:
+        tmp.mkdir(parents=True)
+        name = [str(tmp)]
+        if dist.is_initialized():
+            dist.broadcast_object_list(name, src=0)
+        save_sharded(tmp / DCP_DIR, model, optimizer)
+        barrier()  # every rank's shards are on disk
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save(state.to_dict(), tmp / STATE_NAME)
+        write_manifest(tmp, step)
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         delete_checkpoint(old)
     return final
@@ -232,6 +278,12 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> TrainState:
     return state
 
 
+def _with_layout(config: dict, world_size: int) -> dict:
+    """A train_config with the process count and the global batch it implies."""
+    batch = config.get("batch_size", 1) * config.get("accumulation_steps", 1) * world_size
+    return {**config, "processes": world_size, "global_batch": batch}
+
+
 def _differences(old: dict, new: dict, keys) -> list[str]:
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
@@ -247,10 +299,11 @@ class Checkpointer:
     def __init__(self, out_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, train_config: dict, rank: int = 0, world_size: int = 1,
                  keep: int = 2, tokenizer=None, identity: dict | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, sharded: bool = False) -> None:
         self.out_dir, self.model, self.optimizer, self.scaler = Path(out_dir), model, optimizer, scaler
         self.train_config, self.rank, self.world_size = train_config, rank, world_size
         self.keep, self.tokenizer, self.identity = keep, tokenizer, identity or {}
+        self.sharded = sharded  # --fsdp: model and optimizer in DCP files
         self.log = log if rank == 0 else (lambda message: None)
         # With LoRA the base weights are frozen and not in the checkpoint: record which base it fits.
         self.lora_base = base_fingerprint(model) if has_lora(model) else None
@@ -261,7 +314,8 @@ class Checkpointer:
         if self.world_size > 1:
             rngs = [None] * self.world_size
             dist.all_gather_object(rngs, rng_state())
-        return TrainState(step=step, optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+        optimizer = {} if self.sharded else self.optimizer.state_dict()
+        return TrainState(step=step, optimizer=optimizer, scaler=self.scaler.state_dict(),
                           rng=rngs, world_size=self.world_size, train_config=self.train_config,
                           lora_base=self.lora_base, identity=self.identity)
 
@@ -271,8 +325,9 @@ class Checkpointer:
             raise ValueError(f"{source} holds adapters trained on another base model; resume with the "
                              "same --init_from weights")
         old, new = state.train_config, self.train_config
-        refused = _differences({**old, "processes": state.world_size}, {**new, "processes": self.world_size},
-                               (*EXACT_SETTINGS, "processes"))
+        old, new = _with_layout(old, state.world_size), _with_layout(new, self.world_size)
+        exact = (*EXACT_SETTINGS, *LAYOUT_SETTINGS) if old.get("group_by_length") else EXACT_SETTINGS
+        refused = _differences(old, new, exact)
         for part in ("data", "model"):
             if state.identity and part in state.identity:
                 refused += [f"{part} {d}" for d in _differences(state.identity[part], self.identity.get(part, {}),
@@ -282,19 +337,26 @@ class Checkpointer:
                              "resume with the same values to continue the same data order, or start a new "
                              "run (another --out_dir, or --overwrite)")
         allowed = [k for k in new if k in old and k not in (*EXACT_SETTINGS, "resume", "overwrite")]
+        if refused == [] and _differences(old, new, LAYOUT_SETTINGS):
+            self.log(f"note: the global batch ({new['global_batch']}) is split differently; the data order "
+                     "continues exactly")
         changed = _differences(old, new, allowed)
         if changed:
             self.log(f"note: resuming with changed settings: {'; '.join(changed)}")
 
     def restore(self, state: TrainState) -> None:
         """Put a loaded state back into the optimizer, the scaler and the RNGs."""
-        self.optimizer.load_state_dict(state.optimizer)
+        if not self.sharded:
+            self.optimizer.load_state_dict(state.optimizer)
         self.scaler.load_state_dict(state.scaler)
         set_rng_state(state.rng[self.rank] if self.rank < len(state.rng) else state.rng[0])
 
     def save(self, step: int) -> Path | None:
         """Write the checkpoint of `step` (rank 0); returns its path there, None elsewhere."""
         state = self.capture(step)
+        if self.sharded:
+            return save_sharded_checkpoint(self.out_dir, step, self.model, self.optimizer, state, self.rank,
+                                           self.keep, self.tokenizer)
         if self.rank != 0:
             return None
         return save_checkpoint(self.out_dir, step, self.model, state, keep=self.keep, tokenizer=self.tokenizer)
@@ -315,7 +377,13 @@ class Checkpointer:
                 continue
             check_checkpoint_kind(path, self.model)
             self.check_compatible(state, path)
-            load_weights(path, self.model)
+            if (path / DCP_DIR).is_dir() != self.sharded:
+                raise ValueError(f"{path} was written by a run {'with' if not self.sharded else 'without'} "
+                                 "--fsdp; resume with the same setting")
+            if self.sharded:
+                load_sharded(path / DCP_DIR, self.model, self.optimizer)
+            else:
+                load_weights(path, self.model)
             self.restore(state)
             return state.step, path
         return 0, None

@@ -150,13 +150,15 @@ def evaluate_perplexity(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    lockstep: bool = False,
 ) -> PerplexityResult:
     """Score tokenized documents (without eos) with strided windows; see the module docstring.
 
     ``n_bytes`` is the UTF-8 byte count of all ``documents`` (for bits per byte). ``device`` is where
     the inputs go (default: the model's device). ``dtype`` bfloat16/float16 runs under autocast.
     Under torch.distributed each rank scores ``documents[rank::world_size]`` and every rank returns
-    the totals over all documents.
+    the totals over all documents. ``lockstep`` (an FSDP-sharded model, whose every forward is a
+    collective) makes every rank run as many forward passes as the busiest one.
     """
     stride = max_length if stride is None else stride
     model = _unwrap(model)
@@ -186,6 +188,12 @@ def evaluate_perplexity(
               torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=autocast),
               tqdm(total=n_scored, unit="tok", unit_scale=True, desc="scoring",
                    disable=not progress or rank != 0) as bar):
+            n_batches = -(-len(jobs) // batch_size)
+            if lockstep and distributed:  # a sharded model gathers weights in every forward: all ranks run as many
+                most = torch.tensor([n_batches], device=device)
+                dist.all_reduce(most, op=dist.ReduceOp.MAX)
+                for _ in range(int(most) - n_batches):
+                    model(torch.full((1, 1), eos_id, device=device))
             for i in range(0, len(jobs), batch_size):
                 batch = jobs[i:i + batch_size]
                 x_BT, y_BT = window_batch(mine, batch, eos_id)

@@ -37,6 +37,8 @@ class TrainConfig:
     """cpu, cuda, cuda:N or auto (cuda when available). Under torchrun each process takes cuda:LOCAL_RANK."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state over the processes with FSDP2 (bf16 compute on GPUs); checkpoints in DCP's sharded format, resumable on another process count."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in backward instead of keeping its activations: the same losses, less memory, about one more forward pass of compute."""
     loss_chunk: int = 0

@@ -38,6 +38,7 @@ from minillm.files import DirLock, check_writable, remove, remove_stale_temporar
 from minillm.model import MiniLLM
 from minillm.progress import METRICS_NAME, Progress, plot_metrics, trim_metrics
 from minillm.schedule import cosine_lr
+from minillm.sharding import apply_fsdp, full_state_dict, gradient_sync, is_sharded, plain_copy
 from minillm.train_config import TrainConfig, TrainResult
 
 
@@ -143,11 +144,11 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimiz
     loss_sum = torch.zeros((), device=env.device)
     for i, (x_BT, y_BT, m_BT) in enumerate(micro):
         last = i == len(micro) - 1
-        with model.no_sync() if env.distributed and not last else nullcontext():
+        with gradient_sync(model, env, last):
             with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
                 out = model(x_BT, labels=y_BT, loss_mask=m_BT, loss_chunk=loss_chunk)
             # out.loss is this micro-batch's token mean; weight it by its share of the global batch's tokens
-            # (x world: DDP averages gradients over processes).
+            # (x world: DDP and FSDP average gradients over processes).
             loss = out.loss * (m_BT.sum() * world / n_global.clamp(min=1)).float()
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
@@ -200,6 +201,18 @@ def warmup_for(cfg: TrainConfig, total_steps: int, warn: bool) -> int:
     return scaled
 
 
+def check_fsdp(model: torch.nn.Module, amp_dtype: torch.dtype) -> None:
+    """Refuse what --fsdp does not support, with the way out."""
+    from minillm.lora import has_lora
+
+    if has_lora(model):
+        raise ValueError("--fsdp with --lora is not supported: LoRA trains a few adapters on a frozen base, "
+                         "which DDP (without --fsdp) handles with less communication")
+    if amp_dtype == torch.float16:
+        raise ValueError("--fsdp computes in bfloat16 or float32; float16 would need a sharded loss scaler. "
+                         "Use --dtype bfloat16 (or float32)")
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -219,6 +232,10 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
     _seed_everything(cfg.seed)
     model.to(env.device)
     amp_dtype = resolve_dtype(cfg.dtype, env.device)
+    if cfg.fsdp:
+        check_fsdp(model, amp_dtype)
+        if env.distributed:  # one process has nothing to shard; its checkpoints are still DCP's
+            apply_fsdp(model, env, amp_dtype)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
     optimizer = build_optimizer(model, cfg, env.device)
     batches = StepBatches(dataset, cfg, env)
@@ -226,14 +243,14 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
     warmup = warmup_for(cfg, total_steps, warn=env.is_main)
     identity = {"data": dataset_identity(dataset), "model": model.config.shape()}
     checkpointer = Checkpointer(cfg.out_dir, model, optimizer, scaler, asdict(cfg), env.rank, env.world_size,
-                                cfg.keep_checkpoints, tokenizer, identity)
+                                cfg.keep_checkpoints, tokenizer, identity, sharded=cfg.fsdp)
     progress = Progress(Path(cfg.out_dir), cfg.log_every, env.is_main)
     with claim_out_dir(cfg, env), StopSignal() as stop, progress:
         start_step = _resume(checkpointer, cfg, env)
         progress.begin(total_steps, start_step)
         model.activation_checkpointing = cfg.activation_checkpointing
         wrapped = torch.compile(model) if cfg.compile else model
-        if env.distributed:
+        if env.distributed and not cfg.fsdp:
             wrapped = DDP(wrapped, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         params = list(model.parameters())
         result = TrainResult(steps=start_step, start_step=start_step)
@@ -278,9 +295,10 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
             return result
         finally:
             stop.raise_now = False
+        gathered = full_state_dict(model) if is_sharded(model) else None  # a collective; full on rank 0 only
         if env.is_main:
             progress.held_out(step, result.eval_loss)
-            save_model(model, cfg.out_dir, tokenizer)  # with LoRA: the adapter only
+            save_model(plain_copy(model, gathered) if gathered else model, cfg.out_dir, tokenizer)  # LoRA: adapter
             if not plot_metrics(progress.path, Path(cfg.out_dir) / "loss.png"):
                 print("(no loss.png: pip install matplotlib, and log at least one step with --log_every)")
     return result
@@ -308,4 +326,4 @@ def held_out_loss(model: MiniLLM, documents: list[list[int]] | None, dataset: Da
         return None
     return evaluate_perplexity(model, documents, max_length=getattr(dataset, "max_length", 512),
                                batch_size=cfg.batch_size, eos_id=model.config.eos_token_id, device=device,
-                               dtype=amp_dtype).mean_nll
+                               dtype=amp_dtype, lockstep=is_sharded(model)).mean_nll

@@ -1,0 +1,135 @@
+"""--fsdp (FSDP2 on 2 CPU processes with gloo) and its sharded DCP checkpoints, resumed on 2, 1 and 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from minillm.model import MiniLLM
+
+TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4", "--num_key_value_heads", "2"]
+STEPS = 6
+
+
+def train(out, corpus, processes: int, batch_size: int, *extra) -> subprocess.CompletedProcess:
+    """train_pretrain.py on `processes` processes (torchrun for 2), 6 steps, a checkpoint every 3."""
+    args = [str(REPO / "train_pretrain.py"), "--data_path", str(corpus), "--eval_data", str(REPO / "dataset" / "eval.jsonl"),
+            "--max_length", "32", "--max_steps", str(STEPS), "--log_every", "1", "--eval_every", "0",
+            "--save_every", "3", "--seed", "3", "--batch_size", str(batch_size), "--out_dir", str(out), *TINY,
+            *map(str, extra)]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+                if processes > 1 else [sys.executable])
+    res = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return res
+
+
+def losses(out) -> list[float]:
+    """The loss of every step in metrics.jsonl."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+def weights(out) -> dict[str, torch.Tensor]:
+    """The final model's tensors."""
+    return MiniLLM.from_pretrained(out).state_dict()
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest absolute difference over matching tensors."""
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus):
+    """One process, DDP on 2 and FSDP on 2, at the same global batch of 4."""
+    root = tmp_path_factory.mktemp("fsdp")
+    out = {}
+    for name, processes, batch, extra in (("one", 1, 4, ()), ("ddp", 2, 2, ()), ("fsdp", 2, 2, ("--fsdp",))):
+        res = train(root / name, corpus, processes, batch, *extra)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[name] = root / name
+    out["root"] = root
+    return out
+
+
+def test_fsdp_losses_and_weights_equal_one_process_and_ddp(runs):
+    one, ddp, fsdp = (losses(runs[k]) for k in ("one", "ddp", "fsdp"))
+    assert len(fsdp) == STEPS and fsdp[-1] < fsdp[0]
+    assert fsdp == pytest.approx(one, abs=1e-5) and fsdp == pytest.approx(ddp, abs=1e-5)
+    assert max_diff(weights(runs["fsdp"]), weights(runs["one"])) < 1e-5
+    # The sharded checkpoint holds DCP shards, and the final model written from it equals them.
+    last = runs["fsdp"] / "checkpoints" / f"step_{STEPS:08d}"
+    assert (last / "dcp" / ".metadata").is_file() and not (last / "model.safetensors").exists()
+    import torch.distributed.checkpoint as dcp
+
+    final = weights(runs["fsdp"])
+    shards = {"model": {k: torch.empty_like(v) for k, v in final.items()}}
+    dcp.load(shards, checkpoint_id=str(last / "dcp"))
+    assert all(torch.equal(shards["model"][k], final[k]) for k in final)
+
+
+@pytest.mark.parametrize("processes,batch", [(2, 2), (1, 4)])
+def test_fsdp_resume_on_the_same_and_on_fewer_processes_continues_the_run(runs, corpus, processes, batch):
+    out = runs["root"] / f"resumed_{processes}"
+    shutil.copytree(runs["fsdp"], out)
+    shutil.rmtree(out / "checkpoints" / f"step_{STEPS:08d}")
+    res = train(out, corpus, processes, batch, "--fsdp", "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout and "step_00000003" in res.stdout
+    if processes == 1:
+        assert "split differently; the data order continues exactly" in res.stdout + res.stderr
+    assert losses(out) == pytest.approx(losses(runs["fsdp"]), abs=1e-5)
+    assert max_diff(weights(out), weights(runs["fsdp"])) < 1e-5
+
+
+def test_one_process_fsdp_checkpoint_resumes_on_two(tmp_path, corpus):
+    single = tmp_path / "single"
+    res = train(single, corpus, 1, 4, "--fsdp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (single / "checkpoints" / "step_00000003" / "dcp" / ".metadata").is_file()
+    shutil.rmtree(single / "checkpoints" / f"step_{STEPS:08d}")
+    full = losses(single)
+    res = train(single, corpus, 2, 2, "--fsdp", "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert losses(single) == pytest.approx(full, abs=1e-5)
+
+
+def test_mismatched_resumes_and_lora_are_refused_in_one_line(runs, corpus, tmp_path):
+    out = tmp_path / "plain"
+    shutil.copytree(runs["fsdp"], out)
+    res = train(out, corpus, 1, 4, "--resume")  # written with --fsdp, resumed without
+    assert res.returncode == 1 and "resume with the same setting" in res.stderr and "Traceback" not in res.stderr
+    res = train(out, corpus, 1, 2, "--fsdp", "--resume")  # global batch 4 -> 2
+    assert res.returncode == 1 and "global_batch 4 -> 2" in res.stderr
+    res = train(tmp_path / "lora", corpus, 1, 4, "--fsdp", "--lora", "--init_from", str(runs["one"]))
+    assert res.returncode == 1 and "--fsdp with --lora is not supported" in res.stderr
+
+
+def test_two_torchrun_agents_as_two_nodes_train_like_one_process(runs, corpus, tmp_path):
+    """--nnodes 2 with a c10d rendezvous on 127.0.0.1: the multi-node path, on one machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "nodes"
+    args = [str(REPO / "train_pretrain.py"), "--data_path", str(corpus), "--eval_data", "", "--max_length", "32",
+            "--max_steps", str(STEPS), "--log_every", "1", "--eval_every", "0", "--save_every", "3", "--seed", "3",
+            "--batch_size", "2", "--out_dir", str(out), "--fsdp", *TINY]
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                                f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                                "--rdzv_id=minillm-test", *args], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+              for rank in (0, 1)]
+    results = [agent.communicate(timeout=300) for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert losses(out) == pytest.approx(losses(runs["one"]), abs=1e-5)
