@@ -133,3 +133,17 @@ def test_two_torchrun_agents_as_two_nodes_train_like_one_process(runs, corpus, t
     results = [agent.communicate(timeout=300) for agent in agents]
     assert [a.returncode for a in agents] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
     assert losses(out) == pytest.approx(losses(runs["one"]), abs=1e-5)
+
+
+def test_a_damaged_shard_is_caught_by_the_manifest_and_the_previous_checkpoint_used(runs, corpus, tmp_path):
+    out = tmp_path / "damaged"
+    shutil.copytree(runs["fsdp"], out)
+    shard = sorted((out / "checkpoints" / f"step_{STEPS:08d}" / "dcp").glob("*.distcp"))[-1]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    res = train(out, corpus, 2, 2, "--fsdp", "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"skipping checkpoint {out / 'checkpoints' / f'step_{STEPS:08d}'}" in res.stdout
+    assert "does not match its checksum" in res.stdout and "step_00000003" in res.stdout
+    assert losses(out) == pytest.approx(losses(runs["fsdp"]), abs=1e-5)
