@@ -22,6 +22,7 @@ from minillm.files import check_writable
 from minillm.lora import DEFAULT_TARGETS, apply_lora, load_adapter, merge_lora, parameter_counts
 from minillm.model import MiniLLM
 from minillm.packed import PackedDataset, packed_cache
+from minillm.shards import build_shards, shard_index_path
 from minillm.tokenizer import Tokenizer, load_tokenizer
 from minillm.train_config import TrainConfig, TrainResult
 from minillm.trainer import train
@@ -71,7 +72,8 @@ def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--data_path", default=d["data_path"],
                       help="Training data, JSON lines (default: %(default)s)" +
-                      ("; records {\"text\": ...}" if kind == "pretrain" else
+                      ("; records {\"text\": ...}. Also a directory or a glob of .jsonl, .jsonl.gz and .txt "
+                       "files (one document per line), tokenized into a sharded cache" if kind == "pretrain" else
                        "; chat {\"conversations\": [...]} or {\"instruction\", \"input\", \"output\"} records"))
     data.add_argument("--eval_data", default="dataset/eval.jsonl",
                       help="Held-out documents for the eval loss; '' disables (default: %(default)s)")
@@ -84,6 +86,10 @@ def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
                           help="Train on contiguous max_length blocks of a packed token cache (built once beside "
                                "the data, rebuilt when data or tokenizer change), so no compute goes to padding; "
                                "--no-packed trains on one padded document per row (default: packed)")
+        data.add_argument("--num_proc", type=int, default=1,
+                          help="Processes that tokenize the packed cache; > 1 (or a directory, glob, .gz or .txt "
+                               "--data_path) builds a sharded cache: shards of ~64 MB, resumable, read through "
+                               "memory maps (default: %(default)s)")
     model = p.add_argument_group("model")
     model.add_argument("--init_from", default=d.get("init_from"),
                        help="Start from this model directory (minillm or Hugging Face Llama/Qwen2 safetensors) "
@@ -190,6 +196,15 @@ def _build_model(args, tokenizer: Tokenizer) -> MiniLLM:
 
 def _build_dataset(kind: str, args, tokenizer: Tokenizer, is_main: bool):
     data_path = _resolve(args.data_path)
+    if kind == "pretrain" and args.packed and (args.num_proc > 1 or data_path is None or not data_path.is_file()
+                                               or not data_path.name.endswith(".jsonl")):
+        if args.num_proc < 1:
+            raise CliError(f"--num_proc must be >= 1, got {args.num_proc}")
+        spec = data_path or args.data_path
+        if is_main:  # rank 0 builds (or finishes) the shards while the others wait, then all read them
+            build_shards(spec, tokenizer, num_proc=args.num_proc)
+        barrier()
+        return PackedDataset(shard_index_path(spec), max_length=args.max_length)
     if data_path is None or not data_path.is_file():
         raise FileNotFoundError(f"--data_path {args.data_path}: no such file")
     if kind == "sft":

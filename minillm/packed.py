@@ -22,6 +22,7 @@ from tqdm import tqdm
 from minillm.data import check_max_length
 from minillm.files import atomic_path, atomic_write, remove_stale_temporaries, sha256_file
 from minillm.jsonl import DataError, file_key, get_str, iter_records, text_expected
+from minillm.shards import INDEX_NAME, TokenShards
 
 if TYPE_CHECKING:
     from minillm.tokenizer import Tokenizer
@@ -184,10 +185,12 @@ class PackedDataset(Dataset):
     def __init__(self, bin_path: str | os.PathLike, max_length: int = 512):
         check_max_length(max_length)
         self.bin_path = Path(bin_path)
-        self.header = load_packed_header(self.bin_path)
+        # A shard index (shards.py) or a single-file cache: one token stream either way.
+        self.shards = TokenShards(self.bin_path) if self.bin_path.name == INDEX_NAME else None
+        self.header = self.shards.header if self.shards else load_packed_header(self.bin_path)
         self.max_length = max_length
         self.n_tokens = int(self.header["n_tokens"])
-        self.dtype = np.dtype(self.header["dtype"])
+        self.dtype = self.shards.dtype if self.shards else np.dtype(self.header["dtype"])
         self._len = (self.n_tokens - 1) // (max_length - 1)
         if self._len == 0:
             raise DataError(
@@ -222,16 +225,22 @@ class PackedDataset(Dataset):
         if not 0 <= i < self._len:
             raise IndexError(f"block {i} out of range for {self._len} blocks")
         step = self.max_length - 1
-        block_T = torch.from_numpy(self.tokens[i * step : i * step + self.max_length].astype(np.int64))
+        a, b = i * step, i * step + self.max_length
+        block = self.shards.slice(a, b) if self.shards else self.tokens[a:b]
+        block_T = torch.from_numpy(block.astype(np.int64))
         return block_T[:-1], block_T[1:], torch.ones(step, dtype=torch.float32)
 
     def identity(self) -> dict[str, Any]:
         """What a resumed run must train on again: the same token stream, cut into the same blocks."""
+        sha = self.header["sha256"] if self.shards else self.header["source"]["sha256"]
         return {"kind": type(self).__name__, "examples": len(self), "max_length": self.max_length,
-                "sha256": self.header["source"]["sha256"], "tokens": self.n_tokens}
+                "sha256": sha, "tokens": self.n_tokens}
 
     def max_token_id(self) -> int:
-        """Largest token id in the cache (a full scan of the memory map)."""
+        """Largest token id in the cache (a full scan of the memory maps)."""
+        if self.shards:
+            return int(max(self.shards.slice(a, b).max() for a, b in zip(self.shards.starts[:-1],
+                                                                         self.shards.starts[1:]) if b > a))
         return int(self.tokens.max())
 
 

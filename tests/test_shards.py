@@ -1,0 +1,100 @@
+"""The sharded packed cache: many files (.jsonl, .jsonl.gz, .txt), several processes, the same token stream."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, run_train_cli
+
+from minillm.jsonl import DataError
+from minillm.packed import PackedDataset, packed_cache
+from minillm.shards import build_shards, resolve_sources
+
+
+def poems(n: int, start: int = 0) -> list[str]:
+    """n texts of the shipped corpus."""
+    lines = (REPO / "dataset" / "pretrain.jsonl").read_text(encoding="utf-8").splitlines()[start:start + n]
+    return [json.loads(line)["text"] for line in lines]
+
+
+def stream(index) -> np.ndarray:
+    """The whole token stream of a shard index."""
+    data = PackedDataset(index, max_length=8)
+    return data.shards.slice(0, data.n_tokens)
+
+
+def test_sharded_cache_on_two_processes_equals_the_single_file_cache(tmp_path, tokenizer):
+    shutil.copy(REPO / "dataset" / "pretrain.jsonl", tmp_path / "pretrain.jsonl")
+    single = packed_cache(tmp_path / "pretrain.jsonl", tokenizer, progress=False)
+    index = build_shards(tmp_path / "pretrain.jsonl", tokenizer, num_proc=2, shard_bytes=1 << 20, progress=False)
+    assert len(json.loads(index.read_text())["shards"]) > 4  # the file was cut into several ranges
+    header = json.loads((tmp_path / "pretrain.tokens.bin.json").read_text())
+    assert np.array_equal(stream(index), np.fromfile(single, dtype=header["dtype"]))
+    a, b = PackedDataset(single, max_length=256), PackedDataset(index, max_length=256)
+    assert len(a) == len(b) and all(torch.equal(a[i][1], b[i][1]) for i in range(0, len(a), 97))
+    assert b[len(b) - 1][0].shape == (255,)  # the last block, read across a shard boundary if need be
+
+
+def test_a_directory_of_jsonl_gz_and_txt_files_in_path_order(tmp_path, tokenizer):
+    data = tmp_path / "corpus"
+    (data / "b").mkdir(parents=True)
+    texts = {"a.jsonl": poems(5), "b/c.jsonl.gz": poems(4, 5), "b/d.txt": poems(3, 9)}
+    (data / "a.jsonl").write_text("\ufeff" + "".join(json.dumps({"text": t}) + "\n\n" for t in texts["a.jsonl"]),
+                                  encoding="utf-8")
+    with gzip.open(data / "b" / "c.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts["b/c.jsonl.gz"])
+    (data / "b" / "d.txt").write_text("".join(t.replace("\n", " ") + "\n" for t in texts["b/d.txt"]), encoding="utf-8")
+    (data / "notes.md").write_text("not data")
+    assert [p.relative_to(data).as_posix() for p in resolve_sources(data)] == ["a.jsonl", "b/c.jsonl.gz", "b/d.txt"]
+    assert resolve_sources(str(data / "b" / "*.txt")) == [data / "b" / "d.txt"]
+    docs = texts["a.jsonl"] + texts["b/c.jsonl.gz"] + [t.replace("\n", " ") for t in texts["b/d.txt"]]
+    expected = [i for doc in docs for i in (*tokenizer.encode(doc), tokenizer.eos_id)]
+    index = build_shards(data, tokenizer, num_proc=2, shard_bytes=200, progress=False)
+    assert stream(index).tolist() == expected
+    assert index.parent.parent == data  # the cache lives beside the data
+
+
+def test_an_interrupted_build_keeps_its_finished_shards(tmp_path, tokenizer):
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in poems(300)), encoding="utf-8")
+    index = build_shards(tmp_path / "c.jsonl", tokenizer, shard_bytes=4096, progress=False)
+    full = stream(index)
+    shards = sorted(index.parent.glob("shard_*.bin"))
+    assert len(shards) > 3
+    before = {p.name: p.stat().st_mtime_ns for p in shards}
+    shards[2].unlink()  # as if the build had been killed before this shard finished
+    index.unlink()
+    index = build_shards(tmp_path / "c.jsonl", tokenizer, shard_bytes=4096, progress=False)
+    after = {p.name: p.stat().st_mtime_ns for p in sorted(index.parent.glob("shard_*.bin"))}
+    assert [n for n in after if after[n] != before[n]] == [shards[2].name]  # only the missing one was rebuilt
+    assert np.array_equal(stream(index), full)
+
+
+def test_a_bad_line_names_its_file_and_line_from_a_worker(tmp_path, tokenizer):
+    lines = [json.dumps({"text": t}) + "\n" for t in poems(200)]
+    lines[150] = '{"text": 5}\n'
+    (tmp_path / "c.jsonl").write_text("".join(lines), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{tmp_path / 'c.jsonl'}:151: .*\"text\""):
+        build_shards(tmp_path / "c.jsonl", tokenizer, num_proc=2, shard_bytes=4096, progress=False)
+    assert not list((tmp_path).glob(".minillm-tokens-*/index.json"))  # nothing vouches for a partial cache
+
+
+def test_training_on_a_directory_with_two_tokenizer_processes(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"part{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in poems(80, 80 * i)),
+                                             encoding="utf-8")
+    code, out, err = run_train_cli("pretrain", "--data_path", data, "--num_proc", "2", "--eval_data", "",
+                                   "--out_dir", tmp_path / "out", "--max_length", "32", "--batch_size", "2",
+                                   "--max_steps", "2", "--hidden_size", "64", "--num_hidden_layers", "2",
+                                   "--num_attention_heads", "4", "--num_key_value_heads", "2", capsys=capsys)
+    assert code == 0, err
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    code, _, err = run_train_cli("pretrain", "--data_path", tmp_path / "nothing-*.jsonl", "--eval_data", "",
+                                 "--out_dir", tmp_path / "o2", capsys=capsys)
+    assert code == 1 and "no such file, and no .jsonl, .jsonl.gz, .txt files there" in err
