@@ -32,20 +32,25 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
 
 
-def fsync_path(path: Path) -> None:
-    """Flush a file, or a folder and every file in it, to the disk."""
-    if path.is_dir():
-        for child in path.iterdir():
-            if child.is_file():
-                fsync_path(child)
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
-    fd = os.open(path, flags)
+def _fsync(path: Path, folder: bool) -> None:
+    """fsync one file, or one folder's own entries (not the files in it)."""
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
     try:
         os.fsync(fd)
     except OSError:  # some file systems cannot fsync a folder; the rename is still atomic
         pass
     finally:
         os.close(fd)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder and everything below it (what atomic_path just wrote), to the disk."""
+    if path.is_dir():
+        for child in path.iterdir():
+            fsync_path(child)
+        _fsync(path, folder=True)
+    elif path.is_file():
+        _fsync(path, folder=False)
 
 
 def _umask() -> int:
@@ -120,7 +125,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         remove(tmp)
         raise
-    fsync_path(path.parent)
+    # The rename itself: only the folder's entries. Its other files may belong to concurrent writers
+    # (other ranks, tokenizer workers) and may vanish at any moment.
+    _fsync(path.parent, folder=True)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
