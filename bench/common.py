@@ -200,7 +200,8 @@ class MemoryResult:
     """What the workload added on top of the loaded model (peak - baseline)."""
 
 
-def _rss_kib(field: str) -> int:
+def rss_kib(field: str) -> int:
+    """A VmRSS/VmHWM line of /proc/self/status, in KiB."""
     status = Path("/proc/self/status").read_text()
     return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M).group(1))
 
@@ -222,9 +223,9 @@ def _memory_child(queue, workload: Callable, side: str, directory: str, device_n
         return
     # Reset the high-water mark to the current RSS (Linux >= 4.0), so loading spikes don't count.
     Path("/proc/self/clear_refs").write_text("5")
-    base = _rss_kib("VmRSS")
+    base = rss_kib("VmRSS")
     step()
-    peak = _rss_kib("VmHWM")
+    peak = rss_kib("VmHWM")
     queue.put((peak / 1024, (peak - base) / 1024))
 
 

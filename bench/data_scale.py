@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import print_table
+
 REPO = Path(__file__).resolve().parent.parent
 
 BUILD = """
@@ -93,10 +95,7 @@ def main() -> None:
     print("# sharded cache build (64 MB shards) and train_pretrain.py --max_steps 1 on it (default model)")
     header = ["corpus MB", "processes", "tokens", "build s", "MB/s", "peak RSS main MiB", "peak RSS worker MiB",
               "launch to first step s"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -25,12 +24,6 @@ from pathlib import Path
 import torch
 
 MODES = {"ddp": [], "fsdp": ["--fsdp"], "fsdp + activation checkpointing": ["--fsdp", "--ac"]}
-
-
-def rss_mib(field: str) -> float:
-    """A VmRSS/VmHWM line of /proc/self/status, in MiB."""
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) / 1024
 
 
 def local_bytes(tensors) -> int:
@@ -44,7 +37,7 @@ def local_bytes(tensors) -> int:
 
 def worker(args: argparse.Namespace) -> None:
     """One rank: set up, train --steps steps, print one JSON line."""
-    from common import CONFIGS
+    from common import CONFIGS, rss_kib
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from minillm.distributed import setup_distributed, teardown_distributed
@@ -66,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(env.rank)
     x = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), generator=g)
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark: measure the steps
-    after_setup = rss_mib("VmRSS")
+    after_setup = rss_kib("VmRSS") / 1024
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = wrapped(x, labels=x).loss
@@ -79,7 +72,7 @@ def worker(args: argparse.Namespace) -> None:
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
     print(json.dumps({"rank": env.rank, "params": local_bytes(params), "grads": local_bytes(p.grad for p in params),
                       "optimizer": local_bytes(state), "rss_after_setup": after_setup,
-                      "peak_rss": rss_mib("VmHWM"), "step_s": seconds}), flush=True)
+                      "peak_rss": rss_kib("VmHWM") / 1024, "step_s": seconds}), flush=True)
     teardown_distributed()
 
 
@@ -96,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    from common import CONFIGS, environment
+    from common import CONFIGS, environment, print_table
 
     from minillm.model import MiniLLM
 
@@ -121,10 +114,7 @@ def main() -> None:
     print(f"# {environment(torch.device('cpu'))}")
     header = ["mode", "rank", "params MiB", "grads MiB", "AdamW MiB", "state MiB", "peak RSS MiB",
               "peak above setup MiB", "s/step"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

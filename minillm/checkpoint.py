@@ -142,8 +142,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, stat
         previous = latest_checkpoint(out_dir)
         kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
         raise RuntimeError(f"{reason} while writing checkpoint step {step} in {final.parent}; {kept}") from None
-    for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-        delete_checkpoint(old)
+    keep_newest(out_dir, keep)
     return final
 
 
@@ -184,9 +183,14 @@ def save_sharded_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Modu
             tokenizer.save_pretrained(tmp)
         torch.save(state.to_dict(), tmp / STATE_NAME)
         write_manifest(tmp, step)
+    keep_newest(out_dir, keep)
+    return final
+
+
+def keep_newest(out_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (keep 0: none are deleted)."""
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         delete_checkpoint(old)
-    return final
 
 
 def delete_checkpoint(path: Path) -> None:

@@ -113,17 +113,18 @@ def vocab_of(tokenizer: Tokenizer, vocab_size: int) -> Vocab:
     added = tokenizer.backend.get_added_tokens_decoder()
     if len(by_id) > vocab_size:
         raise ExportError(f"the tokenizer has {len(by_id)} tokens but the model only {vocab_size} rows")
+    kinds = gguf.TokenType
     tokens, types = [], []
     for i in range(vocab_size):
         if i not in by_id:  # embedding rows beyond the tokenizer (Qwen2 pads its table): never produced
             tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
+            types.append(int(kinds.UNUSED))
         else:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL if i not in added else
-                         gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+            kind = kinds.NORMAL if i not in added else kinds.CONTROL if added[i].special else kinds.USER_DEFINED
+            types.append(int(kind))
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-    return Vocab(tokens, [int(t) for t in types], merges, pre)
+    return Vocab(tokens, types, merges, pre)
 
 
 def _file_type(dtype: str) -> tuple[object, int]:
@@ -211,25 +212,24 @@ def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: Path, dtype: 
     matrix_type, file_type = _file_type(dtype)
     state = model.state_dict()
     # Tensor infos first (names, shapes, types), then the data one tensor at a time.
-    planned = [(gguf_name(n), tuple(t.shape)) for n, t in to_hf_state_dict(state, config).items()]
-    planned = [(gname, shape, _tensor_type(shape, matrix_type)) for gname, shape in planned]
+    shapes = {gguf_name(n): tuple(t.shape) for n, t in to_hf_state_dict(state, config).items()}
+    types = {gname: _tensor_type(shape, matrix_type) for gname, shape in shapes.items()}
     w = gguf.GGUFWriter(None, arch)
     _add_metadata(w, config, vocab, tokenizer, name, int(file_type))
-    for gname, shape, ttype in planned:
-        byte_shape = gguf.quant_shape_to_byte_shape(shape, ttype)
-        w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=ttype)
+    for gname, shape in shapes.items():
+        byte_shape = gguf.quant_shape_to_byte_shape(shape, types[gname])
+        w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=types[gname])
     with atomic_path(out) as tmp:
         try:
             w.write_header_to_file(Path(tmp))
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            types = {gname: ttype for gname, _, ttype in planned}
             for gname, t in gguf_tensors(state, config, arch):
                 data = gguf.quants.quantize(t.numpy(), types[gname])
                 w.write_tensor_data(np.ascontiguousarray(data).view(np.uint8))
         finally:
             w.close()
-    return {"architecture": arch, "pre_tokenizer": vocab.pre, "tensors": len(planned), "dtype": dtype,
+    return {"architecture": arch, "pre_tokenizer": vocab.pre, "tensors": len(shapes), "dtype": dtype,
             "bytes": out.stat().st_size}
 
 

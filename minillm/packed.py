@@ -22,7 +22,7 @@ from tqdm import tqdm
 from minillm.data import check_max_length
 from minillm.files import atomic_path, atomic_write, remove_stale_temporaries, sha256_file
 from minillm.jsonl import DataError, file_key, get_str, iter_records, text_expected
-from minillm.shards import INDEX_NAME, TokenShards
+from minillm.shards import INDEX_NAME, TokenShards, token_dtype, write_documents
 
 if TYPE_CHECKING:
     from minillm.tokenizer import Tokenizer
@@ -31,10 +31,6 @@ __all__ = ["PackedDataset", "load_packed_header", "packed_cache", "prepare_token
 
 # v2: special-token strings inside texts are encoded as plain text (v1 turned them into control tokens).
 _PACKED_FORMAT = "minillm-packed-v2"
-
-
-def _token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 def _header_path(bin_path: Path) -> Path:
@@ -57,8 +53,7 @@ def prepare_tokens(
     """
     src, out = Path(jsonl_path), Path(out_path)
     header_path = _header_path(out)
-    dtype = _token_dtype(tokenizer.vocab_size)
-    eos = tokenizer.eos_id
+    dtype = token_dtype(tokenizer.vocab_size)
     size_before, mtime_before = file_key(src)
     hasher = hashlib.sha256()
     n_tokens = n_docs = n_chars = 0
@@ -75,12 +70,7 @@ def prepare_tokens(
 
         def flush() -> None:
             nonlocal n_tokens
-            flat: list[int] = []
-            for ids in tokenizer.encode_batch(texts):
-                flat += ids
-                flat.append(eos)
-            np.asarray(flat, dtype=dtype).tofile(w)  # one write per chunk
-            n_tokens += len(flat)
+            n_tokens += write_documents(tokenizer, texts, dtype, w)
             texts.clear()
 
         for where, obj in iter_records(src, on_line=seen):
@@ -100,7 +90,7 @@ def prepare_tokens(
         "n_chars": n_chars,
         "dtype": dtype.name,
         "vocab_size": tokenizer.vocab_size,
-        "eos_id": eos,
+        "eos_id": tokenizer.eos_id,
         "tokenizer_fingerprint": tokenizer.fingerprint(),
         "source": {
             "path": str(src),
@@ -238,9 +228,6 @@ class PackedDataset(Dataset):
 
     def max_token_id(self) -> int:
         """Largest token id in the cache (a full scan of the memory maps)."""
-        if self.shards:
-            return int(max(self.shards.slice(a, b).max() for a, b in zip(self.shards.starts[:-1],
-                                                                         self.shards.starts[1:]) if b > a))
-        return int(self.tokens.max())
+        return self.shards.max_id() if self.shards else int(self.tokens.max())
 
 

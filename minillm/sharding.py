@@ -75,17 +75,16 @@ def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's tensors on the CPU, gathered on rank 0 (empty elsewhere; a collective)."""
-    if not is_sharded(model):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def gathered_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A plain copy of a sharded model with all its weights, on the CPU of rank 0 (None elsewhere; a collective).
+
+    This is what the run's final model directory is written from, in the Hugging Face layout.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def plain_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """An unsharded model of the same class and config holding `state` (to save in the Hugging Face layout)."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not state:  # ranks other than 0 receive nothing
+        return None
     with torch.device("meta"):
         copy = type(model)(model.config)
     copy.load_state_dict(state, strict=True, assign=True)

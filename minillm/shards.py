@@ -40,6 +40,21 @@ _FORMAT = "minillm-shards-v1"
 _BOM = b"\xef\xbb\xbf"
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The cache's id type: uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def write_documents(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype, w) -> int:
+    """Append each text's ids and <|endoftext|> to the binary file `w` in one write; the tokens written."""
+    flat: list[int] = []
+    for ids in tokenizer.encode_batch(texts):
+        flat += ids
+        flat.append(tokenizer.eos_id)
+    np.asarray(flat, dtype=dtype).tofile(w)
+    return len(flat)
+
+
 def resolve_sources(spec: str | os.PathLike) -> list[Path]:
     """The data files `spec` names: itself, every data file below a directory, or a glob's matches; sorted."""
     path = Path(spec)
@@ -83,6 +98,11 @@ def plan_shards(files: list[Path], shard_bytes: int) -> list[Shard]:
                 cuts.append(fh.tell())
         shards += [Shard(str(f), a, b, size, mtime) for a, b in zip(cuts, [*cuts[1:], size])]
     return shards
+
+
+def _length(shard: Shard) -> int:
+    """Bytes of the source a shard covers."""
+    return (shard.end if shard.end >= 0 else shard.size) - shard.start
 
 
 def _documents(shard: Shard, hasher) -> Iterator[str]:
@@ -136,27 +156,18 @@ def _build(job: tuple[Shard, str, int]) -> dict[str, Any]:
     """Tokenize one shard into its .bin (atomically), then its header; the header."""
     shard, out, chunk = job
     tok, out = _worker_tokenizer, Path(out)
-    dtype = np.dtype(np.uint16) if tok.vocab_size <= 1 << 16 else np.dtype(np.uint32)
+    dtype = token_dtype(tok.vocab_size)
     hasher, texts = hashlib.sha256(), []
     counts = {"n_tokens": 0, "n_documents": 0, "n_chars": 0}
-
-    def flush(w) -> None:
-        flat = []
-        for ids in tok.encode_batch(texts):
-            flat += ids
-            flat.append(tok.eos_id)
-        np.asarray(flat, dtype=dtype).tofile(w)
-        counts["n_tokens"] += len(flat)
-        texts.clear()
-
     with atomic_path(out) as tmp, open(tmp, "wb") as w:
         for text in _documents(shard, hasher):
             texts.append(text)
             counts["n_documents"] += 1
             counts["n_chars"] += len(text)
             if len(texts) >= chunk:
-                flush(w)
-        flush(w)
+                counts["n_tokens"] += write_documents(tok, texts, dtype, w)
+                texts.clear()
+        counts["n_tokens"] += write_documents(tok, texts, dtype, w)
     if file_key(Path(shard.source)) != (shard.size, shard.mtime_ns):
         out.unlink()
         raise DataError(f"{shard.source}: file changed while it was being tokenized; run again")
@@ -205,10 +216,11 @@ def build_shards(spec: str | os.PathLike, tokenizer: Tokenizer, num_proc: int = 
     headers: list[dict | None] = [_done(o, s, fingerprint) for o, s in zip(outs, shards)]
     positions = [i for i, h in enumerate(headers) if h is None]
     todo = [(shards[i], str(outs[i]), chunk_size) for i in positions]
-    total = sum((s.end if s.end >= 0 else s.size) - s.start for s, _, _ in todo)
+    total = sum(_length(s) for s, _, _ in todo)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {len(todo)} of {len(shards)} shards",
               disable=not progress or not todo) as bar:
         init = (tokenizer.backend.to_str(), max(1, (os.cpu_count() or 1) // max(1, num_proc)))
+        pool = None
         if num_proc <= 1 or len(todo) <= 1:
             _init_worker(*init)
             built = map(_build, todo)
@@ -218,9 +230,9 @@ def build_shards(spec: str | os.PathLike, tokenizer: Tokenizer, num_proc: int = 
         try:
             for i, header in zip(positions, built):
                 headers[i] = header
-                bar.update((shards[i].end if shards[i].end >= 0 else shards[i].size) - shards[i].start)
+                bar.update(_length(shards[i]))
         finally:
-            if num_proc > 1 and len(todo) > 1:
+            if pool is not None:
                 pool.terminate()
     index = {"format": _FORMAT, "tokenizer_fingerprint": fingerprint, "vocab_size": tokenizer.vocab_size,
              "eos_id": tokenizer.eos_id, "shards": headers,
@@ -260,12 +272,13 @@ class TokenShards:
     def slice(self, a: int, b: int) -> np.ndarray:
         """Tokens [a, b) of the stream, across shard boundaries."""
         maps, parts = self._mapped(), []
-        first = int(np.searchsorted(self.starts, a, side="right")) - 1
-        for i in range(first, len(maps)):
-            lo, hi = max(a, self.starts[i]), min(b, self.starts[i + 1])
-            if lo >= hi:
-                if self.starts[i] >= b:
-                    break
-                continue
-            parts.append(maps[i][lo - self.starts[i]:hi - self.starts[i]])
+        i = int(np.searchsorted(self.starts, a, side="right")) - 1  # the shard holding token a
+        while a < b:
+            end = min(b, int(self.starts[i + 1]))
+            parts.append(maps[i][a - self.starts[i]:end - self.starts[i]])
+            a, i = end, i + 1
         return np.concatenate(parts) if len(parts) != 1 else np.asarray(parts[0])
+
+    def max_id(self) -> int:
+        """Largest token id in the stream (a full scan of the memory maps)."""
+        return max(int(m.max()) for m in self._mapped() if len(m))

@@ -35,10 +35,11 @@ from minillm.data import (
 from minillm.distributed import DistEnv, all_reduce_sum, barrier, resolve_device, resolve_dtype
 from minillm.evaluation import evaluate_perplexity
 from minillm.files import DirLock, check_writable, remove, remove_stale_temporaries
+from minillm.lora import has_lora
 from minillm.model import MiniLLM
 from minillm.progress import METRICS_NAME, Progress, plot_metrics, trim_metrics
 from minillm.schedule import cosine_lr
-from minillm.sharding import apply_fsdp, full_state_dict, gradient_sync, is_sharded, plain_copy
+from minillm.sharding import apply_fsdp, gathered_model, gradient_sync, is_sharded
 from minillm.train_config import TrainConfig, TrainResult
 
 
@@ -203,8 +204,6 @@ def warmup_for(cfg: TrainConfig, total_steps: int, warn: bool) -> int:
 
 def check_fsdp(model: torch.nn.Module, amp_dtype: torch.dtype) -> None:
     """Refuse what --fsdp does not support, with the way out."""
-    from minillm.lora import has_lora
-
     if has_lora(model):
         raise ValueError("--fsdp with --lora is not supported: LoRA trains a few adapters on a frozen base, "
                          "which DDP (without --fsdp) handles with less communication")
@@ -295,10 +294,10 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
             return result
         finally:
             stop.raise_now = False
-        gathered = full_state_dict(model) if is_sharded(model) else None  # a collective; full on rank 0 only
+        final = gathered_model(model) if is_sharded(model) else model  # under --fsdp a collective
         if env.is_main:
             progress.held_out(step, result.eval_loss)
-            save_model(plain_copy(model, gathered) if gathered else model, cfg.out_dir, tokenizer)  # LoRA: adapter
+            save_model(final, cfg.out_dir, tokenizer)  # with LoRA: the adapter only
             if not plot_metrics(progress.path, Path(cfg.out_dir) / "loss.png"):
                 print("(no loss.png: pip install matplotlib, and log at least one step with --log_every)")
     return result
