@@ -1,4 +1,4 @@
-"""Per-process memory of DDP, FSDP2 and FSDP2 + activation checkpointing: 2 CPU processes (gloo), one table.
+"""Per-process memory of DDP, FSDP2, FSDP2 + activation checkpointing (+ chunked loss): 2 CPU processes (gloo), one table.
 
 Each mode runs as its own `torchrun --nproc_per_node 2` job of this file. Every rank builds the model,
 wraps or shards it, builds the optimizer and runs --steps training steps on random tokens. It reports:
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-MODES = {"ddp": [], "fsdp": ["--fsdp"], "fsdp + activation checkpointing": ["--fsdp", "--ac"]}
+MODES = {"ddp": [], "fsdp": ["--fsdp"], "fsdp + activation checkpointing": ["--fsdp", "--ac"],
+         "fsdp + activation checkpointing + loss_chunk 64": ["--fsdp", "--ac", "--loss_chunk", "64"]}
 
 
 def local_bytes(tensors) -> int:
@@ -62,7 +63,7 @@ def worker(args: argparse.Namespace) -> None:
     after_setup = rss_kib("VmRSS") / 1024
     start = time.perf_counter()
     for _ in range(args.steps):
-        loss = wrapped(x, labels=x).loss
+        loss = wrapped(x, labels=x, loss_chunk=args.loss_chunk).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fsdp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ac", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--loss_chunk", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
