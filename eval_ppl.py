@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "cuda:LOCAL_RANK)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="compute dtype; bfloat16/float16 run under autocast with float32 weights "
-                        "(default: auto = bfloat16 on GPU, float32 on CPU)")
+                        "(default: auto = bfloat16 on GPU and on CPUs with native bf16 matrix units, else float32)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the result (sums, metrics and settings) as JSON to PATH")
     return p.parse_args(argv)

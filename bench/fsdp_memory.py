@@ -43,9 +43,8 @@ def worker(args: argparse.Namespace) -> None:
 
     from minillm.distributed import setup_distributed, teardown_distributed
     from minillm.model import MiniLLM
+    from minillm.optim import build_optimizer
     from minillm.sharding import apply_fsdp
-    from minillm.train_config import TrainConfig
-    from minillm.trainer import build_optimizer
 
     env = setup_distributed("cpu")
     torch.manual_seed(0)
@@ -56,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
     else:
         wrapped = DDP(model)
     model.activation_checkpointing = args.ac
-    optimizer = build_optimizer(model, TrainConfig(), env.device)
+    optimizer = build_optimizer(model, "adamw", 5e-4, 0.1, env.device)
     g = torch.Generator().manual_seed(env.rank)
     x = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), generator=g)
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark: measure the steps

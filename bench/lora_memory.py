@@ -46,8 +46,7 @@ def worker(args: argparse.Namespace) -> dict:
     from minillm.config import LMConfig
     from minillm.lora import apply_lora, parameter_counts
     from minillm.model import MiniLLM
-    from minillm.train_config import TrainConfig
-    from minillm.trainer import build_optimizer
+    from minillm.optim import build_optimizer
 
     torch.set_num_threads(args.threads)
     baseline = peak_rss_mib()  # the interpreter plus torch, before any model exists
@@ -56,7 +55,7 @@ def worker(args: argparse.Namespace) -> dict:
     if args.method == "lora":
         apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r)
     trainable, total = parameter_counts(model)
-    optimizer = build_optimizer(model, TrainConfig(learning_rate=1e-4), torch.device("cpu"))
+    optimizer = build_optimizer(model, "adamw", 1e-4, 0.1, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     V = model.config.vocab_size
     model.train()

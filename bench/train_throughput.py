@@ -36,8 +36,7 @@ from common import (
     write_checkpoint,
 )
 
-from minillm.train_config import TrainConfig
-from minillm.trainer import build_optimizer
+from minillm.optim import build_optimizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -59,7 +58,7 @@ def make_train_step(side: str, model: torch.nn.Module, device: torch.device, bat
     vocab = model.config.vocab_size
     X, Y, M = make_batch(vocab, batch_size, seq_len, seed, device)
     Y_hf = Y.masked_fill(M == 0, -100)  # transformers masks through ignored labels
-    optimizer = build_optimizer(model, TrainConfig(), device)
+    optimizer = build_optimizer(model, "adamw", 5e-4, 0.1, device)
     params = [p for p in model.parameters() if p.requires_grad]
     forward = torch.compile(model) if compile else model
     autocast = (torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "float32"

@@ -18,6 +18,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from minillm.tasks import IMAGERY  # the image words of "words" prompts, which eval_tasks.py asks for too
+
 PACKAGE = "chinese-poetry"
 VERSION = "2.0.1"
 HERE = Path(__file__).resolve().parent
@@ -66,12 +68,6 @@ THEMES = {  # word in the title -> how a user names the theme
 }
 GONGDIAO = {"仙吕", "南吕", "中吕", "黄钟", "正宫", "大石调", "小石调", "般涉调", "商调", "商角调", "双调",
             "越调", "高平调", "歇指调", "道宫", "宫调"}
-IMAGERY = [
-    "明月", "春风", "故乡", "黄昏", "杨柳", "落花", "斜阳", "秋风", "白云", "青山", "流水", "芳草",
-    "梧桐", "西风", "东风", "归来", "天涯", "相思", "江南", "长安", "孤舟", "夕阳", "烟雨", "千里",
-    "万里", "故人", "浮云", "楼台", "黄河", "桃花", "梨花", "杜鹃", "鸳鸯", "帘幕", "阑干", "何处",
-    "风雨", "黄花", "清风", "白发", "少年", "美人", "春色", "秋色", "寒食", "重阳",
-]
 
 _CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f〇"
 _PUNCT = "，。、？！：；“”‘’《》·…—"

@@ -41,8 +41,9 @@ STATE_NAME = "state.pt"
 MANIFEST_NAME = "manifest.json"
 # Settings that fix the data order: a resume that changes them would not continue the run. The batch
 # layout (batch_size x accumulation_steps x processes) may change if the global batch stays the same:
-# step s always takes positions [s G, (s + 1) G) of the epoch's shuffle, however they are split.
-EXACT_SETTINGS = ("seed", "group_by_length", "global_batch")
+# step s always takes positions [s G, (s + 1) G) of the epoch's shuffle, however they are split. The
+# optimizer's kind fixes the shape of its saved state.
+EXACT_SETTINGS = ("seed", "group_by_length", "global_batch", "optimizer")
 LAYOUT_SETTINGS = ("batch_size", "accumulation_steps", "processes")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -90,6 +91,8 @@ class TrainState:
     """sha256 of the frozen base weights when only LoRA adapters train (they fit no other base)."""
     identity: dict | None = None
     """What the run trains on: the data (kind, size, content) and the model's shape; fixed for a run."""
+    train_seconds: float = 0.0
+    """Training time up to this step (the clock of --max_minutes and of its schedule)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict for torch.save (not deep-copied)."""
@@ -99,7 +102,7 @@ class TrainState:
     def from_dict(cls, d: Any, source: str | Path = "state") -> TrainState:
         """Rebuild from to_dict(); ValueError naming `source` when a field is missing."""
         names = [f.name for f in fields(cls)]
-        required = [f.name for f in fields(cls) if f.name not in ("lora_base", "identity")]
+        required = [f.name for f in fields(cls) if f.name not in ("lora_base", "identity", "train_seconds")]
         missing = [n for n in required if not isinstance(d, dict) or n not in d]
         if missing:
             raise ValueError(f"{source}: not a minillm training state (missing {', '.join(missing)})")
@@ -312,7 +315,7 @@ class Checkpointer:
         # With LoRA the base weights are frozen and not in the checkpoint: record which base it fits.
         self.lora_base = base_fingerprint(model) if has_lora(model) else None
 
-    def capture(self, step: int) -> TrainState:
+    def capture(self, step: int, train_seconds: float = 0.0) -> TrainState:
         """The live training state after `step` optimizer steps (a collective under torch.distributed)."""
         rngs = [rng_state()]
         if self.world_size > 1:
@@ -321,7 +324,7 @@ class Checkpointer:
         optimizer = {} if self.sharded else self.optimizer.state_dict()
         return TrainState(step=step, optimizer=optimizer, scaler=self.scaler.state_dict(),
                           rng=rngs, world_size=self.world_size, train_config=self.train_config,
-                          lora_base=self.lora_base, identity=self.identity)
+                          lora_base=self.lora_base, identity=self.identity, train_seconds=train_seconds)
 
     def check_compatible(self, state: TrainState, source: Path) -> None:
         """Refuse a resume that would not continue the same run; note the settings it may change."""
@@ -355,9 +358,9 @@ class Checkpointer:
         self.scaler.load_state_dict(state.scaler)
         set_rng_state(state.rng[self.rank] if self.rank < len(state.rng) else state.rng[0])
 
-    def save(self, step: int) -> Path | None:
+    def save(self, step: int, train_seconds: float = 0.0) -> Path | None:
         """Write the checkpoint of `step` (rank 0); returns its path there, None elsewhere."""
-        state = self.capture(step)
+        state = self.capture(step, train_seconds)
         if self.sharded:
             return save_sharded_checkpoint(self.out_dir, step, self.model, self.optimizer, state, self.rank,
                                            self.keep, self.tokenizer)
@@ -365,10 +368,10 @@ class Checkpointer:
             return None
         return save_checkpoint(self.out_dir, step, self.model, state, keep=self.keep, tokenizer=self.tokenizer)
 
-    def resume(self) -> tuple[int, Path | None]:
-        """Load the newest intact checkpoint into the model and the training state; (its step, its path).
+    def resume(self) -> tuple[TrainState | None, Path | None]:
+        """Load the newest intact checkpoint into the model and the training state; (its state, its path).
 
-        A damaged checkpoint is skipped with a note naming it and why; (0, None) when none is left.
+        A damaged checkpoint is skipped with a note naming it and why; (None, None) when none is left.
         """
         for path in reversed(list_checkpoints(self.out_dir)):
             try:
@@ -389,5 +392,5 @@ class Checkpointer:
             else:
                 load_weights(path, self.model)
             self.restore(state)
-            return state.step, path
-        return 0, None
+            return state, path
+        return None, None

@@ -16,7 +16,7 @@ import torch
 from minillm.checkpoint import CHECKPOINT_DIR
 from minillm.config import LMConfig
 from minillm.data import DataError, PretrainDataset, SFTDataset, check_vocab
-from minillm.distributed import DTYPES, barrier, setup_distributed, teardown_distributed
+from minillm.distributed import DTYPES, barrier, dtype_reason, setup_distributed, teardown_distributed
 from minillm.evaluation import read_documents
 from minillm.files import check_writable
 from minillm.lora import DEFAULT_TARGETS, apply_lora, load_adapter, merge_lora, parameter_counts
@@ -245,6 +245,8 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
         print(f"{kind}: {model.num_parameters() / 1e6:.2f}M parameters, {len(dataset):,} examples of "
               f"{args.max_length} tokens from {args.data_path}, {env.world_size} process(es) on {env.device}, "
               f"out_dir {cfg.out_dir}")
+        print(f"compute dtype {dtype_reason(cfg.dtype, env.device)}; optimizer {cfg.optimizer}"
+              + (f"; {cfg.max_minutes:g} minutes of training" if cfg.max_minutes else ""))
     result = train(model, dataset, cfg, eval_documents=eval_docs, tokenizer=tokenizer, env=env)
     if args.merge and env.is_main and not result.interrupted:
         merge_lora(model).save_pretrained(Path(cfg.out_dir) / "merged", tokenizer=tokenizer)
@@ -311,7 +313,8 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda or cuda:N (default: auto = cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="dtype of the weights and the KV cache (default: auto = bfloat16 on GPUs that support it, "
-                        "else float16 on GPU, float32 on CPU)")
+                        "else float16 on GPU; bfloat16 on CPUs with native bf16 matrix units (AMX, AVX512-BF16), "
+                        "else float32)")
 
 
 # The specific failures of bad input in the scripts that use a trained model; anything else is a bug and

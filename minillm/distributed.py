@@ -39,13 +39,35 @@ def resolve_device(device: str | None = None) -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def native_bf16() -> bool:
+    """True when this CPU multiplies bfloat16 matrices in hardware (AMX tiles or AVX512-BF16), as oneDNN uses.
+
+    MINILLM_NATIVE_BF16=0/1 overrides the detection (tests; a CPU the check gets wrong).
+    """
+    forced = os.environ.get("MINILLM_NATIVE_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """A --dtype value on this device: auto is bfloat16 on GPUs that support it, else float16; float32 on CPU."""
+    """A --dtype value on this device: auto is bfloat16 on GPUs that support it (else float16), and on CPUs
+    with native bf16 matrix units; float32 on other CPUs (which emulate bf16, slower than float32)."""
     if name != "auto":
         return DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # bfloat16 is much slower than float32 on CPUs without native bf16 matmuls
+    return torch.bfloat16 if native_bf16() else torch.float32
+
+
+def dtype_reason(name: str, device: torch.device) -> str:
+    """What --dtype NAME means on this device, and why, for a run's first lines."""
+    dtype = str(resolve_dtype(name, device)).removeprefix("torch.")
+    if name != "auto":
+        return f"{dtype} (--dtype)"
+    if device.type == "cuda":
+        return f"{dtype} (auto: {'the GPU supports bf16' if dtype == 'bfloat16' else 'no bf16 on this GPU'})"
+    return f"{dtype} (auto: {'the CPU has' if dtype == 'bfloat16' else 'no'} native bf16 matrix units)"
 
 
 def setup_distributed(device: str | None = None) -> DistEnv:

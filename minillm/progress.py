@@ -87,8 +87,8 @@ class Progress:
     def __exit__(self, *exc) -> None:
         self.close()  # a message printed after an error starts on a line of its own
 
-    def begin(self, total_steps: int, start_step: int) -> None:
-        """Show the bar, at start_step of total_steps; the clock starts now."""
+    def begin(self, total_steps: int | None, start_step: int) -> None:
+        """Show the bar, at start_step of total_steps (None: unknown, a time budget); the clock starts now."""
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.enabled, dynamic_ncols=True,
                         desc="train", unit="step")
         self._t0 = self._t_window = time.perf_counter()
@@ -116,10 +116,10 @@ class Progress:
             self.log({"step": step, "loss": loss, "lr": lr, **fields, "tokens": self.tokens, "tokens_per_s": tok_s})
             self._window_tokens, self._t_window = 0, now
 
-    def held_out(self, step: int, loss: float | None) -> None:
-        """Record a held-out loss."""
+    def held_out(self, step: int, loss: float | None, seconds: float | None = None) -> None:
+        """Record a held-out loss (with the training seconds spent so far, when given)."""
         if loss is not None:
-            self.log({"step": step, "eval_loss": loss})
+            self.log({"step": step, "eval_loss": loss, **({"seconds": seconds} if seconds is not None else {})})
             self.note(f"step {step}: held-out loss {loss:.4f}")
 
     def close(self) -> tuple[int, float]:

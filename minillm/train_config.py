@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minillm.distributed import DTYPES
+from minillm.optim import OPTIMIZERS
 
 
 @dataclass
@@ -19,6 +20,8 @@ class TrainConfig:
     """Passes over the training data."""
     max_steps: int = 0
     """If > 0, train for this many optimizer steps instead of whole epochs (the schedule spans them)."""
+    max_minutes: float = 0.0
+    """If > 0, train for this many minutes of training time (held-out evaluations and checkpoints not counted), over as many epochs as fit: the schedule follows the elapsed fraction of the budget. --max_steps still caps the steps."""
     batch_size: int = 16
     """Sequences per micro-batch on each process."""
     accumulation_steps: int = 1
@@ -28,11 +31,15 @@ class TrainConfig:
     warmup_steps: int = 0
     """Optimizer steps of linear warmup from 0 to the peak learning rate."""
     weight_decay: float = 0.1
-    """AdamW weight decay, applied to matrices only (not to norms, biases)."""
+    """Decoupled weight decay, applied to matrices only (not to norms, biases)."""
+    optimizer: str = "adamw"
+    """adamw, or muon: Muon for the blocks' hidden matrices and AdamW for embeddings, norms and biases."""
+    matrix_lr: float = 0.0
+    """With --optimizer muon: peak learning rate of the hidden matrices, on AdamW's scale; 0: learning_rate."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     dtype: str = "auto"
-    """Autocast dtype: auto (bfloat16 on GPUs that support it, else float16; float32 on CPU), float32, bfloat16, float16."""
+    """Autocast dtype: auto (bfloat16 on GPUs that support it, else float16; on CPUs bfloat16 where they have native bf16 matrix units, AMX or AVX512-BF16, else float32), float32, bfloat16, float16."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto (cuda when available). Under torchrun each process takes cuda:LOCAL_RANK."""
     compile: bool = False
@@ -72,13 +79,15 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "num_workers", "loss_chunk"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("learning_rate", "weight_decay", "grad_clip"):
+        for name in ("learning_rate", "weight_decay", "grad_clip", "max_minutes", "matrix_lr"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("grad_clip and weight_decay must be >= 0")
+        if min(self.grad_clip, self.weight_decay, self.max_minutes, self.matrix_lr) < 0:
+            raise ValueError("grad_clip, weight_decay, max_minutes and matrix_lr must be >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
@@ -99,6 +108,8 @@ class TrainResult:
     """Input positions processed in this call, over all processes."""
     seconds: float = 0.0
     """Wall time of the loop in this call."""
+    train_seconds: float = 0.0
+    """Training time of the whole run, before a resume included: the clock --max_minutes counts."""
     interrupted: bool = False
     """True when a signal or should_stop ended the run early (a checkpoint was saved)."""
     checkpoint: Path | None = None

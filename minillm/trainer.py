@@ -1,7 +1,7 @@
 """The one training loop, shared by pretraining and SFT: they differ only in the dataset they pass in.
 
 Per optimizer step: A micro-batches (gradient accumulation) -> autocast forward -> scaled backward
-(DDP syncs on the last micro-batch only) -> unscale -> clip -> AdamW step -> scaler update. The loss of a
+(DDP syncs on the last micro-batch only) -> unscale -> clip -> optimizer step -> scaler update. The loss of a
 step is token-weighted over the whole global batch (all micro-batches, all processes), so one process
 with batch 2B and two processes with batch B compute the same gradient.
 """
@@ -12,10 +12,12 @@ import math
 import random
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,21 +39,11 @@ from minillm.evaluation import evaluate_perplexity
 from minillm.files import DirLock, check_writable, remove, remove_stale_temporaries
 from minillm.lora import has_lora
 from minillm.model import MiniLLM
+from minillm.optim import build_optimizer, set_peak_lr
 from minillm.progress import METRICS_NAME, Progress, plot_metrics, trim_metrics
-from minillm.schedule import cosine_lr
+from minillm.schedule import RunSchedule
 from minillm.sharding import apply_fsdp, gathered_model, gradient_sync, is_sharded
 from minillm.train_config import TrainConfig, TrainResult
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only; the fused kernel on CUDA and on the CPU."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # Fused: one kernel per tensor instead of ~8 passes over it; on the CPU that is 3x faster than the
-    # default for-loop (bench/RESULTS.md).
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                             fused=device.type in ("cuda", "cpu"))
 
 
 class StopSignal:
@@ -132,13 +124,27 @@ class StepBatches:
         return [tuple(t.to(self.device, non_blocking=True) for t in batch) for batch in micro]
 
 
+class StepOutcome(NamedTuple):
+    """What one optimizer step reports, agreed by every process."""
+
+    loss: float
+    grad_norm: float
+    tokens: int
+    stop: bool
+    """A stop was requested on some process."""
+    clock: float
+    """Training seconds at the end of the step, averaged over the processes (one clock for the schedule)."""
+
+
 def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, micro: list[tuple[torch.Tensor, ...]], amp_dtype: torch.dtype,
-               env: DistEnv, grad_clip: float, stop_requested: bool, loss_chunk: int = 0
-               ) -> tuple[float, float, int, bool]:
-    """One optimizer step over the micro-batches: (loss, grad norm, input positions, stop on any rank).
+               env: DistEnv, grad_clip: float, stop_requested: bool, loss_chunk: int = 0,
+               clock_base: float | None = None) -> StepOutcome:
+    """One optimizer step over the micro-batches.
 
-    The stop flag rides along with the loss in one all-reduce, so stopping costs no extra sync.
+    The training clock reads clock_base + time.perf_counter() (None: the clock is not kept). The stop flag
+    and the clock ride along with the loss in one all-reduce, so stopping and the time budget cost no
+    extra sync.
     """
     world = env.world_size
     n_global = all_reduce_sum(sum(m_BT.sum() for _, _, m_BT in micro).double())
@@ -153,16 +159,17 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimiz
             loss = out.loss * (m_BT.sum() * world / n_global.clamp(min=1)).float()
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    flags = all_reduce_sum(torch.stack([loss_sum.float() / world,
-                                        torch.tensor(float(stop_requested), device=env.device)]))
-    loss_value, stop_any = flags[0].item(), flags[1].item() > 0
+    clock = 0.0 if clock_base is None else clock_base + time.perf_counter()
+    extra = torch.tensor([float(stop_requested), clock / world], device=env.device)
+    loss_value, stop_any, seconds = all_reduce_sum(torch.cat([(loss_sum.float() / world)[None], extra])).tolist()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")).item()
     if (math.isfinite(loss_value) and math.isfinite(grad_norm)) or scaler.is_enabled():
         scaler.step(optimizer)  # with a scaler, a step with inf/nan gradients is skipped inside
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, grad_norm, sum(x_BT.numel() for x_BT, _, _ in micro) * world, stop_any
+    return StepOutcome(loss_value, grad_norm, sum(x_BT.numel() for x_BT, _, _ in micro) * world, stop_any > 0,
+                       seconds)
 
 
 @contextmanager
@@ -189,17 +196,6 @@ def claim_out_dir(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
             remove_stale_temporaries(out_dir / CHECKPOINT_DIR)  # checkpoints a kill -9 cut short
         barrier()
         yield
-
-
-def warmup_for(cfg: TrainConfig, total_steps: int, warn: bool) -> int:
-    """cfg.warmup_steps, scaled down to a tenth of the run when it would not end before the run does."""
-    if cfg.warmup_steps < total_steps:
-        return cfg.warmup_steps
-    scaled = total_steps // 10
-    if warn:
-        print(f"warning: --warmup_steps {cfg.warmup_steps} >= the run's {total_steps} steps, so the peak "
-              f"learning rate would never be reached; warming up for {scaled} steps instead", file=sys.stderr)
-    return scaled
 
 
 def check_fsdp(model: torch.nn.Module, amp_dtype: torch.dtype) -> None:
@@ -236,17 +232,18 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
         if env.distributed:  # one process has nothing to shard; its checkpoints are still DCP's
             apply_fsdp(model, env, amp_dtype)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
-    optimizer = build_optimizer(model, cfg, env.device)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, env.device, cfg.matrix_lr)
     batches = StepBatches(dataset, cfg, env)
-    total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
-    warmup = warmup_for(cfg, total_steps, warn=env.is_main)
+    schedule = RunSchedule(cfg, batches.steps_per_epoch, warn=env.is_main)
     identity = {"data": dataset_identity(dataset), "model": model.config.shape()}
     checkpointer = Checkpointer(cfg.out_dir, model, optimizer, scaler, asdict(cfg), env.rank, env.world_size,
                                 cfg.keep_checkpoints, tokenizer, identity, sharded=cfg.fsdp)
     progress = Progress(Path(cfg.out_dir), cfg.log_every, env.is_main)
     with claim_out_dir(cfg, env), StopSignal() as stop, progress:
-        start_step = _resume(checkpointer, cfg, env)
-        progress.begin(total_steps, start_step)
+        start_step, clock = _resume(checkpointer, cfg, env)
+        set_peak_lr(optimizer, cfg.learning_rate, cfg.matrix_lr)  # a resume restored the saved groups' rates
+        running = clock
+        progress.begin(schedule.total_steps or None, start_step)
         model.activation_checkpointing = cfg.activation_checkpointing
         wrapped = torch.compile(model) if cfg.compile else model
         if env.distributed and not cfg.fsdp:
@@ -256,36 +253,42 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
         held_out = lambda: held_out_loss(model, eval_documents, dataset, cfg, env.device, amp_dtype)  # noqa: E731
         step, bad_in_row = start_step, 0
         wrapped.train()
-        while step < total_steps and not result.interrupted:
-            lr = cosine_lr(step, total_steps, cfg.learning_rate, warmup)
+        while not schedule.done(step, clock) and not result.interrupted:
+            factor = schedule.lr_factor(step, clock)
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, grad_norm, tokens, stop_any = train_step(wrapped, params, optimizer, scaler, batches.get(step),
-                                                           amp_dtype, env, cfg.grad_clip, stop.requested,
-                                                           cfg.loss_chunk)
-            step += 1
-            result.losses.append(loss)
-            result.skipped_steps += not (math.isfinite(loss) and math.isfinite(grad_norm))
+                group["lr"] = group["peak_lr"] * factor
+            # The clock runs during steps (data and update included), not through evaluations and checkpoints.
+            # This process's own clock is `running`; the processes agree on `clock`, their mean at the step's
+            # all-reduce (a part of one update behind), for the schedule and the end of the run.
+            t_start = time.perf_counter()
+            out = train_step(wrapped, params, optimizer, scaler, batches.get(step), amp_dtype, env, cfg.grad_clip,
+                             stop.requested, cfg.loss_chunk, clock_base=running - t_start)
+            running += time.perf_counter() - t_start
+            step, clock = step + 1, out.clock
+            result.losses.append(out.loss)
+            result.skipped_steps += not (math.isfinite(out.loss) and math.isfinite(out.grad_norm))
             # Overflow under float16 loss scaling is routine (the scaler lowers its scale); a non-finite loss,
             # or a non-finite gradient without a scaler, means the run is diverging.
-            diverging = not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaler.is_enabled())
+            diverging = not math.isfinite(out.loss) or (not math.isfinite(out.grad_norm) and not scaler.is_enabled())
             bad_in_row = bad_in_row + 1 if diverging else 0
             if bad_in_row >= cfg.max_bad_steps:
                 raise RuntimeError(f"step {step}: {bad_in_row} non-finite losses or gradient norms in a row; "
                                    "stopping. Lower --learning_rate or use --dtype bfloat16/float32; the last "
                                    "checkpoint holds finite weights.")
-            progress.step(step, tokens, loss, lr, epoch=(step - 1) // batches.steps_per_epoch, grad_norm=grad_norm,
-                          skipped_steps=result.skipped_steps)
-            result.interrupted = stop_any or (should_stop is not None and should_stop(step))
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and not result.interrupted:
-                progress.held_out(step, held_out())
-            if result.interrupted or (cfg.save_every and step % cfg.save_every == 0 and step < total_steps):
-                result.checkpoint = checkpointer.save(step)
+            progress.step(step, out.tokens, out.loss, cfg.learning_rate * factor,
+                          epoch=(step - 1) // batches.steps_per_epoch, grad_norm=out.grad_norm,
+                          skipped_steps=result.skipped_steps, seconds=clock)
+            result.interrupted = out.stop or (should_stop is not None and should_stop(step))
+            last = schedule.done(step, clock)
+            if cfg.eval_every and step % cfg.eval_every == 0 and not last and not result.interrupted:
+                progress.held_out(step, held_out(), clock)
+            if result.interrupted or (cfg.save_every and step % cfg.save_every == 0 and not last):
+                result.checkpoint = checkpointer.save(step, clock)
         result.tokens, result.seconds = progress.close()
-        result.steps = step
+        result.steps, result.train_seconds = step, clock
         if result.interrupted:
             return result
-        result.checkpoint = checkpointer.save(step)
+        result.checkpoint = checkpointer.save(step, clock)
         try:  # the last evaluation cannot stop half-way and resume: a signal abandons it at once
             stop.raise_now = True
             result.eval_loss = held_out()
@@ -296,18 +299,19 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
             stop.raise_now = False
         final = gathered_model(model) if is_sharded(model) else model  # under --fsdp a collective
         if env.is_main:
-            progress.held_out(step, result.eval_loss)
+            progress.held_out(step, result.eval_loss, clock)
             save_model(final, cfg.out_dir, tokenizer)  # with LoRA: the adapter only
             if not plot_metrics(progress.path, Path(cfg.out_dir) / "loss.png"):
                 print("(no loss.png: pip install matplotlib, and log at least one step with --log_every)")
     return result
 
 
-def _resume(checkpointer: Checkpointer, cfg: TrainConfig, env: DistEnv) -> int:
-    """With --resume: load the newest intact checkpoint and trim metrics.jsonl to it; the step to start from."""
+def _resume(checkpointer: Checkpointer, cfg: TrainConfig, env: DistEnv) -> tuple[int, float]:
+    """With --resume: load the newest intact checkpoint and trim metrics.jsonl to it; (its step, its clock)."""
     if not cfg.resume:
-        return 0
-    start_step, path = checkpointer.resume()
+        return 0, 0.0
+    state, path = checkpointer.resume()
+    start_step, clock = (state.step, state.train_seconds) if state else (0, 0.0)
     if env.is_main:
         print(f"resumed from {path} at step {start_step}" if path else
               f"--resume: no intact checkpoint in {Path(cfg.out_dir) / CHECKPOINT_DIR}, starting from scratch")
@@ -315,7 +319,7 @@ def _resume(checkpointer: Checkpointer, cfg: TrainConfig, env: DistEnv) -> int:
         if torn:
             print(f"note: dropped {torn} unreadable line{'s' * (torn > 1)} of {METRICS_NAME} (cut short by a crash "
                   "or a full disk)")
-    return start_step
+    return start_step, clock
 
 
 def held_out_loss(model: MiniLLM, documents: list[list[int]] | None, dataset: Dataset, cfg: TrainConfig,

@@ -74,10 +74,12 @@ def test_loss_falls_on_the_shipped_corpus(tmp_path, tokenizer, small_corpus):
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
 
 
-def test_resume_is_exact(tmp_path, tokenizer, small_corpus):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_exact(tmp_path, tokenizer, small_corpus, optimizer):
     # Dropout makes the run depend on the RNG state, which the checkpoint must restore too. Two epochs of
-    # 6 steps: the resume lands mid-epoch and the run crosses an epoch boundary after it.
-    kw = dict(max_steps=0, epochs=2, accumulation_steps=2, batch_size=4)
+    # 6 steps: the resume lands mid-epoch and the run crosses an epoch boundary after it. Muon's momentum
+    # and AdamW's moments are both in the checkpoint.
+    kw = dict(max_steps=0, epochs=2, accumulation_steps=2, batch_size=4, optimizer=optimizer)
     lines = small_corpus.read_text(encoding="utf-8").splitlines(keepends=True)[:48]
     (tmp_path / "48.jsonl").write_text("".join(lines), encoding="utf-8")
     small = PretrainDataset(tmp_path / "48.jsonl", tokenizer, max_length=48)

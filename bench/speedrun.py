@@ -1,0 +1,186 @@
+"""Speedrun: held-out bits per byte against training time for named pretraining recipes, one after the other.
+
+Each recipe is a `train_pretrain.py` command line, run in its own process with nothing else running, with
+held-out evaluations every --eval_every steps (their time is not counted: the trainer's clock runs during
+training steps only). The transformers baseline, a plain LlamaForCausalLM loop of the default shape on
+random windows of the packed corpus, runs in the same invocation under the same budget. The script prints
+each recipe's bits per byte over time, the time it needs to reach --target, and the ratio to the first
+recipe's time.
+
+    python bench/speedrun.py --minutes 10 --recipe v0 --recipe default --baseline
+    python bench/speedrun.py --recipe v0 --recipe default             # each recipe's own run length
+    python bench/speedrun.py --minutes 8 --recipe "lr2x=--learning_rate 1e-3"   # an ad-hoc lever
+
+A recipe is a name from RECIPES or `label=flags`. --minutes M adds `--max_minutes M` to every recipe
+(the schedule then spans M minutes); without it each recipe runs as defined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Named recipes: flags for train_pretrain.py. v0 spells out the default recipe of 2026-11-24 (one epoch of
+# 16 x 256 blocks, AdamW at 5e-4, float32) so that it stays runnable whatever the defaults become.
+RECIPES = {
+    "v0": "--epochs 1 --batch_size 16 --max_length 256 --learning_rate 5e-4 --warmup_steps 0 --optimizer adamw "
+          "--hidden_size 512 --num_hidden_layers 8 --num_attention_heads 8 --num_key_value_heads 2 --no-compile",
+    "default": "",
+}
+BASELINE = "transformers"
+
+
+def eval_set(tokenizer) -> tuple[list[list[int]], int, int]:
+    """The held-out documents as token lists, their scored token count and their UTF-8 bytes."""
+    from minillm.evaluation import read_documents
+
+    texts = read_documents(ROOT / "dataset" / "eval.jsonl")
+    docs = tokenizer.encode_batch(texts)
+    return docs, sum(len(d) + 1 for d in docs), sum(len(t.encode("utf-8")) for t in texts)
+
+
+def bits_per_byte(mean_nll: float, tokens: int, n_bytes: int) -> float:
+    """Mean NLL per scored token (nats) -> bits per UTF-8 byte."""
+    return mean_nll * tokens / (n_bytes * math.log(2))
+
+
+def run_recipe(label: str, flags: str, args: argparse.Namespace, tokens: int, n_bytes: int) -> list[tuple]:
+    """Train one recipe in a subprocess; [(seconds, step, bits per byte)] of its held-out evaluations."""
+    out_dir = Path(args.work_dir) / label
+    cmd = [sys.executable, str(ROOT / "train_pretrain.py"), *shlex.split(flags), "--out_dir", str(out_dir),
+           "--overwrite", "--eval_every", str(args.eval_every), "--save_every", "0", "--log_every", "10"]
+    if args.minutes:
+        cmd += ["--max_minutes", str(args.minutes)]
+    print(f"# {label}: {shlex.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    res = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - start
+    if res.returncode:
+        raise SystemExit(f"{label} failed:\n{res.stdout[-3000:]}")
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    points = [(r["seconds"], r["step"], bits_per_byte(r["eval_loss"], tokens, n_bytes))
+              for r in rows if "eval_loss" in r]
+    print(f"# {label}: {len(points)} evaluations, {wall:.0f} s wall; final {points[-1][2]:.4f} bits/byte "
+          f"at {points[-1][0]:.0f} s of training", flush=True)
+    return points
+
+
+def run_baseline(args: argparse.Namespace, docs: list[list[int]], tokens: int, n_bytes: int) -> list[tuple]:
+    """The transformers loop: AdamW 5e-4, betas (0.9, 0.95), wd 0.1, cosine to lr/10 over the budget."""
+    import numpy as np
+    import torch.nn.functional as F
+    import transformers
+
+    from minillm.config import LMConfig
+    from minillm.evaluation import evaluate_perplexity
+    from minillm.model import MiniLLM
+    from minillm.optim import build_optimizer
+    from minillm.packed import PackedDataset
+    from minillm.schedule import cosine_lr, timed_lr
+
+    torch.manual_seed(1337)
+    directory = Path(args.work_dir) / BASELINE
+    MiniLLM(LMConfig()).save_pretrained(directory)  # same shape and initialisation rule as minillm's default
+    transformers.utils.logging.disable_progress_bar()
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                              attn_implementation="sdpa")
+    stream = PackedDataset(ROOT / "dataset" / "pretrain.tokens.bin", 257).tokens
+    optimizer = build_optimizer(model, "adamw", 5e-4, 0.1, torch.device("cpu"))
+    rng = np.random.default_rng(1337)
+    budget, steps = args.minutes * 60, args.baseline_steps
+    length = f"{args.minutes:g} minutes" if args.minutes else f"{steps} steps"
+    print(f"# {BASELINE}: LlamaForCausalLM, {length} of random 16 x 256 windows", flush=True)
+    points, clock, step = [], 0.0, 0
+    while (clock < budget) if budget else (step < steps):
+        factor = timed_lr(step, clock, budget, 1.0) if budget else cosine_lr(step, steps, 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * factor
+        t = time.perf_counter()
+        starts = rng.integers(0, len(stream) - 257, size=16)
+        w = torch.from_numpy(np.stack([stream[s:s + 257].astype(np.int64) for s in starts]))
+        logits = model(input_ids=w[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock += time.perf_counter() - t
+        step += 1
+        last = (clock >= budget) if budget else (step >= steps)
+        if step % args.eval_every == 0 or last:
+            nll = evaluate_perplexity(model, docs, max_length=256, batch_size=16, eos_id=0).mean_nll
+            model.train()
+            points.append((clock, step, bits_per_byte(nll, tokens, n_bytes)))
+    print(f"# {BASELINE}: final {points[-1][2]:.4f} bits/byte at {clock:.0f} s, {step} steps", flush=True)
+    return points
+
+
+def time_to(points: list[tuple], target: float) -> float | None:
+    """Training seconds at which bits per byte first reaches target (linear between evaluations), or None."""
+    prev = (0.0, 0, math.inf)
+    for point in points:
+        if point[2] <= target:
+            if math.isinf(prev[2]):
+                return point[0]
+            return prev[0] + (point[0] - prev[0]) * (prev[2] - target) / (prev[2] - point[2])
+        prev = point
+    return None
+
+
+def main() -> None:
+    """Run the recipes (and the baseline), then print the curves and the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", action="append", default=[],
+                        help=f"a recipe: one of {', '.join(RECIPES)}, or label=flags; repeatable, run in order")
+    parser.add_argument("--minutes", type=float, default=0.0,
+                        help="training-time budget for every recipe (--max_minutes); 0: each recipe's own length")
+    parser.add_argument("--baseline", action="store_true", help="also run the transformers baseline loop")
+    parser.add_argument("--baseline_steps", type=int, default=122,
+                        help="baseline steps without --minutes (default: %(default)s, 499,712 tokens)")
+    parser.add_argument("--target", type=float, default=2.286,
+                        help="bits per byte to time (default: %(default)s, the v0 recipe's one-epoch result)")
+    parser.add_argument("--eval_every", type=int, default=20, help="steps between held-out evaluations")
+    parser.add_argument("--work_dir", default="out/speedrun", help="where each recipe's run is written")
+    parser.add_argument("--json", default=None, help="also write every curve to this JSON file")
+    args = parser.parse_args()
+    recipes = [(r, RECIPES[r]) if r in RECIPES else tuple(r.split("=", 1)) for r in args.recipe or ["default"]]
+    for r in recipes:
+        if len(r) != 2:
+            parser.error(f"--recipe {r[0]!r}: not one of {', '.join(RECIPES)} and not label=flags")
+    from common import environment, print_table
+
+    from minillm.tokenizer import load_tokenizer
+
+    torch.set_num_threads(2)
+    docs, tokens, n_bytes = eval_set(load_tokenizer(None))
+    print(f"# {environment(torch.device('cpu'))}")
+    curves = {label: run_recipe(label, flags, args, tokens, n_bytes) for label, flags in recipes}
+    if args.baseline:
+        curves[BASELINE] = run_baseline(args, docs, tokens, n_bytes)
+    for label, points in curves.items():
+        print(f"{label}: " + ", ".join(f"{s:.0f}s {b:.3f}" for s, _, b in points))
+    reference = time_to(next(iter(curves.values())), args.target)
+    rows = []
+    for label, points in curves.items():
+        t = time_to(points, args.target)
+        ratio = f"{reference / t:.2f}x" if t and reference else "-"
+        rows.append([label, f"{points[-1][2]:.4f}", f"{points[-1][0]:.0f}", str(points[-1][1]),
+                     f"{t:.0f}" if t else "not reached", ratio])
+    print_table(["recipe", "final bits/byte", "training s", "steps", f"s to {args.target}", "speed vs first"], rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"target": args.target, "minutes": args.minutes, "curves": curves}))
+
+
+if __name__ == "__main__":
+    main()

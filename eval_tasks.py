@@ -1,0 +1,129 @@
+"""Behavioural evaluations of a saved model on held-out poems: a thin CLI over minillm.tasks.
+
+    python eval_tasks.py --model out/pretrain          # poetry cloze
+    python eval_tasks.py --model out/sft               # cloze + following the request (chat models)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from minillm.cli import BAD_INPUT, CliError, add_inference_flags, add_model_flags, load_trained, report
+from minillm.distributed import dtype_reason, resolve_device, resolve_dtype
+from minillm.evaluation import read_documents
+from minillm.jsonl import iter_records
+from minillm.tasks import (
+    Rate,
+    answer_all,
+    cjk,
+    cloze_items,
+    copies_training_text,
+    known_tunes,
+    parse_poem,
+    requests,
+    run_cloze,
+)
+
+KIND_NAMES = {"tune": "names the requested tune (请以《X》为词牌)",
+              "form": "writes the requested form: 4/8 clauses of 5/7 characters (五言/七言 绝句/律诗)",
+              "length": "writes the requested line length: every clause 5 or 7 characters (五言/七言)",
+              "words": "uses both requested words (要用上…)"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(
+        prog="eval_tasks.py",
+        description="Poetry cloze (any model: pick a held-out poem's true next line among 4 same-shape lines by "
+                    "total log-likelihood) and request following (chat models: greedy answers to prompts built "
+                    "from held-out poems, each checked by a stated rule, and for verbatim copies of training "
+                    "poems). Deterministic.")
+    add_model_flags(p)
+    add_inference_flags(p)
+    p.add_argument("--data", default="dataset/eval.jsonl",
+                   help="held-out poems, JSON lines with a rendered poem in \"text\" (default: %(default)s)")
+    p.add_argument("--sft_data", default="dataset/sft.jsonl",
+                   help="the SFT set: its 词牌 prompts name the tunes (default: %(default)s)")
+    p.add_argument("--train_data", default="dataset/pretrain.jsonl",
+                   help="training poems a verbatim copy is looked for in, with the SFT answers (default: %(default)s)")
+    p.add_argument("--tasks", default="auto",
+                   help="cloze, requests, or both comma-separated; auto: both for chat models, cloze otherwise")
+    p.add_argument("--limit", type=int, default=32,
+                   help="prompts per request kind, from the held-out poems in file order (default: %(default)s)")
+    p.add_argument("--max_new_tokens", type=int, default=160, help="tokens per greedy answer (default: %(default)s)")
+    p.add_argument("--show", type=int, default=2, help="print this many answers of each kind (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
+    args = p.parse_args(argv)
+    if args.limit < 1 or args.max_new_tokens < 1:
+        p.error("--limit and --max_new_tokens must be >= 1")
+    return args
+
+
+def training_key(train_path: str, sft_path: str) -> str:
+    """The Chinese characters of every training poem and SFT answer, "|" between texts (for copy checks)."""
+    texts = read_documents(train_path)
+    for _, record in iter_records(sft_path):
+        texts += [m.get("content", "") for m in record.get("conversations") or [] if m.get("role") == "assistant"]
+    return "|".join(cjk(t) for t in texts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the evaluations and print the rates."""
+    args = parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        # Weights in float32, bf16 only under autocast for the cloze; generation runs in the weights' dtype.
+        model, tokenizer, _ = load_trained(args, device, dtype)
+        chat = bool(getattr(model.config, "chat_trained", False))
+        tasks = (["cloze", "requests"] if chat else ["cloze"]) if args.tasks == "auto" else args.tasks.split(",")
+        if not set(tasks) <= {"cloze", "requests"}:
+            raise CliError(f"--tasks takes cloze and/or requests, got {args.tasks!r}")
+        poems = [p for p in (parse_poem(t) for t in read_documents(args.data)) if p is not None]
+        tunes = known_tunes([r for _, r in iter_records(args.sft_data)]) if "requests" in tasks else set()
+        corpus = training_key(args.train_data, args.sft_data) if "requests" in tasks else ""
+    except BAD_INPUT as e:
+        return report("eval_tasks.py", e)
+    print(f"{args.model}: {'chat' if chat else 'pretrained'} model, {model.num_parameters() / 1e6:.2f}M parameters "
+          f"on {device}, {dtype_reason(args.dtype, device)}; {len(poems)} held-out poems from {args.data}")
+    results: dict[str, object] = {"model": args.model}
+    start = time.perf_counter()
+    if "cloze" in tasks:
+        items = cloze_items(poems)
+        with tqdm(total=len(items), desc="cloze", unit="poem", file=sys.stderr) as bar:
+            rate = run_cloze(model, tokenizer, items, torch.float32, progress=lambda: bar.update(1))
+        print(rate)
+        results["cloze"] = {"correct": rate.passed, "n": rate.n, "accuracy": rate.rate}
+    if "requests" in tasks:
+        todo = requests(poems, tunes, args.limit)
+        prompts = list(dict.fromkeys(r.prompt for r in todo))
+        with tqdm(total=len(prompts), desc="answers", unit="prompt", file=sys.stderr) as bar:
+            answers = answer_all(model, tokenizer, prompts, args.max_new_tokens, progress=bar.update)
+        per_kind = {}
+        for kind in KIND_NAMES:
+            mine = [r for r in todo if r.kind == kind]
+            rate = Rate(f"{kind}: {KIND_NAMES[kind]}", sum(r.check(answers[r.prompt]) for r in mine), len(mine))
+            copied = Rate(f"{kind}: copies a training poem verbatim",
+                          sum(copies_training_text(answers[r.prompt], corpus) for r in mine), len(mine))
+            print(rate)
+            print(f"  {copied}")
+            per_kind[kind] = {"passed": rate.passed, "copied": copied.passed, "n": rate.n, "rate": rate.rate}
+            for r in mine[:args.show]:
+                print(f"  Q: {r.prompt}\n  A: " + answers[r.prompt].replace("\n", " / "))
+        results["requests"] = {"kinds": per_kind, "answers": answers}
+    results["seconds"] = time.perf_counter() - start
+    print(f"({results['seconds']:.0f} s)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, ensure_ascii=False, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The speedrun's levers: the time-budget schedule and --max_minutes, Muon, bf16 autocast on CPUs with native
+bf16, and the speedrun's time-to-target arithmetic."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import REPO, run_train_cli, tiny_pretrain
+from test_trainer import config, tiny_model
+
+from minillm.data import PretrainDataset
+from minillm.distributed import dtype_reason, native_bf16, resolve_dtype
+from minillm.optim import Muon, MuonWithAdamW, build_optimizer, hidden_matrices, orthogonalise
+from minillm.schedule import timed_lr
+from minillm.trainer import train
+
+
+def test_timed_schedule():
+    lr, budget = 1e-3, 100.0
+    assert timed_lr(0, 0.0, budget, lr) == lr
+    assert timed_lr(50, 50.0, budget, lr) == pytest.approx((lr + lr / 10) / 2)
+    assert timed_lr(99, 100.0, budget, lr) == pytest.approx(lr / 10)
+    assert timed_lr(99, 250.0, budget, lr) == pytest.approx(lr / 10)  # past the budget: the floor
+    assert timed_lr(0, 0.0, budget, lr, warmup_steps=4) == 0.0
+    assert timed_lr(2, 10.0, budget, lr, warmup_steps=4) == pytest.approx(timed_lr(2, 10.0, budget, lr) / 2)
+    values = [timed_lr(100, s, budget, lr) for s in range(0, 101, 5)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_max_minutes_ends_at_the_budget_and_its_schedule_follows_the_clock(tmp_path, tokenizer):
+    dataset = PretrainDataset(REPO / "dataset" / "eval.jsonl", tokenizer, max_length=32)
+    budget = 4.0  # seconds: a few dozen steps of the tiny model, over more than one epoch
+    cfg = config(tmp_path, max_steps=0, epochs=1, batch_size=8, max_minutes=budget / 60, warmup_steps=2)
+    result = train(tiny_model(tokenizer), dataset, cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    per_epoch = len(dataset) // 8
+    assert result.steps == len(steps) > per_epoch  # epochs do not bound a timed run
+    assert steps[-1]["seconds"] == result.train_seconds >= budget
+    assert steps[-2]["seconds"] < budget  # it stopped at the first step past the budget
+    for before, row in zip([{"seconds": 0.0}, *steps], steps):  # lr of step s from the clock after step s - 1
+        assert row["lr"] == cfg.learning_rate * timed_lr(row["step"] - 1, before["seconds"], budget, 1.0, 2)
+    assert steps[-1]["lr"] < cfg.learning_rate / 5
+
+
+def test_timed_run_resumes_with_its_clock(tmp_path, tokenizer):
+    dataset = PretrainDataset(REPO / "dataset" / "eval.jsonl", tokenizer, max_length=32)
+    cfg = dict(max_steps=0, batch_size=8, max_minutes=3.0 / 60)
+    first = train(tiny_model(tokenizer), dataset, config(tmp_path, **cfg), should_stop=lambda step: step == 3)
+    assert first.interrupted
+    resumed = train(tiny_model(tokenizer), dataset, config(tmp_path, resume=True, **cfg))
+    assert resumed.start_step == 3 and resumed.train_seconds >= 3.0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert rows[3]["seconds"] > rows[2]["seconds"]  # the clock went on from the checkpoint's, not from 0
+
+
+def test_orthogonalise_flattens_the_singular_values():
+    g = torch.randn(96, 40, generator=torch.Generator().manual_seed(0)) @ torch.diag(torch.logspace(-2, 1, 40))
+    s = torch.linalg.svdvals(orthogonalise(g))
+    assert s.min() > 0.5 and s.max() < 1.3  # from a spread of 1000x to about 1
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    # Same singular vectors: the result is U diag(~1) V^T.
+    assert torch.linalg.matrix_norm(orthogonalise(g) - u @ vh) / math.sqrt(40) < 0.3
+    assert torch.allclose(orthogonalise(g.T), orthogonalise(g).T, atol=1e-5)  # tall and wide alike
+
+
+def reference_ns(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Newton-Schulz written out in float64 on X^T X for a tall matrix (the library iterates on the wide form)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.double() / g.double().norm()
+    for _ in range(steps):
+        gram = x.T @ x
+        x = a * x + b * x @ gram + c * x @ gram @ gram
+    return x
+
+
+def test_muon_step_equals_the_written_out_update():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(48, 16))
+    w0 = w.detach().clone()
+    opt = Muon([w], lr=0.02, weight_decay=0.1, momentum=0.95)
+    grads = [torch.randn(48, 16) for _ in range(2)]
+    buf = torch.zeros(48, 16)
+    expect = w0.double()
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+        buf = buf + (g - buf) * 0.05  # lerp toward the gradient
+        nesterov = g + (buf - g) * 0.95
+        expect = expect * (1 - 0.02 * 0.1) - 0.02 * 0.2 * math.sqrt(48) * reference_ns(nesterov)
+    assert torch.allclose(w.detach().double(), expect, atol=1e-5)
+
+
+def test_muon_takes_the_hidden_matrices_only(tokenizer):
+    model = tiny_model(tokenizer)
+    opt = build_optimizer(model, "muon", 1e-3, 0.1, torch.device("cpu"), matrix_lr=2e-3)
+    assert isinstance(opt, MuonWithAdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = [names[id(p)] for g in opt.optimizers["muon"].param_groups for p in g["params"]]
+    assert muon == hidden_matrices(model) and len(muon) == 4 * model.config.num_hidden_layers
+    adamw = {names[id(p)] for g in opt.optimizers["adamw"].param_groups for p in g["params"]}
+    assert adamw == {"embed_tokens.weight", "norm.weight"} | {n for n in names.values() if "layernorm" in n}
+    assert {g["peak_lr"] for g in opt.optimizers["muon"].param_groups} == {2e-3}
+    assert {g["peak_lr"] for g in opt.optimizers["adamw"].param_groups} == {1e-3}
+
+
+def test_auto_dtype_is_bf16_where_the_cpu_has_it(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("MINILLM_NATIVE_BF16", "1")
+    assert native_bf16() and resolve_dtype("auto", cpu) == torch.bfloat16
+    assert dtype_reason("auto", cpu) == "bfloat16 (auto: the CPU has native bf16 matrix units)"
+    monkeypatch.setenv("MINILLM_NATIVE_BF16", "0")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert dtype_reason("auto", cpu) == "float32 (auto: no native bf16 matrix units)"
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16  # an explicit choice stands
+    monkeypatch.delenv("MINILLM_NATIVE_BF16")
+    detected = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert native_bf16() == detected
+
+
+def test_the_run_names_its_dtype_and_optimizer(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.setenv("MINILLM_NATIVE_BF16", "1")
+    code, out, _ = tiny_pretrain(tmp_path / "p", corpus, "--max_steps", "2", "--optimizer", "muon", capsys=capsys)
+    assert code == 0
+    assert "compute dtype bfloat16 (auto: the CPU has native bf16 matrix units); optimizer muon" in out
+    code, _, err = run_train_cli("pretrain", "--data_path", str(corpus), "--optimizer", "sgd",
+                                 "--out_dir", str(tmp_path / "x"), capsys=capsys)
+    assert code != 0 and "optimizer must be one of adamw, muon" in err
+
+
+def test_speedrun_time_to_target():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speedrun", REPO / "bench" / "speedrun.py")
+    speedrun = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speedrun)
+    points = [(10.0, 1, 3.0), (20.0, 2, 2.5), (30.0, 3, 2.0)]
+    assert speedrun.time_to(points, 2.25) == pytest.approx(25.0)
+    assert speedrun.time_to(points, 3.5) == 10.0
+    assert speedrun.time_to(points, 1.0) is None
+    assert speedrun.bits_per_byte(math.log(2), 10, 10) == pytest.approx(1.0)
