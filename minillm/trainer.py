@@ -198,8 +198,11 @@ def claim_out_dir(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
         yield
 
 
-def check_fsdp(model: torch.nn.Module, amp_dtype: torch.dtype) -> None:
+def check_fsdp(model: torch.nn.Module, amp_dtype: torch.dtype, optimizer: str = "adamw") -> None:
     """Refuse what --fsdp does not support, with the way out."""
+    if optimizer == "muon":
+        raise ValueError("--fsdp with --optimizer muon is not supported: Muon orthogonalises whole matrices, which "
+                         "FSDP2 splits over the processes; use --optimizer adamw with --fsdp")
     if has_lora(model):
         raise ValueError("--fsdp with --lora is not supported: LoRA trains a few adapters on a frozen base, "
                          "which DDP (without --fsdp) handles with less communication")
@@ -228,7 +231,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
     model.to(env.device)
     amp_dtype = resolve_dtype(cfg.dtype, env.device)
     if cfg.fsdp:
-        check_fsdp(model, amp_dtype)
+        check_fsdp(model, amp_dtype, cfg.optimizer)
         if env.distributed:  # one process has nothing to shard; its checkpoints are still DCP's
             apply_fsdp(model, env, amp_dtype)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)

@@ -112,6 +112,8 @@ def test_mismatched_resumes_and_lora_are_refused_in_one_line(runs, corpus, tmp_p
     assert res.returncode == 1 and "global_batch 4 -> 2" in res.stderr
     res = train(tmp_path / "lora", corpus, 1, 4, "--fsdp", "--lora", "--init_from", str(runs["one"]))
     assert res.returncode == 1 and "--fsdp with --lora is not supported" in res.stderr
+    res = train(tmp_path / "muon", corpus, 1, 4, "--fsdp", "--optimizer", "muon")
+    assert res.returncode == 1 and "--fsdp with --optimizer muon is not supported" in res.stderr
 
 
 def test_two_torchrun_agents_as_two_nodes_train_like_one_process(runs, corpus, tmp_path):
