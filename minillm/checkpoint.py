@@ -288,7 +288,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> TrainState:
 def _with_layout(config: dict, world_size: int) -> dict:
     """A train_config with the process count and the global batch it implies."""
     batch = config.get("batch_size", 1) * config.get("accumulation_steps", 1) * world_size
-    return {**config, "processes": world_size, "global_batch": batch}
+    # Checkpoints written before --optimizer existed hold AdamW's state.
+    return {"optimizer": "adamw", **config, "processes": world_size, "global_batch": batch}
 
 
 def _differences(old: dict, new: dict, keys) -> list[str]:
