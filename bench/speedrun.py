@@ -32,10 +32,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # Named recipes: flags for train_pretrain.py. v0 spells out the default recipe of 2026-11-24 (one epoch of
-# 16 x 256 blocks, AdamW at 5e-4, float32) so that it stays runnable whatever the defaults become.
+# 16 x 256 blocks, AdamW at 1e-3 after 50 warmup steps, 8 layers of 512, float32 on CPUs without bf16 units)
+# so that it stays runnable whatever the defaults become.
+_V0_SHAPE = "--hidden_size 512 --num_hidden_layers 8 --num_attention_heads 8 --num_key_value_heads 2"
 RECIPES = {
-    "v0": "--epochs 1 --batch_size 16 --max_length 256 --learning_rate 5e-4 --warmup_steps 0 --optimizer adamw "
-          "--hidden_size 512 --num_hidden_layers 8 --num_attention_heads 8 --num_key_value_heads 2 --no-compile",
+    "v0": f"--epochs 1 --batch_size 16 --max_length 256 --learning_rate 1e-3 --warmup_steps 50 --optimizer adamw "
+          f"{_V0_SHAPE} --no-compile",
+    # The transformers baseline's hyperparameters on minillm (AdamW 5e-4, no warmup): the ablation's reference.
+    "lr5e-4": f"--batch_size 16 --max_length 256 --learning_rate 5e-4 --warmup_steps 0 --optimizer adamw {_V0_SHAPE}",
     "default": "",
 }
 BASELINE = "transformers"
