@@ -40,6 +40,9 @@ RECIPES = {
           f"{_V0_SHAPE} --no-compile",
     # The transformers baseline's hyperparameters on minillm (AdamW 5e-4, no warmup): the ablation's reference.
     "lr5e-4": f"--batch_size 16 --max_length 256 --learning_rate 5e-4 --warmup_steps 0 --optimizer adamw {_V0_SHAPE}",
+    # The best recipe of the 8-minute ablation (bench/RESULTS.md): a 4.6M-parameter model on 2,048-token steps.
+    "4x256": "--batch_size 16 --max_length 128 --learning_rate 2e-3 --warmup_steps 20 --num_hidden_layers 4 "
+             "--hidden_size 256 --num_attention_heads 4 --num_key_value_heads 2",
     "default": "",
 }
 BASELINE = "transformers"
