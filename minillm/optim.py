@@ -87,11 +87,6 @@ class MuonWithAdamW:
         """Every group of both optimizers (GradScaler unscales and the trainer sets learning rates through it)."""
         return [g for opt in self.optimizers.values() for g in opt.param_groups]
 
-    @property
-    def state(self) -> dict:
-        """Per-parameter state of both optimizers."""
-        return {p: s for opt in self.optimizers.values() for p, s in opt.state.items()}
-
     def step(self, closure=None) -> None:
         """One update of every parameter."""
         for opt in self.optimizers.values():

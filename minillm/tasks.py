@@ -222,8 +222,11 @@ def check_form(form: str) -> Callable[[str], bool]:
 def check_line_length(form: str) -> Callable[[str], bool]:
     """Every clause of the answer's body has the requested 5 or 7 characters (however many clauses)."""
     size = 5 if form.startswith("五") else 7
-    return lambda answer: bool(clauses("\n".join(answer_body(answer)))) and all(
-        len(c) == size for c in clauses("\n".join(answer_body(answer))))
+
+    def check(answer: str) -> bool:
+        parts = clauses("\n".join(answer_body(answer)))
+        return bool(parts) and all(len(c) == size for c in parts)
+    return check
 
 
 def check_words(w1: str, w2: str) -> Callable[[str], bool]:
