@@ -95,10 +95,14 @@ def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
                        help="Start from this model directory (minillm or Hugging Face Llama/Qwen2 safetensors) "
                             + ("(default: %(default)s)" if kind == "sft" else "instead of random weights"))
     docs, new_config = field_docs(LMConfig), LMConfig()
+    # The stage's shape for a new model (d may name one); the flags themselves default to None so that with
+    # --init_from only a flag the user typed is checked against the loaded model.
+    shape = {name: d.get(name, getattr(new_config, name)) for name in NEW_MODEL_FLAGS}
+    p.set_defaults(new_model_shape=shape)
     for name in NEW_MODEL_FLAGS:
         model.add_argument(f"--{name}", type=float if name == "dropout" else int, default=None,
                            help=f"{docs[name]} New model only: with --init_from it must match the loaded "
-                                f"model or be left out (default: {getattr(new_config, name)})")
+                                f"model or be left out (default: {shape[name]})")
     lora = p.add_argument_group("LoRA (low-rank adapters on a frozen --init_from model)")
     lora.add_argument("--lora", action="store_true",
                       help="Train only LoRA adapters; out_dir then holds the adapter in the PEFT layout "
@@ -186,7 +190,7 @@ def _build_model(args, tokenizer: Tokenizer) -> MiniLLM:
         model = MiniLLM.from_pretrained(init, dtype=torch.float32)
         _check_new_model_flags(args, model)
         return model.train()
-    given = {k: getattr(args, k) for k in NEW_MODEL_FLAGS if getattr(args, k) is not None}
+    given = {k: args.new_model_shape[k] if getattr(args, k) is None else getattr(args, k) for k in NEW_MODEL_FLAGS}
     config = LMConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=max(2048, args.max_length),
                       bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
                       **given)

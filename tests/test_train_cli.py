@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, TINY_ARGS, run_train_cli, tiny_pretrain
 
 from minillm.checkpoint import latest_checkpoint, list_checkpoints
-from minillm.cli import EXIT_INTERRUPTED
+from minillm.cli import EXIT_INTERRUPTED, build_parser
 from minillm.config import LMConfig
 from minillm.model import MiniLLM
 
@@ -23,6 +23,12 @@ def run(kind, *args, capsys):
 
 def pretrain(out, corpus, *extra, capsys):
     return tiny_pretrain(out, corpus, *extra, capsys=capsys)
+
+
+def runpy_defaults(kind: str) -> dict:
+    import runpy
+
+    return runpy.run_path(str(REPO / f"train_{kind}.py"))["DEFAULTS"]
 
 
 def metric_steps(out: Path) -> list[int]:
@@ -121,6 +127,24 @@ def test_shape_flags_that_disagree_with_init_from_are_an_error(tmp_path, corpus,
     with pytest.raises(SystemExit):
         run("sft", "--help", capsys=capsys)
     assert "New model only" in capsys.readouterr().out
+
+
+def test_a_stage_default_shape_builds_the_new_model_and_leaves_init_from_alone(tmp_path, corpus, capsys):
+    """train_pretrain.py's DEFAULTS may name a model shape: it builds a new model, and is not checked on --init_from."""
+    from minillm.cli import main
+
+    shape = dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=3)
+    defaults = dict(runpy_defaults("pretrain"), **shape)
+    common = ["--data_path", corpus, "--eval_data", "", "--max_length", "32", "--batch_size", "2", "--max_steps", "1"]
+    assert main("pretrain", defaults, [*map(str, common), "--out_dir", str(tmp_path / "new")]) == 0
+    config = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert {k: config[k] for k in shape} == shape
+    assert "(default: 96)" in " ".join(build_parser("pretrain", defaults).format_help().split())
+    # A loaded model of another shape continues under the same defaults: only typed flags must agree with it.
+    assert pretrain(tmp_path / "base", corpus, "--max_steps", "1", capsys=capsys)[0] == 0
+    code = main("pretrain", defaults, [*map(str, common), "--init_from", str(tmp_path / "base"),
+                                       "--out_dir", str(tmp_path / "cont")])
+    assert code == 0 and json.loads((tmp_path / "cont" / "config.json").read_text())["hidden_size"] == 64
 
 
 def test_warmup_longer_than_the_run_is_scaled_so_the_peak_is_reached(tmp_path, corpus, capsys):
