@@ -148,9 +148,10 @@ def test_a_stage_default_shape_builds_the_new_model_and_leaves_init_from_alone(t
 
 
 def test_warmup_longer_than_the_run_is_scaled_so_the_peak_is_reached(tmp_path, corpus, capsys):
-    """Rough edge 7: --max_steps 30 with the default 50 warmup steps never reached the peak learning rate."""
+    """Rough edge 7: --max_steps 30 with (then default) 50 warmup steps never reached the peak learning rate."""
     out = tmp_path / "run"
-    code, _, err = pretrain(out, corpus, "--max_steps", "30", "--learning_rate", "1e-3", capsys=capsys)
+    code, _, err = pretrain(out, corpus, "--max_steps", "30", "--learning_rate", "1e-3", "--warmup_steps", "50",
+                            capsys=capsys)
     assert code == 0, err
     assert "--warmup_steps 50 >= the run's 30 steps" in err and "warming up for 3 steps" in err
     lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
