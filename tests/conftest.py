@@ -68,14 +68,18 @@ def corpus(tmp_path_factory):
     return path
 
 
-def run_train_cli(kind: str, *args, capsys) -> tuple[int, str, str]:
-    """train_pretrain.py / train_sft.py in this process, with the script's own stage defaults."""
+def stage_defaults(kind: str) -> dict:
+    """The DEFAULTS dict of train_pretrain.py (kind='pretrain') or train_sft.py (kind='sft')."""
     import runpy
 
+    return runpy.run_path(str(REPO / f"train_{kind}.py"))["DEFAULTS"]
+
+
+def run_train_cli(kind: str, *args, capsys) -> tuple[int, str, str]:
+    """train_pretrain.py / train_sft.py in this process, with the script's own stage defaults."""
     from minillm.cli import main
 
-    defaults = runpy.run_path(str(REPO / f"train_{kind}.py"))["DEFAULTS"]
-    code = main(kind, defaults, [str(a) for a in args])
+    code = main(kind, stage_defaults(kind), [str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 

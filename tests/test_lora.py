@@ -3,13 +3,12 @@
 import copy
 import json
 import random
-import runpy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import late_specials_backend, needs_compiler, randomized
+from conftest import late_specials_backend, needs_compiler, randomized, stage_defaults
 
 from minillm.checkpoint import latest_checkpoint
 from minillm.cli import main as cli_main
@@ -280,8 +279,7 @@ def hf_checkpoint(tmp_path_factory):
 
 
 def run_cli(kind, *args, capsys):
-    defaults = runpy.run_path(str(REPO / f"train_{kind}.py"))["DEFAULTS"]  # the script's stage defaults
-    code = cli_main(kind, defaults, [*map(str, args)])
+    code = cli_main(kind, stage_defaults(kind), [*map(str, args)])
     out, err = capsys.readouterr()
     return code, out, err
 

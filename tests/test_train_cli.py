@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_ARGS, run_train_cli, tiny_pretrain
+from conftest import REPO, TINY_ARGS, run_train_cli, stage_defaults, tiny_pretrain
 
 from minillm.checkpoint import latest_checkpoint, list_checkpoints
 from minillm.cli import EXIT_INTERRUPTED, build_parser
@@ -23,12 +23,6 @@ def run(kind, *args, capsys):
 
 def pretrain(out, corpus, *extra, capsys):
     return tiny_pretrain(out, corpus, *extra, capsys=capsys)
-
-
-def runpy_defaults(kind: str) -> dict:
-    import runpy
-
-    return runpy.run_path(str(REPO / f"train_{kind}.py"))["DEFAULTS"]
 
 
 def metric_steps(out: Path) -> list[int]:
@@ -134,7 +128,7 @@ def test_a_stage_default_shape_builds_the_new_model_and_leaves_init_from_alone(t
     from minillm.cli import main
 
     shape = dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=3)
-    defaults = dict(runpy_defaults("pretrain"), **shape)
+    defaults = dict(stage_defaults("pretrain"), **shape)
     common = ["--data_path", corpus, "--eval_data", "", "--max_length", "32", "--batch_size", "2", "--max_steps", "1"]
     assert main("pretrain", defaults, [*map(str, common), "--out_dir", str(tmp_path / "new")]) == 0
     config = json.loads((tmp_path / "new" / "config.json").read_text())
