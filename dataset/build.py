@@ -47,10 +47,14 @@ PROMPT_TEMPLATES: list[tuple[str, str]] = [
     ("qupai", "来一支元曲，曲牌用《{tune}》。"),
     ("shijing", "《诗经·{section}》里的《{title}》怎么背？"),
 ]
-# What each pattern's answer holds: the rendered poem, title + body, or the body lines after the prompt's head.
+# What each pattern's answer holds: the rendered poem ("full": title, attribution, body), title + body, or
+# the body lines after the prompt's head. Requests to recite a named poem or poet answer with the attribution;
+# requests to write one (tune, theme, words, form) answer as the assistant's own poem, without a borrowed
+# poet's name. That also keeps the form request meaningful: after a real poet's name, the line length
+# is already implied by the memorised poem, and a model learns to ignore the requested form.
 ANSWER_LAYOUT = {
     "tune_fill": "titled", "tune_write": "titled", "title_recite": "full", "title_fulltext": "full",
-    "author_shi": "full", "author_ci": "full", "theme": "titled", "words": "titled", "form": "full",
+    "author_shi": "full", "author_ci": "full", "theme": "titled", "words": "titled", "form": "titled",
     "continue": "rest", "continue_title": "rest", "qupai": "full", "shijing": "full",
 }
 # How many examples each pattern contributes (upper bound; fewer if not enough candidate poems).
@@ -274,44 +278,47 @@ KIND = {"shi": "诗", "ci": "词", "qu": "曲", "shijing": "诗", "chuci": "辞"
 
 
 def sft_candidates(poem: Poem) -> list[tuple[str, dict, str]]:
-    """Every (pattern, fields, answer) this poem can serve."""
+    """Every (pattern, fields, answer) this poem can serve; the answer is laid out as ANSWER_LAYOUT says."""
     kind = KIND[poem.collection]
     out: list[tuple[str, dict, str]] = []
-    titled = f"{poem.title}\n{poem.body}"
-    full = poem.render()
+    layouts = {"full": poem.render(), "titled": f"{poem.title}\n{poem.body}"}
+
+    def add(pattern: str, fields: dict, rest: str = "") -> None:
+        out.append((pattern, fields, layouts.get(ANSWER_LAYOUT[pattern], rest)))
+
     if poem.collection == "ci" and poem.tune:
-        out.append(("tune_fill", {"tune": poem.tune}, titled))
+        add("tune_fill", {"tune": poem.tune})
         if poem.dynasty == "宋":
-            out.append(("tune_write", {"tune": poem.tune, "dynasty": "宋"}, titled))
+            add("tune_write", {"tune": poem.tune, "dynasty": "宋"})
     if poem.collection in ("shi", "chuci") or (poem.collection == "ci" and poem.title != poem.tune):
-        out.append(("title_recite", {"author": poem.author, "title": poem.title}, full))
-        out.append(("title_fulltext", {"title": poem.title, "kind": kind}, full))
+        add("title_recite", {"author": poem.author, "title": poem.title})
+        add("title_fulltext", {"title": poem.title, "kind": kind})
     if poem.collection == "shi" and poem.author != "佚名":
-        out.append(("author_shi", {"author": poem.author}, full))
+        add("author_shi", {"author": poem.author})
     if poem.collection == "ci" and poem.author not in ("佚名", "无名氏"):
-        out.append(("author_ci", {"author": poem.author}, full))
+        add("author_ci", {"author": poem.author})
     if poem.collection in ("shi", "ci"):
         for word, theme in THEMES.items():
             if word in poem.title and poem.title != poem.tune:
-                out.append(("theme", {"theme": theme, "kind": kind}, titled))
+                add("theme", {"theme": theme, "kind": kind})
                 break
         found = [w for w in IMAGERY if w in poem.body]
         if len(found) >= 2:
             w1, w2 = random.Random(poem.key).sample(found, 2)  # seeded by the text: deterministic
-            out.append(("words", {"kind": kind, "w1": w1, "w2": w2}, titled))
+            add("words", {"kind": kind, "w1": w1, "w2": w2})
     form = verse_form(poem) if poem.collection == "shi" else ""
     if form:
-        out.append(("form", {"dynasty": poem.dynasty, "form": form}, full))
+        add("form", {"dynasty": poem.dynasty, "form": form})
     if len(poem.lines) >= 2 and poem.collection in ("shi", "ci", "shijing", "chuci"):
         n_head = max(1, len(poem.lines) // 4)
         head, rest = "\n".join(poem.lines[:n_head]), "\n".join(poem.lines[n_head:])
-        out.append(("continue", {"kind": kind, "head": head}, rest))
+        add("continue", {"kind": kind, "head": head}, rest)
         if poem.collection in ("shi", "chuci"):
-            out.append(("continue_title", {"author": poem.author, "title": poem.title, "head": head}, rest))
+            add("continue_title", {"author": poem.author, "title": poem.title, "head": head}, rest)
     if poem.collection == "qu" and poem.tune:
-        out.append(("qupai", {"tune": poem.tune}, full))
+        add("qupai", {"tune": poem.tune})
     if poem.collection == "shijing":
-        out.append(("shijing", {"section": poem.section, "title": poem.title}, full))
+        add("shijing", {"section": poem.section, "title": poem.title})
     return out
 
 
