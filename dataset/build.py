@@ -58,10 +58,12 @@ ANSWER_LAYOUT = {
     "continue": "rest", "continue_title": "rest", "qupai": "full", "shijing": "full",
 }
 # How many examples each pattern contributes (upper bound; fewer if not enough candidate poems).
-# About 5,500 in all: enough variety for the chat format, small enough for one SFT epoch on a CPU.
+# About 6,500 in all: enough variety for the chat format, small enough for one SFT epoch on a CPU. The form
+# request gets three times the others' share: its answer turns on one character of the prompt (五 or 七), and
+# 480 examples were too few for the 4.6M default to learn it (bench/RESULTS.md, "Request following").
 PATTERN_QUOTA = {
     "tune_fill": 540, "tune_write": 420, "title_recite": 540, "title_fulltext": 420,
-    "author_shi": 480, "author_ci": 360, "theme": 480, "words": 480, "form": 480,
+    "author_shi": 480, "author_ci": 360, "theme": 480, "words": 480, "form": 1440,
     "continue": 540, "continue_title": 420, "qupai": 240, "shijing": 120,
 }
 THEMES = {  # word in the title -> how a user names the theme
