@@ -22,6 +22,14 @@ from minillm.tasks import FORM_PROMPT, answer_body, clauses
 from minillm.tokenizer import load_tokenizer
 
 FORMS = ["五言绝句", "五言律诗", "七言绝句", "七言律诗"]
+SIZES = ("5", "7", "other")
+
+
+def first_clause_size(answer: str) -> str:
+    """"5" or "7" when the answer's first verse clause has that many characters, else "other"."""
+    parts = clauses("\n".join(answer_body(answer)))
+    size = str(len(parts[0])) if parts else ""
+    return size if size in ("5", "7") else "other"
 
 
 def first_clause_lengths(model_dir: str, samples: int, seed: int) -> dict[str, dict[str, int]]:
@@ -35,11 +43,9 @@ def first_clause_lengths(model_dir: str, samples: int, seed: int) -> dict[str, d
         ids = tokenizer.render_conversation([{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
         out_BT = generate(model, [ids] * samples, max_new_tokens=40, temperature=1.0, generator=generator,
                           eos_token_id=[tokenizer.im_end_id, tokenizer.eos_id])
-        tally = {"5": 0, "7": 0, "other": 0}
+        tally = dict.fromkeys(SIZES, 0)
         for row in out_BT.tolist():
-            parts = clauses("\n".join(answer_body(tokenizer.decode(row[len(ids):]))))
-            size = str(len(parts[0])) if parts else ""
-            tally[size if size in tally else "other"] += 1
+            tally[first_clause_size(tokenizer.decode(row[len(ids):]))] += 1
         counts[form] = tally
     return counts
 
@@ -51,15 +57,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="a chat model directory (repeat to compare models in one run)")
     p.add_argument("--samples", type=int, default=48, help="answers sampled per prompt (default: 48)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     print("| model | asked | first clause 5 | 7 | other |\n|---|---|---|---|---|")
     for model_dir in args.model:
         counts = first_clause_lengths(model_dir, args.samples, args.seed)
         for size in "五七":
-            total = {k: sum(counts[f][k] for f in FORMS if f.startswith(size)) for k in ("5", "7", "other")}
+            total = {k: sum(counts[f][k] for f in FORMS if f.startswith(size)) for k in SIZES}
             print(f"| {model_dir} | {size}言 | {total['5']} | {total['7']} | {total['other']} |")
 
 

@@ -285,8 +285,9 @@ def sft_candidates(poem: Poem) -> list[tuple[str, dict, str]]:
     out: list[tuple[str, dict, str]] = []
     layouts = {"full": poem.render(), "titled": f"{poem.title}\n{poem.body}"}
 
-    def add(pattern: str, fields: dict, rest: str = "") -> None:
-        out.append((pattern, fields, layouts.get(ANSWER_LAYOUT[pattern], rest)))
+    def add(pattern: str, fields: dict, rest: str | None = None) -> None:
+        layout = ANSWER_LAYOUT[pattern]
+        out.append((pattern, fields, rest if layout == "rest" else layouts[layout]))
 
     if poem.collection == "ci" and poem.tune:
         add("tune_fill", {"tune": poem.tune})

@@ -143,3 +143,18 @@ def test_speedrun_time_to_target():
     assert speedrun.time_to(points, 3.5) == 10.0
     assert speedrun.time_to(points, 1.0) is None
     assert speedrun.bits_per_byte(math.log(2), 10, 10) == pytest.approx(1.0)
+
+
+def test_form_following_counts_the_first_clause(tiny_sft_dir):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("form_following", REPO / "bench" / "form_following.py")
+    ff = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ff)
+    assert ff.first_clause_size("送别\n王维（唐）\n山中相送罢，日暮掩柴扉。") == "5"
+    assert ff.first_clause_size("送别\n山中相送罢柴扉，日暮掩柴扉归去。") == "7"
+    assert ff.first_clause_size("送别\n山中相送，日暮掩扉。") == "other"
+    assert ff.first_clause_size("送别") == "other"
+    counts = ff.first_clause_lengths(str(tiny_sft_dir), samples=3, seed=0)
+    assert list(counts) == ff.FORMS and all(sum(t.values()) == 3 for t in counts.values())
+    assert ff.first_clause_lengths(str(tiny_sft_dir), samples=3, seed=0) == counts
