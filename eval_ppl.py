@@ -40,9 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto",
                    help="cpu, cuda or cuda:N (default: auto = cuda if available, else cpu; under torchrun "
                         "cuda:LOCAL_RANK)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="compute dtype; bfloat16/float16 run under autocast with float32 weights "
-                        "(default: auto = bfloat16 on GPU and on CPUs with native bf16 matrix units, else float32)")
+    p.add_argument("--dtype", default="float32", choices=["auto", *DTYPES],
+                   help="compute dtype; bfloat16/float16 run under autocast with float32 weights (default: "
+                        "%(default)s, so the number does not depend on the machine; auto = the training rule: "
+                        "bfloat16 on GPUs and on CPUs with native bf16 matrix units, else float32)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the result (sums, metrics and settings) as JSON to PATH")
     return p.parse_args(argv)

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from minillm.cli import BAD_INPUT, CliError, add_inference_flags, add_model_flags, load_trained, report
-from minillm.distributed import dtype_reason, resolve_device, resolve_dtype
+from minillm.distributed import inference_dtype, resolve_device
 from minillm.evaluation import read_documents
 from minillm.jsonl import iter_records
 from minillm.tasks import (
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "from held-out poems, each checked by a stated rule, and for verbatim copies of training "
                     "poems). Deterministic.")
     add_model_flags(p)
-    add_inference_flags(p)
+    add_inference_flags(p, dtype="float32")  # a metric must not depend on the machine
     p.add_argument("--data", default="dataset/eval.jsonl",
                    help="held-out poems, JSON lines with a rendered poem in \"text\" (default: %(default)s)")
     p.add_argument("--sft_data", default="dataset/sft.jsonl",
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-        # Weights in float32, bf16 only under autocast for the cloze; generation runs in the weights' dtype.
+        dtype = inference_dtype(args.dtype, device)
+        # The cloze scores in float32 whatever the weights; generation runs in the weights' dtype.
         model, tokenizer, _ = load_trained(args, device, dtype)
         chat = bool(getattr(model.config, "chat_trained", False))
         tasks = (["cloze", "requests"] if chat else ["cloze"]) if args.tasks == "auto" else args.tasks.split(",")
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     except BAD_INPUT as e:
         return report("eval_tasks.py", e)
     print(f"{args.model}: {'chat' if chat else 'pretrained'} model, {model.num_parameters() / 1e6:.2f}M parameters "
-          f"on {device}, {dtype_reason(args.dtype, device)}; {len(poems)} held-out poems from {args.data}")
-    results: dict[str, object] = {"model": args.model}
+          f"on {device}, weights in {str(dtype).removeprefix('torch.')}; {len(poems)} held-out poems from {args.data}")
+    results: dict[str, object] = {"model": args.model, "dtype": str(dtype).removeprefix("torch.")}
     start = time.perf_counter()
     if "cloze" in tasks:
         items = cloze_items(poems)

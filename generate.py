@@ -16,7 +16,7 @@ import torch
 
 from minillm.chat import ChatSession, ContextError, StreamingAnswer
 from minillm.cli import BAD_INPUT, CliError, add_inference_flags, add_model_flags, load_trained, report
-from minillm.distributed import resolve_device, resolve_dtype
+from minillm.distributed import inference_dtype, resolve_device
 from minillm.generation import check_sampling
 from minillm.model import MiniLLM
 from minillm.tokenizer import DEFAULT_ASSETS
@@ -115,7 +115,7 @@ class Console:
 def load(args: argparse.Namespace):
     """Model, tokenizer, device and tokenizer directory, with one clear error for each thing that is missing."""
     device = resolve_device(args.device)
-    model, tokenizer, tokenizer_dir = load_trained(args, device, resolve_dtype(args.dtype, device))
+    model, tokenizer, tokenizer_dir = load_trained(args, device, inference_dtype(args.dtype, device))
     return model, tokenizer, device, tokenizer_dir
 
 

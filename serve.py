@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from minillm.cli import BAD_INPUT, CliError, add_inference_flags, add_model_flags, load_trained, report
-from minillm.distributed import resolve_device, resolve_dtype
+from minillm.distributed import inference_dtype, resolve_device
 
 PROG = "serve.py"
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CliError(f"model directory {args.model} does not exist; train one (train_pretrain.py, then "
                            "train_sft.py writes out/sft) or pass --model DIR")
         device = resolve_device(args.device)
-        model, tokenizer, _ = load_trained(args, device, resolve_dtype(args.dtype, device))
+        model, tokenizer, _ = load_trained(args, device, inference_dtype(args.dtype, device))
         context = args.context or model.config.max_position_embeddings
         if args.compile:
             for block in model.layers:

@@ -42,6 +42,8 @@ GPU_BF16_PEAK = [
 ]
 
 CONFIGS = {
+    # train_pretrain.py's default model: 4 layers of 256, 4 heads / 2 KV heads, vocab 6400, about 4.6M parameters.
+    "pretrain": LMConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
     # LMConfig's defaults: 512 hidden, 8 layers, 8 heads / 2 KV heads, vocab 6400, about 25.8M parameters.
     "default": LMConfig(),
     # A GPT-2-small-sized model for GPUs: 768 hidden, 12 layers, 12 heads, vocab 32000.
@@ -245,6 +247,17 @@ def peak_memory(workload: Callable, directory: str | Path, device: torch.device,
     return out
 
 
+def cpu_flags() -> str:
+    """The CPU flags that decide float32 and bf16 speed here (avx2, avx512f, avx512_bf16, amx_*), as lscpu shows them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "flags unknown"
+    flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16") if f in flags] + sorted(f for f in flags if f.startswith("amx"))
+    return " ".join(wanted) or "no avx2"
+
+
 def environment(device: torch.device) -> str:
     """One line naming the machine and the library versions."""
     import transformers
@@ -260,7 +273,7 @@ def environment(device: torch.device) -> str:
                     break
         except OSError:
             pass
-        where = f"{model}, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
+        where = f"{model} ({cpu_flags()}), {torch.get_num_threads()} threads of {os.cpu_count()} cores"
     load = "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     return (f"{where}; torch {torch.__version__}, transformers {transformers.__version__}; {load}; "
             f"{time.strftime('%Y-%m-%d %H:%M')}")

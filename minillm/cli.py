@@ -249,7 +249,8 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
         print(f"{kind}: {model.num_parameters() / 1e6:.2f}M parameters, {len(dataset):,} examples of "
               f"{args.max_length} tokens from {args.data_path}, {env.world_size} process(es) on {env.device}, "
               f"out_dir {cfg.out_dir}")
-        print(f"compute dtype {dtype_reason(cfg.dtype, env.device)}; optimizer {cfg.optimizer}"
+        print(f"compute dtype {dtype_reason(cfg.dtype, env.device)}, held-out loss in {cfg.eval_dtype}; "
+              f"optimizer {cfg.optimizer}"
               + (f"; {cfg.max_minutes:g} minutes of training" if cfg.max_minutes else ""))
     result = train(model, dataset, cfg, eval_documents=eval_docs, tokenizer=tokenizer, env=env)
     if args.merge and env.is_main and not result.interrupted:
@@ -311,14 +312,13 @@ def add_model_flags(p: argparse.ArgumentParser, default: str | None = None) -> N
                         "in --model (or beside --adapter); 'default' uses the tokenizer shipped in minillm/assets")
 
 
-def add_inference_flags(p: argparse.ArgumentParser) -> None:
+def add_inference_flags(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
     """--device and --dtype, as generate.py and serve.py take them (weights and KV cache in one dtype)."""
     p.add_argument("--device", default="auto",
                    help="cpu, cuda or cuda:N (default: auto = cuda if available, else cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="dtype of the weights and the KV cache (default: auto = bfloat16 on GPUs that support it, "
-                        "else float16 on GPU; bfloat16 on CPUs with native bf16 matrix units (AMX, AVX512-BF16), "
-                        "else float32)")
+    p.add_argument("--dtype", default=dtype, choices=["auto", *DTYPES],
+                   help=f"dtype of the weights and the KV cache (default: {dtype}; auto = bfloat16 on GPUs that "
+                        "support it, else float16; float32 on every CPU, so the text does not depend on the CPU)")
 
 
 # The specific failures of bad input in the scripts that use a trained model; anything else is a bug and

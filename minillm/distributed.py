@@ -60,6 +60,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if native_bf16() else torch.float32
 
 
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A generate/serve --dtype value: auto is the GPU's half dtype, and float32 on every CPU, so that greedy
+    text (and llama.cpp's f32 run of the same GGUF) does not change with the CPU's bf16 units."""
+    return torch.float32 if name == "auto" and device.type != "cuda" else resolve_dtype(name, device)
+
+
 def dtype_reason(name: str, device: torch.device) -> str:
     """What --dtype NAME means on this device, and why, for a run's first lines."""
     dtype = str(resolve_dtype(name, device)).removeprefix("torch.")

@@ -40,6 +40,8 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     dtype: str = "auto"
     """Autocast dtype: auto (bfloat16 on GPUs that support it, else float16; on CPUs bfloat16 where they have native bf16 matrix units, AMX or AVX512-BF16, else float32), float32, bfloat16, float16."""
+    eval_dtype: str = "float32"
+    """Compute dtype of the held-out loss: float32 (default), so bits/byte does not change with the machine that --dtype auto meets; bfloat16 or float16 under autocast when asked. (FSDP on GPUs computes in bf16 whatever this says.)"""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto (cuda when available). Under torchrun each process takes cuda:LOCAL_RANK."""
     compile: bool = False
@@ -90,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.eval_dtype not in DTYPES:
+            raise ValueError(f"eval_dtype must be one of {', '.join(DTYPES)}, got {self.eval_dtype!r}")
 
 
 @dataclass

@@ -34,7 +34,7 @@ from minillm.data import (
     scan_examples,
     trim_padding,
 )
-from minillm.distributed import DistEnv, all_reduce_sum, barrier, resolve_device, resolve_dtype
+from minillm.distributed import DTYPES, DistEnv, all_reduce_sum, barrier, resolve_device, resolve_dtype
 from minillm.evaluation import evaluate_perplexity
 from minillm.files import DirLock, check_writable, remove, remove_stale_temporaries
 from minillm.lora import has_lora
@@ -253,7 +253,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
             wrapped = DDP(wrapped, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         params = list(model.parameters())
         result = TrainResult(steps=start_step, start_step=start_step)
-        held_out = lambda: held_out_loss(model, eval_documents, dataset, cfg, env.device, amp_dtype)  # noqa: E731
+        held_out = lambda: held_out_loss(model, eval_documents, dataset, cfg, env.device)  # noqa: E731
         step, bad_in_row = start_step, 0
         wrapped.train()
         while not schedule.done(step, clock) and not result.interrupted:
@@ -326,10 +326,10 @@ def _resume(checkpointer: Checkpointer, cfg: TrainConfig, env: DistEnv) -> tuple
 
 
 def held_out_loss(model: MiniLLM, documents: list[list[int]] | None, dataset: Dataset, cfg: TrainConfig,
-                  device: torch.device, amp_dtype: torch.dtype) -> float | None:
-    """Mean NLL per token of the held-out documents at the training context, or None without documents."""
+                  device: torch.device) -> float | None:
+    """Mean NLL per token of the held-out documents at the training context (in cfg.eval_dtype), or None."""
     if not documents:
         return None
     return evaluate_perplexity(model, documents, max_length=getattr(dataset, "max_length", 512),
                                batch_size=cfg.batch_size, eos_id=model.config.eos_token_id, device=device,
-                               dtype=amp_dtype, lockstep=is_sharded(model)).mean_nll
+                               dtype=DTYPES[cfg.eval_dtype], lockstep=is_sharded(model)).mean_nll

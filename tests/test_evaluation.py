@@ -337,3 +337,23 @@ def test_cli_help_explains_every_flag(capsys):
                         ("--batch_size", "windows per forward"), ("--device", "cuda if available"),
                         ("--dtype", "bfloat16 on GPU"), ("--json", "JSON")]:
         assert flag in text and words in text, flag
+
+
+def test_cli_scores_in_float32_whatever_the_cpu(cli_setup, small_tokenizer, eval_texts, capsys, monkeypatch):
+    """A metric never depends on the machine: with native bf16 forced on, the default is still float32."""
+    monkeypatch.setenv("MINILLM_NATIVE_BF16", "1")
+    root, good = cli_setup["root"], cli_setup["good"]
+    model = MiniLLM.from_pretrained(good)
+    texts = eval_texts[:20]
+    docs = small_tokenizer.encode_batch(texts)
+    scores = {}
+    for name, flags in {"default": [], "bf16": ["--dtype", "bfloat16"]}.items():
+        rc, out, err = run_main(["--model", good, *cli_setup["common"], *flags, "--json", root / f"{name}.json"],
+                                capsys)
+        assert rc == 0, err
+        scores[name] = json.loads((root / f"{name}.json").read_text())
+    assert scores["default"]["dtype"] == "float32"
+    f32 = evaluate_perplexity(model, docs, max_length=32, stride=16, batch_size=4)
+    bf16 = evaluate_perplexity(model, docs, max_length=32, stride=16, batch_size=4, dtype=torch.bfloat16)
+    assert scores["default"]["nll_sum"] == f32.nll_sum != bf16.nll_sum
+    assert (scores["bf16"]["dtype"], scores["bf16"]["nll_sum"]) == ("bfloat16", bf16.nll_sum)

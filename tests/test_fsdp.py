@@ -16,14 +16,22 @@ from minillm.model import MiniLLM
 
 TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4", "--num_key_value_heads", "2"]
 STEPS = 6
+# Every run here claims equality with another run, which holds in float32 only: the dtype is pinned, and CI runs
+# this file with MINILLM_NATIVE_BF16=0 and =1 to prove the pin holds whatever the CPU.
+pytestmark = pytest.mark.exactness
+
+
+def script_args(out, corpus, batch_size: int, *extra, eval_data=REPO / "dataset" / "eval.jsonl") -> list[str]:
+    """train_pretrain.py's command line: 6 steps in float32, a checkpoint every 3."""
+    return [str(REPO / "train_pretrain.py"), "--data_path", str(corpus), "--eval_data", str(eval_data),
+            "--max_length", "32", "--max_steps", str(STEPS), "--log_every", "1", "--eval_every", "0",
+            "--save_every", "3", "--seed", "3", "--dtype", "float32", "--batch_size", str(batch_size),
+            "--out_dir", str(out), *TINY, *map(str, extra)]
 
 
 def train(out, corpus, processes: int, batch_size: int, *extra) -> subprocess.CompletedProcess:
-    """train_pretrain.py on `processes` processes (torchrun for 2), 6 steps, a checkpoint every 3."""
-    args = [str(REPO / "train_pretrain.py"), "--data_path", str(corpus), "--eval_data", str(REPO / "dataset" / "eval.jsonl"),
-            "--max_length", "32", "--max_steps", str(STEPS), "--log_every", "1", "--eval_every", "0",
-            "--save_every", "3", "--seed", "3", "--batch_size", str(batch_size), "--out_dir", str(out), *TINY,
-            *map(str, extra)]
+    """train_pretrain.py on `processes` processes (torchrun for 2)."""
+    args = script_args(out, corpus, batch_size, *extra)
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
                 if processes > 1 else [sys.executable])
     res = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=300, cwd=REPO,
@@ -124,9 +132,7 @@ def test_two_torchrun_agents_as_two_nodes_train_like_one_process(runs, corpus, t
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "nodes"
-    args = [str(REPO / "train_pretrain.py"), "--data_path", str(corpus), "--eval_data", "", "--max_length", "32",
-            "--max_steps", str(STEPS), "--log_every", "1", "--eval_every", "0", "--save_every", "3", "--seed", "3",
-            "--batch_size", "2", "--out_dir", str(out), "--fsdp", *TINY]
+    args = script_args(out, corpus, 2, "--fsdp", eval_data="")
     agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                                 f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                                 "--rdzv_id=minillm-test", *args], cwd=REPO, stdout=subprocess.PIPE,

@@ -290,3 +290,17 @@ def test_cli_hints_at_raw_when_the_tokenizer_has_no_chat_template(model_dir, tmp
         capsys.readouterr().err
     assert cli.main(["--model", str(model_dir), "--prompt", "江", "--max_new_tokens", "2", "--seed", "0"]) == 0
     assert "chat template" not in capsys.readouterr().err
+
+
+def test_cli_default_dtype_is_float32_on_any_cpu(model_dir, model, tok, capsys, monkeypatch):
+    """Greedy text does not change with the CPU: auto is float32 on CPUs even with native bf16 units."""
+    from minillm.distributed import inference_dtype
+
+    monkeypatch.setenv("MINILLM_NATIVE_BF16", "1")
+    cpu = torch.device("cpu")
+    assert inference_dtype("auto", cpu) == torch.float32 and inference_dtype("bfloat16", cpu) == torch.bfloat16
+    prompt = "请以《浣溪沙》为词牌写一首词"
+    assert cli.main(["--model", str(model_dir), "--prompt", prompt, "--temperature", "0",
+                     "--max_new_tokens", "30"]) == 0
+    out, _ = capsys.readouterr()
+    assert out == reference_answer(model, tok, chat_ids(tok, prompt), 30, temperature=0) + "\n"

@@ -126,7 +126,8 @@ def test_the_run_names_its_dtype_and_optimizer(tmp_path, corpus, capsys, monkeyp
     monkeypatch.setenv("MINILLM_NATIVE_BF16", "1")
     code, out, _ = tiny_pretrain(tmp_path / "p", corpus, "--max_steps", "2", "--optimizer", "muon", capsys=capsys)
     assert code == 0
-    assert "compute dtype bfloat16 (auto: the CPU has native bf16 matrix units); optimizer muon" in out
+    assert ("compute dtype bfloat16 (auto: the CPU has native bf16 matrix units), held-out loss in float32; "
+            "optimizer muon") in out
     code, _, err = run_train_cli("pretrain", "--data_path", str(corpus), "--optimizer", "sgd",
                                  "--out_dir", str(tmp_path / "x"), capsys=capsys)
     assert code != 0 and "optimizer must be one of adamw, muon" in err

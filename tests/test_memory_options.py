@@ -97,13 +97,14 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_less_sa
         assert torch.equal(model(x).logits, reference)
 
 
+@pytest.mark.exactness
 def test_training_cli_with_both_options_gives_the_plain_losses(tmp_path, corpus, capsys):
     def losses(name, *flags):
         code, _, err = tiny_pretrain(tmp_path / name, corpus, "--max_steps", "4", *flags, capsys=capsys)
         assert code == 0, err
         return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
-    plain = losses("plain")
-    both = losses("both", "--activation_checkpointing", "--loss_chunk", "7")
+    plain = losses("plain", "--dtype", "float32")
+    both = losses("both", "--dtype", "float32", "--activation_checkpointing", "--loss_chunk", "7")
     assert len(plain) == 4 and plain[-1] < plain[0]
     assert both == pytest.approx(plain, rel=1e-5)

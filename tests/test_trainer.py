@@ -99,22 +99,24 @@ def test_resume_is_exact(tmp_path, tokenizer, small_corpus, optimizer):
     assert steps == list(range(1, 13))
 
 
+@pytest.mark.exactness
 @needs_compiler
 def test_compiled_training_matches_eager(tmp_path, tokenizer, small_corpus):
     """TrainConfig.compile (--compile): same losses as eager, and the checkpoint holds plain weight names."""
     dataset = PretrainDataset(small_corpus, tokenizer, max_length=32)
-    eager = train(tiny_model(tokenizer), dataset, config(tmp_path / "eager", max_steps=4, save_every=2))
+    eager = train(tiny_model(tokenizer), dataset, config(tmp_path / "eager", max_steps=4, save_every=2,
+                                                         dtype="float32"))
     compiled = train(tiny_model(tokenizer), dataset, config(tmp_path / "compiled", max_steps=4, save_every=2,
-                                                            compile=True))
+                                                            compile=True, dtype="float32"))
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
     a = MiniLLM.from_pretrained(tmp_path / "eager").state_dict()
     b = MiniLLM.from_pretrained(tmp_path / "compiled").state_dict()
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
     # A compiled run stopped at step 2 resumes from the checkpoint it wrote and continues the same curve.
-    cut = train(tiny_model(tokenizer), dataset, config(tmp_path / "cut", max_steps=4, compile=True),
-                should_stop=lambda step: step == 2)
+    cut = train(tiny_model(tokenizer), dataset, config(tmp_path / "cut", max_steps=4, compile=True,
+                                                       dtype="float32"), should_stop=lambda step: step == 2)
     resumed = train(tiny_model(tokenizer, seed=9), dataset, config(tmp_path / "cut", max_steps=4, compile=True,
-                                                                   resume=True))
+                                                                   dtype="float32", resume=True))
     assert cut.losses + resumed.losses == pytest.approx(eager.losses, rel=1e-4) and len(resumed.losses) == 2
 
 
@@ -123,6 +125,32 @@ def test_resume_with_other_batch_layout_is_refused(tmp_path, tokenizer, small_co
     train(tiny_model(tokenizer), dataset, config(tmp_path, max_steps=2))
     with pytest.raises(ValueError, match="resume with the same values"):
         train(tiny_model(tokenizer), dataset, config(tmp_path, max_steps=4, batch_size=2, resume=True))
+
+
+def test_bf16_training_falls_near_float32_and_resumes_exactly(tmp_path, tokenizer, small_corpus, monkeypatch):
+    """What bf16 autocast can promise, forced on whatever the CPU (the override --dtype auto reads)."""
+    monkeypatch.setenv("MINILLM_NATIVE_BF16", "1")
+    dataset = PretrainDataset(small_corpus, tokenizer, max_length=32)
+    docs = tokenizer.encode_batch(read_documents(REPO / "dataset" / "eval.jsonl")[:8])
+    kw = dict(max_steps=8, batch_size=8, save_every=4)
+    f32 = train(tiny_model(tokenizer), dataset, config(tmp_path / "f32", dtype="float32", **kw))
+    bf16 = train(tiny_model(tokenizer), dataset, config(tmp_path / "bf16", **kw), eval_documents=docs)
+    assert all(math.isfinite(x) for x in bf16.losses) and bf16.losses[-1] < bf16.losses[0] - 0.5
+    assert bf16.losses != f32.losses  # auto really trained in bf16 here
+    # bf16 keeps 8 bits of mantissa: each loss within 1% of float32's over these 8 steps.
+    assert bf16.losses == pytest.approx(f32.losses, rel=1e-2)
+    # The held-out loss is computed in float32 (TrainConfig.eval_dtype), not in the training dtype.
+    model = MiniLLM.from_pretrained(tmp_path / "bf16")
+    from minillm.evaluation import evaluate_perplexity
+
+    want = evaluate_perplexity(model, docs, max_length=32, batch_size=8, eos_id=model.config.eos_token_id)
+    bf16_eval = evaluate_perplexity(model, docs, max_length=32, batch_size=8, eos_id=model.config.eos_token_id,
+                                    dtype=torch.bfloat16)
+    assert bf16.eval_loss == want.mean_nll != bf16_eval.mean_nll
+    # Exact resume within bf16 itself: the same losses to the bit.
+    cut = train(tiny_model(tokenizer), dataset, config(tmp_path / "cut", **kw), should_stop=lambda step: step == 4)
+    resumed = train(tiny_model(tokenizer, seed=9), dataset, config(tmp_path / "cut", resume=True, **kw))
+    assert cut.losses + resumed.losses == bf16.losses
 
 
 class NaNOnce(Dataset):
@@ -219,10 +247,11 @@ def test_sigterm_saves_and_says_how_to_resume(tmp_path, small_corpus):
     assert MiniLLM.from_pretrained(ckpt) is not None and (ckpt / "tokenizer.json").is_file()
 
 
+@pytest.mark.exactness
 def test_torchrun_two_processes_match_one_process(tmp_path, small_corpus):
     common = ["--data_path", str(small_corpus), "--eval_data", str(REPO / "dataset" / "eval.jsonl"),
               "--max_length", "40", "--max_steps", "6", "--log_every", "1", "--eval_every", "0",
-              "--save_every", "3", "--seed", "3", *TINY_FLAGS]
+              "--save_every", "3", "--seed", "3", "--dtype", "float32", *TINY_FLAGS]
     single = run_script("train_pretrain.py", *common, "--batch_size", "4", "--out_dir", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
