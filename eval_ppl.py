@@ -1,4 +1,4 @@
-"""Perplexity and bits per byte of a saved model on held-out text: a thin CLI over minillm.evaluation.
+"""Perplexity and bits per byte of a saved model on held-out text: a thin CLI over minillm.eval.perplexity.
 
     python eval_ppl.py --model out/pretrain
     torchrun --nproc_per_node 2 eval_ppl.py --model out/pretrain   # documents split, sums reduced
@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from minillm.cli import BAD_INPUT, CliError, add_model_flags, load_trained, report
-from minillm.distributed import DTYPES, resolve_dtype, setup_distributed, teardown_distributed
-from minillm.evaluation import evaluate_perplexity, read_documents
+from minillm.device import DTYPES, resolve_dtype
+from minillm.eval.perplexity import evaluate_perplexity, read_documents
+from minillm.train.distributed import setup_distributed, teardown_distributed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

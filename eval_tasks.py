@@ -1,4 +1,4 @@
-"""Behavioural evaluations of a saved model on held-out poems: a thin CLI over minillm.tasks.
+"""Behavioural evaluations of a saved model on held-out poems: a thin CLI over minillm.eval.tasks.
 
     python eval_tasks.py --model out/pretrain          # poetry cloze
     python eval_tasks.py --model out/sft               # cloze + following the request (chat models)
@@ -15,10 +15,10 @@ import torch
 from tqdm import tqdm
 
 from minillm.cli import BAD_INPUT, CliError, add_inference_flags, add_model_flags, load_trained, report
-from minillm.distributed import inference_dtype, resolve_device
-from minillm.evaluation import read_documents
-from minillm.jsonl import iter_records
-from minillm.tasks import (
+from minillm.data.jsonl import iter_records
+from minillm.device import inference_dtype, resolve_device
+from minillm.eval.perplexity import read_documents
+from minillm.eval.tasks import (
     Rate,
     answer_all,
     cjk,

@@ -1,4 +1,4 @@
-"""Export a trained model to GGUF for llama.cpp, ollama and LM Studio: a thin CLI over minillm.gguf_export.
+"""Export a trained model to GGUF for llama.cpp, ollama and LM Studio: a thin CLI over minillm.export.gguf.
 
     pip install -e ".[gguf]"
     python export_gguf.py --model out/sft                       # out/sft-f16.gguf + out/sft-f16.Modelfile
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from minillm.cli import BAD_INPUT, CliError, add_model_flags, load_trained, report
-from minillm.gguf_export import DTYPES, export_gguf, write_modelfile
+from minillm.export.gguf import DTYPES, export_gguf, write_modelfile
 
 PROG = "export_gguf.py"
 

@@ -1,4 +1,4 @@
-"""Talk to a trained model: one answer to --prompt, or an interactive chat; a thin CLI over minillm.chat.
+"""Talk to a trained model: one answer to --prompt, or an interactive chat; a thin CLI over minillm.infer.chat.
 
     python generate.py --model out/sft --prompt "请以《浣溪沙》为词牌写一首词"
     python generate.py --model out/pretrain --raw --prompt "床前明月光，"
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from minillm.chat import ChatSession, ContextError, StreamingAnswer
 from minillm.cli import BAD_INPUT, CliError, add_inference_flags, add_model_flags, load_trained, report
-from minillm.distributed import inference_dtype, resolve_device
-from minillm.generation import check_sampling
-from minillm.model import MiniLLM
-from minillm.tokenizer import DEFAULT_ASSETS
+from minillm.data.tokenizer import DEFAULT_ASSETS
+from minillm.device import inference_dtype, resolve_device
+from minillm.infer.chat import ChatSession, ContextError, StreamingAnswer
+from minillm.infer.generation import check_sampling
+from minillm.model.model import MiniLLM
 
 PROG = "generate.py"
 

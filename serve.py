@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from minillm.cli import BAD_INPUT, CliError, add_inference_flags, add_model_flags, load_trained, report
-from minillm.distributed import inference_dtype, resolve_device
+from minillm.device import inference_dtype, resolve_device
 
 PROG = "serve.py"
 
@@ -77,11 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import uvicorn
 
-            from minillm.server import ServerConfig, create_app
+            from minillm.infer.server import ServerConfig, create_app
         except ImportError as e:
             raise CliError(f"the server needs the serve extra ({e.name} is missing): "
                            "pip install -e \".[serve]\"") from None
-        from minillm.serving import Scheduler
+        from minillm.infer.serving import Scheduler
 
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
         if not Path(args.model).is_dir():

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from minillm.config import LMConfig
-from minillm.model import MiniLLM
+from minillm.model.config import LMConfig
+from minillm.model.model import MiniLLM
 
 SIDES = ("minillm", "transformers")
 

@@ -3,7 +3,7 @@
 The corpora are the shipped dataset/pretrain.jsonl repeated until 100 MB and 1 GB, each repetition
 perturbed (its poems in another seeded order, the repetition's number before each text) so that no
 two shards hold the same bytes. For each size and process count a fresh subprocess builds the sharded
-cache (minillm.shards.build_shards, 64 MB shards) and reports its wall time and the peak resident memory
+cache (minillm.data.shards.build_shards, 64 MB shards) and reports its wall time and the peak resident memory
 of itself and of its worker processes. Then `train_pretrain.py --max_steps 1` on the built cache
 measures the time from launch to the end of the first step.
 
@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 BUILD = """
 import json, resource, sys, time
-from minillm.shards import build_shards
-from minillm.tokenizer import load_tokenizer
+from minillm.data.shards import build_shards
+from minillm.data.tokenizer import load_tokenizer
 if __name__ == "__main__":
     tok = load_tokenizer()
     start = time.perf_counter()

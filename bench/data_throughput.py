@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minillm.data import PretrainDataset, SFTDataset
-from minillm.jsonl import index_lines
-from minillm.packed import PackedDataset, prepare_tokens
-from minillm.tokenizer import load_tokenizer
+from minillm.data.datasets import PretrainDataset, SFTDataset
+from minillm.data.jsonl import index_lines
+from minillm.data.packed import PackedDataset, prepare_tokens
+from minillm.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,8 +16,8 @@ import torch
 from common import CONFIGS, environment, median, print_table, resolve_device, setup, time_alternating
 from train_throughput import make_train_step
 
-from minillm.distributed import dtype_reason
-from minillm.model import MiniLLM
+from minillm.device import dtype_reason
+from minillm.model.model import MiniLLM
 
 SIDES = ("float32", "bfloat16")
 

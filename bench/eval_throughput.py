@@ -1,7 +1,7 @@
 """Perplexity-evaluation throughput: minillm's evaluate_perplexity vs a plain transformers forward.
 
 Both sides score the same tokenized documents of the eval set with the same strided windows
-(minillm.evaluation.windows), the same batches (longest first, right-padded with eos) and a summed
+(minillm.eval.perplexity.windows), the same batches (longest first, right-padded with eos) and a summed
 float64 cross-entropy; the transformers side is a plain loop of model(input_ids).logits under
 inference_mode. The two totals are asserted equal within 1e-5 relative; calls alternate between the
 sides after warm-up, and scored tokens per second come from the median.
@@ -33,8 +33,8 @@ from common import (
     write_checkpoint,
 )
 
-from minillm.evaluation import evaluate_perplexity, read_documents, window_batch, window_jobs
-from minillm.tokenizer import load_tokenizer
+from minillm.data.tokenizer import load_tokenizer
+from minillm.eval.perplexity import evaluate_perplexity, read_documents, window_batch, window_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,10 +16,10 @@ import argparse
 
 import torch
 
-from minillm.generation import generate
-from minillm.model import MiniLLM
-from minillm.tasks import FORM_PROMPT, answer_body, clauses
-from minillm.tokenizer import load_tokenizer
+from minillm.data.tokenizer import load_tokenizer
+from minillm.eval.tasks import FORM_PROMPT, answer_body, clauses
+from minillm.infer.generation import generate
+from minillm.model.model import MiniLLM
 
 FORMS = ["五言绝句", "五言律诗", "七言绝句", "七言律诗"]
 SIZES = ("5", "7", "other")

@@ -41,10 +41,10 @@ def worker(args: argparse.Namespace) -> None:
     from common import CONFIGS, rss_kib
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from minillm.distributed import setup_distributed, teardown_distributed
-    from minillm.model import MiniLLM
-    from minillm.optim import build_optimizer
-    from minillm.sharding import apply_fsdp
+    from minillm.model.model import MiniLLM
+    from minillm.train.distributed import setup_distributed, teardown_distributed
+    from minillm.train.optim import build_optimizer
+    from minillm.train.sharding import apply_fsdp
 
     env = setup_distributed("cpu")
     torch.manual_seed(0)
@@ -92,7 +92,7 @@ def main() -> None:
         return worker(args)
     from common import CONFIGS, environment, print_table
 
-    from minillm.model import MiniLLM
+    from minillm.model.model import MiniLLM
 
     rows = []
     for mode, flags in MODES.items():

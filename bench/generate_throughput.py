@@ -37,7 +37,7 @@ from common import (
     write_checkpoint,
 )
 
-from minillm.generation import generate
+from minillm.infer.generation import generate
 
 # Noise added to the fresh weights: greedy decoding of an untrained model is full of near-ties that
 # float rounding could break either way; perturbed weights give clear winners.

@@ -31,10 +31,10 @@ from common import (
     write_checkpoint,
 )
 
-from minillm.generation import generate
-from minillm.gguf_export import export_gguf
-from minillm.model import MiniLLM
-from minillm.tokenizer import load_tokenizer
+from minillm.data.tokenizer import load_tokenizer
+from minillm.export.gguf import export_gguf
+from minillm.infer.generation import generate
+from minillm.model.model import MiniLLM
 
 WEIGHT_NOISE = 0.1  # as in generate_throughput.py: fresh weights are full of near-ties
 

@@ -43,10 +43,10 @@ def worker(args: argparse.Namespace) -> dict:
     """Build one model, train it for a few steps, and report memory and speed."""
     import torch
 
-    from minillm.config import LMConfig
-    from minillm.lora import apply_lora, parameter_counts
-    from minillm.model import MiniLLM
-    from minillm.optim import build_optimizer
+    from minillm.model.config import LMConfig
+    from minillm.model.lora import apply_lora, parameter_counts
+    from minillm.model.model import MiniLLM
+    from minillm.train.optim import build_optimizer
 
     torch.set_num_threads(args.threads)
     baseline = peak_rss_mib()  # the interpreter plus torch, before any model exists

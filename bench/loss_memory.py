@@ -37,7 +37,7 @@ def inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.nn.Linear, tor
 
 def loss_and_grads(h_BTC, head, labels_BT, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward and backward of one loss: (loss, dL/dh, dL/dW)."""
-    from minillm.loss import chunked_cross_entropy, masked_cross_entropy
+    from minillm.model.loss import chunked_cross_entropy, masked_cross_entropy
 
     h_BTC = h_BTC.detach().requires_grad_(True)
     head.zero_grad(set_to_none=True)

@@ -50,7 +50,7 @@ BASELINE = "transformers"
 
 def eval_set(tokenizer) -> tuple[list[list[int]], int, int]:
     """The held-out documents as token lists, their scored token count and their UTF-8 bytes."""
-    from minillm.evaluation import read_documents
+    from minillm.eval.perplexity import read_documents
 
     texts = read_documents(ROOT / "dataset" / "eval.jsonl")
     docs = tokenizer.encode_batch(texts)
@@ -89,12 +89,12 @@ def run_baseline(args: argparse.Namespace, docs: list[list[int]], tokens: int, n
     import torch.nn.functional as F
     import transformers
 
-    from minillm.config import LMConfig
-    from minillm.evaluation import evaluate_perplexity
-    from minillm.model import MiniLLM
-    from minillm.optim import build_optimizer
-    from minillm.packed import PackedDataset
-    from minillm.schedule import cosine_lr, timed_lr
+    from minillm.data.packed import PackedDataset
+    from minillm.eval.perplexity import evaluate_perplexity
+    from minillm.model.config import LMConfig
+    from minillm.model.model import MiniLLM
+    from minillm.train.optim import build_optimizer
+    from minillm.train.schedule import cosine_lr, timed_lr
 
     torch.manual_seed(1337)
     directory = Path(args.work_dir) / BASELINE
@@ -167,7 +167,7 @@ def main() -> None:
             parser.error(f"--recipe {r[0]!r}: not one of {', '.join(RECIPES)} and not label=flags")
     from common import environment, print_table
 
-    from minillm.tokenizer import load_tokenizer
+    from minillm.data.tokenizer import load_tokenizer
 
     torch.set_num_threads(2)
     docs, tokens, n_bytes = eval_set(load_tokenizer(None))

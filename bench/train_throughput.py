@@ -1,7 +1,7 @@
 """Training-step throughput of minillm vs transformers' LlamaForCausalLM on the same config and weights.
 
 One step = forward, loss, backward, gradient clipping to norm 1 and an AdamW step, as minillm's
-trainer does it. Both sides get the same batch and the same optimizer (minillm.trainer.build_optimizer),
+trainer does it. Both sides get the same batch and the same optimizer (minillm.train.trainer.build_optimizer),
 so the ratio measures the models. Steps alternate between the sides after warm-up; the median step
 time gives tokens/s. MFU = model FLOPs per token x tokens/s / peak, where model FLOPs per token =
 6 x (parameters in matmuls, LM head included) + 12 x layers x hidden x seq_len (attention, forward
@@ -36,7 +36,7 @@ from common import (
     write_checkpoint,
 )
 
-from minillm.optim import build_optimizer
+from minillm.train.optim import build_optimizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -18,7 +18,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from minillm.tasks import IMAGERY  # the image words of "words" prompts, which eval_tasks.py asks for too
+from minillm.eval.tasks import IMAGERY  # the image words of "words" prompts, which eval_tasks.py asks for too
 
 PACKAGE = "chinese-poetry"
 VERSION = "2.0.1"

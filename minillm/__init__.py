@@ -1,12 +1,12 @@
 """minillm: train small decoder-only language models end to end, in plain PyTorch."""
 
-from minillm.chat import ChatSession, StreamDecoder, StreamingAnswer
-from minillm.config import LMConfig
-from minillm.evaluation import PerplexityResult, evaluate_perplexity
-from minillm.generation import generate
-from minillm.lora import apply_lora, load_adapter, merge_lora, save_adapter
-from minillm.model import MiniLLM
-from minillm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from minillm.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from minillm.eval.perplexity import PerplexityResult, evaluate_perplexity
+from minillm.infer.chat import ChatSession, StreamDecoder, StreamingAnswer
+from minillm.infer.generation import generate
+from minillm.model.config import LMConfig
+from minillm.model.lora import apply_lora, load_adapter, merge_lora, save_adapter
+from minillm.model.model import MiniLLM
 
 __all__ = ["ChatSession", "LMConfig", "MiniLLM", "PerplexityResult", "StreamDecoder", "StreamingAnswer", "Tokenizer",
            "apply_lora", "evaluate_perplexity", "generate", "load_adapter", "load_tokenizer", "merge_lora",

@@ -13,19 +13,20 @@ from pathlib import Path
 
 import torch
 
-from minillm.checkpoint import CHECKPOINT_DIR
-from minillm.config import LMConfig
-from minillm.data import DataError, PretrainDataset, SFTDataset, check_vocab
-from minillm.distributed import DTYPES, barrier, dtype_reason, setup_distributed, teardown_distributed
-from minillm.evaluation import read_documents
+from minillm.data.datasets import DataError, PretrainDataset, SFTDataset, check_vocab
+from minillm.data.packed import PackedDataset, packed_cache
+from minillm.data.shards import build_shards, shard_index_path
+from minillm.data.tokenizer import Tokenizer, load_tokenizer
+from minillm.device import DTYPES, dtype_reason
+from minillm.eval.perplexity import read_documents
 from minillm.files import check_writable
-from minillm.lora import DEFAULT_TARGETS, apply_lora, load_adapter, merge_lora, parameter_counts
-from minillm.model import MiniLLM
-from minillm.packed import PackedDataset, packed_cache
-from minillm.shards import build_shards, shard_index_path
-from minillm.tokenizer import Tokenizer, load_tokenizer
-from minillm.train_config import TrainConfig, TrainResult
-from minillm.trainer import train
+from minillm.model.config import LMConfig
+from minillm.model.lora import DEFAULT_TARGETS, apply_lora, load_adapter, merge_lora, parameter_counts
+from minillm.model.model import MiniLLM
+from minillm.train.checkpoint import CHECKPOINT_DIR
+from minillm.train.config import TrainConfig, TrainResult
+from minillm.train.distributed import barrier, setup_distributed, teardown_distributed
+from minillm.train.trainer import train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Flags that shape a new model; with --init_from the loaded model's values hold and a different value is an error.

@@ -3,9 +3,9 @@ import shutil
 import pytest
 import torch
 
-from minillm.config import LMConfig
-from minillm.model import MiniLLM
-from minillm.tokenizer import load_tokenizer
+from minillm.data.tokenizer import load_tokenizer
+from minillm.model.config import LMConfig
+from minillm.model.model import MiniLLM
 
 # torch.compile on the CPU builds C++ kernels: without a compiler those tests cannot run.
 needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
@@ -103,7 +103,7 @@ def load_script(name: str):
 @pytest.fixture(scope="session")
 def tiny_sft_dir(tmp_path_factory, tokenizer):
     """A 2-layer chat model fitted for 40 steps to 16 SFT examples, so that it writes real characters."""
-    from minillm.data import SFTDataset
+    from minillm.data.datasets import SFTDataset
 
     torch.manual_seed(0)
     config = LMConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -133,8 +133,8 @@ class LiveServer:
 
         import uvicorn
 
-        from minillm.server import ServerConfig, create_app
-        from minillm.serving import Scheduler
+        from minillm.infer.server import ServerConfig, create_app
+        from minillm.infer.serving import Scheduler
 
         self.model = MiniLLM.from_pretrained(model_dir).eval()
         self.tokenizer = load_tokenizer(model_dir)

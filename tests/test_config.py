@@ -1,6 +1,6 @@
 import pytest
 
-from minillm.config import LMConfig
+from minillm.model.config import LMConfig
 
 
 def test_defaults_are_the_small_model():

@@ -1,4 +1,4 @@
-"""Tests for minillm.data: exact (X, Y, loss_mask) values, SFT masks, packed cache, bad input."""
+"""Tests for minillm.data.datasets: exact (X, Y, loss_mask) values, SFT masks, packed cache, bad input."""
 
 import json
 import os
@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import minillm.data as data
-import minillm.jsonl as jsonl
-import minillm.packed as packed
-from minillm.data import DataError, PretrainDataset, SFTDataset, check_token_ids, check_vocab
-from minillm.jsonl import index_lines
-from minillm.packed import PackedDataset, load_packed_header, packed_cache, prepare_tokens
-from minillm.tokenizer import train_tokenizer
+import minillm.data.datasets as data
+import minillm.data.jsonl as jsonl
+import minillm.data.packed as packed
+from minillm.data.datasets import DataError, PretrainDataset, SFTDataset, check_token_ids, check_vocab
+from minillm.data.jsonl import index_lines
+from minillm.data.packed import PackedDataset, load_packed_header, packed_cache, prepare_tokens
+from minillm.data.tokenizer import train_tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

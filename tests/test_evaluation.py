@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import randomized
 
-from minillm.config import LMConfig
-from minillm.data import DataError
-from minillm.evaluation import PerplexityResult, evaluate_perplexity, read_documents, windows
-from minillm.model import MiniLLM
-from minillm.tokenizer import train_tokenizer
+from minillm.data.datasets import DataError
+from minillm.data.tokenizer import train_tokenizer
+from minillm.eval.perplexity import PerplexityResult, evaluate_perplexity, read_documents, windows
+from minillm.model.config import LMConfig
+from minillm.model.model import MiniLLM
 
 transformers = pytest.importorskip("transformers")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from minillm.model import MiniLLM
+from minillm.model.model import MiniLLM
 
 TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4", "--num_key_value_heads", "2"]
 STEPS = 6

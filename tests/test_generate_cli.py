@@ -1,4 +1,4 @@
-"""generate.py and minillm.chat on a tiny model trained for a few steps on the shipped SFT data."""
+"""generate.py and minillm.infer.chat on a tiny model trained for a few steps on the shipped SFT data."""
 
 import io
 import os
@@ -12,10 +12,17 @@ import pytest
 import torch
 from conftest import load_script
 
-from minillm.chat import REPLACEMENT, ChatSession, ContextError, StreamDecoder, StreamingAnswer, stream_decode
-from minillm.generation import generate
-from minillm.model import MiniLLM
-from minillm.tokenizer import load_tokenizer
+from minillm.data.tokenizer import load_tokenizer
+from minillm.infer.chat import (
+    REPLACEMENT,
+    ChatSession,
+    ContextError,
+    StreamDecoder,
+    StreamingAnswer,
+    stream_decode,
+)
+from minillm.infer.generation import generate
+from minillm.model.model import MiniLLM
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEED_LINE = re.compile(r"^\[(\d+) tokens in [\d.]+ s, [\d.]+ tokens/s(, cut at --max_new_tokens \d+)?\]$", re.M)
@@ -294,7 +301,7 @@ def test_cli_hints_at_raw_when_the_tokenizer_has_no_chat_template(model_dir, tmp
 
 def test_cli_default_dtype_is_float32_on_any_cpu(model_dir, model, tok, capsys, monkeypatch):
     """Greedy text does not change with the CPU: auto is float32 on CPUs even with native bf16 units."""
-    from minillm.distributed import inference_dtype
+    from minillm.device import inference_dtype
 
     monkeypatch.setenv("MINILLM_NATIVE_BF16", "1")
     cpu = torch.device("cpu")

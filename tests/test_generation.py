@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import needs_compiler
 
-from minillm.generation import _filter_top_k_top_p, generate
+from minillm.infer.generation import _filter_top_k_top_p, generate
 
 transformers = pytest.importorskip("transformers")
 

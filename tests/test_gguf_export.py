@@ -18,10 +18,10 @@ import torch
 from conftest import REPO, load_script
 from safetensors.torch import load_file
 
-from minillm.config import LMConfig
-from minillm.generation import generate
-from minillm.model import MiniLLM
-from minillm.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer
+from minillm.data.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer
+from minillm.infer.generation import generate
+from minillm.model.config import LMConfig
+from minillm.model.model import MiniLLM
 
 gguf = pytest.importorskip("gguf")
 
@@ -63,7 +63,7 @@ def qwen2_tokenizer(texts: list[str], vocab_size: int = 600) -> Tokenizer:
     from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
     from tokenizers import Tokenizer as BackendTokenizer
 
-    from minillm.gguf_export import QWEN2_SPLIT
+    from minillm.export.gguf import QWEN2_SPLIT
 
     backend = BackendTokenizer(models.BPE())
     backend.normalizer = normalizers.NFC()
@@ -484,7 +484,7 @@ def test_models_gguf_cannot_represent_are_refused_before_anything_is_written(dam
 
 
 def test_a_failure_while_writing_leaves_the_old_file_and_no_temporary(tiny_sft_dir, tmp_path, monkeypatch):
-    from minillm import gguf_export
+    from minillm.export import gguf as gguf_export
 
     out = tmp_path / "m.gguf"
     out.write_bytes(b"old")
@@ -519,7 +519,7 @@ def test_help_and_default_output_name(tiny_sft_dir, tmp_path):
 
 def test_base_plus_adapter_exports_the_merged_model(tiny_sft_dir, tokenizer, tmp_path):
     """--adapter folds a LoRA adapter in: the file equals the export of the merged model, byte for byte."""
-    from minillm.lora import apply_lora, merge_lora, save_adapter
+    from minillm.model.lora import apply_lora, merge_lora, save_adapter
 
     model = apply_lora(MiniLLM.from_pretrained(tiny_sft_dir), r=4, alpha=8)
     with torch.no_grad():  # B starts at zero; give the adapter an effect

@@ -9,11 +9,11 @@ import torch
 from conftest import REPO, run_train_cli, tiny_pretrain
 from test_trainer import config, tiny_model
 
-from minillm.data import PretrainDataset
-from minillm.distributed import dtype_reason, native_bf16, resolve_dtype
-from minillm.optim import Muon, MuonWithAdamW, build_optimizer, hidden_matrices, orthogonalise
-from minillm.schedule import timed_lr
-from minillm.trainer import train
+from minillm.data.datasets import PretrainDataset
+from minillm.device import dtype_reason, native_bf16, resolve_dtype
+from minillm.train.optim import Muon, MuonWithAdamW, build_optimizer, hidden_matrices, orthogonalise
+from minillm.train.schedule import timed_lr
+from minillm.train.trainer import train
 
 
 def test_timed_schedule():

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import late_specials_backend, needs_compiler, randomized, stage_defaults
 
-from minillm.checkpoint import latest_checkpoint
 from minillm.cli import main as cli_main
-from minillm.config import LMConfig
-from minillm.data import PretrainDataset
-from minillm.lora import (
+from minillm.data.datasets import PretrainDataset
+from minillm.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from minillm.model.config import LMConfig
+from minillm.model.lora import (
     LoRALinear,
     apply_lora,
     load_adapter,
@@ -24,10 +24,10 @@ from minillm.lora import (
     parse_targets,
     save_adapter,
 )
-from minillm.model import MiniLLM
-from minillm.tokenizer import SPECIAL_TOKENS, Tokenizer
-from minillm.train_config import TrainConfig
-from minillm.trainer import train
+from minillm.model.model import MiniLLM
+from minillm.train.checkpoint import latest_checkpoint
+from minillm.train.config import TrainConfig
+from minillm.train.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

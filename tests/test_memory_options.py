@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_pretrain
 
-from minillm.config import LMConfig
-from minillm.model import MiniLLM
+from minillm.model.config import LMConfig
+from minillm.model.model import MiniLLM
 
 T = 24
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from conftest import randomized
 
-from minillm.config import LMConfig
-from minillm.model import KVCache, MiniLLM, RMSNorm, apply_rope, rope_tables
+from minillm.model.config import LMConfig
+from minillm.model.model import KVCache, MiniLLM, RMSNorm, apply_rope, rope_tables
 
 transformers = pytest.importorskip("transformers")
 
@@ -210,7 +210,7 @@ def test_meta_build_then_to_empty_and_reset_parameters():
 def test_safetensors_reader_matches_the_library(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from minillm.hf import SafetensorsCheckpoint
+    from minillm.model.hf import SafetensorsCheckpoint
 
     g = torch.Generator().manual_seed(0)
     tensors = {"f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(7, generator=g).bfloat16(),

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from minillm.schedule import cosine_lr
+from minillm.train.schedule import cosine_lr
 
 
 def test_warmup_then_cosine_to_a_tenth():

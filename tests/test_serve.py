@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import LiveServer, load_script
 
-from minillm.generation import generate
-from minillm.serving import GenerationRequest, Sampling, Scheduler, TextStream
+from minillm.infer.generation import generate
+from minillm.infer.serving import GenerationRequest, Sampling, Scheduler, TextStream
 
 serve_cli = load_script("serve.py")
 QUESTION = [{"role": "user", "content": "请以《浣溪沙》为词牌写一首词"}]
@@ -179,7 +179,7 @@ def test_16_concurrent_greedy_requests_equal_each_alone(live, client):
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_scheduler_tokens_do_not_depend_on_the_batch(tiny_sft_dir, temperature):
     """Greedy and seeded sampling give the same tokens alone and beside 15 others, and greedy equals generate()."""
-    from minillm.model import MiniLLM
+    from minillm.model.model import MiniLLM
 
     model = MiniLLM.from_pretrained(tiny_sft_dir).eval()
     g = torch.Generator().manual_seed(0)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import REPO, run_train_cli
 
-from minillm.jsonl import DataError
-from minillm.packed import PackedDataset, packed_cache
-from minillm.shards import build_shards, resolve_sources
+from minillm.data.jsonl import DataError
+from minillm.data.packed import PackedDataset, packed_cache
+from minillm.data.shards import build_shards, resolve_sources
 
 
 def poems(n: int, start: int = 0) -> list[str]:

@@ -9,10 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, load_script
 
-from minillm.evaluation import read_documents
-from minillm.generation import generate
-from minillm.model import MiniLLM
-from minillm.tasks import (
+from minillm.eval.perplexity import read_documents
+from minillm.eval.tasks import (
     answer_all,
     answer_body,
     candidate_logprobs,
@@ -29,6 +27,8 @@ from minillm.tasks import (
     verse_form,
     wilson,
 )
+from minillm.infer.generation import generate
+from minillm.model.model import MiniLLM
 
 ANSWER = "静夜思\n李白（唐）\n床前明月光，疑是地上霜。\n举头望明月，低头思故乡。"
 
@@ -92,7 +92,7 @@ def test_candidate_scores_equal_one_sequence_at_a_time(tiny_sft_dir, tokenizer):
 
 def test_requests_and_batched_answers(tiny_sft_dir, tokenizer):
     poems = [p for p in (parse_poem(t) for t in read_documents(REPO / "dataset" / "eval.jsonl")) if p]
-    from minillm.jsonl import iter_records
+    from minillm.data.jsonl import iter_records
 
     tunes = known_tunes([r for _, r in iter_records(REPO / "dataset" / "sft.jsonl")])
     assert {"浣溪沙", "鹧鸪天", "蝶恋花"} <= tunes

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from conftest import late_specials_backend
 
-from minillm.tokenizer import (
+from minillm.data.tokenizer import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     Tokenizer,
@@ -171,7 +171,7 @@ def test_cli_help_and_train(tmp_path, capsys):
 
 
 def test_special_ids_are_looked_up_not_assumed(tmp_path):
-    from minillm.data import PretrainDataset
+    from minillm.data.datasets import PretrainDataset
 
     backend = late_specials_backend(MIXED * 5, SPECIAL_TOKENS)
     tok = Tokenizer(backend)

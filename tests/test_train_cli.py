@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_ARGS, run_train_cli, stage_defaults, tiny_pretrain
 
-from minillm.checkpoint import latest_checkpoint, list_checkpoints
 from minillm.cli import EXIT_INTERRUPTED, build_parser
-from minillm.config import LMConfig
-from minillm.model import MiniLLM
+from minillm.model.config import LMConfig
+from minillm.model.model import MiniLLM
+from minillm.train.checkpoint import latest_checkpoint, list_checkpoints
 
 
 def run(kind, *args, capsys):
@@ -54,7 +54,7 @@ def test_loss_curve_is_drawn(tmp_path, corpus, capsys):
 def test_launcher_turns_torchrun_interrupt_into_one_line_and_status_3(tmp_path, corpus):
     """Rough edge 3: under torchrun a Ctrl-C ended in the agent's SignalException traceback and status 1."""
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "minillm.launch", "--standalone", "--nproc_per_node=1",
+    args = [sys.executable, "-m", "minillm.train.launch", "--standalone", "--nproc_per_node=1",
             str(REPO / "train_pretrain.py"), "--data_path", str(corpus), "--eval_data", "", "--out_dir", str(out),
             "--max_length", "32", "--batch_size", "2", "--max_steps", "100000", "--save_every", "0", *TINY_ARGS]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -65,7 +65,7 @@ def test_launcher_turns_torchrun_interrupt_into_one_line_and_status_3(tmp_path, 
     proc.send_signal(signal.SIGINT)  # as Ctrl-C reaches the launcher; it forwards the signal to the workers
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED, stderr[-2000:]
-    assert "Traceback" not in stderr and "minillm.launch: stopped by SIGINT" in stderr
+    assert "Traceback" not in stderr and "minillm.train.launch: stopped by SIGINT" in stderr
     assert latest_checkpoint(out) is not None and "--resume" in stderr
 
     bad = tmp_path / "bad.jsonl"
@@ -73,7 +73,7 @@ def test_launcher_turns_torchrun_interrupt_into_one_line_and_status_3(tmp_path, 
     failed = subprocess.run([*args[:6], "--data_path", str(bad), "--out_dir", str(tmp_path / "o"), *TINY_ARGS],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
-    assert f"{bad}:1" in failed.stderr and "minillm.launch: worker 0 exited with status 1" in failed.stderr
+    assert f"{bad}:1" in failed.stderr and "minillm.train.launch: worker 0 exited with status 1" in failed.stderr
 
 
 def test_out_dir_with_an_earlier_run_needs_resume_or_overwrite(tmp_path, corpus, capsys):

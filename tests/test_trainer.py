@@ -14,13 +14,13 @@ import torch
 from conftest import needs_compiler
 from torch.utils.data import Dataset
 
-from minillm.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
-from minillm.config import LMConfig
-from minillm.data import PretrainDataset, SFTDataset
-from minillm.evaluation import read_documents
-from minillm.model import MiniLLM
-from minillm.train_config import TrainConfig
-from minillm.trainer import train
+from minillm.data.datasets import PretrainDataset, SFTDataset
+from minillm.eval.perplexity import read_documents
+from minillm.model.config import LMConfig
+from minillm.model.model import MiniLLM
+from minillm.train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from minillm.train.config import TrainConfig
+from minillm.train.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -141,7 +141,7 @@ def test_bf16_training_falls_near_float32_and_resumes_exactly(tmp_path, tokenize
     assert bf16.losses == pytest.approx(f32.losses, rel=1e-2)
     # The held-out loss is computed in float32 (TrainConfig.eval_dtype), not in the training dtype.
     model = MiniLLM.from_pretrained(tmp_path / "bf16")
-    from minillm.evaluation import evaluate_perplexity
+    from minillm.eval.perplexity import evaluate_perplexity
 
     want = evaluate_perplexity(model, docs, max_length=32, batch_size=8, eos_id=model.config.eos_token_id)
     bf16_eval = evaluate_perplexity(model, docs, max_length=32, batch_size=8, eos_id=model.config.eos_token_id,

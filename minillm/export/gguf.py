@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minillm.config import LMConfig
+from minillm.data.tokenizer import CHAT_TEMPLATE, Tokenizer
 from minillm.files import atomic_path, atomic_write
-from minillm.hf import to_hf_state_dict
-from minillm.tokenizer import CHAT_TEMPLATE, Tokenizer
+from minillm.model.config import LMConfig
+from minillm.model.hf import to_hf_state_dict
 
 try:
     import gguf

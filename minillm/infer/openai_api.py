@@ -12,9 +12,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from minillm.generation import MIN_TEMPERATURE
-from minillm.serving import Sampling
-from minillm.tokenizer import Tokenizer
+from minillm.data.tokenizer import Tokenizer
+from minillm.infer.generation import MIN_TEMPERATURE
+from minillm.infer.serving import Sampling
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4  # OpenAI's limit on stop strings

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from minillm.config import LMConfig
 from minillm.files import atomic_path, read_json, write_json
+from minillm.model.config import LMConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -28,7 +28,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from minillm.openai_api import (
+from minillm.data.tokenizer import Tokenizer
+from minillm.infer.openai_api import (
     ApiError,
     CompletionSpec,
     choice,
@@ -38,10 +39,9 @@ from minillm.openai_api import (
     reply,
     usage,
 )
-from minillm.serving import GenerationRequest, QueueFull, Scheduler, TextStream
-from minillm.tokenizer import Tokenizer
+from minillm.infer.serving import GenerationRequest, QueueFull, Scheduler, TextStream
 
-PAGE = Path(__file__).resolve().parent / "assets" / "chat.html"
+PAGE = Path(__file__).resolve().parent.parent / "assets" / "chat.html"
 
 
 @dataclass

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
+from minillm.data.jsonl import DataError, Where, file_key, get_str, parse_line, text_expected
 from minillm.files import atomic_path, atomic_write, read_json, remove_stale_temporaries
-from minillm.jsonl import DataError, Where, file_key, get_str, parse_line, text_expected
 
 if TYPE_CHECKING:
-    from minillm.tokenizer import Tokenizer
+    from minillm.data.tokenizer import Tokenizer
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".txt")
 INDEX_NAME = "index.json"
@@ -147,7 +147,7 @@ def _init_worker(tokenizer_json: str, threads: int) -> None:
     os.environ["RAYON_RS_NUM_CPUS"] = str(threads)  # the tokenizer's own threads, before its first use
     from tokenizers import Tokenizer as Backend
 
-    from minillm.tokenizer import Tokenizer
+    from minillm.data.tokenizer import Tokenizer
 
     _worker_tokenizer = Tokenizer(Backend.from_str(tokenizer_json))
 

@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minillm.distributed import DTYPES
-from minillm.optim import OPTIMIZERS
+from minillm.device import DTYPES
+from minillm.train.optim import OPTIMIZERS
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from minillm.distributed import native_bf16
+from minillm.device import native_bf16
 
 OPTIMIZERS = ("adamw", "muon")
 # The hidden matrices Muon takes: the attention and feed-forward projections of every block (not LoRA's).

@@ -24,8 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from minillm.checkpoint import CHECKPOINT_DIR, Checkpointer, list_checkpoints, save_model
-from minillm.data import (
+from minillm.data.datasets import (
     check_learnable,
     check_vocab,
     dataset_identity,
@@ -34,16 +33,18 @@ from minillm.data import (
     scan_examples,
     trim_padding,
 )
-from minillm.distributed import DTYPES, DistEnv, all_reduce_sum, barrier, resolve_device, resolve_dtype
-from minillm.evaluation import evaluate_perplexity
+from minillm.device import DTYPES, resolve_device, resolve_dtype
+from minillm.eval.perplexity import evaluate_perplexity
 from minillm.files import DirLock, check_writable, remove, remove_stale_temporaries
-from minillm.lora import has_lora
-from minillm.model import MiniLLM
-from minillm.optim import build_optimizer, set_peak_lr
-from minillm.progress import METRICS_NAME, Progress, plot_metrics, trim_metrics
-from minillm.schedule import RunSchedule
-from minillm.sharding import apply_fsdp, gathered_model, gradient_sync, is_sharded
-from minillm.train_config import TrainConfig, TrainResult
+from minillm.model.lora import has_lora
+from minillm.model.model import MiniLLM
+from minillm.train.checkpoint import CHECKPOINT_DIR, Checkpointer, list_checkpoints, save_model
+from minillm.train.config import TrainConfig, TrainResult
+from minillm.train.distributed import DistEnv, all_reduce_sum, barrier
+from minillm.train.optim import build_optimizer, set_peak_lr
+from minillm.train.progress import METRICS_NAME, Progress, plot_metrics, trim_metrics
+from minillm.train.schedule import RunSchedule
+from minillm.train.sharding import apply_fsdp, gathered_model, gradient_sync, is_sharded
 
 
 class StopSignal:

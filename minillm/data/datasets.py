@@ -2,9 +2,9 @@
 
 Every dataset yields ``(X, Y, loss_mask)``: int64 input ids and next-token labels of length
 ``max_length - 1`` and a float32 mask (1 = learn this label, 0 = ignore), ready for
-``MiniLLM(input_ids=X, labels=Y, loss_mask=loss_mask)``. The files are read through minillm.jsonl (a
-malformed line is a DataError naming file:line); the packed token cache lives in minillm.packed, the
-ChatML rendering and its mask in minillm.tokenizer.
+``MiniLLM(input_ids=X, labels=Y, loss_mask=loss_mask)``. The files are read through minillm.data.jsonl (a
+malformed line is a DataError naming file:line); the packed token cache lives in minillm.data.packed, the
+ChatML rendering and its mask in minillm.data.tokenizer.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from minillm.jsonl import DataError, JsonLines, Where, get_str, text_expected
+from minillm.data.jsonl import DataError, JsonLines, Where, get_str, text_expected
 
 if TYPE_CHECKING:
-    from minillm.tokenizer import Tokenizer
+    from minillm.data.tokenizer import Tokenizer
 
 __all__ = [
     "DataError",

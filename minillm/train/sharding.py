@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from minillm.distributed import DistEnv
+from minillm.train.distributed import DistEnv
 
 DCP_DIR = "dcp"  # inside a checkpoint directory: the DCP files of the model and the optimizer
 

@@ -19,13 +19,13 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from minillm.data import check_max_length
+from minillm.data.datasets import check_max_length
+from minillm.data.jsonl import DataError, file_key, get_str, iter_records, text_expected
+from minillm.data.shards import INDEX_NAME, TokenShards, token_dtype, write_documents
 from minillm.files import atomic_path, atomic_write, remove_stale_temporaries, sha256_file
-from minillm.jsonl import DataError, file_key, get_str, iter_records, text_expected
-from minillm.shards import INDEX_NAME, TokenShards, token_dtype, write_documents
 
 if TYPE_CHECKING:
-    from minillm.tokenizer import Tokenizer
+    from minillm.data.tokenizer import Tokenizer
 
 __all__ = ["PackedDataset", "load_packed_header", "packed_cache", "prepare_tokens"]
 

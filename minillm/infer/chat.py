@@ -7,9 +7,9 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from minillm.generation import generate
-from minillm.model import MiniLLM
-from minillm.tokenizer import Tokenizer
+from minillm.data.tokenizer import Tokenizer
+from minillm.infer.generation import generate
+from minillm.model.model import MiniLLM
 
 REPLACEMENT = "\ufffd"  # what a lossy UTF-8 decode writes for bytes that are not (yet) a whole character
 
@@ -73,7 +73,7 @@ class StreamingAnswer:
     """One generation as an iterator of text pieces; afterwards .text, .token_ids, .seconds, .stopped.
 
     Stops at the first of `stop_ids` (not part of the text) or after max_new_tokens; `stopped` tells
-    which. Sampling arguments are those of minillm.generation.generate.
+    which. Sampling arguments are those of minillm.infer.generation.generate.
     """
 
     def __init__(self, model: MiniLLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], max_new_tokens: int,

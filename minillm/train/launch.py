@@ -1,4 +1,4 @@
-"""`python -m minillm.launch`: torchrun, with one-line exits instead of the launcher's tracebacks.
+"""`python -m minillm.train.launch`: torchrun, with one-line exits instead of the launcher's tracebacks.
 
 It takes torchrun's flags and runs torchrun's own code. The difference: when the job is stopped by Ctrl-C
 or SIGTERM, torchrun's agent forwards the signal to the workers (which finish their step, checkpoint and
@@ -6,7 +6,7 @@ exit with status 3) and then raises SignalException, a ~30-line traceback with s
 becomes one line and status 3, the same as `python train_pretrain.py` stopped by a signal; a worker
 that failed gives its own status and its own one-line error, without torchrun's error report.
 
-    python -m minillm.launch --standalone --nproc_per_node=2 train_pretrain.py --max_steps 100
+    python -m minillm.train.launch --standalone --nproc_per_node=2 train_pretrain.py --max_steps 100
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         torchrun_main(argv)
     except SignalException as e:
-        print(f"minillm.launch: stopped by {e.sigval.name}; each worker saved a checkpoint after its step "
+        print(f"minillm.train.launch: stopped by {e.sigval.name}; each worker saved a checkpoint after its step "
               "(see its message above); continue with the same command plus --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ChildFailedError as e:
         rank, failure = min(e.failures.items())
-        print(f"minillm.launch: worker {rank} exited with status {failure.exitcode}", file=sys.stderr)
+        print(f"minillm.train.launch: worker {rank} exited with status {failure.exitcode}", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from minillm.model import KVCache, MiniLLM
+from minillm.model.model import KVCache, MiniLLM
 
 
 def _penalise_repeats(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minillm.jsonl import DataError, iter_texts
+from minillm.data.jsonl import DataError, iter_texts
 
 __all__ = ["PerplexityResult", "read_documents", "evaluate_perplexity", "window_batch", "window_jobs",
            "windows"]

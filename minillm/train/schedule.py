@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 
-from minillm.train_config import TrainConfig
+from minillm.train.config import TrainConfig
 
 
 def cosine_decay(progress: float, lr: float) -> float:

@@ -15,12 +15,12 @@ from pathlib import Path
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from minillm.data.jsonl import iter_texts
 from minillm.files import atomic_write, read_json, write_json
-from minillm.jsonl import iter_texts
 
 # ids 0, 1, 2 in tokenizers trained here; other tokenizers (e.g. Qwen2's) hold them at other ids.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-DEFAULT_ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_MAX_LENGTH = 32768
 
 # Jinja twin of Tokenizer.apply_chat_template; both must render byte-identical strings.
@@ -180,7 +180,7 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(
                 f"no tokenizer at {directory}: expected a directory containing tokenizer.json "
-                "(as written by Tokenizer.save_pretrained or `python -m minillm.tokenizer`)"
+                "(as written by Tokenizer.save_pretrained or `python -m minillm.data.tokenizer`)"
             )
         try:
             backend = BackendTokenizer.from_file(str(path))
@@ -247,7 +247,7 @@ def train_tokenizer(
 def main(argv: list[str] | None = None) -> None:
     """CLI: train a tokenizer and save it in transformers layout."""
     parser = argparse.ArgumentParser(
-        prog="python -m minillm.tokenizer",
+        prog="python -m minillm.data.tokenizer",
         description="Train a byte-level BPE tokenizer and save it (tokenizer.json + config files).",
     )
     parser.add_argument("--data", nargs="+", default=["dataset/pretrain.jsonl"],

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from minillm.chat import StreamDecoder
-from minillm.generation import next_token
-from minillm.model import MiniLLM, SlotKVCache
-from minillm.tokenizer import Tokenizer
+from minillm.data.tokenizer import Tokenizer
+from minillm.infer.chat import StreamDecoder
+from minillm.infer.generation import next_token
+from minillm.model.model import MiniLLM, SlotKVCache
 
 
 @dataclass(frozen=True)

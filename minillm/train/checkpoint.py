@@ -23,10 +23,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minillm.distributed import barrier
 from minillm.files import atomic_path, read_json, remove, sha256_file, write_json
-from minillm.hf import SafetensorsCheckpoint, from_hf_state_dict
-from minillm.lora import (
+from minillm.model.hf import SafetensorsCheckpoint, from_hf_state_dict
+from minillm.model.lora import (
     ADAPTER_CONFIG_NAME,
     base_fingerprint,
     check_same_lora,
@@ -34,7 +33,8 @@ from minillm.lora import (
     load_adapter_weights,
     save_adapter,
 )
-from minillm.sharding import DCP_DIR, load_sharded, non_finite_parameter, save_sharded
+from minillm.train.distributed import barrier
+from minillm.train.sharding import DCP_DIR, load_sharded, non_finite_parameter, save_sharded
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "state.pt"

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from minillm.generation import generate
-from minillm.model import MiniLLM
-from minillm.tokenizer import Tokenizer
+from minillm.data.tokenizer import Tokenizer
+from minillm.infer.generation import generate
+from minillm.model.model import MiniLLM
 
 # Clause separators inside a line of verse, and Chinese characters (what a copy check compares).
 CLAUSE_END = "，。？！；、："

@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from minillm.config import LMConfig
-from minillm.loss import chunked_cross_entropy, masked_cross_entropy
+from minillm.model.config import LMConfig
+from minillm.model.loss import chunked_cross_entropy, masked_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -356,7 +356,7 @@ class MiniLLM(nn.Module):
     # --- checkpoints in the Hugging Face layout --------------------------------------------------------
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
         """Write config.json and model.safetensors (HF Llama names), plus the tokenizer files if given."""
-        from minillm.hf import save_pretrained
+        from minillm.model.hf import save_pretrained
 
         save_pretrained(self, directory, tokenizer)
 
@@ -364,6 +364,6 @@ class MiniLLM(nn.Module):
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None) -> MiniLLM:
         """Load minillm's output or a Hugging Face Llama/Qwen2 checkpoint (safetensors only)."""
-        from minillm.hf import load_pretrained
+        from minillm.model.hf import load_pretrained
 
         return load_pretrained(cls, directory, dtype=dtype, device=device)
