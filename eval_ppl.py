@@ -7,14 +7,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-from pathlib import Path
 
-from minillm.cli import BAD_INPUT, CliError, add_model_flags, load_trained, report
+from minillm.cli import (
+    BAD_INPUT,
+    CliError,
+    add_model_flags,
+    check_output_file,
+    default_context,
+    load_trained,
+    report,
+)
 from minillm.device import DTYPES, resolve_dtype
 from minillm.eval.perplexity import evaluate_perplexity, read_documents
+from minillm.files import write_json
 from minillm.train.distributed import setup_distributed, teardown_distributed
 
 
@@ -55,10 +62,8 @@ def run(args: argparse.Namespace, env) -> dict | None:
     model, tokenizer, tokenizer_dir = load_trained(args, env.device)
     tokenizer_source = "default" if tokenizer_dir is None else str(tokenizer_dir)
     limit = model.config.max_position_embeddings
-    trained = model.config.trained_context
     max_length, source = ((args.max_length, "--max_length") if args.max_length is not None else
-                          (min(trained, limit), "the model's training context") if trained else
-                          (limit, "max_position_embeddings; no training context recorded"))
+                          default_context(model.config))
     if not 1 <= max_length <= limit:
         raise CliError(f"--max_length must be in [1, {limit}] (the model's max_position_embeddings), "
                        f"got {max_length}")
@@ -68,10 +73,13 @@ def run(args: argparse.Namespace, env) -> dict | None:
     if args.batch_size < 1:
         raise CliError(f"--batch_size must be >= 1, got {args.batch_size}")
     dtype = resolve_dtype(args.dtype, env.device)
+    check_output_file(args.json, "--json")  # before the evaluation, which a failed write would lose
 
     texts = read_documents(args.data)
     documents = tokenizer.encode_batch(texts)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    if n_bytes == 0:
+        raise CliError(f"--data {args.data}: the documents hold no text (0 bytes): nothing to score")
     result = evaluate_perplexity(model, documents, max_length=max_length, stride=stride,
                                  batch_size=args.batch_size, eos_id=tokenizer.eos_id, n_bytes=n_bytes,
                                  device=env.device, dtype=dtype, progress=env.is_main)
@@ -116,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             # NaN (e.g. zero bytes) is not JSON; write null instead.
             clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
+            write_json(args.json, clean)
     return 0
 
 

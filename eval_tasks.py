@@ -7,14 +7,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import torch
 from tqdm import tqdm
 
-from minillm.cli import BAD_INPUT, CliError, add_inference_flags, add_model_flags, load_trained, report
+from minillm.cli import (
+    BAD_INPUT,
+    CliError,
+    add_inference_flags,
+    add_model_flags,
+    check_output_file,
+    load_trained,
+    report,
+)
 from minillm.data.jsonl import iter_records
 from minillm.device import inference_dtype, resolve_device
 from minillm.eval.perplexity import read_documents
@@ -29,6 +36,7 @@ from minillm.eval.tasks import (
     requests,
     run_cloze,
 )
+from minillm.files import write_json
 
 KIND_NAMES = {"tune": "names the requested tune (请以《X》为词牌)",
               "form": "writes the requested form: 4/8 clauses of 5/7 characters (五言/七言 绝句/律诗)",
@@ -88,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         poems = [p for p in (parse_poem(t) for t in read_documents(args.data)) if p is not None]
         tunes = known_tunes([r for _, r in iter_records(args.sft_data)]) if "requests" in tasks else set()
         corpus = training_key(args.train_data, args.sft_data) if "requests" in tasks else ""
+        check_output_file(args.json, "--json")  # before minutes of evaluation that a failed write would lose
+        if not poems or ("cloze" in tasks and not cloze_items(poems)):
+            raise CliError(f"--data {args.data}: {len(poems)} poems, none with the two or more lines a cloze item "
+                           "needs: nothing to evaluate" if poems else f"--data {args.data} holds no poems "
+                           "(rendered as in dataset/eval.jsonl): nothing to evaluate")
     except BAD_INPUT as e:
         return report("eval_tasks.py", e)
     print(f"{args.model}: {'chat' if chat else 'pretrained'} model, {model.num_parameters() / 1e6:.2f}M parameters "
@@ -120,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = time.perf_counter() - start
     print(f"({results['seconds']:.0f} s)")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, ensure_ascii=False, indent=1)
+        write_json(args.json, results)
     return 0
 
 

@@ -15,6 +15,7 @@ import torch
 
 from minillm.cli import BAD_INPUT, CliError, add_model_flags, load_trained, report
 from minillm.export.gguf import DTYPES, export_gguf, write_modelfile
+from minillm.files import remove_stale_temporaries
 
 PROG = "export_gguf.py"
 
@@ -46,6 +47,9 @@ def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     modelfile = out.with_suffix(".Modelfile")
     if out.is_dir():
         raise CliError(f"--out {out} is a directory; give a file name such as {out / 'model.gguf'}")
+    if modelfile == out:
+        raise CliError(f"--out {out} is where the Modelfile goes (the .gguf's name with the suffix .Modelfile); "
+                       f"give the .gguf's name, such as {out.with_suffix('.gguf')}")
     for path in (out, modelfile):
         if path.exists() and not args.force:
             raise CliError(f"{path} already exists; pass --force to overwrite it")
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> str:
     out, modelfile = output_paths(args)
     model, tokenizer, _ = load_trained(args, torch.device("cpu"), dtype=torch.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out.parent, out.name)  # what an export killed with -9 left behind
     name = args.name or Path(args.model).resolve().name
     summary = export_gguf(model, tokenizer, out, args.dtype, name=name)
     chat = bool(model.config.chat_trained)

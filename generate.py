@@ -71,6 +71,10 @@ def check_flags(args: argparse.Namespace) -> None:
         raise CliError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.top_k < 0:
         raise CliError(f"--top_k must be >= 0 (0 = off), got {args.top_k}")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise CliError(f"--seed must be in [0, 2**64), got {args.seed}")
+    if sys.stdout is None:
+        raise CliError("standard output is closed: the answers would have nowhere to go")
     try:
         check_sampling(args.temperature, args.top_p, args.repetition_penalty)
     except ValueError as e:

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
 import torch
 
-from minillm.cli import BAD_INPUT, CliError, add_inference_flags, add_model_flags, load_trained, report
+from minillm.cli import (
+    BAD_INPUT,
+    CliError,
+    add_inference_flags,
+    add_model_flags,
+    default_context,
+    load_trained,
+    report,
+)
 from minillm.device import inference_dtype, resolve_device
 
 PROG = "serve.py"
@@ -39,11 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_batch", type=int, default=16,
                    help="sequences decoded together per step; 1 serves one request at a time (default: %(default)s)")
     p.add_argument("--max_waiting", type=int, default=256,
-                   help="sequences allowed to wait for a slot; beyond it requests get 503 with Retry-After "
+                   help="sequences allowed to wait for a slot; beyond it requests get 429 with Retry-After; one request may ask for at most this many (prompts x n) "
                         "(default: %(default)s)")
     p.add_argument("--context", type=int, default=None,
                    help="tokens per sequence, prompt and answer together; the KV cache holds max_batch of them "
-                        "(default: the model's max_position_embeddings)")
+                        "(default: the context the model was trained on, as train_*.py record it; else its "
+                        "max_position_embeddings)")
     p.add_argument("--max_body_bytes", type=int, default=1 << 20,
                    help="largest request body accepted; larger ones get 413 (default: %(default)s)")
     add_inference_flags(p)
@@ -69,13 +79,21 @@ def check_flags(args: argparse.Namespace) -> None:
         raise CliError("--api_key is empty")
 
 
+def run_server(app, sock: socket.socket) -> None:
+    """Serve `app` on the already bound `sock` until interrupted."""
+    import uvicorn
+
+    host, port = sock.getsockname()[:2]
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; bad input gives one message on stderr and exit status 1, no traceback."""
     args = parse_args(argv)
     try:
         check_flags(args)
         try:
-            import uvicorn
+            import uvicorn  # noqa: F401  (the serve extra, checked before the model loads)
 
             from minillm.infer.server import ServerConfig, create_app
         except ImportError as e:
@@ -89,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                            "train_sft.py writes out/sft) or pass --model DIR")
         device = resolve_device(args.device)
         model, tokenizer, _ = load_trained(args, device, inference_dtype(args.dtype, device))
-        context = args.context or model.config.max_position_embeddings
+        context = args.context or default_context(model.config)[0]
         if args.compile:
             for block in model.layers:
                 block.mlp.compile(dynamic=True)
@@ -101,11 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(scheduler, tokenizer, ServerConfig(name, args.api_key, args.max_body_bytes))
     except BAD_INPUT as e:
         return report(PROG, e)
+    try:  # bind before saying "serving": a port in use or an unknown host is one line and status 1
+        family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.create_server((args.host, args.port), family=family)
+    except OSError as e:
+        return report(PROG, CliError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}"))
+    port = sock.getsockname()[1]
     print(f"serving {name} ({model.num_parameters() / 1e6:.1f}M parameters, {device}, context {context}, "
-          f"max_batch {args.max_batch}) on http://{args.host}:{args.port}/ (chat page), API at /v1",
+          f"max_batch {args.max_batch}) on http://{args.host}:{port}/ (chat page), API at /v1",
           file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        with sock:
+            run_server(app, sock)
     except KeyboardInterrupt:
         pass
     return 0

@@ -1,5 +1,10 @@
-"""minillm: train small decoder-only language models end to end, in plain PyTorch."""
+"""minillm: train small decoder-only language models end to end, in plain PyTorch.
 
+The names below (and `minillm.train`'s TrainConfig, TrainResult and train) are the stable API; deeper
+module paths may move between versions.
+"""
+
+from minillm.data.datasets import PretrainDataset, SFTDataset
 from minillm.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from minillm.eval.perplexity import PerplexityResult, evaluate_perplexity
 from minillm.infer.chat import ChatSession, StreamDecoder, StreamingAnswer
@@ -8,6 +13,6 @@ from minillm.model.config import LMConfig
 from minillm.model.lora import apply_lora, load_adapter, merge_lora, save_adapter
 from minillm.model.model import MiniLLM
 
-__all__ = ["ChatSession", "LMConfig", "MiniLLM", "PerplexityResult", "StreamDecoder", "StreamingAnswer", "Tokenizer",
-           "apply_lora", "evaluate_perplexity", "generate", "load_adapter", "load_tokenizer", "merge_lora",
+__all__ = ["ChatSession", "LMConfig", "MiniLLM", "PerplexityResult", "PretrainDataset", "SFTDataset",
+           "StreamDecoder", "StreamingAnswer", "Tokenizer", "apply_lora", "evaluate_perplexity", "generate", "load_adapter", "load_tokenizer", "merge_lora",
            "save_adapter", "train_tokenizer"]

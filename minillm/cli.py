@@ -247,7 +247,8 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
     eval_path = _resolve(args.eval_data)
     eval_docs = tokenizer.encode_batch(read_documents(eval_path)) if eval_path is not None else None
     if env.is_main:
-        print(f"{kind}: {model.num_parameters() / 1e6:.2f}M parameters, {len(dataset):,} examples of "
+        start = f"from {args.init_from}" if args.init_from else "a new model"
+        print(f"{kind}: {start}, {model.num_parameters() / 1e6:.2f}M parameters, {len(dataset):,} examples of "
               f"{args.max_length} tokens from {args.data_path}, {env.world_size} process(es) on {env.device}, "
               f"out_dir {cfg.out_dir}")
         print(f"compute dtype {dtype_reason(cfg.dtype, env.device)}, held-out loss in {cfg.eval_dtype}; "
@@ -332,6 +333,24 @@ def report(prog: str, e: Exception) -> int:
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"{prog}: error: {message}", file=sys.stderr)
     return EXIT_ERROR
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Refuse, before any work, an output file that is a folder or whose folder cannot be written."""
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise CliError(f"{flag} {path} is a folder; give a file name such as {Path(path) / 'result.json'}")
+    check_writable(Path(path).parent, f"{flag}'s folder")
+
+
+def default_context(config: LMConfig) -> tuple[int, str]:
+    """The context a model was trained on (train_*.py record it in config.json), else its
+    max_position_embeddings; and where that number came from. Longer windows would measure extrapolation."""
+    limit, trained = config.max_position_embeddings, config.trained_context
+    if trained:
+        return min(trained, limit), "the model's training context"
+    return limit, "max_position_embeddings; no training context recorded"
 
 
 def load_trained(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None = None

@@ -42,6 +42,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if native_bf16() else torch.float32
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device` (free GPU memory; MemAvailable on Linux), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def inference_dtype(name: str, device: torch.device) -> torch.dtype:
     """A generate/serve --dtype value: auto is the GPU's half dtype, and float32 on every CPU, so that greedy
     text (and llama.cpp's f32 run of the same GGUF) does not change with the CPU's bf16 units."""

@@ -7,6 +7,7 @@ flush the folder, so that after a power loss the name points either at the old c
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -85,12 +86,12 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
+def remove_stale_temporaries(folder: Path, name: str = "*") -> list[Path]:
     """Delete the `<name>.<pid>.tmp` files and folders of processes that no longer run; returns them."""
     removed = []
     if not folder.is_dir():
         return removed
-    for path in folder.glob(f"*.*{TMP_SUFFIX}"):
+    for path in folder.glob(f"{glob.escape(name) if name != '*' else name}.*{TMP_SUFFIX}"):
         pid = path.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             remove(path)

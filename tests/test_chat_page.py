@@ -56,6 +56,7 @@ def bubbles(driver, role):
 
 def test_chat_page_streams_stops_and_starts_over(slow_server, browser):
     live = slow_server
+    browser.set_window_size(640, 480)  # small enough that an answer scrolls the log
     browser.get(live.url + "/")
     wait = WebDriverWait(browser, 30, poll_frequency=0.05)
     wait.until(lambda d: d.find_element(By.ID, "model").text == "tiny")  # /v1/models answered
@@ -78,10 +79,15 @@ def test_chat_page_streams_stops_and_starts_over(slow_server, browser):
     assert len(seen) >= 3  # the text grew in several steps while streaming
     question = [{"role": "user", "content": "请以《浣溪沙》为词牌写一首词"}]
     expected = httpx.post(live.url + "/v1/chat/completions", timeout=60, json={
-        "messages": question, "temperature": 0, "max_tokens": live.scheduler.context // 2}).json()
+        "messages": question, "temperature": 0, "max_tokens": min(256, live.scheduler.context // 2)}).json()
     assert answer.get_attribute("textContent") == expected["choices"][0]["message"]["content"]
     stats = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".stats"))[0].text
     assert "tokens/s" in stats and "first token after" in stats
+    # The speed line is scrolled into view, not left under the input bar.
+    assert browser.execute_script("const s = document.querySelector('.stats').getBoundingClientRect();"
+                                  "const l = document.getElementById('log').getBoundingClientRect();"
+                                  "return l.height < document.getElementById('log').scrollHeight"
+                                  " && s.top >= l.top && s.bottom <= l.bottom + 1;")
 
     # 2. A second question, stopped while it streams: the slot is freed and the text stops growing.
     cancelled = live.scheduler.finished["cancelled"]

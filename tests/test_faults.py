@@ -470,11 +470,21 @@ def test_training_flags_must_be_finite(tmp_path, corpus, capsys, flag, value):
     ("--temperature", "nan", "--temperature must be 0 (greedy) or a finite number >= 0.001, got nan"),
     ("--temperature", "1e-45", "--temperature must be 0 (greedy) or a finite number >= 0.001, got 1e-45"),
     ("--temperature", "inf", "--temperature must be 0 (greedy)"),
-    ("--repetition_penalty", "nan", "--repetition_penalty must be a finite number > 0"),
+    ("--repetition_penalty", "nan", "--repetition_penalty must be in [0.01, 100] (1 = off), got nan"),
+    ("--repetition_penalty", "1e-300", "--repetition_penalty must be in [0.01, 100] (1 = off), got 1e-300"),
     ("--top_p", "nan", "--top_p must be in (0, 1]"),
 ])
 def test_sampling_flags_must_be_finite_and_sensible(model_dir, flag, value, needle):
     one_line_error(script("generate.py", "--model", model_dir, "--prompt", "春", flag, value), needle)
+
+
+def test_a_top_p_that_rounds_to_zero_samples_the_top_token(model_dir):
+    """Issue 26: top_p 1e-300 is 0 in float32; the filter dropped every token and multinomial raised."""
+    res = script("generate.py", "--model", model_dir, "--prompt", "春", "--top_p", "1e-300", "--max_new_tokens", "4")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    greedy = script("generate.py", "--model", model_dir, "--prompt", "春", "--temperature", "0",
+                    "--max_new_tokens", "4")
+    assert res.stdout == greedy.stdout  # only the top token survives: the greedy answer
 
 
 # --- 14. generate.py and its input ----------------------------------------------------------------------
@@ -547,3 +557,39 @@ def test_pickled_code_in_state_pt_is_refused_with_a_plain_message(tmp_path, corp
     assert f"skipping checkpoint {ckpt}" in out and "will not be unpickled" in out
     assert not MARKER.exists()
 
+
+
+# --- Issue 26: outputs checked before the work, and nothing to measure is an error ------------------------
+
+@pytest.mark.parametrize("name", ["eval_ppl.py", "eval_tasks.py"])
+def test_json_output_is_checked_before_evaluating(model_dir, tmp_path, name):
+    """Issue 26, item 15: --json DIR crashed after the whole evaluation, losing it."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    res = script(name, "--model", model_dir, "--json", folder, "--data", REPO / "dataset" / "eval.jsonl")
+    one_line_error(res, f"--json {folder} is a folder; give a file name")
+    assert res.stdout == "" and list(folder.iterdir()) == []
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    one_line_error(script(name, "--model", model_dir, "--json", blocker / "r.json"), "--json's folder", "is a file")
+
+
+def test_nothing_to_measure_is_refused(model_dir, tmp_path):
+    """Issue 26, item 16: "bits per byte nan" and "0/0 = nan%" with exit 0."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n{"text": ""}\n', encoding="utf-8")
+    one_line_error(script("eval_ppl.py", "--model", model_dir, "--data", empty),
+                   f"--data {empty}: the documents hold no text (0 bytes): nothing to score")
+    prose = tmp_path / "prose.jsonl"
+    prose.write_text('{"text": "no poem here"}\n', encoding="utf-8")
+    one_line_error(script("eval_tasks.py", "--model", model_dir, "--data", prose, "--tasks", "cloze"),
+                   f"--data {prose} holds no poems", "nothing to evaluate")
+
+
+def test_generate_with_stdout_closed_or_a_huge_seed_is_one_line(model_dir):
+    """Issue 26, item 17: an AttributeError traceback; "Overflow when unpacking long long" without the flag."""
+    res = subprocess.run(f'"{sys.executable}" generate.py --model "{model_dir}" --prompt 春 >&-', shell=True,
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    one_line_error(res, "standard output is closed")
+    one_line_error(script("generate.py", "--model", model_dir, "--prompt", "春", "--seed", str(10**23)),
+                   f"--seed must be in [0, 2**64), got {10**23}")

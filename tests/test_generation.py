@@ -97,3 +97,25 @@ def test_compiled_decode_gives_the_same_tokens(tiny_model):
     changed = generate(tiny_model, prompt, max_new_tokens=9, temperature=0)
     assert not torch.equal(changed, again)
     assert torch.equal(generate(tiny_model, prompt, max_new_tokens=9, temperature=0, compile=True), changed)
+
+
+def test_sampling_never_empties_the_distribution():
+    """Issue 26: a top_p that is 0 in float32 (1e-300) dropped every token; the top token always stays."""
+    from minillm.infer.generation import next_token
+
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9], [1.0, 1.5, 0.0, -2.0]])
+    kept = _filter_top_k_top_p(logits, None, 1e-300)
+    assert torch.isfinite(kept).sum(-1).tolist() == [1, 1] and kept[0, 1] == 3.0 and kept[1, 1] == 1.5
+    g = torch.Generator().manual_seed(0)
+    assert next_token(logits, 1.0, None, 1e-300, g).tolist() == logits.argmax(-1).tolist()
+    assert next_token(logits, 1.0, 1, 1e-300, g).tolist() == logits.argmax(-1).tolist()
+
+
+def test_repetition_penalty_is_bounded():
+    from minillm.infer.generation import check_sampling
+
+    for bad in (1e-300, 0.0, 1e300, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"repetition_penalty must be in \[0.01, 100\]"):
+            check_sampling(1.0, 0.9, bad)
+    check_sampling(1.0, 0.9, 0.01)
+    check_sampling(1.0, 0.9, 100.0)

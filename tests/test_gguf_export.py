@@ -583,3 +583,38 @@ def test_modelfile_template_renders_chatml_under_go_text_template(chat_dir, toke
                              capture_output=True, text=True, timeout=300, env=env)
         assert res.returncode == 0, res.stderr
         assert res.stdout == tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def test_out_cannot_be_the_modelfile_and_stale_temporaries_go(tiny_sft_dir, tmp_path):
+    """Issue 26, items 9 and 11: --out X.Modelfile overwrote the GGUF with the Modelfile; a kill -9 left
+    NAME.gguf.PID.tmp forever."""
+    out = tmp_path / "x.Modelfile"
+    one_line_error(run_export("--model", tiny_sft_dir, "--out", out), "is where the Modelfile goes",
+                   str(tmp_path / "x.gguf"))
+    assert leftovers(tmp_path) == []
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"m.gguf.{int(dead.stdout)}.tmp"
+    stale.write_bytes(b"half a model")
+    other = tmp_path / f"other.gguf.{int(dead.stdout)}.tmp"  # not this export's: left alone
+    other.write_bytes(b"x")
+    code, _, err = run_export("--model", tiny_sft_dir, "--out", tmp_path / "m.gguf", "--dtype", "f32")
+    assert code == 0, err
+    assert leftovers(tmp_path) == ["m.Modelfile", "m.gguf", other.name]
+
+
+def test_a_truncated_adapter_is_one_line(tiny_sft_dir, tmp_path):
+    """Issue 26, item 14: a truncated adapter_model.safetensors was a SafetensorError traceback."""
+    from minillm.model.lora import apply_lora, save_adapter
+    from minillm.model.model import MiniLLM
+
+    model = MiniLLM.from_pretrained(tiny_sft_dir)
+    apply_lora(model, r=4, alpha=8)
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    one_line_error(run_export("--model", tiny_sft_dir, "--adapter", adapter, "--out", tmp_path / "m.gguf"),
+                   f"{weights}: tensor", "is the file truncated?")
+    res = subprocess.run([sys.executable, str(REPO / "generate.py"), "--model", str(tiny_sft_dir), "--adapter",
+                          str(adapter), "--prompt", "春"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "is the file truncated?" in res.stderr

@@ -266,6 +266,10 @@ def test_every_bad_input_gets_an_openai_error_and_the_server_keeps_serving(live)
                                                                                      "echo")):
         r = post(live, "/v1/completions", body)
         assert (r.status_code, r.json()["error"]["param"]) == (400, param)
+    tools = post(live, "/v1/chat/completions", {"messages": QUESTION, "tools": []}).json()["error"]["message"]
+    implemented = tools.split("implements ")[1].split(" (")[0].split(", ")
+    assert "temperature" in implemented and "presence_penalty" not in implemented and "logprobs" not in implemented
+    assert "accepts frequency_penalty, logprobs, presence_penalty only at their off values" in tools
     assert httpx.get(live.url + "/v1/chat/completions").status_code == 405
     assert httpx.get(live.url + "/nowhere").json()["error"]["message"] == "GET /nowhere: Not Found"
     assert post(live, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 3}).status_code == 200
@@ -296,7 +300,7 @@ def test_api_key(tiny_sft_dir):
             openai.OpenAI(base_url=live.url + "/v1", api_key="nope", max_retries=0).models.list()
 
 
-def test_full_queue_gets_503_with_retry_after(tiny_sft_dir):
+def test_full_queue_gets_429_with_retry_after(tiny_sft_dir):
     with LiveServer(tiny_sft_dir, max_batch=1, max_waiting=1) as live:
         gate = threading.Event()
         step = live.scheduler.step
@@ -308,7 +312,7 @@ def test_full_queue_gets_503_with_retry_after(tiny_sft_dir):
         while live.scheduler.load() != (0, 1) and time.monotonic() < deadline:
             time.sleep(0.01)
         r = post(live, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 3})
-        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "server_busy"
         gate.set()
         first.join()
@@ -336,13 +340,47 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
 
 # --- serve.py ------------------------------------------------------------------------------------------------
 
-def test_serve_binds_localhost_by_default(tiny_sft_dir, monkeypatch):
-    import uvicorn
-
+def test_serve_binds_localhost_by_default(tiny_sft_dir, monkeypatch, capsys):
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: seen.update(host=host, port=port))
-    assert serve_cli.main(["--model", str(tiny_sft_dir)]) == 0
-    assert seen == {"host": "127.0.0.1", "port": 8000}
+    monkeypatch.setattr(serve_cli, "run_server", lambda app, sock: seen.update(address=sock.getsockname()))
+    assert serve_cli.parse_args([]).port == 8000
+    assert serve_cli.main(["--model", str(tiny_sft_dir), "--port", "0"]) == 0
+    host, port = seen["address"]
+    assert host == "127.0.0.1" and port > 0 and f"on http://127.0.0.1:{port}/" in capsys.readouterr().err
+
+
+def test_serve_says_it_cannot_listen_before_saying_serving(tiny_sft_dir, capsys):
+    """Issue 26, item 5: a port in use printed "serving ... on http://..." and exited 3."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert serve_cli.main(["--model", str(tiny_sft_dir), "--port", str(port)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "serving" not in err
+        assert f"serve.py: error: cannot listen on 127.0.0.1:{port}: " in err
+    assert serve_cli.main(["--model", str(tiny_sft_dir), "--host", "no-such-host.invalid"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot listen on no-such-host.invalid:8000" in err
+    assert serve_cli.main(["--model", str(tiny_sft_dir), "--max_batch", "100000000"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max_batch 100000000 x context 256 needs a KV cache of" in err
+
+
+def test_serve_defaults_to_the_trained_context(tiny_sft_dir, tmp_path, monkeypatch, capsys):
+    """Issue 27: a model trained at 64 tokens was served at its max_position_embeddings (256 here)."""
+    import shutil
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_sft_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["minillm"]["trained_context"] = 64
+    (model_dir / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(serve_cli, "run_server", lambda app, sock: None)
+    assert serve_cli.main(["--model", str(model_dir), "--port", "0"]) == 0
+    assert "context 64," in capsys.readouterr().err
+    assert serve_cli.main(["--model", str(model_dir), "--context", "200", "--port", "0"]) == 0
+    assert "context 200," in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -362,3 +400,102 @@ def test_serve_without_a_trained_model_says_how_to_get_one(tmp_path, monkeypatch
     assert serve_cli.main([]) == 1
     err = capsys.readouterr().err
     assert "out/sft does not exist" in err and "train_sft.py" in err and err.count("\n") == 1
+
+
+def test_a_sequence_that_fails_ends_alone_and_the_others_finish(tiny_sft_dir):
+    """Issue 26: one sequence's failure while decoding failed every sequence of the batch."""
+    from minillm.model.model import MiniLLM
+
+    model = MiniLLM.from_pretrained(tiny_sft_dir).eval()
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13]]
+    out = {i: [] for i in range(3)}
+    done = threading.Semaphore(0)
+
+    def emit(i):
+        return lambda t: out[i].append(t) if t is not None else done.release()
+
+    requests = [GenerationRequest(p, 12, Sampling(0.0), [], emit(i)) for i, p in enumerate(prompts)]
+    real_pick, calls = requests[1].pick, []
+
+    def pick(logits):  # the middle sequence fails on its fourth token, beside the others
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("invalid multinomial distribution")
+        return real_pick(logits)
+
+    requests[1].pick = pick
+    scheduler = Scheduler(model, max_batch=4, context=64).start()
+    try:
+        scheduler.submit(requests)
+        for _ in range(3):
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    assert [r.finish_reason for r in requests] == ["length", "error", "length"]
+    assert requests[1].error == "RuntimeError: invalid multinomial distribution" and len(out[1]) == 3
+    for i in (0, 2):
+        assert out[i] == generate(model, prompts[i], 12, temperature=0)[0, len(prompts[i]):].tolist()
+
+
+def test_top_p_that_rounds_to_zero_harms_no_one(live):
+    """Issue 26: {"top_p": 1e-300, "temperature": 1} raised inside the scheduler and ended two greedy streams."""
+    greedy = {"messages": QUESTION, "max_tokens": 24, "temperature": 0}
+    expected = post(live, "/v1/chat/completions", greedy).json()["choices"][0]["message"]["content"]
+    results = {}
+
+    def stream(name):
+        with httpx.stream("POST", live.url + "/v1/chat/completions", json={**greedy, "stream": True},
+                          timeout=60) as r:
+            results[name] = [line for line in r.iter_lines() if line]
+
+    threads = [threading.Thread(target=stream, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    odd = post(live, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 3, "top_p": 1e-300,
+                                              "temperature": 1})
+    for t in threads:
+        t.join(60)
+    assert odd.status_code == 200 and odd.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    for lines in results.values():
+        assert lines[-1] == "data: [DONE]"
+        text = "".join(json.loads(x[6:])["choices"][0]["delta"].get("content", "") for x in lines[:-1]
+                       if x.startswith("data: {") and json.loads(x[6:])["choices"])
+        assert text == expected
+
+
+def test_hostile_bodies_get_400s_in_openai_shape_and_the_server_keeps_serving(live):
+    """Issue 26, items 2-4: bodies that built 192,000 requests, or ended in 500s with tracebacks."""
+    q = {"role": "user", "content": "hi"}
+    nested = "[" * 100_000 + "]" * 100_000
+    cases = [
+        ("/v1/completions", {"prompt": ["a"] * 3000, "n": 64}, "prompt", "at most 64 per request"),
+        ("/v1/completions", {"prompt": ["a"] * 8, "n": 64}, "n", "8 prompt(s) x n=64 = 512 sequences"),
+        ("/v1/chat/completions", {"messages": [q], "temperature": 10 ** 400}, "temperature", "of 401 digits"),
+        ("/v1/chat/completions", {"messages": [q], "top_p": -(10 ** 400)}, "top_p", "of 401 digits"),
+        ("/v1/chat/completions", {"messages": [{"role": ["user"], "content": "hi"}]}, "messages[0].role", "role"),
+        ("/v1/chat/completions", {"messages": [{"role": {"a": 1}, "content": "hi"}]}, "messages[0].role", "role"),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', None, "lone surrogate"),
+        ("/v1/completions", '{"prompt": "a\\udfff"}', None, "lone surrogate"),
+        ("/v1/chat/completions", '{"messages": ' + nested + "}", None, "nested too deeply"),
+    ]
+    for path, body, param, needle in cases:
+        start = time.monotonic()
+        r = post(live, path, body)
+        assert r.status_code == 400 and r.headers["content-type"] == "application/json", (needle, r.text[:300])
+        error = r.json()["error"]
+        assert error["param"] == param and needle in error["message"], (needle, error)
+        assert time.monotonic() - start < 2, needle
+    same = post(live, "/v1/chat/completions", {"messages": [q], "max_tokens": 4, "max_completion_tokens": 4.0})
+    assert same.json()["error"]["message"] == "'max_completion_tokens' must be an integer, got float 4.0"
+    assert post(live, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 3}).status_code == 200
+
+
+def test_a_request_that_can_never_fit_is_a_400_not_busy(tiny_sft_dir):
+    """Issue 26, item 3: prompts x n beyond --max_waiting got 503 'retry' on an idle server."""
+    with LiveServer(tiny_sft_dir, max_waiting=4) as live:
+        r = post(live, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2, "n": 5})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        assert "takes at most 4 per request (its --max_waiting)" in r.json()["error"]["message"]
+        r = post(live, "/v1/completions", {"prompt": ["a", "b", "c", "d", "e"], "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        assert post(live, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2, "n": 4}).status_code == 200

@@ -98,3 +98,23 @@ def test_training_on_a_directory_with_two_tokenizer_processes(tmp_path, capsys):
     code, _, err = run_train_cli("pretrain", "--data_path", tmp_path / "nothing-*.jsonl", "--eval_data", "",
                                  "--out_dir", tmp_path / "o2", capsys=capsys)
     assert code == 1 and "no such file, and no .jsonl, .jsonl.gz, .txt files there" in err
+
+
+@pytest.mark.parametrize("case", ["truncated", "not_gzip", "only_empty"])
+def test_broken_or_empty_sources_are_one_line_naming_the_file(tmp_path, capsys, case):
+    """Issue 26, item 13: EOFError traceback, "Not a gzipped file" without the file, "__len__() should return >= 0"."""
+    data = tmp_path / "data"
+    data.mkdir()
+    if case == "truncated":
+        whole = gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in poems(50)).encode())
+        (data / "a.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+        needle = f"{data / 'a.jsonl.gz'}: not a complete gzip file after"
+    elif case == "not_gzip":
+        (data / "a.jsonl.gz").write_text('{"text": "plain"}\n', encoding="utf-8")
+        needle = f"{data / 'a.jsonl.gz'}: not a complete gzip file after 0 lines"
+    else:
+        (data / "a.jsonl").write_text("", encoding="utf-8")
+        needle = "0 tokens are too few for one block of max_length=32: nothing to learn"
+    code, _, err = run_train_cli("pretrain", "--data_path", data, "--eval_data", "", "--out_dir", tmp_path / "out",
+                                 "--max_length", "32", "--max_steps", "1", capsys=capsys)
+    assert code == 1 and "Traceback" not in err and needle in err.strip().splitlines()[-1], err

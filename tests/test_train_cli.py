@@ -178,3 +178,41 @@ def test_resume_summary_separates_total_steps_from_this_session(tmp_path, corpus
     # 2 steps of 2 x 31 input positions in this session.
     assert "done: 5 steps (2 steps, 124 tokens in" in stdout and "in this session)" in stdout
     assert metric_steps(out) == [1, 2, 3, 4, 5]
+
+
+def test_newcomer_lines_name_the_start_the_schedule_and_the_missing_curve(tmp_path, corpus, capsys):
+    """Issue 27: which model SFT starts from; why there is no loss.png; what --resume --max_steps does."""
+    base = tmp_path / "base"
+    code, out, err = pretrain(base, corpus, "--max_steps", "2", "--log_every", "5", capsys=capsys)
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("pretrain: a new model, ")
+    assert "no loss.png: metrics.jsonl holds no loss yet (the run took fewer steps than --log_every" in out
+    code, out, err = run("sft", "--init_from", base, "--data_path", REPO / "dataset" / "sft.jsonl", "--eval_data", "",
+                         "--out_dir", tmp_path / "sft", "--max_length", "32", "--batch_size", "2", "--max_steps", "1",
+                         capsys=capsys)
+    assert code == 0, err
+    assert out.splitlines()[0].startswith(f"sft: from {base}, ")
+    run_dir = tmp_path / "long"
+    assert pretrain(run_dir, corpus, "--max_steps", "2", "--save_every", "1", capsys=capsys)[0] == 0
+    code, out, err = pretrain(run_dir, corpus, "--max_steps", "4", "--resume", capsys=capsys)
+    assert code == 0, err
+    assert "max_steps 2 -> 4" in out and "the learning-rate schedule is refitted to the new settings" in out
+    assert "step 2 continues at the rate the new schedule gives it" in out
+
+
+def test_metrics_without_a_checkpoint_is_not_a_run_to_protect(tmp_path, corpus, capsys):
+    """Issue 27: a run interrupted before its first checkpoint left metrics.jsonl, and the re-run was refused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n', encoding="utf-8")
+    code, stdout, err = pretrain(out, corpus, "--max_steps", "2", capsys=capsys)
+    assert code == 0, err
+    assert f"note: {out} holds metrics.jsonl but no checkpoint or model" in stdout
+    assert metric_steps(out) == [1, 2] and json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"] != 9.0
+    # A finished model is a run to protect, even without checkpoints.
+    for p in list_checkpoints(out):
+        import shutil
+
+        shutil.rmtree(p)
+    code, _, err = pretrain(out, corpus, "--max_steps", "2", capsys=capsys)
+    assert code == 1 and "already holds a run (metrics.jsonl)" in err

@@ -182,10 +182,9 @@ class PackedDataset(Dataset):
         self.n_tokens = int(self.header["n_tokens"])
         self.dtype = self.shards.dtype if self.shards else np.dtype(self.header["dtype"])
         self._len = (self.n_tokens - 1) // (max_length - 1)
-        if self._len == 0:
-            raise DataError(
-                f"{self.bin_path}: {self.n_tokens} tokens are too few for one block of max_length={max_length}"
-            )
+        if self._len <= 0:
+            raise DataError(f"{self.bin_path}: {self.n_tokens} tokens are too few for one block of "
+                            f"max_length={max_length}: nothing to learn (are the data files empty?)")
         self._tokens = None
         self._pid = None
 

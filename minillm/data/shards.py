@@ -20,6 +20,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,10 +110,14 @@ def _documents(shard: Shard, hasher) -> Iterator[str]:
     """The documents of one shard, in order; `hasher` sees every raw byte read."""
     path = Path(shard.source)
     if path.name.endswith(".gz"):
-        with gzip.open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                hasher.update(raw)
-                yield from _document(path, raw.removeprefix(_BOM) if lineno == 1 else raw, f"{path}:{lineno}")
+        lineno = 0
+        try:
+            with gzip.open(path, "rb") as fh:
+                for lineno, raw in enumerate(fh, start=1):
+                    hasher.update(raw)
+                    yield from _document(path, raw.removeprefix(_BOM) if lineno == 1 else raw, f"{path}:{lineno}")
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # cut short, or not gzip at all
+            raise DataError(f"{path}: not a complete gzip file after {lineno} lines ({e})") from None
         return
     with open(path, "rb") as fh:
         fh.seek(shard.start)

@@ -103,8 +103,8 @@ class Rate:
 
     @property
     def rate(self) -> float:
-        """passed / n."""
-        return self.passed / self.n if self.n else math.nan
+        """passed / n (NaN for no items)."""
+        return math.nan if self.n == 0 else self.passed / self.n
 
     def __str__(self) -> str:
         lo, hi = wilson(self.passed, self.n)

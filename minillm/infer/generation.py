@@ -24,8 +24,10 @@ def _filter_top_k_top_p(logits_BV: torch.Tensor, top_k: int | None, top_p: float
     if top_p is not None and top_p < 1.0:
         sorted_BV, order_BV = torch.sort(logits_BV, descending=True)
         cum_BV = sorted_BV.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the best token always stays.
+        # Drop a token when the tokens ranked above it already reach top_p; the best token always stays, even
+        # for a top_p that rounds to 0 in float32 (the distribution is never empty).
         drop_sorted_BV = (cum_BV - sorted_BV.softmax(-1)) >= top_p
+        drop_sorted_BV[:, 0] = False
         drop_BV = drop_sorted_BV.scatter(-1, order_BV, drop_sorted_BV)
         logits_BV = logits_BV.masked_fill(drop_BV, float("-inf"))
     return logits_BV
@@ -42,6 +44,8 @@ def next_token(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
 # Below this, logits / temperature overflow float32 for ordinary logits: sampling would be greedy at best.
 MIN_TEMPERATURE = 1e-3
+# The repetition penalty divides or multiplies logits: outside this range they overflow float32 or vanish.
+PENALTY_RANGE = (1e-2, 1e2)
 
 
 def check_sampling(temperature: float, top_p: float | None = None, repetition_penalty: float = 1.0) -> None:
@@ -50,8 +54,9 @@ def check_sampling(temperature: float, top_p: float | None = None, repetition_pe
         raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not 0 < repetition_penalty < math.inf:
-        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty}")
+    lo, hi = PENALTY_RANGE
+    if not lo <= repetition_penalty <= hi:
+        raise ValueError(f"repetition_penalty must be in [{lo:g}, {hi:g}] (1 = off), got {repetition_penalty}")
 
 
 @torch.inference_mode()

@@ -19,6 +19,7 @@ from minillm.infer.serving import Sampling
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4  # OpenAI's limit on stop strings
 MAX_N = 64
+MAX_PROMPTS = 64  # prompt strings per /v1/completions request
 # Accepted only at the value that means "off", since nothing here implements them.
 OFF_VALUES: dict[str, tuple] = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0),
                                 "logprobs": (False,), "echo": (False,), "best_of": (1,)}
@@ -82,6 +83,9 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:
 
 def _number(body: dict, name: str, lo: float, hi: float, default: float) -> float:
     value = _get(body, name, (int, float), "a number")
+    if isinstance(value, int) and not -1e300 < value < 1e300:  # a 400-digit integer: float() would overflow
+        raise ApiError(400, f"'{name}' must be a finite number in [{lo:g}, {hi:g}], got an integer of "
+                            f"{len(str(abs(value)))} digits", name)
     if value is None:
         return default
     if not (math.isfinite(value) and lo <= value <= hi):
@@ -94,8 +98,10 @@ def _check_fields(body: Any, allowed: set[str]) -> dict:
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     for name in body:
         if name not in allowed:
+            off = sorted(allowed & set(OFF_VALUES))
             raise ApiError(400, f"unsupported parameter '{name}': this server implements "
-                                f"{', '.join(sorted(allowed))}", name, "unsupported_parameter")
+                                f"{', '.join(sorted(allowed - set(OFF_VALUES)))} (and accepts "
+                                f"{', '.join(off)} only at their off values)", name, "unsupported_parameter")
         if name in OFF_VALUES and body[name] is not None and body[name] not in OFF_VALUES[name]:
             raise ApiError(400, f"'{name}' is not supported by this server (only {OFF_VALUES[name][0]!r})",
                            name, "unsupported_parameter")
@@ -123,7 +129,7 @@ def _messages(body: dict) -> list[dict[str, str]]:
         if extra:
             raise ApiError(400, f"{where} has unsupported field(s) {', '.join(sorted(extra))}", where)
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
         content = m.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
@@ -139,11 +145,18 @@ def _messages(body: dict) -> list[dict[str, str]]:
     return out
 
 
-def _prompts(body: dict, tokenizer: Tokenizer) -> list[list[int]]:
+def _prompt_texts(body: dict) -> list[str]:
     prompt = body.get("prompt")
     texts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise ApiError(400, "'prompt' must be a string or a non-empty list of strings", "prompt")
+    if len(texts) > MAX_PROMPTS:
+        raise ApiError(400, f"'prompt' holds {len(texts)} strings; this server takes at most {MAX_PROMPTS} per "
+                            "request", "prompt")
+    return texts
+
+
+def _prompts(texts: list[str], tokenizer: Tokenizer) -> list[list[int]]:
     ids = tokenizer.encode_batch(texts)  # plain text: control-token strings stay text
     for i, p in enumerate(ids):
         if not p:
@@ -163,7 +176,7 @@ def _stop(body: dict) -> list[str]:
 
 def _max_tokens(body: dict, prompt_len: int, context: int) -> int:
     given = {k: body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None}
-    if len(set(map(repr, given.values()))) > 1:
+    if len(set(given.values())) > 1:
         raise ApiError(400, "'max_tokens' and 'max_completion_tokens' disagree; give one", "max_tokens")
     name = next(iter(given), "max_tokens")
     value = _get(body, name, (int,), "an integer")
@@ -182,23 +195,40 @@ def _max_tokens(body: dict, prompt_len: int, context: int) -> int:
     return value
 
 
-def parse_request(body: Any, chat: bool, tokenizer: Tokenizer, context: int, served: str) -> CompletionSpec:
-    """Validate a chat (chat=True) or text completion body; ApiError names the first field at fault."""
+def _choice_count(body: dict, n_prompts: int, max_sequences: int) -> int:
+    """'n', checked with the prompt count against what one request may ask for, before anything is built."""
+    n = _get(body, "n", (int,), "an integer")
+    n = 1 if n is None else n
+    if not 1 <= n <= MAX_N:
+        raise ApiError(400, f"'n' must be in [1, {MAX_N}], got {n}", "n")
+    if n_prompts * n > max_sequences:
+        field = "n" if n > 1 else "prompt"
+        raise ApiError(400, f"the request asks for {n_prompts} prompt(s) x n={n} = {n_prompts * n} sequences; this "
+                            f"server takes at most {max_sequences} per request (its --max_waiting)", field)
+    return n
+
+
+def parse_request(body: Any, chat: bool, tokenizer: Tokenizer, context: int, served: str,
+                  max_sequences: int = MAX_N * MAX_PROMPTS) -> CompletionSpec:
+    """Validate a chat (chat=True) or text completion body; ApiError names the first field at fault.
+
+    Sizes are checked before any work: prompts x n may not exceed `max_sequences` (the scheduler's waiting line).
+    """
     body = _check_fields(body, CHAT_FIELDS if chat else TEXT_FIELDS)
     check_model(body, served)
     if chat:
-        prompts = [tokenizer.render_conversation(_messages(body), add_generation_prompt=True)[0]]
+        messages = _messages(body)
+        n = _choice_count(body, 1, max_sequences)
+        prompts = [tokenizer.render_conversation(messages, add_generation_prompt=True)[0]]
     else:
-        prompts = _prompts(body, tokenizer)
+        texts = _prompt_texts(body)
+        n = _choice_count(body, len(texts), max_sequences)
+        prompts = _prompts(texts, tokenizer)
     temperature = _number(body, "temperature", 0, 2, 1.0)
     top_p = _number(body, "top_p", 0, 1, 1.0)
     if temperature < MIN_TEMPERATURE or top_p == 0:
         temperature = 0.0  # both select the most likely token: greedy
     seed = _get(body, "seed", (int,), "an integer")
-    n = _get(body, "n", (int,), "an integer")
-    n = 1 if n is None else n
-    if not 1 <= n <= MAX_N:
-        raise ApiError(400, f"'n' must be in [1, {MAX_N}], got {n}", "n")
     stream = bool(_get(body, "stream", (bool,), "true or false"))
     options = _get(body, "stream_options", (dict,), "an object")
     if options is not None and not stream:

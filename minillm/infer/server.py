@@ -39,7 +39,7 @@ from minillm.infer.openai_api import (
     reply,
     usage,
 )
-from minillm.infer.serving import GenerationRequest, QueueFull, Scheduler, TextStream
+from minillm.infer.serving import GenerationRequest, QueueFull, Scheduler, ShuttingDown, TextStream
 
 PAGE = Path(__file__).resolve().parent.parent / "assets" / "chat.html"
 
@@ -182,20 +182,31 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig)
             if len(body) > config.max_body_bytes:
                 raise ApiError(413, f"the request body exceeds the limit of {config.max_body_bytes} bytes")
         try:
-            return json.loads(body)
+            value = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is not valid JSON for this server: nested too deeply") from None
+        try:  # a lone surrogate ("\ud800") is valid JSON but not text: nothing downstream could encode it
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "the request body holds a string with a lone surrogate (e.g. \\ud800): "
+                                "not valid Unicode text") from None
+        return value
 
     async def complete(request: Request, chat: bool) -> Response:
         try:
             authorize(request)
-            spec = parse_request(await read_json(request), chat, tokenizer, scheduler.context, config.model_name)
+            spec = parse_request(await read_json(request), chat, tokenizer, scheduler.context, config.model_name,
+                                 scheduler.max_waiting)
             choices = Choices(spec, tokenizer, mailbox[0])
             try:
                 scheduler.submit(choices.requests)
-            except QueueFull as e:
-                raise ApiError(503, f"the server is busy: {e}; retry shortly", code="server_busy",
-                               kind="server_error", headers={"Retry-After": "1"}) from None
+            except QueueFull as e:  # as OpenAI answers a rate limit: retry after a while
+                raise ApiError(429, f"the server is busy: {e}; retry shortly", code="server_busy",
+                               kind="rate_limit_error", headers={"Retry-After": "1"}) from None
+            except ShuttingDown as e:
+                raise ApiError(503, str(e), code="shutting_down", kind="server_error") from None
         except ApiError as e:
             return error_response(e)
         except ClientDisconnect:

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from minillm.data.tokenizer import Tokenizer
+from minillm.device import available_memory
 from minillm.infer.chat import StreamDecoder
 from minillm.infer.generation import next_token
-from minillm.model.model import MiniLLM, SlotKVCache
+from minillm.model.model import KVCache, MiniLLM, SlotKVCache
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class Sampling:
 
 class QueueFull(Exception):
     """More sequences are waiting than the scheduler accepts; the client should retry later."""
+
+
+class ShuttingDown(Exception):
+    """The scheduler is stopping and takes no new sequences."""
 
 
 class GenerationRequest:
@@ -96,6 +101,10 @@ class Scheduler:
             raise ValueError(f"context must be in [2, {model.config.max_position_embeddings}] (the model's "
                              f"max_position_embeddings), got {context}")
         param = next(model.parameters())
+        need, have = KVCache.nbytes(model.config, max_batch, context, param.dtype), available_memory(param.device)
+        if have is not None and need > have:
+            raise ValueError(f"max_batch {max_batch} x context {context} needs a KV cache of {need / 2**30:.1f} GiB; "
+                             f"{have / 2**30:.1f} GiB are available: lower --max_batch or --context")
         self.model = model.eval()
         self.device = param.device
         self.max_batch, self.context, self.max_waiting = max_batch, context, max_waiting
@@ -129,7 +138,7 @@ class Scheduler:
                                  f"context of {self.context}")
         with self.wakeup:
             if self.stopping:
-                raise QueueFull("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             if len(self.waiting) + len(requests) > self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} sequences are already waiting (limit {self.max_waiting})")
             self.waiting.extend(requests)
@@ -151,11 +160,10 @@ class Scheduler:
                         break
                 try:
                     self.step()
-                except Exception as e:  # a failed step fails the sequences in it, not the server
+                except Exception as e:  # a failed batch forward fails the sequences in it, not the server
                     for b, r in enumerate(self.slots):
                         if r is not None:
-                            r.error = f"{type(e).__name__}: {e}"
-                            self._finish(b, "error")
+                            self._fail(b, e)
         for b, r in enumerate(self.slots):
             if r is not None:
                 self._finish(b, "cancelled")
@@ -175,7 +183,7 @@ class Scheduler:
                 r = self._next_waiting()
                 if r is None:
                     break
-                self._prefill(b, r)
+                self._confined(b, r, lambda b=b, r=r: self._prefill(b, r))
         if not any(self.slots):
             return
         self.max_running = max(self.max_running, sum(r is not None for r in self.slots))
@@ -183,7 +191,19 @@ class Scheduler:
         logits_BV = self.model(tokens_B1, kv_cache=self.cache).logits[:, -1]
         for b, r in enumerate(self.slots):
             if r is not None:
-                self._deliver(b, r.pick(logits_BV[b:b + 1]))
+                self._confined(b, r, lambda b=b, r=r: self._deliver(b, r.pick(logits_BV[b:b + 1])))
+
+    def _confined(self, b: int, r: GenerationRequest, work: Callable[[], None]) -> None:
+        """Run one sequence's own work (prefill, sampling, delivery); if it fails, only that sequence ends."""
+        try:
+            work()
+        except Exception as e:
+            if self.slots[b] is r:
+                self._fail(b, e)
+
+    def _fail(self, b: int, e: Exception) -> None:
+        self.slots[b].error = f"{type(e).__name__}: {e}"
+        self._finish(b, "error")
 
     def _next_waiting(self) -> GenerationRequest | None:
         with self.wakeup:

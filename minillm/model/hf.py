@@ -178,6 +178,24 @@ def _read_header(path: Path) -> dict[str, _TensorEntry]:
     return entries
 
 
+def _read_tensor(name: str, e: _TensorEntry) -> torch.Tensor:
+    """One tensor read into fresh memory; ValueError for a cut-short file, CheckpointError for NaN/inf."""
+    out = torch.empty(e.shape, dtype=e.dtype)
+    with open(e.path, "rb") as f:
+        f.seek(e.offset)
+        if e.nbytes and f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != e.nbytes:
+            raise ValueError(f"{e.path}: tensor {name!r} is cut short; is the file truncated?")
+    if out.is_floating_point() and not torch.isfinite(out).all():
+        raise CheckpointError(f"{e.path}: tensor {name!r} holds NaN or infinite values; the weights are "
+                              "broken (use an earlier checkpoint)")
+    return out
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, checked as the model's weights are (truncation, NaN, bad header)."""
+    return {name: _read_tensor(name, e) for name, e in _read_header(Path(path)).items()}
+
+
 class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
     """The tensors of a single-file or sharded safetensors checkpoint, each read from disk when asked for.
 
@@ -209,16 +227,7 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """The tensor `name`, read from disk now."""
-        e = self._entries[name]
-        out = torch.empty(e.shape, dtype=e.dtype)
-        with open(e.path, "rb") as f:
-            f.seek(e.offset)
-            if e.nbytes and f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != e.nbytes:
-                raise ValueError(f"{e.path}: tensor {name!r} is cut short; is the file truncated?")
-        if out.is_floating_point() and not torch.isfinite(out).all():
-            raise CheckpointError(f"{e.path}: tensor {name!r} holds NaN or infinite values; the weights are "
-                                  "broken (use an earlier checkpoint)")
-        return out
+        return _read_tensor(name, self._entries[name])
 
     def shapes(self) -> dict[str, list[int]]:
         """Every tensor's shape, from the headers alone."""

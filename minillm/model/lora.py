@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from minillm.files import atomic_path, read_json, write_json
+from minillm.model.hf import read_safetensors
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -320,7 +321,7 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
             raise ValueError(f"{directory} holds only adapter_model.bin; minillm loads safetensors only "
                              "(unpickling can run arbitrary code)")
         raise FileNotFoundError(f"{directory} has no {ADAPTER_WEIGHTS_NAME}")
-    load_lora_state_dict(model, load_file(str(path)), source=str(path))
+    load_lora_state_dict(model, read_safetensors(path), source=str(path))
 
 
 def check_same_lora(model: nn.Module, directory: str | Path) -> None:

@@ -70,6 +70,12 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0  # number of positions already filled
 
+    @staticmethod
+    def nbytes(config: LMConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes the buffers of such a cache take."""
+        per_layer = batch_size * config.num_key_value_heads * max_len * config.head_dim * 2
+        return per_layer * config.num_hidden_layers * dtype.itemsize
+
     @classmethod
     def over(cls, k: list[torch.Tensor], v: list[torch.Tensor]) -> KVCache:
         """An empty cache writing into existing per-layer buffers (e.g. one slot of a SlotKVCache)."""

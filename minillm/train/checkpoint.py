@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import errno
 import pickle
-import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -34,6 +32,7 @@ from minillm.model.lora import (
     save_adapter,
 )
 from minillm.train.distributed import barrier
+from minillm.train.rng import rng_state, set_rng_state
 from minillm.train.sharding import DCP_DIR, load_sharded, non_finite_parameter, save_sharded
 
 CHECKPOINT_DIR = "checkpoints"
@@ -45,30 +44,8 @@ MANIFEST_NAME = "manifest.json"
 # optimizer's kind fixes the shape of its saved state.
 EXACT_SETTINGS = ("seed", "group_by_length", "global_batch", "optimizer")
 LAYOUT_SETTINGS = ("batch_size", "accumulation_steps", "processes")
+SCHEDULE_SETTINGS = ("max_steps", "epochs", "max_minutes", "learning_rate", "matrix_lr", "warmup_steps")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def rng_state() -> dict[str, Any]:
-    """The RNG states of Python, NumPy, torch and CUDA, as tensors and plain values (weights_only-safe)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what rng_state() captured."""
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
@@ -351,6 +328,10 @@ class Checkpointer:
         changed = _differences(old, new, allowed)
         if changed:
             self.log(f"note: resuming with changed settings: {'; '.join(changed)}")
+        if _differences(old, new, SCHEDULE_SETTINGS):
+            self.log("note: the learning-rate schedule is refitted to the new settings: warmup and cosine now span "
+                     f"the new run, so step {state.step} continues at the rate the new schedule gives it (a longer "
+                     "run jumps back up the cosine, a shorter one down), not where the old schedule left off")
 
     def restore(self, state: TrainState) -> None:
         """Put a loaded state back into the optimizer, the scaler and the RNGs."""

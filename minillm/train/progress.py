@@ -41,20 +41,21 @@ def trim_metrics(path: Path, last_step: int) -> int:
     return torn
 
 
-def plot_metrics(metrics_path: Path, png_path: Path) -> bool:
-    """Draw the loss curve (and held-out loss) to a PNG; False when matplotlib is missing or nothing was logged."""
+def plot_metrics(metrics_path: Path, png_path: Path) -> str | None:
+    """Draw the loss curve (and held-out loss) to a PNG; None when drawn, else why not (one line)."""
     rows, _ = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not train and not held:
-        return False
+        return (f"no loss.png: {metrics_path.name} holds no loss yet (the run took fewer steps than --log_every "
+                "and measured no held-out loss)")
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return "no loss.png: matplotlib is not installed (pip install matplotlib, or minillm's [plot] extra)"
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")
@@ -67,7 +68,7 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
-    return True
+    return None
 
 
 class Progress:

@@ -184,7 +184,15 @@ def claim_out_dir(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
         out_dir.mkdir(parents=True, exist_ok=True)
     with DirLock(out_dir) if env.is_main else nullcontext():
         earlier = list_checkpoints(out_dir)
-        if not cfg.resume and (earlier or (out_dir / METRICS_NAME).exists()):
+        finished = any((out_dir / name).is_file() for name in ("model.safetensors", "adapter_model.safetensors"))
+        if not cfg.resume and not earlier and not finished and (out_dir / METRICS_NAME).exists():
+            # A run stopped before its first checkpoint left only metrics: nothing to continue or to protect.
+            if env.is_main:
+                print(f"note: {out_dir} holds {METRICS_NAME} but no checkpoint or model (a run stopped before its "
+                      "first checkpoint); starting over")
+                for name in (METRICS_NAME, "loss.png"):
+                    remove(out_dir / name)
+        elif not cfg.resume and (earlier or (out_dir / METRICS_NAME).exists()):
             if not cfg.overwrite:
                 what = f"checkpoints up to {earlier[-1].name}" if earlier else METRICS_NAME
                 raise ValueError(f"{out_dir} already holds a run ({what}); continue it with --resume, or start "
@@ -305,8 +313,9 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
         if env.is_main:
             progress.held_out(step, result.eval_loss, clock)
             save_model(final, cfg.out_dir, tokenizer)  # with LoRA: the adapter only
-            if not plot_metrics(progress.path, Path(cfg.out_dir) / "loss.png"):
-                print("(no loss.png: pip install matplotlib, and log at least one step with --log_every)")
+            why_not = plot_metrics(progress.path, Path(cfg.out_dir) / "loss.png")
+            if why_not:
+                print(f"({why_not})")
     return result
 
 
