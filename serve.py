@@ -41,8 +41,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 exposes the server to the network (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
-    p.add_argument("--api_key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: no key)")
+    p.add_argument("--api_key", default=os.environ.get("MINILLM_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MINILLM_API_KEY if set, "
+                        "else no key; the environment keeps the key out of the process list)")
+    p.add_argument("--allowed_host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable). By default the server "
+                        "answers only its own address (and localhost on loopback), so that a web page elsewhere "
+                        "cannot reach it by DNS rebinding; bound to 0.0.0.0 or :: it answers any Host unless "
+                        "names are given here")
     p.add_argument("--model_name", default=None,
                    help="the model id clients send and /v1/models lists (default: the --model directory's name)")
     p.add_argument("--max_batch", type=int, default=16,
@@ -79,12 +85,19 @@ def check_flags(args: argparse.Namespace) -> None:
         raise CliError("--api_key is empty")
 
 
-def run_server(app, sock: socket.socket) -> None:
-    """Serve `app` on the already bound `sock` until interrupted."""
+def run_server(app, sock: socket.socket, on_exit=lambda: None) -> None:
+    """Serve `app` on the already bound `sock` until SIGINT/SIGTERM; `on_exit` runs first on the signal."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            on_exit()  # ends every sequence now: open streams send their last event instead of generating on
+            super().handle_exit(sig, frame)
+
     host, port = sock.getsockname()[:2]
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
+    # Connections still open a second after the signal (a client that stopped reading) are closed.
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
+    Server(config).run(sockets=[sock])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import uvicorn  # noqa: F401  (the serve extra, checked before the model loads)
 
-            from minillm.infer.server import ServerConfig, create_app
+            from minillm.infer.server import ServerConfig, allowed_hosts, create_app
         except ImportError as e:
             raise CliError(f"the server needs the serve extra ({e.name} is missing): "
                            "pip install -e \".[serve]\"") from None
@@ -116,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:  # the context's range, checked in one place
             raise CliError(f"--{e}") from None
         name = args.model_name or Path(args.model).resolve().name
-        app = create_app(scheduler, tokenizer, ServerConfig(name, args.api_key, args.max_body_bytes))
+        app = create_app(scheduler, tokenizer, ServerConfig(name, args.api_key, args.max_body_bytes,
+                                                            allowed_hosts(args.host, args.allowed_host)))
     except BAD_INPUT as e:
         return report(PROG, e)
     try:  # bind before saying "serving": a port in use or an unknown host is one line and status 1
@@ -130,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr, flush=True)
     try:
         with sock:
-            run_server(app, sock)
+            run_server(app, sock, on_exit=scheduler.stop)
     except KeyboardInterrupt:
         pass
     return 0

@@ -127,7 +127,7 @@ class LiveServer:
     """serve.py's app on 127.0.0.1 in a background thread: .url, .scheduler, .tokenizer, .model."""
 
     def __init__(self, model_dir, max_batch: int = 16, context: int | None = None, max_waiting: int = 256,
-                 api_key: str | None = None, max_body_bytes: int = 1 << 20):
+                 api_key: str | None = None, max_body_bytes: int = 1 << 20, body_timeout: float = 30.0):
         import socket
         import threading
 
@@ -140,7 +140,8 @@ class LiveServer:
         self.tokenizer = load_tokenizer(model_dir)
         self.scheduler = Scheduler(self.model, max_batch, context or self.model.config.max_position_embeddings,
                                    max_waiting)
-        app = create_app(self.scheduler, self.tokenizer, ServerConfig("tiny", api_key, max_body_bytes))
+        app = create_app(self.scheduler, self.tokenizer, ServerConfig("tiny", api_key, max_body_bytes,
+                                                                      body_timeout=body_timeout))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

@@ -342,7 +342,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
 
 def test_serve_binds_localhost_by_default(tiny_sft_dir, monkeypatch, capsys):
     seen = {}
-    monkeypatch.setattr(serve_cli, "run_server", lambda app, sock: seen.update(address=sock.getsockname()))
+    monkeypatch.setattr(serve_cli, "run_server", lambda app, sock, **kw: seen.update(address=sock.getsockname()))
     assert serve_cli.parse_args([]).port == 8000
     assert serve_cli.main(["--model", str(tiny_sft_dir), "--port", "0"]) == 0
     host, port = seen["address"]
@@ -376,7 +376,7 @@ def test_serve_defaults_to_the_trained_context(tiny_sft_dir, tmp_path, monkeypat
     config = json.loads((model_dir / "config.json").read_text())
     config["minillm"]["trained_context"] = 64
     (model_dir / "config.json").write_text(json.dumps(config))
-    monkeypatch.setattr(serve_cli, "run_server", lambda app, sock: None)
+    monkeypatch.setattr(serve_cli, "run_server", lambda app, sock, **kw: None)
     assert serve_cli.main(["--model", str(model_dir), "--port", "0"]) == 0
     assert "context 64," in capsys.readouterr().err
     assert serve_cli.main(["--model", str(model_dir), "--context", "200", "--port", "0"]) == 0
@@ -499,3 +499,119 @@ def test_a_request_that_can_never_fit_is_a_400_not_busy(tiny_sft_dir):
         r = post(live, "/v1/completions", {"prompt": ["a", "b", "c", "d", "e"], "max_tokens": 2})
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
         assert post(live, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2, "n": 4}).status_code == 200
+
+
+def test_serve_py_as_a_process_checks_host_content_type_and_takes_the_key_from_the_environment(tiny_sft_dir):
+    """Issue 26, item 6 (and issue 32, item 8: serve.py itself serving over HTTP)."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "MINILLM_API_KEY": "s3cret", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--model", str(tiny_sft_dir), "--port", "0",
+                             "--model_name", "poet", "--max_waiting", "2", "--max_body_bytes", "4000",
+                             "--allowed_host", "poet.lan"],
+                            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        port = int(re.search(r"on http://127\.0\.0\.1:(\d+)/", line).group(1))
+        url = f"http://127.0.0.1:{port}"
+        key = {"Authorization": "Bearer s3cret"}
+        body = {"messages": QUESTION, "max_tokens": 2}
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(url + "/health", timeout=5)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert health.status_code == 200
+        assert "s3cret" not in " ".join(proc.args)  # the key came from the environment, not argv
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 401
+        ok = httpx.post(url + "/v1/chat/completions", json=body, headers=key, timeout=60)
+        assert ok.status_code == 200 and ok.json()["model"] == "poet"
+        # DNS rebinding: a name that resolves here but is not this server's.
+        evil = httpx.post(url + "/v1/chat/completions", json=body, headers={**key, "Host": f"evil.example:{port}"},
+                          timeout=60)
+        assert evil.status_code == 400 and evil.json()["error"]["code"] == "invalid_host"
+        assert httpx.get(url + "/", headers={"Host": "evil.example"}, timeout=60).status_code == 400
+        for name in (f"localhost:{port}", "poet.lan"):
+            assert httpx.get(url + "/health", headers={"Host": name}, timeout=60).status_code == 200
+        # A cross-site form or fetch without preflight can only send text/plain: refused.
+        plain = httpx.post(url + "/v1/chat/completions", content=json.dumps(body), timeout=60,
+                           headers={**key, "Content-Type": "text/plain"})
+        assert plain.status_code == 415 and plain.json()["error"]["param"] is None
+        big = httpx.post(url + "/v1/chat/completions", json={**body, "user": "x" * 5000}, headers=key, timeout=60)
+        assert big.status_code == 413
+        many = httpx.post(url + "/v1/chat/completions", json={**body, "n": 3}, headers=key, timeout=60)
+        assert many.status_code == 400 and "at most 2 per request" in many.json()["error"]["message"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_a_client_that_sends_its_body_too_slowly_gets_408(tiny_sft_dir):
+    """Issue 26, item 6: 300 partial bodies were held open for 21 s."""
+    import socket
+
+    with LiveServer(tiny_sft_dir, body_timeout=0.5) as live:
+        host, port = live.url.removeprefix("http://").split(":")
+        start = time.monotonic()
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"messa")
+            reply = s.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in reply
+        assert time.monotonic() - start < 5
+        assert post(live, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2}).status_code == 200
+
+
+def test_sigterm_ends_open_streams_promptly_with_a_last_event(tiny_sft_dir):
+    """Issue 26, item 7: with streams whose clients do not read, SIGTERM waited until they had finished."""
+    import os
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--model", str(tiny_sft_dir), "--port", "0",
+                             "--max_batch", "2", "--threads", "1"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    port = int(re.search(r":(\d+)/", proc.stderr.readline()).group(1))
+    # 3 x 40 sequences of 200 tokens, two at a time: far longer to generate than the shutdown may take.
+    body = json.dumps({"messages": QUESTION, "max_tokens": 200, "n": 40, "stream": True, "temperature": 1}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    clients = []
+    deadline = time.monotonic() + 30
+    while len(clients) < 3:
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        except ConnectionRefusedError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+            continue
+        s.sendall(request)
+        clients.append(s)
+    first = clients[0].recv(65536).decode()  # the stream has started; the others are not read at all
+    assert first.startswith("HTTP/1.1 200")
+    time.sleep(0.5)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+    assert time.monotonic() - start < 4
+    rest = b""
+    clients[0].settimeout(5)
+    while chunk := clients[0].recv(65536):
+        rest += chunk
+    assert b"data: [DONE]" in rest  # the read stream got its last event
+    for s in clients:
+        s.close()

@@ -54,6 +54,48 @@ class ServerConfig:
     """When set, /v1 routes need `Authorization: Bearer <api_key>`."""
     max_body_bytes: int = 1 << 20
     """Larger request bodies get 413."""
+    allowed_hosts: frozenset[str] | None = None
+    """Host header names answered (lower case, no port; "[::1]" for IPv6); others get 400, so a web page on
+    another site cannot reach the server through DNS rebinding. None answers any Host."""
+    body_timeout: float = 30.0
+    """Seconds a client may take to send its request body; slower ones get 408."""
+
+
+def host_name(header: str) -> str:
+    """The name part of a Host header: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:8000" -> "[::1]"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[:header.find("]") + 1]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def allowed_hosts(host: str, extra: list[str]) -> frozenset[str] | None:
+    """The Host names the server answers: its address (and the loopback names on loopback) plus `extra`;
+    None (any) for a wildcard address without `extra`."""
+    names = {host_name(h) for h in extra}
+    if host in ("0.0.0.0", "::", ""):
+        return frozenset(names) or None
+    loopback = host == "localhost" or host == "::1" or host.startswith("127.")
+    own = {f"[{host}]" if ":" in host else host}
+    return frozenset(names | own | ({"localhost", "127.0.0.1", "[::1]"} if loopback else set()))
+
+
+class HostCheck:
+    """ASGI middleware: requests whose Host names none of `allowed` get an OpenAI-style 400."""
+
+    def __init__(self, app, allowed: frozenset[str]) -> None:
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_name(host) not in self.allowed:
+                e = ApiError(400, f"the Host header {host!r} names none of this server's addresses "
+                                  f"({', '.join(sorted(self.allowed))}); serve.py --allowed_host NAME adds one",
+                             code="invalid_host")
+                await error_response(e)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class Mailbox:
@@ -151,7 +193,7 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig) -> Starlette:
+def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig) -> Starlette | HostCheck:
     """The ASGI application serving `scheduler`'s model (the scheduler starts and stops with the app)."""
     created = int(time.time())
 
@@ -172,15 +214,28 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig)
             raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
-    async def read_json(request: Request) -> object:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
-            raise ApiError(413, f"the request body is {declared} bytes; the limit is {config.max_body_bytes}")
+    async def read_body(request: Request) -> bytes:
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > config.max_body_bytes:
                 raise ApiError(413, f"the request body exceeds the limit of {config.max_body_bytes} bytes")
+        return bytes(body)
+
+    async def read_json(request: Request) -> object:
+        # JSON only: a page on another site can send text/plain without asking, never application/json.
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise ApiError(415, f"the request body must be sent as Content-Type: application/json, got "
+                                f"{kind or 'none'!r}", code="unsupported_media_type")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
+            raise ApiError(413, f"the request body is {declared} bytes; the limit is {config.max_body_bytes}")
+        try:
+            body = await asyncio.wait_for(read_body(request), config.body_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {config.body_timeout:g} s",
+                           code="timeout") from None
         try:
             value = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
@@ -289,4 +344,4 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig)
                 Route("/v1/completions", completions, methods=["POST"])],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan)
-    return app
+    return app if config.allowed_hosts is None else HostCheck(app, config.allowed_hosts)
