@@ -23,6 +23,7 @@ from minillm.files import check_writable
 from minillm.model.config import LMConfig
 from minillm.model.lora import DEFAULT_TARGETS, apply_lora, load_adapter, merge_lora, parameter_counts
 from minillm.model.model import MiniLLM
+from minillm.streams import guard_output
 from minillm.train.checkpoint import CHECKPOINT_DIR
 from minillm.train.config import TrainConfig, TrainResult
 from minillm.train.distributed import barrier, setup_distributed, teardown_distributed
@@ -280,6 +281,7 @@ def summary(args, cfg: TrainConfig, result: TrainResult) -> str:
 def main(kind: str, defaults: dict, argv: list[str] | None = None) -> int:
     """Parse flags, build tokenizer, model and dataset, and run the shared training loop; the exit status."""
     args = build_parser(kind, defaults).parse_args(argv)
+    guard_output()  # a closed pipe or terminal must not cost the checkpoint (tee ended by the same Ctrl-C)
     try:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
         env = setup_distributed(cfg.device)

@@ -216,3 +216,24 @@ def test_metrics_without_a_checkpoint_is_not_a_run_to_protect(tmp_path, corpus, 
         shutil.rmtree(p)
     code, _, err = pretrain(out, corpus, "--max_steps", "2", capsys=capsys)
     assert code == 1 and "already holds a run (metrics.jsonl)" in err
+
+
+def test_ctrl_c_with_the_output_piped_to_a_reader_that_has_exited_still_saves(tmp_path, corpus):
+    """Issue 26, item 18: `train_pretrain.py 2>&1 | tee log`, Ctrl-C: tee dies too, the next progress line hit
+    a pipe with no reader, and the run ended without its checkpoint."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_pretrain.py"), "--data_path", str(corpus),
+                             "--eval_data", "", "--out_dir", str(out), "--max_length", "32", "--batch_size", "2",
+                             "--max_steps", "100000", "--save_every", "0", "--log_every", "1", *TINY_ARGS],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    proc.stdout.close()  # the reader (tee) is gone
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == EXIT_INTERRUPTED
+    saved = latest_checkpoint(out)
+    assert saved is not None and int(saved.name.split("_")[1]) >= 1
+    assert int(saved.name.split("_")[1]) == metric_steps(out)[-1]  # the checkpoint is of the last step logged
