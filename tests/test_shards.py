@@ -118,3 +118,33 @@ def test_broken_or_empty_sources_are_one_line_naming_the_file(tmp_path, capsys, 
     code, _, err = run_train_cli("pretrain", "--data_path", data, "--eval_data", "", "--out_dir", tmp_path / "out",
                                  "--max_length", "32", "--max_steps", "1", capsys=capsys)
     assert code == 1 and "Traceback" not in err and needle in err.strip().splitlines()[-1], err
+
+
+def test_damaged_shards_are_rebuilt_and_sources_are_known_by_content(tmp_path, tokenizer, capsys):
+    """Issue 26, item 12: shards overwritten in place were trained on (0xFFFF: an IndexError naming no shard;
+    7: garbage, exit 0), and a source edited with its size and mtime kept reused the stale cache."""
+    import os
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in poems(60)), encoding="utf-8")
+    index = build_shards(data, tokenizer, shard_bytes=2000, progress=False)
+    good = stream(index).copy()
+    shards = sorted(index.parent.glob("shard_*.bin"))
+    assert len(shards) >= 3
+    for value in (0xFFFF, 7):  # an id past the vocabulary, and a valid one: both are damage
+        raw = np.fromfile(shards[1], dtype=np.uint16)
+        np.full_like(raw, value).tofile(shards[1])
+        assert not np.array_equal(stream(index), good)
+        index = build_shards(data, tokenizer, shard_bytes=2000, progress=False)
+        assert np.array_equal(stream(index), good)
+        assert f"note: {shards[1]} does not match the checksum" in capsys.readouterr().err
+    # Same size, same mtime, other text: the shard is rebuilt and the identity a resume checks changes.
+    before = json.loads(index.read_text())["sha256"]
+    st = data.stat()
+    text = data.read_text(encoding="utf-8")
+    assert poems(1)[0][:2] in text
+    data.write_text(text.replace(poems(1)[0][:2], poems(1)[0][1::-1], 1), encoding="utf-8")
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert data.stat().st_size == st.st_size and data.stat().st_mtime_ns == st.st_mtime_ns
+    index = build_shards(data, tokenizer, shard_bytes=2000, progress=False)
+    assert json.loads(index.read_text())["sha256"] != before and not np.array_equal(stream(index), good)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -79,6 +80,21 @@ class Shard:
     end: int
     size: int
     mtime_ns: int
+    crc32: int = 0
+    """CRC-32 of the bytes the range covers: a shard is identified by its content, not by size and mtime."""
+
+
+def crc32_of(path: Path, start: int = 0, end: int = -1) -> int:
+    """CRC-32 of bytes [start, end) of a file (end -1: to its end), read in 16 MB chunks (about 1 GB/s)."""
+    crc, left = 0, (end if end >= 0 else path.stat().st_size) - start
+    with open(path, "rb") as f:
+        f.seek(start)
+        while left > 0:
+            chunk = f.read(min(left, 16 << 20))
+            if not chunk:
+                break
+            crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+    return crc
 
 
 def plan_shards(files: list[Path], shard_bytes: int) -> list[Shard]:
@@ -87,7 +103,7 @@ def plan_shards(files: list[Path], shard_bytes: int) -> list[Shard]:
     for f in files:
         size, mtime = file_key(f)
         if f.name.endswith(".gz"):
-            shards.append(Shard(str(f), 0, -1, size, mtime))
+            shards.append(Shard(str(f), 0, -1, size, mtime, crc32_of(f)))
             continue
         cuts = [0]
         with open(f, "rb") as fh:
@@ -97,7 +113,7 @@ def plan_shards(files: list[Path], shard_bytes: int) -> list[Shard]:
                 if fh.tell() >= size:
                     break
                 cuts.append(fh.tell())
-        shards += [Shard(str(f), a, b, size, mtime) for a, b in zip(cuts, [*cuts[1:], size])]
+        shards += [Shard(str(f), a, b, size, mtime, crc32_of(f, a, b)) for a, b in zip(cuts, [*cuts[1:], size])]
     return shards
 
 
@@ -177,17 +193,30 @@ def _build(job: tuple[Shard, str, int]) -> dict[str, Any]:
         out.unlink()
         raise DataError(f"{shard.source}: file changed while it was being tokenized; run again")
     header = {"shard": asdict(shard), "file": out.name, "dtype": dtype.name, "sha256": hasher.hexdigest(),
-              "tokenizer_fingerprint": tok.fingerprint(), **counts}
+              "tokenizer_fingerprint": tok.fingerprint(), "bin_crc32": crc32_of(out), **counts}
     atomic_write(Path(str(out) + ".json"), json.dumps(header))
     return header
 
 
+def _same_content(a: dict, b: dict) -> bool:
+    """Two shard descriptions cover the same bytes (the modification time aside)."""
+    return {k: v for k, v in a.items() if k != "mtime_ns"} == {k: v for k, v in b.items() if k != "mtime_ns"}
+
+
 def _done(out: Path, shard: Shard, fingerprint: str) -> dict[str, Any] | None:
-    """The header of a finished shard built from this very range with this tokenizer, else None."""
+    """The header of a finished, intact shard built from these very bytes with this tokenizer, else None.
+
+    The .bin is checked against the CRC-32 written when it was built (one read of the cache per run), so a
+    shard damaged or overwritten since is rebuilt rather than trained on.
+    """
     try:
         header = read_json(Path(str(out) + ".json"))
-        ok = (header["shard"] == asdict(shard) and header["tokenizer_fingerprint"] == fingerprint
+        ok = (_same_content(header["shard"], asdict(shard)) and header["tokenizer_fingerprint"] == fingerprint
               and out.stat().st_size == header["n_tokens"] * np.dtype(header["dtype"]).itemsize)
+        if ok and crc32_of(out) != header["bin_crc32"]:
+            print(f"note: {out} does not match the checksum written when it was built; rebuilding it",
+                  file=sys.stderr)
+            return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return header if ok else None
