@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.raw and not has_chat_template(tokenizer_dir):
             console.note(f"note: the tokenizer of {args.model} declares no chat template; for a "
                          "pretrained-only model, --raw continues plain text")
-        elif not args.raw and model.config.chat_trained is False and not args.adapter:
+        elif not args.raw and model.config.chat_trained is False:
             console.note(f"note: {args.model} was never fine-tuned on chat (no SFT recorded in its "
                          "config.json), so its answers may not follow the template; --raw continues plain text")
         gen = Generator(args, model, tokenizer, device, console)

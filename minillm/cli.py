@@ -168,6 +168,7 @@ def _add_lora(args, model: MiniLLM, is_main: bool) -> None:
     torch.manual_seed(args.seed)  # the adapters' A is drawn at random: the same seed, the same run
     apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
     model.lora_config.base_model_name_or_path = str(Path(args.init_from).resolve())
+    model.lora_config.chat_trained = bool(model.config.chat_trained)
     if is_main:
         trainable, total = parameter_counts(model)
         print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {','.join(model.lora_config.targets)}: "

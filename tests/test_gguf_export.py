@@ -618,3 +618,32 @@ def test_a_truncated_adapter_is_one_line(tiny_sft_dir, tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "generate.py"), "--model", str(tiny_sft_dir), "--adapter",
                           str(adapter), "--prompt", "春"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert res.returncode == 1 and "Traceback" not in res.stderr and "is the file truncated?" in res.stderr
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_base_plus_adapter_is_chat_when_the_adapter_was_trained_on_chat(tiny_sft_dir, tmp_path, chat):
+    """Issue 26, item 10: export read chat_trained from the base, generate.py took every adapter as chat."""
+    import json as _json
+    import shutil
+
+    from minillm.model.lora import apply_lora, save_adapter
+    from minillm.model.model import MiniLLM
+
+    base = tmp_path / "pre"
+    shutil.copytree(tiny_sft_dir, base)
+    config = _json.loads((base / "config.json").read_text())
+    config["minillm"]["chat_trained"] = False
+    (base / "config.json").write_text(_json.dumps(config))
+    model = MiniLLM.from_pretrained(base)
+    apply_lora(model, r=4, alpha=8)
+    model.lora_config.chat_trained = chat
+    save_adapter(model, tmp_path / "adapter")
+    code, _, err = run_export("--model", base, "--adapter", tmp_path / "adapter", "--out", tmp_path / "m.gguf",
+                              "--dtype", "f32")
+    assert code == 0, err
+    assert ("<|im_start|>" in (tmp_path / "m.Modelfile").read_text()) == chat
+    res = subprocess.run([sys.executable, str(REPO / "generate.py"), "--model", str(base), "--adapter",
+                          str(tmp_path / "adapter"), "--prompt", "春", "--max_new_tokens", "2"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert ("never fine-tuned on chat" in res.stderr) == (not chat)

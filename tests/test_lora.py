@@ -219,8 +219,8 @@ def test_training_changes_only_adapters_and_resume_is_exact(tmp_path, tokenizer,
     assert "model.safetensors" not in out
     # The checkpoint holds the adapters (no base weights), the training state, the tokenizer and the manifest.
     assert sorted(p.name for p in latest_checkpoint(tmp_path / "a").iterdir()) == \
-        ["adapter_config.json", "adapter_model.safetensors", "manifest.json", "special_tokens_map.json",
-         "state.pt", "tokenizer.json", "tokenizer_config.json"]
+        ["adapter_config.json", "adapter_model.safetensors", "manifest.json", "minillm_adapter.json",
+         "special_tokens_map.json", "state.pt", "tokenizer.json", "tokenizer_config.json"]
 
     # Stopped after step 2 (mid-epoch), resumed with differently drawn adapters: the same losses and tensors.
     first = train(lora_model(tokenizer, seed=1, dropout=0.1, lora_dropout=0.1), data, train_config(tmp_path / "b"),

@@ -24,6 +24,7 @@ from minillm.model.hf import read_safetensors
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_META_NAME = "minillm_adapter.json"  # what PEFT has no field for (chat training)
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # Short target name -> (minillm module inside a block, Hugging Face module name).
 _TARGETS = {
@@ -50,6 +51,9 @@ class LoRAConfig:
     """Projections that get adapters: q, k, v, o, gate, up, down."""
     base_model_name_or_path: str | None = None
     """The base model directory, recorded in adapter_config.json."""
+    chat_trained: bool | None = None
+    """Whether the adapter was trained on chat (SFT), recorded beside it in minillm_adapter.json (PEFT would warn
+    about a key of ours in adapter_config.json); None: unknown, e.g. an adapter PEFT wrote."""
 
     @property
     def scaling(self) -> float:
@@ -279,6 +283,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_path: str |
     tensors = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
     with atomic_path(directory / ADAPTER_WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_json(directory / ADAPTER_META_NAME, {"chat_trained": cfg.chat_trained})
     # The config last: a directory with a config is one whose tensors are complete.
     write_json(directory / ADAPTER_CONFIG_NAME, adapter_config(cfg))
 
@@ -310,7 +315,15 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
     except ValueError as e:
         raise ValueError(f"{path}: target_modules: {e}") from e
     return LoRAConfig(r=int(d["r"]), alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout", 0.0)),
-                      targets=targets, base_model_name_or_path=d.get("base_model_name_or_path"))
+                      targets=targets, base_model_name_or_path=d.get("base_model_name_or_path"),
+                      chat_trained=_chat_trained(Path(directory) / ADAPTER_META_NAME))
+
+
+def _chat_trained(path: Path) -> bool | None:
+    """What minillm_adapter.json says of chat training; None without the file."""
+    meta = read_json(path) if path.is_file() else {}
+    value = meta.get("chat_trained") if isinstance(meta, dict) else None
+    return value if isinstance(value, bool) else None
 
 
 def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
@@ -339,7 +352,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     cfg = read_adapter_config(directory)
     apply_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
     model.lora_config.base_model_name_or_path = cfg.base_model_name_or_path
+    model.lora_config.chat_trained = cfg.chat_trained
     load_adapter_weights(model, directory)
+    if cfg.chat_trained is not None and hasattr(model, "config"):  # one rule for generate, serve and export
+        model.config.chat_trained = cfg.chat_trained or bool(model.config.chat_trained)
     return model
 
 
