@@ -192,6 +192,34 @@ def test_float16_autocast_with_grad_scaler(tmp_path, tokenizer, small_corpus):
     assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]  # the scaler really ran
 
 
+def test_float16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(tmp_path, tokenizer, small_corpus,
+                                                                              monkeypatch):
+    """Issue 32, item 3: GradScaler's overflow path, forced by a huge initial scale."""
+    class HugeScale(torch.amp.GradScaler):
+        def __init__(self, device, enabled=True):
+            super().__init__(device, init_scale=2.0 ** 40, enabled=enabled)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", HugeScale)
+    dataset = PretrainDataset(small_corpus, tokenizer, max_length=48)
+    model = tiny_model(tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = train(model, dataset, config(tmp_path / "one", dtype="float16", max_steps=40, batch_size=8),
+                  should_stop=lambda step: step == 1)
+    assert first.skipped_steps == 1 and first.losses and math.isfinite(first.losses[0])
+    after = MiniLLM.from_pretrained(tmp_path / "one" / "checkpoints" / "step_00000001").state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the overflowed step changed nothing
+    state = torch.load(latest_checkpoint(tmp_path / "one") / "state.pt", weights_only=True)
+    assert state["scaler"]["scale"] == 2.0 ** 39  # backed off by half
+    result = train(tiny_model(tokenizer), dataset, config(tmp_path / "all", dtype="float16", max_steps=40,
+                                                         batch_size=8))
+    assert len(result.losses) == 40 and not result.interrupted  # not stopped as diverging
+    assert 1 <= result.skipped_steps < 40
+    assert all(math.isfinite(x) for x in result.losses)  # the loss itself never overflowed, only gradients
+    assert sum(result.losses[-3:]) < sum(result.losses[:3])  # training went on once the scale fitted
+    final = torch.load(latest_checkpoint(tmp_path / "all") / "state.pt", weights_only=True)["scaler"]["scale"]
+    assert final == 2.0 ** (40 - result.skipped_steps)  # one halving per skipped step (growth needs 2000 steps)
+
+
 def test_keep_last_checkpoints_and_ignore_partial(tmp_path, tokenizer, small_corpus):
     dataset = PretrainDataset(small_corpus, tokenizer, max_length=32)
     train(tiny_model(tokenizer), dataset, config(tmp_path, max_steps=7, save_every=2, keep_checkpoints=2))
