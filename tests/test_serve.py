@@ -615,3 +615,82 @@ def test_sigterm_ends_open_streams_promptly_with_a_last_event(tiny_sft_dir):
     assert b"data: [DONE]" in rest  # the read stream got its last event
     for s in clients:
         s.close()
+
+
+def test_soak_mixed_clients_no_cross_failure_no_growth_health_answers(tiny_sft_dir):
+    """Issue 26, item 8 and the done-when: rounds of streams (n > 1, stop strings, clients that hang up or never
+    read), batch completions and hostile bodies against serve.py: every well-formed request completes, /health
+    answers within 0.5 s while the hostile bodies arrive, and the server's memory stays flat after warm-up."""
+    import os
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--model", str(tiny_sft_dir), "--port", "0",
+                             "--threads", "1"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    port = int(re.search(r":(\d+)/", proc.stderr.readline()).group(1))
+    url = f"http://127.0.0.1:{port}"
+
+    def rss_mib() -> int:
+        with open(f"/proc/{proc.pid}/status") as f:
+            return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
+
+    def stream(n, stop=None, hang_up=False, results=None):
+        body = {"messages": QUESTION, "max_tokens": 48, "n": n, "stream": True, "temperature": 1,
+                **({"stop": stop} if stop else {})}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = []
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                if hang_up and len(lines) > 3:
+                    return
+        results.append(lines[-1] if lines else "")
+
+    def silent_client():  # sends a stream request and never reads the answer
+        s = socket.create_connection(("127.0.0.1", port))
+        payload = json.dumps({"messages": QUESTION, "max_tokens": 200, "stream": True}).encode()
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
+                  f"application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        return s
+
+    hostile = [{"prompt": ["a"] * 3000, "n": 64}, {"prompt": "x", "temperature": 10 ** 400},
+               {"prompt": "x", "n": 64, "max_tokens": 3}]
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=5)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        sizes, slowest_health = [], 0.0
+        for _ in range(8):
+            results, silent = [], [silent_client() for _ in range(2)]
+            threads = [threading.Thread(target=stream, args=a, kwargs={"results": results})
+                       for a in [(4,), (2, ["。"]), (3, None, True), (1,)] * 2]
+            for t in threads:
+                t.start()
+            for body in hostile:
+                r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+                assert r.status_code in (200, 400), r.text
+                start = time.monotonic()
+                assert httpx.get(url + "/health", timeout=5).status_code == 200
+                slowest_health = max(slowest_health, time.monotonic() - start)
+            for t in threads:
+                t.join(60)
+            assert results.count("data: [DONE]") == 6, results  # every stream read to its end finished
+            for s in silent:
+                s.close()
+            sizes.append(rss_mib())
+        assert slowest_health < 0.5
+        assert max(sizes[2:]) - sizes[1] < 20, sizes  # flat after two warm-up rounds (MiB)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
