@@ -183,8 +183,12 @@ def test_sigkill_at_random_moments_always_resumes_bit_identically(tmp_path, corp
                 time.sleep(0.0005)
         else:
             time.sleep(rng.uniform(0, 0.6))
+        assert proc.poll() is None, f"trial {trial}: the run had already ended; the kill tested nothing"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        kept = [int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*") if not p.name.endswith(".tmp")]
+        assert max(kept, default=0) < 12 and not (out / "model.safetensors").exists(), f"trial {trial}: ended"
         if trial % 2:  # the kill cut a checkpoint write short: its temporary is still there
             assert list((out / "checkpoints").glob("*.tmp")), f"trial {trial}: no write was under way"
         done = script("train_pretrain.py", *args, "--out_dir", out, "--resume", env=env)

@@ -119,3 +119,33 @@ def test_repetition_penalty_is_bounded():
             check_sampling(1.0, 0.9, bad)
     check_sampling(1.0, 0.9, 0.01)
     check_sampling(1.0, 0.9, 100.0)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8),
+                                                       (0.9, 20, 0.6)])
+def test_sampling_draws_from_the_filtered_softmax(monkeypatch, temperature, top_k, top_p):
+    """Issue 32, item 6: what reaches torch.multinomial is softmax(logits / T) restricted to the top k and to the
+    smallest set of mass >= top p, renormalised (an independent transcription)."""
+    from minillm.infer.generation import next_token
+
+    seen = []
+    real = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, n, **kw: seen.append(probs.clone()) or real(probs, n, **kw))
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)) * 3
+    next_token(logits, temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    for row, got in zip(logits.double(), seen[0].double()):
+        p = torch.softmax(row / temperature, -1)
+        order = p.argsort(descending=True).tolist()
+        keep = order[:top_k] if top_k else order
+        if top_p is not None:
+            mass, kept = 0.0, []
+            renorm = sum(p[i].item() for i in keep)
+            for i in keep:
+                kept.append(i)
+                mass += p[i].item() / renorm
+                if mass >= top_p:
+                    break
+            keep = kept
+        want = torch.zeros_like(p)
+        want[keep] = p[keep] / p[keep].sum()
+        assert torch.allclose(got, want, atol=1e-6), (temperature, top_k, top_p)

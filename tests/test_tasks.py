@@ -24,6 +24,7 @@ from minillm.eval.tasks import (
     line_shape,
     parse_poem,
     requests,
+    run_cloze,
     verse_form,
     wilson,
 )
@@ -129,3 +130,25 @@ def test_eval_tasks_cli(tiny_sft_dir, tmp_path, capsys):
     # A pretrained-only model gets the cloze alone; bad input is one line.
     assert script.main(["--model", str(tmp_path / "missing")]) == 1
     assert "eval_tasks.py: error:" in capsys.readouterr().err
+
+
+def test_run_cloze_counts_exactly_what_the_scores_pick(monkeypatch):
+    """Issue 32, item 5: the cloze count was only checked as 0 <= correct <= n."""
+    import minillm.eval.tasks as tasks
+
+    poems = [p for p in (parse_poem(t) for t in read_documents(REPO / "dataset" / "eval.jsonl")) if p]
+    items = cloze_items(poems)[:40]
+    truth = {item.context: item.answer for item in items}
+
+    def forced(pick):
+        def scores(model, tokenizer, context, candidates, dtype):
+            return [1.0 if i == pick(context) else 0.0 for i in range(len(candidates))]
+        return scores
+
+    monkeypatch.setattr(tasks, "candidate_logprobs", forced(lambda context: truth[context]))
+    assert (run_cloze(None, None, items).passed, run_cloze(None, None, items).n) == (40, 40)
+    monkeypatch.setattr(tasks, "candidate_logprobs", forced(lambda context: 0))
+    first = sum(item.answer == 0 for item in items)
+    assert 0 < first < 40 and run_cloze(None, None, items).passed == first
+    monkeypatch.setattr(tasks, "candidate_logprobs", forced(lambda context: (truth[context] + 1) % 4))
+    assert run_cloze(None, None, items).passed == 0

@@ -237,3 +237,18 @@ def test_ctrl_c_with_the_output_piped_to_a_reader_that_has_exited_still_saves(tm
     saved = latest_checkpoint(out)
     assert saved is not None and int(saved.name.split("_")[1]) >= 1
     assert int(saved.name.split("_")[1]) == metric_steps(out)[-1]  # the checkpoint is of the last step logged
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("train_pretrain.py", ["--no_such_flag"]),
+    ("train_pretrain.py", ["--batch_size", "many"]),
+    ("train_sft.py", ["--dtype", "fp8"]),
+    ("eval_ppl.py", ["--model", "x", "--stride", "wide"]),
+    ("generate.py", ["--model", "x", "--temperature", "hot"]),
+    ("export_gguf.py", ["--model", "x", "--dtype", "q4"]),
+])
+def test_bad_flags_exit_with_status_2(script, flags):
+    """Issue 32, item 9: README promises status 2 for bad flags; no test asserted it."""
+    res = subprocess.run([sys.executable, str(REPO / script), *flags], capture_output=True, text=True, timeout=120,
+                         cwd=REPO)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "error:" in res.stderr, res.stderr
