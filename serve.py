@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens per sequence, prompt and answer together; the KV cache holds max_batch of them "
                         "(default: the context the model was trained on, as train_*.py record it; else its "
                         "max_position_embeddings)")
+    p.add_argument("--header_timeout", type=float, default=10.0,
+                   help="seconds a client may take to send a request's line and headers; slower ones are "
+                        "disconnected (default: %(default)s)")
+    p.add_argument("--body_timeout", type=float, default=30.0,
+                   help="seconds a client may take to send a request's body; slower ones get 408 (default: "
+                        "%(default)s)")
     p.add_argument("--max_body_bytes", type=int, default=1 << 20,
                    help="largest request body accepted; larger ones get 413 (default: %(default)s)")
     add_inference_flags(p)
@@ -79,15 +85,20 @@ def check_flags(args: argparse.Namespace) -> None:
     for flag, lo in (("max_batch", 1), ("max_waiting", 1), ("max_body_bytes", 1), ("port", 0)):
         if getattr(args, flag) < lo:
             raise CliError(f"--{flag} must be >= {lo}, got {getattr(args, flag)}")
+    for flag in ("header_timeout", "body_timeout"):
+        if not 0 < getattr(args, flag) < float("inf"):
+            raise CliError(f"--{flag} must be a number of seconds > 0, got {getattr(args, flag)}")
     if args.port > 65535:
         raise CliError(f"--port must be <= 65535, got {args.port}")
     if args.api_key is not None and not args.api_key.strip():
         raise CliError("--api_key is empty")
 
 
-def run_server(app, sock: socket.socket, on_exit=lambda: None) -> None:
+def run_server(app, sock: socket.socket, on_exit=lambda: None, header_timeout: float = 10.0) -> None:
     """Serve `app` on the already bound `sock` until SIGINT/SIGTERM; `on_exit` runs first on the signal."""
     import uvicorn
+
+    from minillm.infer.server import header_deadline_protocol
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
@@ -96,7 +107,8 @@ def run_server(app, sock: socket.socket, on_exit=lambda: None) -> None:
 
     host, port = sock.getsockname()[:2]
     # Connections still open a second after the signal (a client that stopped reading) are closed.
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1,
+                            http=header_deadline_protocol(header_timeout))
     Server(config).run(sockets=[sock])
 
 
@@ -130,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             raise CliError(f"--{e}") from None
         name = args.model_name or Path(args.model).resolve().name
         app = create_app(scheduler, tokenizer, ServerConfig(name, args.api_key, args.max_body_bytes,
-                                                            allowed_hosts(args.host, args.allowed_host)))
+                                                            allowed_hosts(args.host, args.allowed_host),
+                                                            args.body_timeout))
     except BAD_INPUT as e:
         return report(PROG, e)
     try:  # bind before saying "serving": a port in use or an unknown host is one line and status 1
@@ -144,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr, flush=True)
     try:
         with sock:
-            run_server(app, sock, on_exit=scheduler.stop)
+            run_server(app, sock, on_exit=scheduler.stop, header_timeout=args.header_timeout)
     except KeyboardInterrupt:
         pass
     return 0

@@ -694,3 +694,56 @@ def test_soak_mixed_clients_no_cross_failure_no_growth_health_answers(tiny_sft_d
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_a_client_that_trickles_its_headers_is_cut_off(tiny_sft_dir):
+    """Issue 26, item 6: slowloris (headers sent a byte at a time) held connections open."""
+    import os
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--model", str(tiny_sft_dir), "--port", "0",
+                             "--header_timeout", "1"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        port = int(re.search(r":(\d+)/", proc.stderr.readline()).group(1))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        start = time.monotonic()
+        closed = False
+        for byte in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40:
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.1)
+            slow.setblocking(False)
+            try:
+                if slow.recv(1) == b"":
+                    closed = True
+                    break
+            except BlockingIOError:
+                pass
+            finally:
+                slow.setblocking(True)
+        assert closed and time.monotonic() - start < 3  # cut off after the 1 s deadline, not after 6 s of bytes
+        # A prompt client on a keep-alive connection is unaffected, request after request.
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for _ in range(3):
+                assert client.get("/health").status_code == 200
+                time.sleep(0.6)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -80,6 +80,36 @@ def allowed_hosts(host: str, extra: list[str]) -> frozenset[str] | None:
     return frozenset(names | own | ({"localhost", "127.0.0.1", "[::1]"} if loopback else set()))
 
 
+def header_deadline_protocol(seconds: float) -> type:
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's line and headers, so a client that
+    trickles them (slowloris) is cut off instead of holding a connection forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            self._waiting_for, self._deadline = self.cycle, self.loop.call_later(seconds, self._expire)
+
+        def _expire(self) -> None:
+            if self.cycle is self._waiting_for and not self.transport.is_closing():  # no new request yet
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not self._waiting_for:  # a request line and its headers arrived in time
+                self._deadline.cancel()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request on this keep-alive connection has its own deadline
+
+    return Protocol
+
+
 class HostCheck:
     """ASGI middleware: requests whose Host names none of `allowed` get an OpenAI-style 400."""
 
