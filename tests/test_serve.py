@@ -1,6 +1,13 @@
 """serve.py: the OpenAI-compatible server, checked with the official openai client against a live server."""
 
+import contextlib
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -8,7 +15,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import LiveServer, load_script
+from conftest import REPO, LiveServer, load_script
 
 from minillm.infer.generation import generate
 from minillm.infer.serving import GenerationRequest, Sampling, Scheduler, TextStream
@@ -49,6 +56,30 @@ def reference(live, ids, max_tokens):
 
 def chat_ids(live, messages):
     return live.tokenizer.render_conversation(messages, add_generation_prompt=True)[0]
+
+
+@contextlib.contextmanager
+def serve_process(model_dir, *flags, env=None):
+    """serve.py as its own process on a free loopback port, answering /health: (process, port); SIGTERM after."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--model", str(model_dir), "--port", "0",
+                             *map(str, flags)], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    try:
+        port = int(re.search(r"on http://127\.0\.0\.1:(\d+)/", proc.stderr.readline()).group(1))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.ConnectError:
+                pass
+            assert time.monotonic() < deadline, "serve.py did not start"
+            time.sleep(0.1)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 def post(live, path, body, **headers):
@@ -503,33 +534,12 @@ def test_a_request_that_can_never_fit_is_a_400_not_busy(tiny_sft_dir):
 
 def test_serve_py_as_a_process_checks_host_content_type_and_takes_the_key_from_the_environment(tiny_sft_dir):
     """Issue 26, item 6 (and issue 32, item 8: serve.py itself serving over HTTP)."""
-    import os
-    import re
-    import signal
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    env = {**os.environ, "MINILLM_API_KEY": "s3cret", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--model", str(tiny_sft_dir), "--port", "0",
-                             "--model_name", "poet", "--max_waiting", "2", "--max_body_bytes", "4000",
-                             "--allowed_host", "poet.lan"],
-                            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stderr.readline()
-        port = int(re.search(r"on http://127\.0\.0\.1:(\d+)/", line).group(1))
+    with serve_process(tiny_sft_dir, "--model_name", "poet", "--max_waiting", "2", "--max_body_bytes", "4000",
+                       "--allowed_host", "poet.lan", env={"MINILLM_API_KEY": "s3cret"}) as (proc, port):
         url = f"http://127.0.0.1:{port}"
         key = {"Authorization": "Bearer s3cret"}
         body = {"messages": QUESTION, "max_tokens": 2}
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                health = httpx.get(url + "/health", timeout=5)
-                break
-            except httpx.ConnectError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        health = httpx.get(url + "/health", timeout=5)
         assert health.status_code == 200
         assert "s3cret" not in " ".join(proc.args)  # the key came from the environment, not argv
         assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 401
@@ -550,9 +560,6 @@ def test_serve_py_as_a_process_checks_host_content_type_and_takes_the_key_from_t
         assert big.status_code == 413
         many = httpx.post(url + "/v1/chat/completions", json={**body, "n": 3}, headers=key, timeout=60)
         assert many.status_code == 400 and "at most 2 per request" in many.json()["error"]["message"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def test_a_client_that_sends_its_body_too_slowly_gets_408(tiny_sft_dir):
@@ -573,103 +580,62 @@ def test_a_client_that_sends_its_body_too_slowly_gets_408(tiny_sft_dir):
 
 def test_sigterm_ends_open_streams_promptly_with_a_last_event(tiny_sft_dir):
     """Issue 26, item 7: with streams whose clients do not read, SIGTERM waited until they had finished."""
-    import os
-    import re
-    import signal
-    import socket
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--model", str(tiny_sft_dir), "--port", "0",
-                             "--max_batch", "2", "--threads", "1"], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    port = int(re.search(r":(\d+)/", proc.stderr.readline()).group(1))
-    # 3 x 40 sequences of 200 tokens, two at a time: far longer to generate than the shutdown may take.
-    body = json.dumps({"messages": QUESTION, "max_tokens": 200, "n": 40, "stream": True, "temperature": 1}).encode()
-    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    clients = []
-    deadline = time.monotonic() + 30
-    while len(clients) < 3:
-        try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=30)
-        except ConnectionRefusedError:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-            continue
-        s.sendall(request)
-        clients.append(s)
-    first = clients[0].recv(65536).decode()  # the stream has started; the others are not read at all
-    assert first.startswith("HTTP/1.1 200")
-    time.sleep(0.5)
-    start = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
-    assert time.monotonic() - start < 4
-    rest = b""
-    clients[0].settimeout(5)
-    while chunk := clients[0].recv(65536):
-        rest += chunk
-    assert b"data: [DONE]" in rest  # the read stream got its last event
-    for s in clients:
-        s.close()
+    with serve_process(tiny_sft_dir, "--max_batch", "2", "--threads", "1") as (proc, port):
+        # 3 x 40 sequences of 200 tokens, two at a time: far longer to generate than the shutdown may take.
+        body = json.dumps({"messages": QUESTION, "max_tokens": 200, "n": 40, "stream": True, "temperature": 1}).encode()
+        request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
+        for c in clients:
+            c.sendall(request)
+        first = clients[0].recv(65536).decode()  # the stream has started; the others are not read at all
+        assert first.startswith("HTTP/1.1 200")
+        time.sleep(0.5)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+        assert time.monotonic() - start < 4
+        rest = b""
+        clients[0].settimeout(5)
+        while chunk := clients[0].recv(65536):
+            rest += chunk
+        assert b"data: [DONE]" in rest  # the read stream got its last event
+        for c in clients:
+            c.close()
 
 
 def test_soak_mixed_clients_no_cross_failure_no_growth_health_answers(tiny_sft_dir):
     """Issue 26, item 8 and the done-when: rounds of streams (n > 1, stop strings, clients that hang up or never
     read), batch completions and hostile bodies against serve.py: every well-formed request completes, /health
     answers within 0.5 s while the hostile bodies arrive, and the server's memory stays flat after warm-up."""
-    import os
-    import re
-    import signal
-    import socket
-    import subprocess
-    import sys
+    with serve_process(tiny_sft_dir, "--threads", "1") as (proc, port):
+        url = f"http://127.0.0.1:{port}"
 
-    from conftest import REPO
+        def rss_mib() -> int:
+            with open(f"/proc/{proc.pid}/status") as f:
+                return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
 
-    proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--model", str(tiny_sft_dir), "--port", "0",
-                             "--threads", "1"], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    port = int(re.search(r":(\d+)/", proc.stderr.readline()).group(1))
-    url = f"http://127.0.0.1:{port}"
+        def stream(n, stop=None, hang_up=False, results=None):
+            body = {"messages": QUESTION, "max_tokens": 48, "n": n, "stream": True, "temperature": 1,
+                    **({"stop": stop} if stop else {})}
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+                lines = []
+                for line in r.iter_lines():
+                    if line:
+                        lines.append(line)
+                    if hang_up and len(lines) > 3:
+                        return
+            results.append(lines[-1] if lines else "")
 
-    def rss_mib() -> int:
-        with open(f"/proc/{proc.pid}/status") as f:
-            return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
+        def silent_client():  # sends a stream request and never reads the answer
+            s = socket.create_connection(("127.0.0.1", port))
+            payload = json.dumps({"messages": QUESTION, "max_tokens": 200, "stream": True}).encode()
+            s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
+                      f"application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            return s
 
-    def stream(n, stop=None, hang_up=False, results=None):
-        body = {"messages": QUESTION, "max_tokens": 48, "n": n, "stream": True, "temperature": 1,
-                **({"stop": stop} if stop else {})}
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
-            lines = []
-            for line in r.iter_lines():
-                if line:
-                    lines.append(line)
-                if hang_up and len(lines) > 3:
-                    return
-        results.append(lines[-1] if lines else "")
-
-    def silent_client():  # sends a stream request and never reads the answer
-        s = socket.create_connection(("127.0.0.1", port))
-        payload = json.dumps({"messages": QUESTION, "max_tokens": 200, "stream": True}).encode()
-        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
-                  f"application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
-        return s
-
-    hostile = [{"prompt": ["a"] * 3000, "n": 64}, {"prompt": "x", "temperature": 10 ** 400},
-               {"prompt": "x", "n": 64, "max_tokens": 3}]
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(url + "/health", timeout=5)
-                break
-            except httpx.ConnectError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        hostile = [{"prompt": ["a"] * 3000, "n": 64}, {"prompt": "x", "temperature": 10 ** 400},
+                   {"prompt": "x", "n": 64, "max_tokens": 3}]
         sizes, slowest_health = [], 0.0
         for _ in range(8):
             results, silent = [], [silent_client() for _ in range(2)]
@@ -691,35 +657,12 @@ def test_soak_mixed_clients_no_cross_failure_no_growth_health_answers(tiny_sft_d
             sizes.append(rss_mib())
         assert slowest_health < 0.5
         assert max(sizes[2:]) - sizes[1] < 20, sizes  # flat after two warm-up rounds (MiB)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def test_a_client_that_trickles_its_headers_is_cut_off(tiny_sft_dir):
     """Issue 26, item 6: slowloris (headers sent a byte at a time) held connections open."""
-    import os
-    import re
-    import signal
-    import socket
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--model", str(tiny_sft_dir), "--port", "0",
-                             "--header_timeout", "1"], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        port = int(re.search(r":(\d+)/", proc.stderr.readline()).group(1))
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                slow = socket.create_connection(("127.0.0.1", port), timeout=10)
-                break
-            except ConnectionRefusedError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+    with serve_process(tiny_sft_dir, "--header_timeout", "1") as (_, port):
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
         start = time.monotonic()
         closed = False
         for byte in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40:
@@ -744,6 +687,3 @@ def test_a_client_that_trickles_its_headers_is_cut_off(tiny_sft_dir):
             for _ in range(3):
                 assert client.get("/health").status_code == 200
                 time.sleep(0.6)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
