@@ -339,3 +339,35 @@ def test_cli_bad_input_is_one_clear_message(tmp_path):
                      "--eval_data", "", "--out_dir", str(tmp_path / "o"), *TINY_FLAGS)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert f"{bad}:2" in res.stderr
+
+
+@pytest.mark.parametrize("kw", [dict(group_by_length=True), dict(dtype="float16"), dict(num_workers=2)],
+                         ids=["sft_group_by_length", "float16_scaler", "two_workers"])
+def test_sft_resume_is_exact_in_each_configuration(tmp_path, tokenizer, kw):
+    """Issue 32, item 7: exact resume beyond the one pretraining configuration."""
+    data = tmp_path / "sft.jsonl"
+    with open(REPO / "dataset" / "sft.jsonl", encoding="utf-8") as f:
+        data.write_text("".join(next(f) for _ in range(48)), encoding="utf-8")
+    dataset = SFTDataset(data, tokenizer, max_length=96)
+    run = dict(max_steps=0, epochs=2, batch_size=4, accumulation_steps=2, **kw)
+    straight = train(tiny_model(tokenizer, dropout=0.1), dataset, config(tmp_path / "a", **run))
+    assert len(straight.losses) == 12
+    cut = train(tiny_model(tokenizer, dropout=0.1), dataset, config(tmp_path / "b", **run),
+                should_stop=lambda step: step == 7)  # past the first epoch's 6 steps
+    resumed = train(tiny_model(tokenizer, dropout=0.1, seed=99), dataset, config(tmp_path / "b", resume=True, **run))
+    assert cut.losses + resumed.losses == straight.losses
+    a = MiniLLM.from_pretrained(tmp_path / "a").state_dict()
+    b = MiniLLM.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    if kw.get("group_by_length"):  # batches are grouped by length: another split of the same global batch
+        with pytest.raises(ValueError, match="resume with the same values"):  # would change the order
+            train(tiny_model(tokenizer), dataset, config(tmp_path / "b", **{**run, "batch_size": 8,
+                                                                              "accumulation_steps": 1}, resume=True))
+
+
+def test_float16_under_fsdp_is_refused_in_one_line(tmp_path, corpus, capsys):
+    from conftest import tiny_pretrain
+
+    code, _, err = tiny_pretrain(tmp_path / "run", corpus, "--fsdp", "--dtype", "float16", "--max_steps", "1",
+                                 capsys=capsys)
+    assert code == 1 and "--fsdp computes in bfloat16 or float32" in err and "Traceback" not in err
