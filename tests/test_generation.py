@@ -29,6 +29,10 @@ def test_stops_at_eos_and_pads_finished_rows(tiny_model):
         assert len(row1_eos) > 0
     after = stopped[0, 8:]
     assert torch.all(after == eos)
+    # Row 1 is its own greedy continuation up to its own first eos, then padding with eos.
+    end1 = 5 + int(row1_eos[0]) + 1 if len(row1_eos) else free.shape[1]
+    assert torch.equal(stopped[1, :min(end1, stopped.shape[1])], free[1, :min(end1, stopped.shape[1])])
+    assert torch.all(stopped[1, end1:] == eos)
 
 
 def test_streaming_yields_the_same_tokens(tiny_model):

@@ -322,6 +322,16 @@ def test_sft_from_pretrained_dir_learns_only_assistant_tokens(tmp_path, tokenize
     assert res.returncode == 0, res.stderr
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(r["loss"] == r["loss"] for r in metrics if "loss" in r)
+    # The loss counts the assistant's tokens only: an independent masked cross-entropy, not the full mean.
+    model = MiniLLM.from_pretrained(pre)
+    X, Y, M = (torch.stack(t) for t in zip(*(dataset[i] for i in range(4))))
+    with torch.no_grad():
+        out_ = model(X, labels=Y, loss_mask=M)
+        keep = M.bool()
+        masked = torch.nn.functional.cross_entropy(out_.logits[keep].float(), Y[keep])
+        everything = torch.nn.functional.cross_entropy(out_.logits.flatten(0, 1).float(), Y.flatten())
+    assert out_.loss.item() == pytest.approx(masked.item(), rel=1e-6)
+    assert 0 < keep.sum() < keep.numel() and abs(everything.item() - masked.item()) > 1e-3
     ours = MiniLLM.from_pretrained(out)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids = torch.tensor([tokenizer.encode(tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True), allow_special=True)])
