@@ -97,18 +97,21 @@ def main(argv: list[str] | None = None) -> int:
         tunes = known_tunes([r for _, r in iter_records(args.sft_data)]) if "requests" in tasks else set()
         corpus = training_key(args.train_data, args.sft_data) if "requests" in tasks else ""
         check_output_file(args.json, "--json")  # before minutes of evaluation that a failed write would lose
-        if not poems or ("cloze" in tasks and not cloze_items(poems)):
+        if not poems:
+            raise CliError(f"--data {args.data} holds no poems (rendered as in dataset/eval.jsonl): nothing to "
+                           "evaluate")
+        items = cloze_items(poems) if "cloze" in tasks else []
+        if "cloze" in tasks and not items:
             raise CliError(f"--data {args.data}: {len(poems)} poems, none with the two or more lines a cloze item "
-                           "needs: nothing to evaluate" if poems else f"--data {args.data} holds no poems "
-                           "(rendered as in dataset/eval.jsonl): nothing to evaluate")
+                           "needs: nothing to evaluate")
     except BAD_INPUT as e:
         return report("eval_tasks.py", e)
+    dtype_name = str(dtype).removeprefix("torch.")
     print(f"{args.model}: {'chat' if chat else 'pretrained'} model, {model.num_parameters() / 1e6:.2f}M parameters "
-          f"on {device}, weights in {str(dtype).removeprefix('torch.')}; {len(poems)} held-out poems from {args.data}")
-    results: dict[str, object] = {"model": args.model, "dtype": str(dtype).removeprefix("torch.")}
+          f"on {device}, weights in {dtype_name}; {len(poems)} held-out poems from {args.data}")
+    results: dict[str, object] = {"model": args.model, "dtype": dtype_name}
     start = time.perf_counter()
     if "cloze" in tasks:
-        items = cloze_items(poems)
         with tqdm(total=len(items), desc="cloze", unit="poem", file=sys.stderr) as bar:
             rate = run_cloze(model, tokenizer, items, torch.float32, progress=lambda: bar.update(1))
         print(rate)

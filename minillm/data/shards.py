@@ -80,7 +80,7 @@ class Shard:
     end: int
     size: int
     mtime_ns: int
-    crc32: int = 0
+    crc32: int
     """CRC-32 of the bytes the range covers: a shard is identified by its content, not by size and mtime."""
 
 
