@@ -34,7 +34,9 @@ __all__ = [
     "example_lengths",
     "scan_examples",
     "group_by_length",
+    "make_example",
     "messages_from_record",
+    "parse_messages",
     "trim_padding",
 ]
 
@@ -43,7 +45,7 @@ __all__ = [
 # (X, Y, loss_mask) from token ids and a per-token learn mask.
 
 
-def _make_example(
+def make_example(
     ids: Sequence[int], learn: Sequence[int] | None, max_length: int, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Truncate/pad ``ids`` to max_length and shift; ``learn[j]`` says whether token j is a target.
@@ -117,7 +119,7 @@ class PretrainDataset(JsonlExamples):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids = self.tokenizer.encode(self.text(i))
         ids.append(self.tokenizer.eos_id)  # the closing end-of-text is a real, learned token
-        return _make_example(ids, None, self.max_length, self.tokenizer.pad_id)
+        return make_example(ids, None, self.max_length, self.tokenizer.pad_id)
 
     parse = text
 
@@ -131,26 +133,27 @@ _CONV_EXPECTED = (
 )
 
 
+def parse_messages(turns: object, where: str | Where, key: str) -> list[dict[str, str]]:
+    """Field `key` of a record as a non-empty list of {"role", "content"} messages, or a DataError naming it."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f'{where}: field "{key}" must be a non-empty list of messages; expected {_CONV_EXPECTED}')
+    messages = []
+    for k, turn in enumerate(turns):
+        at = where.sub(f": {key}[{k}]") if isinstance(where, Where) else f"{where}: {key}[{k}]"
+        if not isinstance(turn, dict):
+            raise DataError(f'{at}: expected an object {{"role": ..., "content": ...}}, got {type(turn).__name__}')
+        role = get_str(turn, "role", at, 'a "role" string')
+        if role not in _ROLES:
+            raise DataError(f"{at}: unknown role {role!r}; expected one of {', '.join(_ROLES)}")
+        messages.append({"role": role, "content": get_str(turn, "content", at, 'a "content" string')})
+    return messages
+
+
 def messages_from_record(obj: dict, where: str | Where, system_prompt: str | None) -> list[dict[str, str]]:
     """Normalise any accepted SFT line format to a list of {"role", "content"} messages."""
     if "conversations" in obj or "messages" in obj:
         key = "conversations" if "conversations" in obj else "messages"
-        turns = obj[key]
-        if not isinstance(turns, list) or not turns:
-            raise DataError(
-                f'{where}: field "{key}" must be a non-empty list of messages; expected {_CONV_EXPECTED}'
-            )
-        messages = []
-        for k, turn in enumerate(turns):
-            at = where.sub(f": {key}[{k}]") if isinstance(where, Where) else f"{where}: {key}[{k}]"
-            if not isinstance(turn, dict):
-                raise DataError(
-                    f'{at}: expected an object {{"role": ..., "content": ...}}, got {type(turn).__name__}'
-                )
-            role = get_str(turn, "role", at, 'a "role" string')
-            if role not in _ROLES:
-                raise DataError(f"{at}: unknown role {role!r}; expected one of {', '.join(_ROLES)}")
-            messages.append({"role": role, "content": get_str(turn, "content", at, 'a "content" string')})
+        messages = parse_messages(obj[key], where, key)
     elif "instruct" in obj or "instruction" in obj:
         prompt_key, answer_key = ("instruct", "label") if "instruct" in obj else ("instruction", "output")
         expected = f'{{"{prompt_key}": "...", "input": "...", "{answer_key}": "..."}}'
@@ -196,7 +199,7 @@ class SFTDataset(JsonlExamples):
         ids, learn = self.tokenizer.render_conversation(self.messages(i))
         # Truncating ids and mask together keeps them aligned; a reply cut off entirely leaves an
         # all-zero mask, so the example adds no loss instead of a wrong one.
-        return _make_example(ids, learn, self.max_length, self.tokenizer.pad_id)
+        return make_example(ids, learn, self.max_length, self.tokenizer.pad_id)
 
     parse = messages
 
@@ -217,9 +220,10 @@ def scan_examples(dataset: Dataset) -> tuple[list[int], list[int]]:
     the number of learned labels."""
     lengths, learned = [], []
     for i in range(len(dataset)):
-        positions = dataset[i][2].nonzero()
+        mask = dataset[i][2]  # [T], or [rows, T] for examples of several sequences (a preference pair)
+        positions = mask.reshape(-1, mask.shape[-1]).any(dim=0).nonzero()
         lengths.append(int(positions[-1]) + 1 if len(positions) else 1)
-        learned.append(len(positions))
+        learned.append(int(mask.count_nonzero()))
     return lengths, learned
 
 
@@ -261,12 +265,16 @@ def group_by_length(order: Sequence[int], lengths: Sequence[int], batch_size: in
     return out
 
 
-def trim_padding(x_BT: torch.Tensor, y_BT: torch.Tensor, mask_BT: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Drop trailing columns that no row learns from; exact, as causal attention never looks ahead."""
-    learned = mask_BT.any(dim=0).nonzero()
+def trim_padding(x_BT: torch.Tensor, y_BT: torch.Tensor, mask_BT: torch.Tensor, *rest: torch.Tensor
+                 ) -> tuple[torch.Tensor, ...]:
+    """Drop trailing columns that no row learns from; exact, as causal attention never looks ahead.
+
+    X, Y and the mask may carry more leading dimensions ([B, 2, T] for preference pairs); `rest` (per-example
+    values such as reference log-probs) passes through unchanged.
+    """
+    learned = mask_BT.reshape(-1, mask_BT.shape[-1]).any(dim=0).nonzero()
     n = int(learned[-1]) + 1 if len(learned) else 1
-    return x_BT[:, :n], y_BT[:, :n], mask_BT[:, :n]
+    return (x_BT[..., :n], y_BT[..., :n], mask_BT[..., :n], *rest)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,7 @@ class LoRALinear(nn.Module):
         adapted = set(adapted)
         self.adapted = [name for name, _ in slices if name in adapted]
         self.r, self.scaling = r, alpha / r
+        self.enabled = True  # False: the layer is its base layer (a DPO reference without a second copy)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         rows = dict(slices)
@@ -120,6 +122,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """base(x) + scaling * [B_s A_s dropout(x) for each slice s] concatenated along the output."""
         out = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return out
         # Two small matmuls whatever the number of slices: all the A's stacked (they share the input), then
         # the B's as one block-diagonal matrix (zero rows for slices without an adapter), accumulated into
         # the base output by addmm. The scaling goes on B, a tiny tensor, not on the activations.
@@ -169,6 +173,19 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def has_lora(model: nn.Module) -> bool:
     """True when the model carries LoRA adapters."""
     return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every LoRALinear computes its base layer alone: the model is the frozen base."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,

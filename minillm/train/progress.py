@@ -105,16 +105,23 @@ class Progress:
         if self.enabled:
             tqdm.write(message)
 
-    def step(self, step: int, tokens: int, loss: float, lr: float, **fields: float) -> None:
-        """Count one optimizer step of `tokens` input positions; a metrics row every log_every steps."""
+    def step(self, step: int, tokens: int, loss: float, lr: float, metrics: dict[str, float] | None = None,
+             **fields: float) -> None:
+        """Count one optimizer step of `tokens` input positions; a metrics row every log_every steps.
+
+        `metrics` (the objective's, e.g. DPO's rewards/margins) show in the bar and in every row.
+        """
+        metrics = metrics or {}
         self._window_tokens += tokens
         now = time.perf_counter()
         tok_s = self._window_tokens / max(now - self._t_window, 1e-9)
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        shown = {name.replace("rewards/", ""): f"{value:.3f}" for name, value in metrics.items() if "logps" not in name}
+        self.bar.set_postfix(loss=f"{loss:.4f}", **shown, lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if step % self.log_every == 0:
             self.tokens += self._window_tokens
-            self.log({"step": step, "loss": loss, "lr": lr, **fields, "tokens": self.tokens, "tokens_per_s": tok_s})
+            self.log({"step": step, "loss": loss, **metrics, "lr": lr, **fields, "tokens": self.tokens,
+                      "tokens_per_s": tok_s})
             self._window_tokens, self._t_window = 0, now
 
     def held_out(self, step: int, loss: float | None, seconds: float | None = None) -> None:

@@ -41,6 +41,7 @@ from minillm.model.model import MiniLLM
 from minillm.train.checkpoint import CHECKPOINT_DIR, Checkpointer, list_checkpoints, save_model
 from minillm.train.config import TrainConfig, TrainResult
 from minillm.train.distributed import DistEnv, all_reduce_sum, barrier
+from minillm.train.objective import LanguageModeling, Objective
 from minillm.train.optim import build_optimizer, set_peak_lr
 from minillm.train.progress import METRICS_NAME, Progress, plot_metrics, trim_metrics
 from minillm.train.schedule import RunSchedule
@@ -135,42 +136,49 @@ class StepOutcome(NamedTuple):
     """A stop was requested on some process."""
     clock: float
     """Training seconds at the end of the step, averaged over the processes (one clock for the schedule)."""
+    metrics: dict[str, float]
+    """The objective's metrics, averaged over the units of the global batch."""
 
 
 def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, micro: list[tuple[torch.Tensor, ...]], amp_dtype: torch.dtype,
                env: DistEnv, grad_clip: float, stop_requested: bool, loss_chunk: int = 0,
-               clock_base: float | None = None) -> StepOutcome:
-    """One optimizer step over the micro-batches.
+               clock_base: float | None = None, objective: Objective | None = None) -> StepOutcome:
+    """One optimizer step over the micro-batches (of the language-modelling loss unless `objective` says).
 
-    The training clock reads clock_base + time.perf_counter() (None: the clock is not kept). The stop flag
-    and the clock ride along with the loss in one all-reduce, so stopping and the time budget cost no
-    extra sync.
+    The training clock reads clock_base + time.perf_counter() (None: the clock is not kept). The stop flag,
+    the clock and the metrics ride along with the loss in one all-reduce, so they cost no extra sync.
     """
-    world = env.world_size
-    n_global = all_reduce_sum(sum(m_BT.sum() for _, _, m_BT in micro).double())
+    objective = objective or LanguageModeling()
+    world, names = env.world_size, objective.metric_names
+    n_global = all_reduce_sum(sum(objective.units(batch) for batch in micro).double())
     loss_sum = torch.zeros((), device=env.device)
-    for i, (x_BT, y_BT, m_BT) in enumerate(micro):
+    metric_sums = torch.zeros(len(names), device=env.device)
+    for i, batch in enumerate(micro):
         last = i == len(micro) - 1
         with gradient_sync(model, env, last):
             with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-                out = model(x_BT, labels=y_BT, loss_mask=m_BT, loss_chunk=loss_chunk)
-            # out.loss is this micro-batch's token mean; weight it by its share of the global batch's tokens
-            # (x world: DDP and FSDP average gradients over processes).
-            loss = out.loss * (m_BT.sum() * world / n_global.clamp(min=1)).float()
+                out = objective(model, batch, loss_chunk)
+            # out.loss is this micro-batch's mean over its units (tokens, pairs); weight it by its share of the
+            # global batch's units (x world: DDP and FSDP average gradients over processes).
+            loss = out.loss * (objective.units(batch) * world / n_global.clamp(min=1)).float()
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
+        if names:
+            metric_sums += torch.stack([out.metrics[name].float() for name in names])
     clock = 0.0 if clock_base is None else clock_base + time.perf_counter()
     extra = torch.tensor([float(stop_requested), clock / world], device=env.device)
-    loss_value, stop_any, seconds = all_reduce_sum(torch.cat([(loss_sum.float() / world)[None], extra])).tolist()
+    reduced = all_reduce_sum(torch.cat([(loss_sum.float() / world)[None], extra, metric_sums]))
+    loss_value, stop_any, seconds = reduced[:3].tolist()
+    metrics = dict(zip(names, (reduced[3:].double() / n_global.clamp(min=1)).tolist()))
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")).item()
     if (math.isfinite(loss_value) and math.isfinite(grad_norm)) or scaler.is_enabled():
         scaler.step(optimizer)  # with a scaler, a step with inf/nan gradients is skipped inside
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(loss_value, grad_norm, sum(x_BT.numel() for x_BT, _, _ in micro) * world, stop_any > 0,
-                       seconds)
+    return StepOutcome(loss_value, grad_norm, sum(batch[0].numel() for batch in micro) * world, stop_any > 0,
+                       seconds, metrics)
 
 
 @contextmanager
@@ -227,18 +235,21 @@ def _seed_everything(seed: int) -> None:
 
 
 def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: list[list[int]] | None = None,
-          tokenizer=None, env: DistEnv | None = None,
-          should_stop: Callable[[int], bool] | None = None) -> TrainResult:
-    """Train `model` on `dataset` ((X, Y, loss_mask) examples) and save it to cfg.out_dir.
+          tokenizer=None, env: DistEnv | None = None, should_stop: Callable[[int], bool] | None = None,
+          objective: Objective | None = None) -> TrainResult:
+    """Train `model` on `dataset` and save it to cfg.out_dir; minimise `objective` (default: language modelling
+    on (X, Y, loss_mask) examples).
 
     `eval_documents` are token lists scored for the held-out loss. `should_stop(step)` may end the run
     after a step as a signal would: a checkpoint is saved and the result says interrupted.
     """
+    objective = objective or LanguageModeling()
     env = env or DistEnv(device=resolve_device(cfg.device))
     check_vocab(dataset, model.config.vocab_size)
     _seed_everything(cfg.seed)
     model.to(env.device)
     amp_dtype = resolve_dtype(cfg.dtype, env.device)
+    objective.prepare(model, dataset, env.device, amp_dtype)  # before FSDP: a reference may need the whole model
     if cfg.fsdp:
         check_fsdp(model, amp_dtype, cfg.optimizer)
         if env.distributed:  # one process has nothing to shard; its checkpoints are still DCP's
@@ -274,7 +285,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
             # all-reduce (a part of one update behind), for the schedule and the end of the run.
             t_start = time.perf_counter()
             out = train_step(wrapped, params, optimizer, scaler, batches.get(step), amp_dtype, env, cfg.grad_clip,
-                             stop.requested, cfg.loss_chunk, clock_base=running - t_start)
+                             stop.requested, cfg.loss_chunk, clock_base=running - t_start, objective=objective)
             running += time.perf_counter() - t_start
             step, clock = step + 1, out.clock
             result.losses.append(out.loss)
@@ -289,7 +300,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
                                    "checkpoint holds finite weights.")
             progress.step(step, out.tokens, out.loss, cfg.learning_rate * factor,
                           epoch=(step - 1) // batches.steps_per_epoch, grad_norm=out.grad_norm,
-                          skipped_steps=result.skipped_steps, seconds=clock)
+                          skipped_steps=result.skipped_steps, seconds=clock, metrics=out.metrics)
             result.interrupted = out.stop or (should_stop is not None and should_stop(step))
             last = schedule.done(step, clock)
             if cfg.eval_every and step % cfg.eval_every == 0 and not last and not result.interrupted:

@@ -1,5 +1,5 @@
-"""Command-line wiring shared by the scripts: train_pretrain.py / train_sft.py (flags, model, tokenizer, data,
-train()) and eval_ppl.py / generate.py (the flags and loading of a trained model)."""
+"""The training scripts' wiring: train_pretrain.py, train_sft.py and train_dpo.py (flags, model, tokenizer, data,
+objective, train())."""
 
 from __future__ import annotations
 
@@ -13,32 +13,29 @@ from pathlib import Path
 
 import torch
 
-from minillm.data.datasets import DataError, PretrainDataset, SFTDataset, check_vocab
+from minillm.cli.loading import EXIT_ERROR, EXIT_INTERRUPTED, CliError
+from minillm.data.datasets import DataError, PretrainDataset, SFTDataset
 from minillm.data.packed import PackedDataset, packed_cache
+from minillm.data.preference import PreferenceDataset
 from minillm.data.shards import build_shards, shard_index_path
 from minillm.data.tokenizer import Tokenizer, load_tokenizer
-from minillm.device import DTYPES, dtype_reason
+from minillm.device import dtype_reason
 from minillm.eval.perplexity import read_documents
 from minillm.files import check_writable
 from minillm.model.config import LMConfig
-from minillm.model.lora import DEFAULT_TARGETS, apply_lora, load_adapter, merge_lora, parameter_counts
+from minillm.model.lora import DEFAULT_TARGETS, apply_lora, merge_lora, parameter_counts
 from minillm.model.model import MiniLLM
 from minillm.streams import guard_output
 from minillm.train.checkpoint import CHECKPOINT_DIR
 from minillm.train.config import TrainConfig, TrainResult
 from minillm.train.distributed import barrier, setup_distributed, teardown_distributed
+from minillm.train.dpo import DPO
+from minillm.train.objective import LanguageModeling, Objective
 from minillm.train.trainer import train
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 # Flags that shape a new model; with --init_from the loaded model's values hold and a different value is an error.
 NEW_MODEL_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "dropout")
-EXIT_ERROR = 1
-EXIT_INTERRUPTED = 3  # interrupted by a signal with a checkpoint saved: `a && b` does not go on
-
-
-class CliError(Exception):
-    """Bad input, reported as one line on stderr."""
-
 
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass, read from its source (one text for readers and --help)."""
@@ -67,16 +64,21 @@ def _add_dataclass_flags(group, cls: type, names, defaults: dict) -> None:
 
 
 def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
-    """The flags of train_pretrain.py (kind='pretrain') or train_sft.py (kind='sft'), with the stage's defaults `d`."""
-    what = "Pretrain a language model" if kind == "pretrain" else "Fine-tune a pretrained model on chat data"
+    """The flags of train_pretrain.py, train_sft.py or train_dpo.py (kind 'pretrain', 'sft', 'dpo'), with the
+    stage's defaults `d`."""
+    what = {"pretrain": "Pretrain a language model", "sft": "Fine-tune a pretrained model on chat data",
+            "dpo": "Align a chat model to preference pairs with DPO"}[kind]
+    records = {"pretrain": '; records {"text": ...}. Also a directory or a glob of .jsonl, .jsonl.gz and .txt files (one '
+                           "document per line), tokenized into a sharded cache",
+               "sft": '; chat {"conversations": [...]} or {"instruction", "input", "output"} records',
+               "dpo": '; pairs {"prompt": [messages], "chosen": [reply], "rejected": [reply]} (TRL), {"chosen": '
+                      '[messages], "rejected": [messages]} sharing the prompt turns (minimind), or plain-text '
+                      '{"prompt", "chosen", "rejected"} strings'}[kind]
     p = argparse.ArgumentParser(
         description=f"{what} with minillm. Runs as one process, or on several GPUs/nodes under torchrun.")
     data = p.add_argument_group("data")
     data.add_argument("--data_path", default=d["data_path"],
-                      help="Training data, JSON lines (default: %(default)s)" +
-                      ("; records {\"text\": ...}. Also a directory or a glob of .jsonl, .jsonl.gz and .txt "
-                       "files (one document per line), tokenized into a sharded cache" if kind == "pretrain" else
-                       "; chat {\"conversations\": [...]} or {\"instruction\", \"input\", \"output\"} records"))
+                      help="Training data, JSON lines (default: %(default)s)" + records)
     data.add_argument("--eval_data", default="dataset/eval.jsonl",
                       help="Held-out documents for the eval loss; '' disables (default: %(default)s)")
     data.add_argument("--max_length", type=int, default=d["max_length"],
@@ -95,7 +97,7 @@ def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--init_from", default=d.get("init_from"),
                        help="Start from this model directory (minillm or Hugging Face Llama/Qwen2 safetensors) "
-                            + ("(default: %(default)s)" if kind == "sft" else "instead of random weights"))
+                            + ("instead of random weights" if kind == "pretrain" else "(default: %(default)s)"))
     docs, new_config = field_docs(LMConfig), LMConfig()
     # The stage's shape for a new model (d may name one); the flags themselves default to None so that with
     # --init_from only a flag the user typed is checked against the loaded model.
@@ -120,6 +122,17 @@ def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
     lora.add_argument("--merge", action="store_true",
                       help="With --lora: also fold the adapters into the base weights at the end and save that "
                            "plain model (loadable without peft) in out_dir/merged")
+    if kind == "dpo":
+        dpo = p.add_argument_group("DPO (sigmoid loss on summed response log-probs against a frozen reference)")
+        dpo.add_argument("--beta", type=float, default=0.1,
+                         help="How far the policy may move from the reference: the implicit reward is beta x the "
+                              "log-prob ratio (default: %(default)s)")
+        dpo.add_argument("--ref_model", default=None, metavar="DIR",
+                         help="Reference model directory (default: the --init_from model; with --lora the base model "
+                              "with the adapters off, no second copy)")
+        dpo.add_argument("--precompute_ref_logps", action="store_true",
+                         help="Compute the reference's log-probs once before training (the same numbers, one "
+                              "forward pass per pair instead of one per step; the reference then leaves memory)")
     loop = p.add_argument_group("training loop (exit status: 0 done, 1 error, 2 bad flags, "
                                 f"{EXIT_INTERRUPTED} interrupted with a checkpoint saved)")
     _add_dataclass_flags(loop, TrainConfig, {f.name for f in fields(TrainConfig)}, d)
@@ -218,6 +231,12 @@ def _build_dataset(kind: str, args, tokenizer: Tokenizer, is_main: bool):
         dataset = SFTDataset(data_path, tokenizer, max_length=args.max_length)
         dataset.validate()  # a bad line fails now, not hours into an epoch
         return dataset
+    if kind == "dpo":
+        dataset = PreferenceDataset(data_path, tokenizer, max_length=args.max_length)  # parses every line now
+        if dataset.dropped and is_main:
+            print(f"note: dropped {dataset.dropped:,} of {dataset.dropped + len(dataset):,} pairs whose prompt leaves "
+                  f"no room for a response within --max_length {args.max_length}")
+        return dataset
     if args.packed:
         if is_main:  # rank 0 builds (or reuses) the cache while the others wait, then all read it
             packed_cache(data_path, tokenizer)
@@ -235,6 +254,8 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
     tokenizer = _load_tokenizer(args)
     if args.merge and not args.lora:
         raise CliError("--merge only applies with --lora")
+    if kind == "dpo" and not args.init_from:
+        raise CliError("DPO starts from a trained chat model: pass --init_from DIR (train_sft.py's out_dir)")
     model = _build_model(args, tokenizer)
     _check_tokenizer_fits(args, tokenizer, model)
     # What eval_ppl.py and generate.py read back: the context trained on, and whether chat was learnt.
@@ -256,10 +277,30 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
         print(f"compute dtype {dtype_reason(cfg.dtype, env.device)}, held-out loss in {cfg.eval_dtype}; "
               f"optimizer {cfg.optimizer}"
               + (f"; {cfg.max_minutes:g} minutes of training" if cfg.max_minutes else ""))
-    result = train(model, dataset, cfg, eval_documents=eval_docs, tokenizer=tokenizer, env=env)
+    objective = _objective(kind, args, cfg, model, tokenizer, env.is_main)
+    result = train(model, dataset, cfg, eval_documents=eval_docs, tokenizer=tokenizer, env=env, objective=objective)
     if args.merge and env.is_main and not result.interrupted:
         merge_lora(model).save_pretrained(Path(cfg.out_dir) / "merged", tokenizer=tokenizer)
     return result
+
+
+def _objective(kind: str, args, cfg: TrainConfig, model: MiniLLM, tokenizer: Tokenizer, is_main: bool) -> Objective:
+    """Language modelling for pretraining and SFT; DPO against its reference for train_dpo.py."""
+    if kind != "dpo":
+        return LanguageModeling()
+    if cfg.loss_chunk:
+        raise CliError("--loss_chunk applies to the language-modelling loss; DPO needs the whole logits")
+    if args.lora and not args.ref_model:
+        return DPO(args.beta, precompute=args.precompute_ref_logps, batch_size=cfg.batch_size, verbose=is_main)
+    ref_dir = Path(args.ref_model or args.init_from)
+    if not (ref_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--ref_model {ref_dir}: no model there (no config.json)")
+    reference = MiniLLM.from_pretrained(ref_dir, dtype=torch.float32)
+    if reference.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"--ref_model {ref_dir} has vocab_size {reference.config.vocab_size}, fewer than the "
+                         f"tokenizer's {tokenizer.vocab_size} tokens; use a reference trained with this tokenizer")
+    return DPO(args.beta, reference, precompute=args.precompute_ref_logps, batch_size=cfg.batch_size,
+               verbose=is_main)
 
 
 def summary(args, cfg: TrainConfig, result: TrainResult) -> str:
@@ -299,82 +340,3 @@ def main(kind: str, defaults: dict, argv: list[str] | None = None) -> int:
     if env.is_main:
         print(summary(args, cfg, result), file=sys.stderr if result.interrupted else sys.stdout)
     return EXIT_INTERRUPTED if result.interrupted else 0
-
-
-# --- eval_ppl.py, generate.py, serve.py: a trained model, an optional LoRA adapter, its tokenizer ----------------
-
-def add_model_flags(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    """--model (required unless given a default), --adapter and --tokenizer, for scripts that use a trained model."""
-    p.add_argument("--model", required=default is None, default=default,
-                   help="model directory (config.json + model.safetensors) as written by train_pretrain.py / "
-                        "train_sft.py, or any Hugging Face Llama/Qwen2 checkpoint MiniLLM.from_pretrained loads"
-                        + ("" if default is None else f" (default: {default})"))
-    p.add_argument("--adapter", default=None, metavar="DIR",
-                   help="a LoRA adapter directory (adapter_config.json + adapter_model.safetensors, PEFT layout, "
-                        "as train_*.py --lora writes) applied on top of --model")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer directory (tokenizer.json); default: the tokenizer saved beside the weights "
-                        "in --model (or beside --adapter); 'default' uses the tokenizer shipped in minillm/assets")
-
-
-def add_inference_flags(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
-    """--device and --dtype, as generate.py and serve.py take them (weights and KV cache in one dtype)."""
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda or cuda:N (default: auto = cuda if available, else cpu)")
-    p.add_argument("--dtype", default=dtype, choices=["auto", *DTYPES],
-                   help=f"dtype of the weights and the KV cache (default: {dtype}; auto = bfloat16 on GPUs that "
-                        "support it, else float16; float32 on every CPU, so the text does not depend on the CPU)")
-
-
-# The specific failures of bad input in the scripts that use a trained model; anything else is a bug and
-# keeps its traceback.
-BAD_INPUT = (CliError, OSError, ValueError, KeyError)
-
-
-def report(prog: str, e: Exception) -> int:
-    """Print a bad-input error as one line on stderr; the exit status for it."""
-    message = e.args[0] if isinstance(e, KeyError) and e.args else e
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return EXIT_ERROR
-
-
-def check_output_file(path: str | None, flag: str) -> None:
-    """Refuse, before any work, an output file that is a folder or whose folder cannot be written."""
-    if path is None:
-        return
-    if Path(path).is_dir():
-        raise CliError(f"{flag} {path} is a folder; give a file name such as {Path(path) / 'result.json'}")
-    check_writable(Path(path).parent, f"{flag}'s folder")
-
-
-def default_context(config: LMConfig) -> tuple[int, str]:
-    """The context a model was trained on (train_*.py record it in config.json), else its
-    max_position_embeddings; and where that number came from. Longer windows would measure extrapolation."""
-    limit, trained = config.max_position_embeddings, config.trained_context
-    if trained:
-        return min(trained, limit), "the model's training context"
-    return limit, "max_position_embeddings; no training context recorded"
-
-
-def load_trained(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None = None
-                 ) -> tuple[MiniLLM, Tokenizer, Path | None]:
-    """(model with any --adapter merged in, tokenizer, tokenizer directory or None for the shipped one)."""
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    if args.tokenizer is None:
-        # train_*.py --lora saves the tokenizer beside the adapter, not beside the base model's weights.
-        beside = [d for d in (model_dir, args.adapter and Path(args.adapter))
-                  if d and (d / "tokenizer.json").is_file()]
-        if not beside:
-            raise ValueError(f"{model_dir} has no tokenizer.json beside the weights; pass --tokenizer DIR "
-                             "(or --tokenizer default for the tokenizer shipped with minillm)")
-        tokenizer_dir = beside[0]
-    else:
-        tokenizer_dir = None if args.tokenizer == "default" else Path(args.tokenizer)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model = MiniLLM.from_pretrained(model_dir, dtype=dtype, device=device)
-    if args.adapter:
-        model = merge_lora(load_adapter(model, args.adapter))  # folded in: the same function, no per-token cost
-    check_vocab(tokenizer, model.config.vocab_size)
-    return model.eval(), tokenizer, tokenizer_dir

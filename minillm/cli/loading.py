@@ -1,0 +1,102 @@
+"""Flags and loading for the scripts that use a trained model (eval_ppl.py, eval_tasks.py, generate.py, serve.py,
+export_gguf.py), and the error conventions every script shares."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from minillm.data.datasets import check_vocab
+from minillm.data.tokenizer import Tokenizer, load_tokenizer
+from minillm.device import DTYPES
+from minillm.files import check_writable
+from minillm.model.config import LMConfig
+from minillm.model.lora import load_adapter, merge_lora
+from minillm.model.model import MiniLLM
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 3  # interrupted by a signal with a checkpoint saved: `a && b` does not go on
+
+
+class CliError(Exception):
+    """Bad input, reported as one line on stderr."""
+
+
+def add_model_flags(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--model (required unless given a default), --adapter and --tokenizer, for scripts that use a trained model."""
+    p.add_argument("--model", required=default is None, default=default,
+                   help="model directory (config.json + model.safetensors) as written by train_pretrain.py / "
+                        "train_sft.py, or any Hugging Face Llama/Qwen2 checkpoint MiniLLM.from_pretrained loads"
+                        + ("" if default is None else f" (default: {default})"))
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter directory (adapter_config.json + adapter_model.safetensors, PEFT layout, "
+                        "as train_*.py --lora writes) applied on top of --model")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (tokenizer.json); default: the tokenizer saved beside the weights "
+                        "in --model (or beside --adapter); 'default' uses the tokenizer shipped in minillm/assets")
+
+
+def add_inference_flags(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
+    """--device and --dtype, as generate.py and serve.py take them (weights and KV cache in one dtype)."""
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N (default: auto = cuda if available, else cpu)")
+    p.add_argument("--dtype", default=dtype, choices=["auto", *DTYPES],
+                   help=f"dtype of the weights and the KV cache (default: {dtype}; auto = bfloat16 on GPUs that "
+                        "support it, else float16; float32 on every CPU, so the text does not depend on the CPU)")
+
+
+# The specific failures of bad input in the scripts that use a trained model; anything else is a bug and
+# keeps its traceback.
+BAD_INPUT = (CliError, OSError, ValueError, KeyError)
+
+
+def report(prog: str, e: Exception) -> int:
+    """Print a bad-input error as one line on stderr; the exit status for it."""
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Refuse, before any work, an output file that is a folder or whose folder cannot be written."""
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise CliError(f"{flag} {path} is a folder; give a file name such as {Path(path) / 'result.json'}")
+    check_writable(Path(path).parent, f"{flag}'s folder")
+
+
+def default_context(config: LMConfig) -> tuple[int, str]:
+    """The context a model was trained on (train_*.py record it in config.json), else its
+    max_position_embeddings; and where that number came from. Longer windows would measure extrapolation."""
+    limit, trained = config.max_position_embeddings, config.trained_context
+    if trained:
+        return min(trained, limit), "the model's training context"
+    return limit, "max_position_embeddings; no training context recorded"
+
+
+def load_trained(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None = None
+                 ) -> tuple[MiniLLM, Tokenizer, Path | None]:
+    """(model with any --adapter merged in, tokenizer, tokenizer directory or None for the shipped one)."""
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    if args.tokenizer is None:
+        # train_*.py --lora saves the tokenizer beside the adapter, not beside the base model's weights.
+        beside = [d for d in (model_dir, args.adapter and Path(args.adapter))
+                  if d and (d / "tokenizer.json").is_file()]
+        if not beside:
+            raise ValueError(f"{model_dir} has no tokenizer.json beside the weights; pass --tokenizer DIR "
+                             "(or --tokenizer default for the tokenizer shipped with minillm)")
+        tokenizer_dir = beside[0]
+    else:
+        tokenizer_dir = None if args.tokenizer == "default" else Path(args.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = MiniLLM.from_pretrained(model_dir, dtype=dtype, device=device)
+    if args.adapter:
+        model = merge_lora(load_adapter(model, args.adapter))  # folded in: the same function, no per-token cost
+    check_vocab(tokenizer, model.config.vocab_size)
+    return model.eval(), tokenizer, tokenizer_dir

@@ -1,0 +1,61 @@
+"""What a training stage minimises: the one loop (trainer.py) takes an Objective, so a new stage is a new
+objective and dataset, not a second loop.
+
+An objective turns one micro-batch into the mean of a per-unit loss (per token for language modelling, per
+pair for DPO) and says how many units it averaged over; the loop weights each micro-batch by its share of
+the units of the whole global batch (all micro-batches, all processes), so the step's loss is the mean over
+every unit whatever the accumulation or process count. Metrics come back as sums over the units and are
+averaged the same way.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+
+from minillm.model.model import MiniLLM
+
+
+class ObjectiveOutput(NamedTuple):
+    """One micro-batch's loss (a mean over its units) and its metrics (sums over its units, detached)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+class Objective(Protocol):
+    """The loss of a stage; the loop calls prepare once, then units and __call__ per micro-batch."""
+
+    metric_names: tuple[str, ...]
+    """The metrics __call__ returns (sums over units), in the order they are logged."""
+
+    def prepare(self, model: MiniLLM, dataset: torch.utils.data.Dataset, device: torch.device,
+                amp_dtype: torch.dtype) -> None:
+        """Ready what the objective needs besides the model (a reference model on the device, cached values)."""
+
+    def units(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """How many units the micro-batch's loss is a mean over (a tensor, summed over processes)."""
+
+    def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...], loss_chunk: int) -> ObjectiveOutput:
+        """The micro-batch's mean loss and metric sums; runs under the loop's autocast."""
+
+
+class LanguageModeling:
+    """Next-token cross-entropy over the learned tokens: pretraining and SFT."""
+
+    metric_names: tuple[str, ...] = ()
+
+    def prepare(self, model: MiniLLM, dataset: torch.utils.data.Dataset, device: torch.device,
+                amp_dtype: torch.dtype) -> None:
+        """Nothing to prepare."""
+
+    def units(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The learned tokens (loss_mask ones)."""
+        return batch[2].sum()
+
+    def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...], loss_chunk: int = 0
+                 ) -> ObjectiveOutput:
+        """The token-mean cross-entropy of the micro-batch."""
+        x_BT, y_BT, m_BT = batch
+        return ObjectiveOutput(model(x_BT, labels=y_BT, loss_mask=m_BT, loss_chunk=loss_chunk).loss, {})
