@@ -16,7 +16,7 @@ setup(
         "gguf": ["gguf>=0.17"],
         # llama-cpp-python builds llama.cpp from source (a C++ compiler and cmake; minutes): the reference
         # the GGUF export is tested against.
-        "dev": ["pytest", "transformers>=4.45", "peft", "ruff", "matplotlib",
+        "dev": ["pytest", "transformers>=4.45", "peft", "trl>=1.0", "ruff", "matplotlib",
                 "starlette>=0.40", "uvicorn>=0.30", "openai>=1.40", "httpx", "selenium>=4.20",
                 "gguf>=0.17", "llama-cpp-python==0.3.36"],
         "plot": ["matplotlib"],
