@@ -18,7 +18,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from minillm.eval.tasks import IMAGERY  # the image words of "words" prompts, which eval_tasks.py asks for too
+# The image words of "words" prompts, which eval_tasks.py asks for too, and its checks of a reply (DPO pairs).
+from minillm.eval.tasks import IMAGERY, check_form, check_tune, check_words
 
 PACKAGE = "chinese-poetry"
 VERSION = "2.0.1"
@@ -351,6 +352,82 @@ def build_sft(train: list[Poem], seed: int) -> tuple[list[dict], dict]:
     return [ex for _, ex in examples], counts
 
 
+# Preference pairs for DPO: the request kinds the SFT model follows least (README Results), each pair a minimal
+# contrast where the poems allow one. Prompts come from training poems not already an SFT example.
+DPO_QUOTA = {"tune_fill": 400, "words": 600, "form": 400}
+
+
+def _rejected_tune(answer: str, tune: str, tunes: list[str], rng: random.Random) -> str:
+    """The same poem under another tune's name: what a model that ignores the requested tune writes."""
+    other = rng.choice([t for t in tunes if t != tune])
+    title, rest = answer.split("\n", 1)
+    return other + title[len(tune):] + "\n" + rest
+
+
+def _rejected_words(answer: str, w1: str, w2: str, rng: random.Random) -> str | None:
+    """The same poem with both requested words swapped for other image words: the words missing, nothing else."""
+    title, body = answer.split("\n", 1)
+    spare = [w for w in IMAGERY if len(w) == len(w1) == len(w2) and w not in body and w not in (w1, w2)]
+    a, b = rng.sample(spare, 2)
+    swapped = body.replace(w1, a).replace(w2, b)
+    return None if w1 in swapped or w2 in swapped else f"{title}\n{swapped}"
+
+
+def request_check(name: str, fields: dict):
+    """eval_tasks.py's check of a reply to a DPO pattern's prompt filled with `fields`."""
+    if name == "tune_fill":
+        return check_tune(fields["tune"])
+    if name == "form":
+        return check_form(fields["form"])
+    return check_words(fields["w1"], fields["w2"])
+
+
+def build_dpo(train: list[Poem], sft: list[dict], seed: int) -> tuple[list[dict], dict]:
+    """Sample DPO_QUOTA pairs per pattern from training poems, deterministically: chosen is the poem that does
+    what the prompt asks (as in SFT); rejected fails the check the same prompt is evaluated by."""
+    templates = dict(PROMPT_TEMPLATES)
+    in_sft = {(r["conversations"][0]["content"], r["conversations"][1]["content"]) for r in sft}
+    pools: dict[str, list[tuple[dict, str]]] = {name: [] for name in DPO_QUOTA}
+    by_form: dict[str, list[str]] = {}
+    tunes: set[str] = set()
+    for poem in train:
+        if len(poem.body) > MAX_SFT_ANSWER:
+            continue
+        for name, fields, answer in sft_candidates(poem):
+            if name == "form":
+                by_form.setdefault(fields["form"], []).append(answer)
+            if name == "tune_fill":
+                tunes.add(fields["tune"])
+            if name in pools and (templates[name].format(**fields), answer) not in in_sft:
+                pools[name].append((fields, answer))
+    tune_list = sorted(tunes)
+    rng = random.Random(seed + 1)
+    pairs: list[dict] = []
+    counts = {}
+    for name, quota in DPO_QUOTA.items():
+        made = 0
+        for fields, answer in rng.sample(pools[name], len(pools[name])):
+            if made == quota:
+                break
+            if name == "tune_fill":
+                rejected = _rejected_tune(answer, fields["tune"], tune_list, rng)
+            elif name == "words":
+                rejected = _rejected_words(answer, fields["w1"], fields["w2"], rng)
+            else:  # the other line length, same number of lines: 五言绝句 <-> 七言绝句
+                other = ("七" if fields["form"][0] == "五" else "五") + fields["form"][1:]
+                rejected = rng.choice(by_form[other]) if by_form.get(other) else None
+            check = request_check(name, fields)
+            if rejected is None or not check(answer) or check(rejected):  # e.g. a title "菩萨蛮 其九"
+                continue
+            pairs.append({"prompt": [{"role": "user", "content": templates[name].format(**fields)}],
+                          "chosen": [{"role": "assistant", "content": answer}],
+                          "rejected": [{"role": "assistant", "content": rejected}]})
+            made += 1
+        counts[name] = made
+    rng.shuffle(pairs)
+    return pairs, counts
+
+
 def write_jsonl(path: Path, records: list[dict]) -> dict:
     """Write one JSON object per line; return its stats."""
     with path.open("w", encoding="utf-8", newline="\n") as fh:
@@ -358,6 +435,8 @@ def write_jsonl(path: Path, records: list[dict]) -> dict:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
     if "text" in records[0]:
         chars = sum(len(r["text"]) for r in records)
+    elif "chosen" in records[0]:
+        chars = sum(len(m["content"]) for r in records for k in ("prompt", "chosen", "rejected") for m in r[k])
     else:
         chars = sum(len(m["content"]) for r in records for m in r["conversations"])
     return {"records": len(records), "characters": chars, "bytes": path.stat().st_size}
@@ -387,6 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(args.seed)
     rng.shuffle(train)  # mix collections so any prefix of the file is representative
     sft, pattern_counts = build_sft(train, args.seed)
+    dpo, dpo_counts = build_dpo(train, sft, args.seed)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stats = {
@@ -398,8 +478,10 @@ def main(argv: list[str] | None = None) -> None:
             "pretrain.jsonl": write_jsonl(args.out / "pretrain.jsonl", [{"text": p.render()} for p in train]),
             "eval.jsonl": write_jsonl(args.out / "eval.jsonl", [{"text": p.render()} for p in held_out]),
             "sft.jsonl": write_jsonl(args.out / "sft.jsonl", sft),
+            "dpo.jsonl": write_jsonl(args.out / "dpo.jsonl", dpo),
         },
         "sft_patterns": pattern_counts,
+        "dpo_patterns": dpo_counts,
         # Poems per collection: kept (both splits) and available after cleaning and dedup.
         "collections": {c: sum(p.collection == c for p in poems) for c in KIND},
         "collections_available": {c: sum(p.collection == c for p in cleaned) for c in KIND},

@@ -67,6 +67,11 @@ def test_counts_match_stats_and_readme(stats, pretrain, evals, sft):
         if name == "sft.jsonl":
             assert len(sft) == info["records"]
             assert sum(len(m["content"]) for conv in sft for m in conv) == info["characters"]
+        elif name == "dpo.jsonl":
+            pairs = _read_jsonl(name)
+            assert len(pairs) == info["records"]
+            assert sum(len(m["content"]) for r in pairs for k in ("prompt", "chosen", "rejected")
+                       for m in r[k]) == info["characters"]
         else:
             assert len(texts[name]) == info["records"]
             assert sum(map(len, texts[name])) == info["characters"]
@@ -76,7 +81,7 @@ def test_counts_match_stats_and_readme(stats, pretrain, evals, sft):
 
 
 def test_sizes_and_volume(stats, pretrain):
-    shipped = ["pretrain.jsonl", "eval.jsonl", "sft.jsonl", "stats.json", "README.md", "build.py"]
+    shipped = ["pretrain.jsonl", "eval.jsonl", "sft.jsonl", "dpo.jsonl", "stats.json", "README.md", "build.py"]
     total = sum((DATASET / name).stat().st_size for name in shipped)
     assert total < 40 * 2**20
     assert sum(map(len, pretrain)) >= 2_000_000
@@ -142,3 +147,30 @@ def test_sft_shape_patterns_and_sources(stats, sft, pretrain, evals):
         assert key not in eval_keys
     assert dict(used) == {k: v for k, v in stats["sft_patterns"].items() if v}
     assert len(used) >= 10 and min(used.values()) >= 100
+
+
+def test_dpo_pairs_pass_and_fail_the_checks_eval_tasks_uses(stats, sft, pretrain, evals):
+    """Every chosen reply passes the request's check (eval/tasks.py), every rejected one fails it; all replies
+    are training poems (rejected: the same poem retitled or with the words swapped, or another training poem);
+    no prompt + reply is an SFT example."""
+    regexes = {name: _template_regex(t) for name, t in build.PROMPT_TEMPLATES if name in build.DPO_QUOTA}
+    train_keys = {build.text_key(_body(t)) for t in pretrain}
+    eval_keys = {build.text_key(_body(t)) for t in evals}
+    in_sft = {(c[0]["content"], c[1]["content"]) for c in sft}
+    used = Counter()
+    for pair in _read_jsonl("dpo.jsonl"):
+        prompt, chosen, rejected = (pair[k][0]["content"] for k in ("prompt", "chosen", "rejected"))
+        assert [len(pair[k]) for k in ("prompt", "chosen", "rejected")] == [1, 1, 1]
+        [(name, m)] = [(name, m) for name, rx in regexes.items() if (m := rx.fullmatch(prompt))]
+        used[name] += 1
+        check = build.request_check(name, m.groupdict())
+        assert check(chosen) and not check(rejected), pair
+        assert (prompt, chosen) not in in_sft
+        key = build.text_key(chosen.split("\n", 1)[1])
+        assert key in train_keys and key not in eval_keys
+        if name == "form":
+            assert build.text_key(rejected.split("\n", 1)[1]) in train_keys
+        else:  # a minimal contrast: the same poem, only the title or the two words differ
+            assert len(rejected) == len(chosen) or name == "tune_fill"
+            assert rejected.split("\n", 1)[name == "tune_fill"] == chosen.split("\n", 1)[name == "tune_fill"]
+    assert dict(used) == stats["dpo_patterns"] == build.DPO_QUOTA
