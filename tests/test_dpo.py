@@ -277,6 +277,20 @@ def test_first_step_sees_policy_equal_to_reference(tmp_path, tiny_sft_dir, pairs
     assert second["loss"] != LN2_F32 and second["rewards/margins"] != 0.0  # the first update moved the policy
 
 
+def test_beta_and_ref_model_reach_the_objective(tmp_path, tiny_sft_dir, pairs, hf_pair, capsys):
+    runs = {"b01": [], "b05": ["--beta", "0.5"], "ref": ["--ref_model", hf_pair[1]]}
+    for name, extra in runs.items():
+        code, _, err = dpo_cli(tmp_path, name, tiny_sft_dir, pairs, "--max_steps", "2", *extra, capsys=capsys)
+        assert code == 0, err
+    b01, b05, ref = (rows(tmp_path / name) for name in runs)
+    # Adam's first update does not depend on the gradient's scale: the same policy at step 2, rewards x 5.
+    assert b05[1]["rewards/chosen"] == pytest.approx(5 * b01[1]["rewards/chosen"], rel=1e-3)
+    assert b05[1]["rewards/chosen"] != pytest.approx(b01[1]["rewards/chosen"], rel=0.5)
+    # Another reference: the policy's log-probs at step 1 are the same, its rewards are not zero.
+    assert ref[0]["logps/chosen"] == b01[0]["logps/chosen"] and ref[0]["loss"] != LN2_F32
+    assert abs(ref[0]["rewards/chosen"]) > 0.1
+
+
 def test_dpo_learns_the_preference(tmp_path, tiny_sft_dir, tokenizer, pairs, capsys):
     """After 6 epochs the policy prefers the chosen replies over the whole set (at the start: ln 2, margins 0)."""
     code, out, err = dpo_cli(tmp_path, "o", tiny_sft_dir, pairs, "--epochs", "6", "--batch_size", "8",
