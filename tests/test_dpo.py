@@ -246,7 +246,7 @@ def test_loss_gradient_and_metrics_equal_trl(tmp_path, tokenizer, hf_pair):
     # minillm's own mask differs from TRL's by exactly log p("\n" | ... <|im_end|>) per sequence.
     ours = step(mask)
     newline = []
-    for model in (policy, dpo.reference):
+    for model in (policy, dpo.reference.model):
         with torch.no_grad():
             logp = torch.log_softmax(model(x.flatten(0, 1)).logits.double(), -1)
         extra = trl_mask.flatten(0, 1) - mask.flatten(0, 1)

@@ -14,17 +14,15 @@ or once before training (precompute), which gives the same numbers.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from minillm.data.datasets import trim_padding
-from minillm.model.lora import adapters_disabled, has_lora
 from minillm.model.model import MiniLLM
 from minillm.train.objective import ObjectiveOutput
+from minillm.train.reference import Reference
 
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                "logps/rejected")
@@ -54,19 +52,13 @@ class DPO:
                  batch_size: int = 16, verbose: bool = False) -> None:
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
-        self.beta, self.reference, self.precompute = beta, reference, precompute
+        self.beta, self.reference, self.precompute = beta, Reference(reference), precompute
         self.batch_size, self.verbose = batch_size, verbose
-        self.policy: MiniLLM | None = None
 
     def prepare(self, model: MiniLLM, dataset: torch.utils.data.Dataset, device: torch.device,
                 amp_dtype: torch.dtype) -> None:
         """Freeze the reference on the device; with precompute, store its log-probs in the dataset."""
-        self.policy = model
-        if self.reference is None and not has_lora(model):
-            raise ValueError("DPO needs a reference model: pass one, or train LoRA adapters (the reference is then "
-                             "the base model with the adapters off)")
-        if self.reference is not None:
-            self.reference.to(device).eval().requires_grad_(False)
+        self.reference.attach(model, device)
         if self.precompute:
             dataset.reference_logps = None  # the dataset yields (X, Y, mask) while they are computed
             loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
@@ -79,15 +71,8 @@ class DPO:
 
     def reference_logps(self, x_B2T: torch.Tensor, y_B2T: torch.Tensor, m_B2T: torch.Tensor) -> torch.Tensor:
         """The reference's summed response log-probs, [B, 2] (chosen, rejected); no gradient, no dropout."""
-        model = self.reference if self.reference is not None else self.policy
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), adapters_disabled(model) if self.reference is None else nullcontext():
-                logits = model(x_B2T.flatten(0, 1)).logits
-                return sequence_logps(logits, y_B2T.flatten(0, 1), m_B2T.flatten(0, 1)).view(-1, 2)
-        finally:
-            model.train(was_training)
+        logits = self.reference.logits(x_B2T.flatten(0, 1))
+        return sequence_logps(logits, y_B2T.flatten(0, 1), m_B2T.flatten(0, 1)).view(-1, 2)
 
     def units(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The pairs in the micro-batch."""
