@@ -28,13 +28,13 @@ from minillm.eval.perplexity import read_documents
 from minillm.eval.tasks import (
     Rate,
     answer_all,
-    cjk,
     cloze_items,
     copies_training_text,
     known_tunes,
     parse_poem,
     requests,
     run_cloze,
+    training_key,
 )
 from minillm.files import write_json
 
@@ -71,14 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.limit < 1 or args.max_new_tokens < 1:
         p.error("--limit and --max_new_tokens must be >= 1")
     return args
-
-
-def training_key(train_path: str, sft_path: str) -> str:
-    """The Chinese characters of every training poem and SFT answer, "|" between texts (for copy checks)."""
-    texts = read_documents(train_path)
-    for _, record in iter_records(sft_path):
-        texts += [m.get("content", "") for m in record.get("conversations") or [] if m.get("role") == "assistant"]
-    return "|".join(cjk(t) for t in texts)
 
 
 def main(argv: list[str] | None = None) -> int:

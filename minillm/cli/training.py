@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 
 from minillm.cli.loading import EXIT_ERROR, EXIT_INTERRUPTED, CliError
+from minillm.cli.stages import add_stage_flags, build_objective
 from minillm.data.datasets import DataError, PretrainDataset, SFTDataset
 from minillm.data.packed import PackedDataset, packed_cache
 from minillm.data.preference import PreferenceDataset
+from minillm.data.prompts import PromptDataset
 from minillm.data.shards import build_shards, shard_index_path
 from minillm.data.tokenizer import Tokenizer, load_tokenizer
 from minillm.device import dtype_reason
@@ -29,8 +31,6 @@ from minillm.streams import guard_output
 from minillm.train.checkpoint import CHECKPOINT_DIR
 from minillm.train.config import TrainConfig, TrainResult
 from minillm.train.distributed import barrier, setup_distributed, teardown_distributed
-from minillm.train.dpo import DPO
-from minillm.train.objective import LanguageModeling, Objective
 from minillm.train.trainer import train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -67,13 +67,15 @@ def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
     """The flags of train_pretrain.py, train_sft.py or train_dpo.py (kind 'pretrain', 'sft', 'dpo'), with the
     stage's defaults `d`."""
     what = {"pretrain": "Pretrain a language model", "sft": "Fine-tune a pretrained model on chat data",
-            "dpo": "Align a chat model to preference pairs with DPO"}[kind]
+            "dpo": "Align a chat model to preference pairs with DPO",
+            "grpo": "Reinforce a chat model's verifiable behaviour with GRPO"}[kind]
     records = {"pretrain": '; records {"text": ...}. Also a directory or a glob of .jsonl, .jsonl.gz and .txt files (one '
                            "document per line), tokenized into a sharded cache",
                "sft": '; chat {"conversations": [...]} or {"instruction", "input", "output"} records',
                "dpo": '; pairs {"prompt": [messages], "chosen": [reply], "rejected": [reply]} (TRL), {"chosen": '
                       '[messages], "rejected": [messages]} sharing the prompt turns (minimind), or plain-text '
-                      '{"prompt", "chosen", "rejected"} strings'}[kind]
+                      '{"prompt", "chosen", "rejected"} strings',
+               "grpo": '; prompts {"prompt": [messages]} or {"prompt": "..."}, or any DPO pair line (its prompt)'}[kind]
     p = argparse.ArgumentParser(
         description=f"{what} with minillm. Runs as one process, or on several GPUs/nodes under torchrun.")
     data = p.add_argument_group("data")
@@ -122,17 +124,7 @@ def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
     lora.add_argument("--merge", action="store_true",
                       help="With --lora: also fold the adapters into the base weights at the end and save that "
                            "plain model (loadable without peft) in out_dir/merged")
-    if kind == "dpo":
-        dpo = p.add_argument_group("DPO (sigmoid loss on summed response log-probs against a frozen reference)")
-        dpo.add_argument("--beta", type=float, default=0.1,
-                         help="How far the policy may move from the reference: the implicit reward is beta x the "
-                              "log-prob ratio (default: %(default)s)")
-        dpo.add_argument("--ref_model", default=None, metavar="DIR",
-                         help="Reference model directory (default: the --init_from model; with --lora the base model "
-                              "with the adapters off, no second copy)")
-        dpo.add_argument("--precompute_ref_logps", action="store_true",
-                         help="Compute the reference's log-probs once before training (the same numbers, one "
-                              "forward pass per pair instead of one per step; the reference then leaves memory)")
+    add_stage_flags(p, kind)
     loop = p.add_argument_group("training loop (exit status: 0 done, 1 error, 2 bad flags, "
                                 f"{EXIT_INTERRUPTED} interrupted with a checkpoint saved)")
     _add_dataclass_flags(loop, TrainConfig, {f.name for f in fields(TrainConfig)}, d)
@@ -231,11 +223,14 @@ def _build_dataset(kind: str, args, tokenizer: Tokenizer, is_main: bool):
         dataset = SFTDataset(data_path, tokenizer, max_length=args.max_length)
         dataset.validate()  # a bad line fails now, not hours into an epoch
         return dataset
-    if kind == "dpo":
-        dataset = PreferenceDataset(data_path, tokenizer, max_length=args.max_length)  # parses every line now
+    if kind in ("dpo", "grpo"):  # every line is parsed now
+        if kind == "dpo":
+            dataset, what = PreferenceDataset(data_path, tokenizer, max_length=args.max_length), "pairs"
+        else:
+            dataset, what = PromptDataset(data_path, tokenizer, max_length=args.max_length), "prompts"
         if dataset.dropped and is_main:
-            print(f"note: dropped {dataset.dropped:,} of {dataset.dropped + len(dataset):,} pairs whose prompt leaves "
-                  f"no room for a response within --max_length {args.max_length}")
+            print(f"note: dropped {dataset.dropped:,} of {dataset.dropped + len(dataset):,} {what} whose prompt "
+                  f"leaves no room within --max_length {args.max_length}")
         return dataset
     if args.packed:
         if is_main:  # rank 0 builds (or reuses) the cache while the others wait, then all read it
@@ -254,8 +249,8 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
     tokenizer = _load_tokenizer(args)
     if args.merge and not args.lora:
         raise CliError("--merge only applies with --lora")
-    if kind == "dpo" and not args.init_from:
-        raise CliError("DPO starts from a trained chat model: pass --init_from DIR (train_sft.py's out_dir)")
+    if kind in ("dpo", "grpo") and not args.init_from:
+        raise CliError(f"{kind.upper()} starts from a trained chat model: pass --init_from DIR (train_sft.py's out_dir)")
     model = _build_model(args, tokenizer)
     _check_tokenizer_fits(args, tokenizer, model)
     # What eval_ppl.py and generate.py read back: the context trained on, and whether chat was learnt.
@@ -277,30 +272,11 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
         print(f"compute dtype {dtype_reason(cfg.dtype, env.device)}, held-out loss in {cfg.eval_dtype}; "
               f"optimizer {cfg.optimizer}"
               + (f"; {cfg.max_minutes:g} minutes of training" if cfg.max_minutes else ""))
-    objective = _objective(kind, args, cfg, model, tokenizer, env.is_main)
+    objective = build_objective(kind, args, cfg, tokenizer, env.is_main)
     result = train(model, dataset, cfg, eval_documents=eval_docs, tokenizer=tokenizer, env=env, objective=objective)
     if args.merge and env.is_main and not result.interrupted:
         merge_lora(model).save_pretrained(Path(cfg.out_dir) / "merged", tokenizer=tokenizer)
     return result
-
-
-def _objective(kind: str, args, cfg: TrainConfig, model: MiniLLM, tokenizer: Tokenizer, is_main: bool) -> Objective:
-    """Language modelling for pretraining and SFT; DPO against its reference for train_dpo.py."""
-    if kind != "dpo":
-        return LanguageModeling()
-    if cfg.loss_chunk:
-        raise CliError("--loss_chunk applies to the language-modelling loss; DPO needs the whole logits")
-    if args.lora and not args.ref_model:
-        return DPO(args.beta, precompute=args.precompute_ref_logps, batch_size=cfg.batch_size, verbose=is_main)
-    ref_dir = Path(args.ref_model or args.init_from)
-    if not (ref_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--ref_model {ref_dir}: no model there (no config.json)")
-    reference = MiniLLM.from_pretrained(ref_dir, dtype=torch.float32)
-    if reference.config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"--ref_model {ref_dir} has vocab_size {reference.config.vocab_size}, fewer than the "
-                         f"tokenizer's {tokenizer.vocab_size} tokens; use a reference trained with this tokenizer")
-    return DPO(args.beta, reference, precompute=args.precompute_ref_logps, batch_size=cfg.batch_size,
-               verbose=is_main)
 
 
 def summary(args, cfg: TrainConfig, result: TrainResult) -> str:

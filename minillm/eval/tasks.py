@@ -18,11 +18,14 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from minillm.data.jsonl import iter_records
 from minillm.data.tokenizer import Tokenizer
+from minillm.eval.perplexity import read_documents
 from minillm.infer.generation import generate
 from minillm.model.model import MiniLLM
 
@@ -294,3 +297,11 @@ def copies_training_text(answer: str, corpus_key: str, min_chars: int = 10) -> b
     """The answer's verse (its Chinese characters, >= min_chars of them) appears verbatim in the training text."""
     key = cjk("".join(answer_body(answer)))
     return len(key) >= min_chars and key in corpus_key
+
+
+def training_key(train_path: str | Path, sft_path: str | Path) -> str:
+    """The Chinese characters of every training poem and SFT answer, "|" between texts (for copy checks)."""
+    texts = read_documents(train_path)
+    for _, record in iter_records(sft_path):
+        texts += [m.get("content", "") for m in record.get("conversations") or [] if m.get("role") == "assistant"]
+    return "|".join(cjk(t) for t in texts)

@@ -52,7 +52,8 @@ class DPO:
                  batch_size: int = 16, verbose: bool = False) -> None:
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
-        self.beta, self.reference, self.precompute = beta, Reference(reference), precompute
+        self.beta, self.precompute = beta, precompute
+        self.reference: Reference | None = Reference(reference)
         self.batch_size, self.verbose = batch_size, verbose
 
     def prepare(self, model: MiniLLM, dataset: torch.utils.data.Dataset, device: torch.device,
@@ -68,6 +69,7 @@ class DPO:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
                     parts.append(self.reference_logps(x_B2T, y_B2T, m_B2T).cpu())
             dataset.reference_logps = torch.cat(parts)
+            self.reference = None  # every batch now carries its reference log-probs: the model can go
 
     def reference_logps(self, x_B2T: torch.Tensor, y_B2T: torch.Tensor, m_B2T: torch.Tensor) -> torch.Tensor:
         """The reference's summed response log-probs, [B, 2] (chosen, rejected); no gradient, no dropout."""

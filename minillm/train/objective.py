@@ -22,6 +22,8 @@ class ObjectiveOutput(NamedTuple):
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
+    tokens: int | None = None
+    """Positions the forward pass ran over, when not the batch's input (GRPO's prompts + completions)."""
 
 
 class Objective(Protocol):

@@ -154,6 +154,7 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimiz
     n_global = all_reduce_sum(sum(objective.units(batch) for batch in micro).double())
     loss_sum = torch.zeros((), device=env.device)
     metric_sums = torch.zeros(len(names), device=env.device)
+    tokens = 0
     for i, batch in enumerate(micro):
         last = i == len(micro) - 1
         with gradient_sync(model, env, last):
@@ -164,6 +165,7 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimiz
             loss = out.loss * (objective.units(batch) * world / n_global.clamp(min=1)).float()
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
+        tokens += batch[0].numel() if out.tokens is None else out.tokens
         if names:
             metric_sums += torch.stack([out.metrics[name].float() for name in names])
     clock = 0.0 if clock_base is None else clock_base + time.perf_counter()
@@ -177,8 +179,7 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimiz
         scaler.step(optimizer)  # with a scaler, a step with inf/nan gradients is skipped inside
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(loss_value, grad_norm, sum(batch[0].numel() for batch in micro) * world, stop_any > 0,
-                       seconds, metrics)
+    return StepOutcome(loss_value, grad_norm, tokens * world, stop_any > 0, seconds, metrics)
 
 
 @contextmanager

@@ -1,0 +1,98 @@
+"""What each post-training stage adds to the training scripts: its flags and its objective (DPO, GRPO)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from minillm.cli.loading import CliError
+from minillm.data.tokenizer import Tokenizer
+from minillm.eval.rewards import REWARDS, build_rewards
+from minillm.model.model import MiniLLM
+from minillm.train.config import TrainConfig
+from minillm.train.dpo import DPO
+from minillm.train.grpo import GRPO, LOSS_TYPES
+from minillm.train.objective import LanguageModeling, Objective
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def add_stage_flags(p: argparse.ArgumentParser, kind: str) -> None:
+    """The flags of train_dpo.py (kind 'dpo') or train_grpo.py (kind 'grpo'); none for pretraining and SFT."""
+    if kind not in ("dpo", "grpo"):
+        return
+    if kind == "dpo":
+        g = p.add_argument_group("DPO (sigmoid loss on summed response log-probs against a frozen reference)")
+        g.add_argument("--beta", type=float, default=0.1,
+                       help="How far the policy may move from the reference: the implicit reward is beta x the "
+                            "log-prob ratio (default: %(default)s)")
+        g.add_argument("--precompute_ref_logps", action="store_true",
+                       help="Compute the reference's log-probs once before training (the same numbers, one forward "
+                            "pass per pair instead of one per step; the reference model then leaves memory)")
+    else:
+        g = p.add_argument_group("GRPO (sampled completions scored by verifiable rewards; --batch_size counts prompts)")
+        g.add_argument("--group_size", type=int, default=8,
+                       help="Completions sampled per prompt; advantages compare them (default: %(default)s)")
+        g.add_argument("--temperature", type=float, default=1.0,
+                       help="Sampling temperature of the completions, and of the log-probs in the loss "
+                            "(default: %(default)s)")
+        g.add_argument("--max_new_tokens", type=int, default=160,
+                       help="Token budget of a completion (default: %(default)s)")
+        g.add_argument("--epsilon", type=float, default=0.2,
+                       help="Clipping range of the probability ratio (default: %(default)s)")
+        g.add_argument("--loss_type", choices=LOSS_TYPES, default="grpo",
+                       help="grpo: mean over each completion's tokens, then over completions; dr_grpo: each "
+                            "completion's token sum / max_new_tokens (default: %(default)s)")
+        g.add_argument("--kl_beta", type=float, default=0.0,
+                       help="Weight of the k3 KL penalty to the frozen reference; 0 needs no reference "
+                            "(default: %(default)s)")
+        g.add_argument("--reward", default="composite",
+                       help=f"Rewards and weights, e.g. composite or request:1,ended:0.25; from {', '.join(REWARDS)} "
+                            "(minillm/eval/rewards.py) (default: %(default)s)")
+        g.add_argument("--reward_corpus", default="dataset/pretrain.jsonl,dataset/sft.jsonl",
+                       help="Training poems and SFT set whose verbatim copies the novel reward refuses "
+                            "(default: %(default)s)")
+    g.add_argument("--ref_model", default=None, metavar="DIR",
+                   help="Reference model directory (default: the --init_from model; with --lora the base model with "
+                        "the adapters off, no second copy)")
+
+
+def _reference(args, tokenizer: Tokenizer) -> MiniLLM | None:
+    """The reference model --ref_model (or --init_from) names; None with --lora and no --ref_model."""
+    if args.lora and not args.ref_model:
+        return None
+    ref_dir = Path(args.ref_model or args.init_from)
+    if not (ref_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--ref_model {ref_dir}: no model there (no config.json)")
+    reference = MiniLLM.from_pretrained(ref_dir, dtype=torch.float32)
+    if reference.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"--ref_model {ref_dir} has vocab_size {reference.config.vocab_size}, fewer than the "
+                         f"tokenizer's {tokenizer.vocab_size} tokens; use a reference trained with this tokenizer")
+    return reference
+
+
+def _corpus(spec: str) -> tuple[Path, Path]:
+    """The two files of --reward_corpus, resolved against the repository when relative."""
+    paths = [Path(p) for p in spec.split(",")]
+    paths = [REPO_ROOT / p if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists() else p for p in paths]
+    if len(paths) != 2 or not all(p.is_file() for p in paths):
+        raise CliError(f"--reward_corpus {spec}: expected two existing files, TRAIN.jsonl,SFT.jsonl")
+    return paths[0], paths[1]
+
+
+def build_objective(kind: str, args, cfg: TrainConfig, tokenizer: Tokenizer, is_main: bool) -> Objective:
+    """Language modelling for pretraining and SFT; DPO or GRPO for train_dpo.py / train_grpo.py."""
+    if kind not in ("dpo", "grpo"):
+        return LanguageModeling()
+    if cfg.loss_chunk:
+        raise CliError(f"--loss_chunk applies to the language-modelling loss; {kind.upper()} needs the whole logits")
+    if kind == "dpo":
+        return DPO(args.beta, _reference(args, tokenizer), precompute=args.precompute_ref_logps,
+                   batch_size=cfg.batch_size, verbose=is_main)
+    rewards = build_rewards(args.reward, *_corpus(args.reward_corpus))
+    reference = _reference(args, tokenizer) if args.kl_beta else None
+    return GRPO(rewards, tokenizer, group_size=args.group_size, temperature=args.temperature,
+                max_new_tokens=args.max_new_tokens, epsilon=args.epsilon, loss_type=args.loss_type,
+                kl_beta=args.kl_beta, reference=reference)

@@ -1,0 +1,123 @@
+"""Verifiable rewards for GRPO: eval_tasks.py's checks of a reply, as functions (request, answer) -> float.
+
+`request` is the user's message (data/prompts.py request_of); `answer` is the sampled completion decoded
+as text, ending with "<|im_end|>" when the model closed its turn within the token budget. Any Python
+function of that signature is a reward; these read what eval/tasks.py checks, so a reward that rises is a
+rate eval_tasks.py reports:
+
+    request   the answer passes the check of the request's kind (names the tune, has the 五言/七言 form,
+              uses both words); 0 for a request of another kind
+    length    a form request: every clause has the requested 5 or 7 characters (eval's line length)
+    ended     the model closed its turn with <|im_end|> within the budget
+    poem      the answer is shaped as a poem: a title line, then two or more lines of Chinese verse
+    novel     the verse is not a verbatim copy (10+ characters) of the training poems or SFT answers
+    composite poem x novel x (request + 0.25 ended) / 1.25: the request's check counts only in a new
+              poem, so neither the words without a poem nor a memorised poem pays
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from minillm.eval.tasks import (
+    FORM_PROMPT,
+    TUNE_PROMPT,
+    WORDS_PROMPT,
+    answer_body,
+    answer_title,
+    check_form,
+    check_line_length,
+    check_tune,
+    check_words,
+    copies_training_text,
+    training_key,
+)
+
+RewardFn = Callable[[str, str], float]
+END = "<|im_end|>"
+_VERSE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff，。、？！：；“”‘’《》·…—]+")
+
+
+def _pattern(template: str) -> re.Pattern:
+    """A regex that matches the template's prompts and captures its fields."""
+    parts = re.split(r"\{(\w+)\}", template)
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.+?)" for i, p in enumerate(parts)))
+
+
+_REQUESTS = [(_pattern(TUNE_PROMPT), lambda f: check_tune(f["tune"])),
+             (_pattern(FORM_PROMPT), lambda f: check_form(f["form"])),
+             (_pattern(WORDS_PROMPT), lambda f: check_words(f["w1"], f["w2"]))]
+_FORM = _pattern(FORM_PROMPT)
+
+
+def _text(answer: str) -> str:
+    return answer.removesuffix(END)
+
+
+def request_reward(request: str, answer: str) -> float:
+    """1 when the answer passes the check of the request's kind (tune, form, words), else 0."""
+    for pattern, check in _REQUESTS:
+        if m := pattern.fullmatch(request):
+            return float(check(m.groupdict())(_text(answer)))
+    return 0.0
+
+
+def length_reward(request: str, answer: str) -> float:
+    """For a 五言/七言 request: 1 when every clause has the requested length; 0 otherwise."""
+    m = _FORM.fullmatch(request)
+    return float(bool(m) and check_line_length(m["form"])(_text(answer)))
+
+
+def ended_reward(request: str, answer: str) -> float:
+    """1 when the answer closed its turn with <|im_end|> within the budget."""
+    return float(answer.endswith(END))
+
+
+def poem_reward(request: str, answer: str) -> float:
+    """1 when the answer has a title line and two or more lines of Chinese verse."""
+    text = _text(answer)
+    body = answer_body(text)
+    return float(bool(answer_title(text)) and len(body) >= 2 and all(_VERSE.fullmatch(line) for line in body))
+
+
+class NovelReward:
+    """1 unless the answer's verse copies 10+ characters of the training text verbatim."""
+
+    def __init__(self, train_path: str | Path, sft_path: str | Path) -> None:
+        self.key = training_key(train_path, sft_path)
+
+    def __call__(self, request: str, answer: str) -> float:
+        """1 for new verse, 0 for a verbatim copy."""
+        return float(not copies_training_text(_text(answer), self.key))
+
+
+def composite(novel: RewardFn) -> RewardFn:
+    """poem x novel x (request + 0.25 ended) / 1.25, in [0, 1]."""
+    def reward(request: str, answer: str) -> float:
+        gate = poem_reward(request, answer) * novel(request, answer)
+        return gate * (request_reward(request, answer) + 0.25 * ended_reward(request, answer)) / 1.25
+    return reward
+
+
+REWARDS = ("request", "length", "ended", "poem", "novel", "composite")
+
+
+def build_rewards(spec: str, train_path: str | Path, sft_path: str | Path) -> dict[str, tuple[RewardFn, float]]:
+    """Parse --reward ("composite", or "request:1,ended:0.25"): {name: (function, weight)}."""
+    parts = {}
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, weight = item.partition(":")
+        if name not in REWARDS:
+            raise ValueError(f"--reward: unknown reward {name!r}; choose from {', '.join(REWARDS)}")
+        try:
+            parts[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"--reward: the weight of {name} must be a number, got {weight!r}") from None
+    if not parts:
+        raise ValueError("--reward names no reward; e.g. composite, or request:1,ended:0.25")
+    novel = NovelReward(train_path, sft_path) if {"novel", "composite"} & set(parts) else None
+    functions = {"request": request_reward, "length": length_reward, "ended": ended_reward, "poem": poem_reward,
+                 "novel": novel, "composite": composite(novel) if novel else None}
+    return {name: (functions[name], weight) for name, weight in parts.items()}

@@ -1,0 +1,232 @@
+"""GRPO: the loss against a transcription of the objective, the gradient against REINFORCE, the rewards against
+eval_tasks.py's checks, the prompt data, and a tiny model that learns a verifiable reward."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import REPO, run_train_cli
+
+from minillm.data.jsonl import DataError
+from minillm.data.prompts import PromptDataset, request_of
+from minillm.eval.rewards import (
+    build_rewards,
+    composite,
+    ended_reward,
+    length_reward,
+    poem_reward,
+    request_reward,
+)
+from minillm.infer.generation import generate
+from minillm.model.model import MiniLLM
+from minillm.train.config import TrainConfig
+from minillm.train.grpo import GRPO, group_advantages, sequence_losses, token_logps
+from minillm.train.trainer import train
+
+
+def rows(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if '"reward"' in line]
+
+
+# --- the objective ----------------------------------------------------------------------------------------------
+
+def transcribed(logp, old, ref, adv, mask, eps, beta, loss_type, L):
+    """The GRPO objective written out token by token, in float64."""
+    per_seq = []
+    for i in range(len(adv)):
+        total, n = 0.0, 0
+        for t in range(len(mask[i])):
+            if not mask[i][t]:
+                continue
+            ratio = math.exp(logp[i][t] - old[i][t])
+            term = -min(ratio * adv[i], min(max(ratio, 1 - eps), 1 + eps) * adv[i])
+            if beta:
+                d = ref[i][t] - logp[i][t]
+                term += beta * (math.exp(d) - d - 1)
+            total, n = total + term, n + 1
+        per_seq.append(total / n if loss_type == "grpo" else total / L)
+    return sum(per_seq) / len(per_seq)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
+@pytest.mark.parametrize("kl_beta", [0.0, 0.04])
+def test_loss_equals_the_objective_transcribed(loss_type, kl_beta):
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(4, 6, generator=g, dtype=torch.float64) * 3
+    old = logp + torch.randn(4, 6, generator=g, dtype=torch.float64) * 0.3  # ratios inside and outside the clip
+    ref = logp + torch.randn(4, 6, generator=g, dtype=torch.float64) * 0.5
+    adv = torch.tensor([1.5, -0.7, 0.0, 2.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6, [0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.float64)
+    loss_N, _, clip_N = sequence_losses(logp, old, adv, mask, 0.2, loss_type, 8, ref, kl_beta)
+    want = transcribed(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.2, kl_beta,
+                       loss_type, 8)
+    assert loss_N.mean().item() == pytest.approx(want, rel=1e-12)
+    assert clip_N.max().item() > 0  # the clip was exercised
+
+
+def test_at_ratio_one_the_gradient_is_reinforce():
+    """pi_old = pi detached, beta 0: the gradient is -mean_i A_i / |o_i| sum_t grad log pi (grpo), or / L."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 7, (3, 5), generator=g)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.float64)
+    adv = torch.tensor([0.8, -1.2, 0.4], dtype=torch.float64)
+    for loss_type, scale in (("grpo", mask.sum(1)), ("dr_grpo", torch.full((3,), 5.0, dtype=torch.float64))):
+        logp = token_logps(logits, targets, 1.0).double()
+        loss_N, _, _ = sequence_losses(logp, logp.detach(), adv, mask, 0.2, loss_type, 5)
+        (grad,) = torch.autograd.grad(loss_N.mean(), logits)
+        logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+        reinforce = -((adv / scale)[:, None] * logp * mask).sum() / 3
+        (want,) = torch.autograd.grad(reinforce, logits)
+        assert torch.allclose(grad, want, rtol=1e-5, atol=1e-7), loss_type
+
+
+def test_advantages_standardise_within_each_group():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [0.0, 1.0, 2.0, 3.0]])
+    adv = group_advantages(rewards)
+    assert adv[0].tolist() == pytest.approx([x / (math.sqrt(1 / 3) + 1e-4) for x in (0.5, -0.5, -0.5, 0.5)])
+    assert adv[1].tolist() == [0.0] * 4  # all equal: no gradient from this group
+    std = math.sqrt(sum((x - 1.5) ** 2 for x in range(4)) / 3)  # unbiased, as TRL's default
+    assert adv[2].tolist() == pytest.approx([(x - 1.5) / (std + 1e-4) for x in range(4)], rel=1e-6)
+
+
+# --- rewards ------------------------------------------------------------------------------------------------------
+
+def test_rewards_read_what_eval_tasks_checks():
+    tune, form, words = "请以《浣溪沙》为词牌，填一首词。", "请写一首唐代的五言绝句。", "写一首诗，要用上“明月”和“故乡”这两个词。"
+    poem5 = "静夜\n床前明月光，疑是地上霜。\n举头望山月，低头思故乡。<|im_end|>"
+    assert request_reward(words, poem5) == 1.0 and request_reward(form, poem5) == 1.0
+    assert request_reward(tune, poem5) == 0.0 and request_reward("你好", poem5) == 0.0
+    assert request_reward(tune, "浣溪沙\n一曲新词酒一杯") == 1.0
+    assert length_reward(form, poem5) == 1.0 and length_reward(form.replace("五", "七"), poem5) == 0.0
+    assert ended_reward(words, poem5) == 1.0 and ended_reward(words, poem5.removesuffix("<|im_end|>")) == 0.0
+    assert poem_reward(words, poem5) == 1.0 and poem_reward(words, "明月故乡") == 0.0
+
+
+def test_composite_cannot_be_gamed_by_one_check(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"text": "旧诗\n某（唐）\n春眠不觉晓，处处闻啼鸟。\n夜来风雨声，花落知多少。"},
+                                ensure_ascii=False) + "\n", encoding="utf-8")
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant",
+                                                                                  "content": "一二三四五六七八九十"}]},
+                              ensure_ascii=False) + "\n", encoding="utf-8")
+    rewards = build_rewards("composite", train, sft)
+    reward = rewards["composite"][0]
+    words = "写一首诗，要用上“明月”和“故乡”这两个词。"
+    good = "静夜\n床前明月光，疑是地上霜。\n举头望山月，低头思故乡。<|im_end|>"
+    assert reward(words, good) == 1.0
+    assert reward(words, good.removesuffix("<|im_end|>")) == pytest.approx(1 / 1.25)
+    assert reward(words, "明月故乡<|im_end|>") == 0.0  # the words without a poem
+    assert reward(words, "春晓\n春眠不觉晓，处处闻啼鸟。\n夜来风雨声，明月故乡少。<|im_end|>") > 0  # new verse
+    copied = "春晓\n春眠不觉晓，处处闻啼鸟。\n夜来风雨声，花落知多少。<|im_end|>"
+    assert reward(words, copied) == 0.0  # a memorised poem pays nothing
+    assert composite(lambda q, a: 1.0)(words, good) == 1.0 and composite(lambda q, a: 0.0)(words, good) == 0.0
+    with pytest.raises(ValueError, match="unknown reward 'moon'"):
+        build_rewards("request:1,moon:2", train, sft)
+    assert set(build_rewards("request:1,ended:0.25", train, sft)) == {"request", "ended"}
+
+
+# --- prompts ------------------------------------------------------------------------------------------------------
+
+def test_prompts_from_every_format(tmp_path, tokenizer):
+    lines = [{"prompt": [{"role": "user", "content": "写一首诗"}]},
+             {"prompt": [{"role": "user", "content": "写一首诗"}], "chosen": [{"role": "assistant", "content": "a"}],
+              "rejected": [{"role": "assistant", "content": "b"}]},
+             {"chosen": [{"role": "user", "content": "写一首诗"}, {"role": "assistant", "content": "a"}],
+              "rejected": [{"role": "user", "content": "写一首诗"}, {"role": "assistant", "content": "b"}]},
+             {"prompt": "天下"},
+             {"prompt": [{"role": "user", "content": "月" * 200}]}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines), encoding="utf-8")
+    data = PromptDataset(path, tokenizer, max_length=64)
+    assert (len(data), data.dropped) == (4, 1)
+    chat = tokenizer.render_conversation(lines[0]["prompt"], add_generation_prompt=True)[0]
+    assert data.prompts[:3] == [chat] * 3 and data.prompts[3] == tokenizer.encode("天下")
+    x, _, m = data[0]
+    assert x[m > 0].tolist() == chat and m.sum() == len(chat)
+    assert request_of(tokenizer.decode(chat)) == "写一首诗" and request_of("天下") == "天下"
+    path.write_text(json.dumps({"text": "x"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f'{path}:1: no "prompt" field'):
+        PromptDataset(path, tokenizer)
+
+
+# --- training --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    """Eight requests of the shipped DPO set, as prompt-only lines."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    with open(REPO / "dataset" / "dpo.jsonl", encoding="utf-8") as f:
+        lines = [json.loads(next(f))["prompt"] for _ in range(8)]
+    path.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in lines), encoding="utf-8")
+    return path
+
+
+def moon(request: str, answer: str) -> float:
+    return float("月" in answer)
+
+
+def moon_rate(model, data, tokenizer) -> float:
+    """The fraction of 16 sampled completions per prompt (12 tokens, seeded) that contain 月."""
+    torch.manual_seed(0)
+    hits = 0
+    for p in data.prompts:
+        out = generate(model, [p] * 16, max_new_tokens=12, temperature=1.0,
+                       eos_token_id=[tokenizer.im_end_id, tokenizer.eos_id])
+        hits += sum("月" in tokenizer.decode(row[len(p):]) for row in out.tolist())
+    return hits / (16 * len(data))
+
+
+def grpo_run(out_dir, start, data, tokenizer, **kw):
+    stop = kw.pop("stop_at", None)
+    cfg = TrainConfig(out_dir=str(out_dir), batch_size=4, learning_rate=1e-2, dtype="float32", log_every=1,
+                      eval_every=0, save_every=0, **kw)
+    objective = GRPO({"moon": (moon, 1.0)}, tokenizer, group_size=8, max_new_tokens=12)
+    return train(MiniLLM.from_pretrained(start, dtype=torch.float32).train(), data, cfg, objective=objective,
+                 should_stop=(lambda step: step == stop) if stop else None)
+
+
+def test_a_tiny_model_learns_a_verifiable_reward(tmp_path, tiny_sft_dir, tokenizer, prompts):
+    data = PromptDataset(prompts, tokenizer, max_length=64)
+    grpo_run(tmp_path / "o", tiny_sft_dir, data, tokenizer, max_steps=16)
+    before = moon_rate(MiniLLM.from_pretrained(tiny_sft_dir, dtype=torch.float32), data, tokenizer)
+    after = moon_rate(MiniLLM.from_pretrained(tmp_path / "o", dtype=torch.float32), data, tokenizer)
+    assert after >= before + 0.4, (before, after)  # 7% -> 74% measured
+    r = rows(tmp_path / "o")
+    assert sum(x["reward"] for x in r[-4:]) > sum(x["reward"] for x in r[:4]) + 0.8
+    assert all(x["clip_ratio"] == 0.0 for x in r)  # one update per rollout: the ratio is exactly 1
+
+
+def test_resume_is_exact_including_the_sampling(tmp_path, tiny_sft_dir, tokenizer, prompts):
+    data = PromptDataset(prompts, tokenizer, max_length=64)
+    straight = grpo_run(tmp_path / "a", tiny_sft_dir, data, tokenizer, epochs=3)
+    assert len(straight.losses) == 6
+    cut = grpo_run(tmp_path / "b", tiny_sft_dir, data, tokenizer, epochs=3, stop_at=3)
+    assert cut.interrupted
+    resumed = grpo_run(tmp_path / "b", tmp_path / "a", data, tokenizer, epochs=3, resume=True)
+    assert cut.losses + resumed.losses == straight.losses
+    assert [x["reward"] for x in rows(tmp_path / "b")] == [x["reward"] for x in rows(tmp_path / "a")]
+    a = MiniLLM.from_pretrained(tmp_path / "a").state_dict()
+    b = MiniLLM.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_runs_and_refuses_bad_flags_in_one_line(tmp_path, tiny_sft_dir, prompts, capsys):
+    common = ["--init_from", tiny_sft_dir, "--data_path", prompts, "--eval_data", "", "--max_steps", "2",
+              "--group_size", "4", "--max_new_tokens", "8", "--log_every", "1", "--batch_size", "2"]
+    code, out, err = run_train_cli("grpo", *common, "--out_dir", tmp_path / "o", "--kl_beta", "0.04", "--reward",
+                                   "request:1,ended:0.5,poem:0.5", capsys=capsys)
+    assert code == 0, err
+    r = rows(tmp_path / "o")
+    assert len(r) == 2 and {"rewards/request", "rewards/ended", "rewards/poem", "kl"} <= set(r[0])
+    assert r[0]["kl"] == 0.0  # the first rollout's policy is the reference
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+    for flags, message in ((["--temperature", "0"], "temperature must be > 0"),
+                           (["--reward", "moon"], "unknown reward 'moon'"),
+                           (["--group_size", "1"], "group_size must be >= 2")):
+        code, out, err = run_train_cli("grpo", *common, "--out_dir", tmp_path / "bad", *flags, capsys=capsys)
+        assert code == 1 and message in err and "Traceback" not in err, err

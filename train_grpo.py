@@ -1,0 +1,21 @@
+"""Reinforcement learning (GRPO) of a chat model on verifiable rewards: python train_grpo.py, or under torchrun."""
+
+import sys
+
+from minillm.cli import main
+
+# This stage's defaults; every other flag's default is in `python train_grpo.py --help`.
+DEFAULTS = dict(
+    out_dir="out/grpo",
+    data_path="dataset/dpo.jsonl",  # the prompts of the preference pairs: the requests the SFT model follows least
+    init_from="out/sft",
+    learning_rate=1e-5,
+    warmup_steps=0,
+    epochs=1,
+    batch_size=4,  # prompts per micro-batch; x --group_size completions each
+    max_length=128,  # the longest prompt kept
+    group_by_length=True,
+)
+
+if __name__ == "__main__":
+    sys.exit(main("grpo", DEFAULTS))
