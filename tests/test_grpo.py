@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -218,15 +221,30 @@ def test_resume_is_exact_including_the_sampling(tmp_path, tiny_sft_dir, tokenize
 def test_cli_runs_and_refuses_bad_flags_in_one_line(tmp_path, tiny_sft_dir, prompts, capsys):
     common = ["--init_from", tiny_sft_dir, "--data_path", prompts, "--eval_data", "", "--max_steps", "2",
               "--group_size", "4", "--max_new_tokens", "8", "--log_every", "1", "--batch_size", "2"]
-    code, out, err = run_train_cli("grpo", *common, "--out_dir", tmp_path / "o", "--kl_beta", "0.04", "--reward",
-                                   "request:1,ended:0.5,poem:0.5", capsys=capsys)
-    assert code == 0, err
-    r = rows(tmp_path / "o")
-    assert len(r) == 2 and {"rewards/request", "rewards/ended", "rewards/poem", "kl"} <= set(r[0])
-    assert r[0]["kl"] == 0.0  # the first rollout's policy is the reference
-    assert (tmp_path / "o" / "model.safetensors").is_file()
+    for name, extra in (("o", []), ("lora", ["--lora"])):  # the reference: a second copy, or adapters off
+        code, out, err = run_train_cli("grpo", *common, "--out_dir", tmp_path / name, "--kl_beta", "0.04",
+                                       "--reward", "request:1,ended:0.5,poem:0.5", "--learning_rate", "1e-2", *extra,
+                                       capsys=capsys)
+        assert code == 0, err
+        r = rows(tmp_path / name)
+        assert len(r) == 2 and {"rewards/request", "rewards/ended", "rewards/poem", "kl"} <= set(r[0])
+        assert r[0]["kl"] == 0.0 and r[1]["kl"] > 0  # the first rollout's policy is the reference
+    assert (tmp_path / "o" / "model.safetensors").is_file() and (tmp_path / "lora" / "adapter_model.safetensors").is_file()
     for flags, message in ((["--temperature", "0"], "temperature must be > 0"),
                            (["--reward", "moon"], "unknown reward 'moon'"),
                            (["--group_size", "1"], "group_size must be >= 2")):
         code, out, err = run_train_cli("grpo", *common, "--out_dir", tmp_path / "bad", *flags, capsys=capsys)
         assert code == 1 and message in err and "Traceback" not in err, err
+
+
+def test_two_processes_roll_out_their_own_prompts(tmp_path, tiny_sft_dir, prompts):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train_grpo.py"), "--init_from", str(tiny_sft_dir), "--data_path", str(prompts),
+           "--eval_data", "", "--max_steps", "2", "--group_size", "4", "--max_new_tokens", "8", "--log_every", "1",
+           "--batch_size", "2", "--out_dir", str(tmp_path / "two")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = rows(tmp_path / "two")
+    assert [x["step"] for x in r] == [1, 2]  # rank 0 writes each step once
+    assert all(0 <= x["frac_reward_zero_std"] <= 1 and x["completions/mean_length"] <= 8 for x in r)
