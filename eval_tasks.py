@@ -37,6 +37,7 @@ from minillm.eval.tasks import (
     training_key,
 )
 from minillm.files import write_json
+from minillm.infer.generation import check_sampling
 
 KIND_NAMES = {"tune": "names the requested tune (请以《X》为词牌)",
               "form": "writes the requested form: 4/8 clauses of 5/7 characters (五言/七言 绝句/律诗)",
@@ -64,7 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cloze, requests, or both comma-separated; auto: both for chat models, cloze otherwise")
     p.add_argument("--limit", type=int, default=32,
                    help="prompts per request kind, from the held-out poems in file order (default: %(default)s)")
-    p.add_argument("--max_new_tokens", type=int, default=160, help="tokens per greedy answer (default: %(default)s)")
+    p.add_argument("--max_new_tokens", type=int, default=160, help="tokens per answer (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: one greedy answer per prompt (default); > 0: sample --samples answers per prompt at this "
+                        "temperature, so the rates do not hang on one answer per prompt")
+    p.add_argument("--samples", type=int, default=1,
+                   help="answers sampled per prompt with --temperature > 0 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: %(default)s)")
     p.add_argument("--show", type=int, default=2, help="print this many answers of each kind (default: %(default)s)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     args = p.parse_args(argv)
@@ -85,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         tasks = (["cloze", "requests"] if chat else ["cloze"]) if args.tasks == "auto" else args.tasks.split(",")
         if not set(tasks) <= {"cloze", "requests"}:
             raise CliError(f"--tasks takes cloze and/or requests, got {args.tasks!r}")
+        check_sampling(args.temperature)
+        if args.samples < 1 or (args.samples > 1 and args.temperature == 0):
+            raise CliError(f"--samples {args.samples}: give 1, or more than 1 with a --temperature > 0 (greedy "
+                           "answers to one prompt are all the same)")
         poems = [p for p in (parse_poem(t) for t in read_documents(args.data)) if p is not None]
         tunes = known_tunes([r for _, r in iter_records(args.sft_data)]) if "requests" in tasks else set()
         corpus = training_key(args.train_data, args.sft_data) if "requests" in tasks else ""
@@ -112,19 +123,22 @@ def main(argv: list[str] | None = None) -> int:
         todo = requests(poems, tunes, args.limit)
         prompts = list(dict.fromkeys(r.prompt for r in todo))
         with tqdm(total=len(prompts), desc="answers", unit="prompt", file=sys.stderr) as bar:
-            answers = answer_all(model, tokenizer, prompts, args.max_new_tokens, progress=bar.update)
+            answers = answer_all(model, tokenizer, prompts, args.max_new_tokens, progress=bar.update,
+                                 temperature=args.temperature, samples=args.samples,
+                                 generator=torch.Generator(device).manual_seed(args.seed))
         per_kind = {}
         for kind in KIND_NAMES:
-            mine = [r for r in todo if r.kind == kind]
-            rate = Rate(f"{kind}: {KIND_NAMES[kind]}", sum(r.check(answers[r.prompt]) for r in mine), len(mine))
+            mine = [(r, a) for r in todo if r.kind == kind for a in answers[r.prompt]]
+            rate = Rate(f"{kind}: {KIND_NAMES[kind]}", sum(r.check(a) for r, a in mine), len(mine))
             copied = Rate(f"{kind}: copies a training poem verbatim",
-                          sum(copies_training_text(answers[r.prompt], corpus) for r in mine), len(mine))
+                          sum(copies_training_text(a, corpus) for _, a in mine), len(mine))
             print(rate)
             print(f"  {copied}")
             per_kind[kind] = {"passed": rate.passed, "copied": copied.passed, "n": rate.n, "rate": rate.rate}
-            for r in mine[:args.show]:
-                print(f"  Q: {r.prompt}\n  A: " + answers[r.prompt].replace("\n", " / "))
-        results["requests"] = {"kinds": per_kind, "answers": answers}
+            for r, a in mine[:args.show]:
+                print(f"  Q: {r.prompt}\n  A: " + a.replace("\n", " / "))
+        results["requests"] = {"kinds": per_kind, "answers": answers, "temperature": args.temperature,
+                               "samples": args.samples, "seed": args.seed}
     results["seconds"] = time.perf_counter() - start
     print(f"({results['seconds']:.0f} s)")
     if args.json:

@@ -110,7 +110,13 @@ def test_requests_and_batched_answers(tiny_sft_dir, tokenizer):
         alone = generate(model, ids, max_new_tokens=12, temperature=0.0,
                          eos_token_id=[tokenizer.im_end_id, tokenizer.eos_id])[0, len(ids):].tolist()
         stops = [i for i, t in enumerate(alone) if t in (tokenizer.im_end_id, tokenizer.eos_id)]
-        assert answers[p] == tokenizer.decode(alone[:stops[0]] if stops else alone)
+        assert answers[p] == [tokenizer.decode(alone[:stops[0]] if stops else alone)]
+    sampled = answer_all(model, tokenizer, prompts, max_new_tokens=12, temperature=1.0, samples=3,
+                         generator=torch.Generator().manual_seed(0))
+    assert all(len(sampled[p]) == 3 for p in prompts)
+    assert sampled == answer_all(model, tokenizer, prompts, max_new_tokens=12, temperature=1.0, samples=3,
+                                 generator=torch.Generator().manual_seed(0))  # seeded: the same answers
+    assert any(len(set(v)) > 1 for v in sampled.values())  # sampled: not one answer repeated
 
 
 def test_eval_tasks_cli(tiny_sft_dir, tmp_path, capsys):
@@ -125,8 +131,16 @@ def test_eval_tasks_cli(tiny_sft_dir, tmp_path, capsys):
     assert f"{r['cloze']['correct']}/{r['cloze']['n']}" in printed
     # The rates follow from the recorded answers by the stated checks.
     tune_prompts = [p for p in r["requests"]["answers"] if p.startswith("请以《")]
-    passed = sum(check_tune(p[3:p.index("》")])(r["requests"]["answers"][p]) for p in tune_prompts)
+    passed = sum(check_tune(p[3:p.index("》")])(a) for p in tune_prompts for a in r["requests"]["answers"][p])
     assert passed == r["requests"]["kinds"]["tune"]["passed"]
+    sampled = tmp_path / "s.json"
+    assert script.main(["--model", str(tiny_sft_dir), "--limit", "3", "--max_new_tokens", "8", "--tasks", "requests",
+                        "--temperature", "1", "--samples", "4", "--json", str(sampled)]) == 0
+    s = json.loads(sampled.read_text(encoding="utf-8"))["requests"]
+    assert all(k["n"] == 12 for k in s["kinds"].values()) and (s["temperature"], s["samples"]) == (1.0, 4)
+    capsys.readouterr()
+    assert script.main(["--model", str(tiny_sft_dir), "--samples", "4"]) == 1
+    assert "--samples 4: give 1, or more than 1 with a --temperature > 0" in capsys.readouterr().err
     # A pretrained-only model gets the cloze alone; bad input is one line.
     assert script.main(["--model", str(tmp_path / "missing")]) == 1
     assert "eval_tasks.py: error:" in capsys.readouterr().err

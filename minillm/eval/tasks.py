@@ -272,22 +272,27 @@ def requests(poems: list[Poem], tunes: set[str], limit: int) -> list[Request]:
 
 @torch.inference_mode()
 def answer_all(model: MiniLLM, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int,
-               progress: Callable[[int], None] | None = None) -> dict[str, str]:
-    """Greedy answers to single-turn chat prompts, batched by prompt length (rows of a batch are equal-length)."""
+               progress: Callable[[int], None] | None = None, temperature: float = 0.0, samples: int = 1,
+               generator: torch.Generator | None = None) -> dict[str, list[str]]:
+    """Answers to single-turn chat prompts: greedy (one each) or `samples` each at `temperature`, batched by
+    prompt length (rows of a batch are equal-length)."""
+    if samples > 1 and temperature == 0:
+        raise ValueError("several samples per prompt need a temperature > 0 (greedy answers are all the same)")
     encoded = {p: tokenizer.render_conversation([{"role": "user", "content": p}], add_generation_prompt=True)[0]
                for p in dict.fromkeys(prompts)}
     by_length: dict[int, list[str]] = {}
     for p, ids in encoded.items():
         by_length.setdefault(len(ids), []).append(p)
-    answers = {}
+    answers: dict[str, list[str]] = {}
     stops = [tokenizer.im_end_id, tokenizer.eos_id]
     for group in by_length.values():
-        out_BT = generate(model, [encoded[p] for p in group], max_new_tokens=max_new_tokens, temperature=0.0,
-                          eos_token_id=stops)
-        for p, row in zip(group, out_BT.tolist()):
+        rows = [p for p in group for _ in range(samples)]
+        out_BT = generate(model, [encoded[p] for p in rows], max_new_tokens=max_new_tokens,
+                          temperature=temperature, eos_token_id=stops, generator=generator)
+        for p, row in zip(rows, out_BT.tolist()):
             new = row[len(encoded[p]):]
             cut = next((i for i, t in enumerate(new) if t in stops), len(new))
-            answers[p] = tokenizer.decode(new[:cut])
+            answers.setdefault(p, []).append(tokenizer.decode(new[:cut]))
         if progress:
             progress(len(group))
     return answers
