@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -230,9 +231,19 @@ def test_cli_runs_and_refuses_bad_flags_in_one_line(tmp_path, tiny_sft_dir, prom
         assert len(r) == 2 and {"rewards/request", "rewards/ended", "rewards/poem", "kl"} <= set(r[0])
         assert r[0]["kl"] == 0.0 and r[1]["kl"] > 0  # the first rollout's policy is the reference
     assert (tmp_path / "o" / "model.safetensors").is_file() and (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    # The chat model's training context stays (GRPO's --max_length caps the prompts, not the context).
+    start = tmp_path / "start"
+    shutil.copytree(tiny_sft_dir, start)
+    config = json.loads((start / "config.json").read_text())
+    config["minillm"]["trained_context"] = 96
+    (start / "config.json").write_text(json.dumps(config))
+    code, _, err = run_train_cli("grpo", *common, "--init_from", start, "--out_dir", tmp_path / "ctx", capsys=capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "ctx" / "config.json").read_text())["minillm"]["trained_context"] == 96
     for flags, message in ((["--temperature", "0"], "temperature must be > 0"),
                            (["--reward", "moon"], "unknown reward 'moon'"),
-                           (["--group_size", "1"], "group_size must be >= 2")):
+                           (["--group_size", "1"], "group_size must be >= 2"),
+                           (["--fsdp"], "--fsdp with GRPO is not supported")):
         code, out, err = run_train_cli("grpo", *common, "--out_dir", tmp_path / "bad", *flags, capsys=capsys)
         assert code == 1 and message in err and "Traceback" not in err, err
 

@@ -88,6 +88,9 @@ def build_objective(kind: str, args, cfg: TrainConfig, tokenizer: Tokenizer, is_
         return LanguageModeling()
     if cfg.loss_chunk:
         raise CliError(f"--loss_chunk applies to the language-modelling loss; {kind.upper()} needs the whole logits")
+    if kind == "grpo" and cfg.fsdp:
+        raise CliError("--fsdp with GRPO is not supported: each process decodes its rollouts for as many steps as its "
+                       "own completions need, and a sharded model would wait on the others; use DDP (no --fsdp)")
     if kind == "dpo":
         return DPO(args.beta, _reference(args, tokenizer), precompute=args.precompute_ref_logps,
                    batch_size=cfg.batch_size, verbose=is_main)

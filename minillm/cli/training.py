@@ -253,8 +253,10 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
         raise CliError(f"{kind.upper()} starts from a trained chat model: pass --init_from DIR (train_sft.py's out_dir)")
     model = _build_model(args, tokenizer)
     _check_tokenizer_fits(args, tokenizer, model)
-    # What eval_ppl.py and generate.py read back: the context trained on, and whether chat was learnt.
-    model.config.trained_context = args.max_length
+    # What eval_ppl.py and generate.py read back: the context trained on, and whether chat was learnt. DPO and
+    # GRPO keep the chat model's own (GRPO's --max_length caps prompts, not the context).
+    if kind in ("pretrain", "sft") or not model.config.trained_context:
+        model.config.trained_context = args.max_length
     if kind == "sft":
         model.config.chat_trained = True
     elif not args.init_from:
