@@ -203,6 +203,7 @@ def test_a_tiny_model_learns_a_verifiable_reward(tmp_path, tiny_sft_dir, tokeniz
     r = rows(tmp_path / "o")
     assert sum(x["reward"] for x in r[-4:]) > sum(x["reward"] for x in r[:4]) + 0.8
     assert all(x["clip_ratio"] == 0.0 for x in r)  # one update per rollout: the ratio is exactly 1
+    assert all(x["rollout_seconds"] > 0 and 0 < x["rollout_tokens"] <= 4 * 8 * 12 for x in r)
 
 
 def test_resume_is_exact_including_the_sampling(tmp_path, tiny_sft_dir, tokenizer, prompts):

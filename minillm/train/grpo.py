@@ -20,6 +20,7 @@ from the run's RNG, which checkpoints save, so a resumed run samples the same co
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -131,9 +132,13 @@ class GRPO:
         device, G = x_BT.device, self.group_size
         prompts = [row[mask > 0].tolist() for row, mask in zip(x_BT, m_BT)]
         sequences, completions, totals, parts = [], [], [], []
+        rollout_seconds = 0.0
         for prompt in prompts:
             request = request_of(self.tokenizer.decode(prompt))
-            for completion in self.rollout(prompt):
+            start = time.perf_counter()
+            rollouts = self.rollout(prompt)
+            rollout_seconds += time.perf_counter() - start
+            for completion in rollouts:
                 total, values = self.score(request, completion)
                 sequences.append(prompt + completion)
                 completions.append((len(prompt), len(completion)))
@@ -161,4 +166,5 @@ class GRPO:
                    "completions/mean_length": mask_NT.sum(),
                    "completions/ended": torch.tensor(float(sum(s[-1] == self.tokenizer.im_end_id for s in sequences)),
                                                      device=device)}
-        return ObjectiveOutput(loss_N.mean(), metrics, tokens=inputs_NT.numel())
+        counters = {"rollout_seconds": rollout_seconds, "rollout_tokens": float(sum(n for _, n in completions))}
+        return ObjectiveOutput(loss_N.mean(), metrics, tokens=inputs_NT.numel(), counters=counters)

@@ -24,6 +24,9 @@ class ObjectiveOutput(NamedTuple):
     metrics: dict[str, torch.Tensor]
     tokens: int | None = None
     """Positions the forward pass ran over, when not the batch's input (GRPO's prompts + completions)."""
+    counters: dict[str, float] | None = None
+    """Amounts summed over the step's micro-batches on this process and logged as they are (GRPO: rollout
+    seconds and tokens)."""
 
 
 class Objective(Protocol):

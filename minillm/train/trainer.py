@@ -137,7 +137,7 @@ class StepOutcome(NamedTuple):
     clock: float
     """Training seconds at the end of the step, averaged over the processes (one clock for the schedule)."""
     metrics: dict[str, float]
-    """The objective's metrics, averaged over the units of the global batch."""
+    """The objective's metrics, averaged over the units of the global batch, and its counters (this process's)."""
 
 
 def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
@@ -154,7 +154,7 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimiz
     n_global = all_reduce_sum(sum(objective.units(batch) for batch in micro).double())
     loss_sum = torch.zeros((), device=env.device)
     metric_sums = torch.zeros(len(names), device=env.device)
-    tokens = 0
+    tokens, counters = 0, {}
     for i, batch in enumerate(micro):
         last = i == len(micro) - 1
         with gradient_sync(model, env, last):
@@ -166,6 +166,8 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimiz
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
         tokens += batch[0].numel() if out.tokens is None else out.tokens
+        for name, value in (out.counters or {}).items():
+            counters[name] = counters.get(name, 0.0) + value
         if names:
             metric_sums += torch.stack([out.metrics[name].float() for name in names])
     clock = 0.0 if clock_base is None else clock_base + time.perf_counter()
@@ -179,7 +181,7 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimiz
         scaler.step(optimizer)  # with a scaler, a step with inf/nan gradients is skipped inside
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(loss_value, grad_norm, tokens * world, stop_any > 0, seconds, metrics)
+    return StepOutcome(loss_value, grad_norm, tokens * world, stop_any > 0, seconds, {**metrics, **counters})
 
 
 @contextmanager
