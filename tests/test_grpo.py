@@ -103,6 +103,7 @@ def test_rewards_read_what_eval_tasks_checks():
     tune, form, words = "请以《浣溪沙》为词牌，填一首词。", "请写一首唐代的五言绝句。", "写一首诗，要用上“明月”和“故乡”这两个词。"
     poem5 = "静夜\n床前明月光，疑是地上霜。\n举头望山月，低头思故乡。<|im_end|>"
     assert request_reward(words, poem5) == 1.0 and request_reward(form, poem5) == 1.0
+    assert request_reward(words, poem5.replace("故乡", "远方")) == 0.5  # one word of two: half
     assert request_reward(tune, poem5) == 0.0 and request_reward("你好", poem5) == 0.0
     assert request_reward(tune, "浣溪沙\n一曲新词酒一杯") == 1.0
     assert length_reward(form, poem5) == 1.0 and length_reward(form.replace("五", "七"), poem5) == 0.0

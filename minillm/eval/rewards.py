@@ -6,7 +6,8 @@ function of that signature is a reward; these read what eval/tasks.py checks, so
 rate eval_tasks.py reports:
 
     request   the answer passes the check of the request's kind (names the tune, has the 五言/七言 form,
-              uses both words); 0 for a request of another kind
+              uses both words; one of the two words earns half, a denser signal than eval's both-or-nothing);
+              0 for a request of another kind
     length    a form request: every clause has the requested 5 or 7 characters (eval's line length)
     ended     the model closed its turn with <|im_end|> within the budget
     poem      the answer is shaped as a poem: a title line, then two or more lines of Chinese verse
@@ -46,9 +47,14 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.+?)" for i, p in enumerate(parts)))
 
 
+def _words_used(w1: str, w2: str) -> Callable[[str], float]:
+    """The share of the two requested words in the answer's body: check_words, with half credit for one."""
+    return lambda answer: (check_words(w1, w1)(answer) + check_words(w2, w2)(answer)) / 2
+
+
 _REQUESTS = [(_pattern(TUNE_PROMPT), lambda f: check_tune(f["tune"])),
              (_pattern(FORM_PROMPT), lambda f: check_form(f["form"])),
-             (_pattern(WORDS_PROMPT), lambda f: check_words(f["w1"], f["w2"]))]
+             (_pattern(WORDS_PROMPT), lambda f: _words_used(f["w1"], f["w2"]))]
 _FORM = _pattern(FORM_PROMPT)
 
 
@@ -57,7 +63,7 @@ def _text(answer: str) -> str:
 
 
 def request_reward(request: str, answer: str) -> float:
-    """1 when the answer passes the check of the request's kind (tune, form, words), else 0."""
+    """1 when the answer passes the check of the request's kind (tune, form, words; one word of two: 0.5), else 0."""
     for pattern, check in _REQUESTS:
         if m := pattern.fullmatch(request):
             return float(check(m.groupdict())(_text(answer)))
