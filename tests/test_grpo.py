@@ -109,6 +109,9 @@ def test_rewards_read_what_eval_tasks_checks():
     assert length_reward(form, poem5) == 1.0 and length_reward(form.replace("五", "七"), poem5) == 0.0
     assert ended_reward(words, poem5) == 1.0 and ended_reward(words, poem5.removesuffix("<|im_end|>")) == 0.0
     assert poem_reward(words, poem5) == 1.0 and poem_reward(words, "明月故乡") == 0.0
+    # What a GRPO run learned to write for the words request with the first poem check: repetition is no poem.
+    assert poem_reward(words, "忆\n忆忆忆忆忆忆忆，忆忆忆忆忆忆忆。\n忆忆忆忆忆忆，忆忆忆忆忆。") == 0.0
+    assert poem_reward(words, "春城路\n芳草路。\n芳草路。\n芳草路。") == 0.0
 
 
 def test_composite_cannot_be_gamed_by_one_check(tmp_path):

@@ -10,7 +10,8 @@ rate eval_tasks.py reports:
               0 for a request of another kind
     length    a form request: every clause has the requested 5 or 7 characters (eval's line length)
     ended     the model closed its turn with <|im_end|> within the budget
-    poem      the answer is shaped as a poem: a title line, then two or more lines of Chinese verse
+    poem      the answer is shaped as a poem: a title line, then two or more lines of Chinese verse, none
+              repeated, at least half of its characters distinct
     novel     the verse is not a verbatim copy (10+ characters) of the training poems or SFT answers
     composite poem x novel x (request + 0.25 ended) / 1.25: the request's check counts only in a new
               poem, so neither the words without a poem nor a memorised poem pays
@@ -32,6 +33,7 @@ from minillm.eval.tasks import (
     check_line_length,
     check_tune,
     check_words,
+    cjk,
     copies_training_text,
     training_key,
 )
@@ -82,10 +84,14 @@ def ended_reward(request: str, answer: str) -> float:
 
 
 def poem_reward(request: str, answer: str) -> float:
-    """1 when the answer has a title line and two or more lines of Chinese verse."""
+    """1 when the answer has a title line and two or more lines of Chinese verse, no line repeated and at least
+    half its characters distinct (a GRPO run learned to collect the poem and ended rewards with "忆忆忆忆忆忆忆"
+    and "芳草路。" ten times over; bench/RESULTS.md)."""
     text = _text(answer)
     body = answer_body(text)
-    return float(bool(answer_title(text)) and len(body) >= 2 and all(_VERSE.fullmatch(line) for line in body))
+    chars = cjk("".join(body))
+    return float(bool(answer_title(text)) and len(body) >= 2 and all(_VERSE.fullmatch(line) for line in body)
+                 and len(set(body)) == len(body) and len(set(chars)) >= len(chars) / 2)
 
 
 class NovelReward:
