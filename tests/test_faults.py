@@ -181,8 +181,11 @@ def test_sigkill_at_random_moments_always_resumes_bit_identically(tmp_path, corp
             deadline = time.time() + 60
             while not list((out / "checkpoints").glob("*.tmp")) and time.time() < deadline:
                 time.sleep(0.0005)
-        else:
-            time.sleep(rng.uniform(0, 0.6))
+        else:  # a random moment in steps, not seconds: on a fast machine 0.6 s can outlast the whole run
+            target = rng.randint(1, 8)
+            while proc.poll() is None and len((out / "metrics.jsonl").read_bytes().splitlines()) < target:
+                time.sleep(0.0005)
+            time.sleep(rng.uniform(0, 0.01))
         assert proc.poll() is None, f"trial {trial}: the run had already ended; the kill tested nothing"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
