@@ -21,6 +21,19 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 3  # interrupted by a signal with a checkpoint saved: `a && b` does not go on
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def resolve_path(path: str | None) -> Path | None:
+    """Paths given relative to the repository work from any current directory when the file is there."""
+    if not path:
+        return None
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists():
+        return REPO_ROOT / p
+    return p
+
+
 class CliError(Exception):
     """Bad input, reported as one line on stderr."""
 

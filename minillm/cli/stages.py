@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.cli.loading import CliError
+from minillm.cli.loading import CliError, resolve_path
 from minillm.data.tokenizer import Tokenizer
 from minillm.eval.rewards import REWARDS, build_rewards
 from minillm.model.model import MiniLLM
@@ -15,8 +15,6 @@ from minillm.train.config import TrainConfig
 from minillm.train.dpo import DPO
 from minillm.train.grpo import GRPO, LOSS_TYPES
 from minillm.train.objective import LanguageModeling, Objective
-
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def add_stage_flags(p: argparse.ArgumentParser, kind: str) -> None:
@@ -75,9 +73,8 @@ def _reference(args, tokenizer: Tokenizer) -> MiniLLM | None:
 
 def _corpus(spec: str) -> tuple[Path, Path]:
     """The two files of --reward_corpus, resolved against the repository when relative."""
-    paths = [Path(p) for p in spec.split(",")]
-    paths = [REPO_ROOT / p if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists() else p for p in paths]
-    if len(paths) != 2 or not all(p.is_file() for p in paths):
+    paths = [resolve_path(p) for p in spec.split(",")]
+    if len(paths) != 2 or not all(p is not None and p.is_file() for p in paths):
         raise CliError(f"--reward_corpus {spec}: expected two existing files, TRAIN.jsonl,SFT.jsonl")
     return paths[0], paths[1]
 

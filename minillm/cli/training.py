@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.cli.loading import EXIT_ERROR, EXIT_INTERRUPTED, CliError
+from minillm.cli.loading import EXIT_ERROR, EXIT_INTERRUPTED, CliError, resolve_path
 from minillm.cli.stages import add_stage_flags, build_objective
 from minillm.data.datasets import DataError, PretrainDataset, SFTDataset
 from minillm.data.packed import PackedDataset, packed_cache
@@ -33,7 +33,6 @@ from minillm.train.config import TrainConfig, TrainResult
 from minillm.train.distributed import barrier, setup_distributed, teardown_distributed
 from minillm.train.trainer import train
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 # Flags that shape a new model; with --init_from the loaded model's values hold and a different value is an error.
 NEW_MODEL_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "dropout")
 
@@ -131,16 +130,6 @@ def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
     return p
 
 
-def _resolve(path: str | None) -> Path | None:
-    """Paths given relative to the repository work from any current directory when the file is there."""
-    if not path:
-        return None
-    p = Path(path)
-    if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists():
-        return REPO_ROOT / p
-    return p
-
-
 def _load_tokenizer(args) -> Tokenizer:
     if args.tokenizer:
         return Tokenizer.from_pretrained(args.tokenizer)
@@ -207,7 +196,7 @@ def _build_model(args, tokenizer: Tokenizer) -> MiniLLM:
 
 
 def _build_dataset(kind: str, args, tokenizer: Tokenizer, is_main: bool):
-    data_path = _resolve(args.data_path)
+    data_path = resolve_path(args.data_path)
     if kind == "pretrain" and args.packed and (args.num_proc > 1 or data_path is None or not data_path.is_file()
                                                or not data_path.name.endswith(".jsonl")):
         if args.num_proc < 1:
@@ -264,7 +253,7 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
     if args.lora:
         _add_lora(args, model, env.is_main)
     dataset = _build_dataset(kind, args, tokenizer, env.is_main)
-    eval_path = _resolve(args.eval_data)
+    eval_path = resolve_path(args.eval_data)
     eval_docs = tokenizer.encode_batch(read_documents(eval_path)) if eval_path is not None else None
     if env.is_main:
         start = f"from {args.init_from}" if args.init_from else "a new model"
