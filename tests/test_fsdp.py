@@ -198,3 +198,59 @@ def test_gradient_scale_is_the_same_however_the_batch_is_split(sft_runs, name):
     # agree to 1e-6: not a scaling error (that would be a factor), but not float32 rounding either. Left
     # for a closer look; the bound still catches any wrong factor.
     assert [g for _, g in split] == pytest.approx([g for _, g in one], rel=2e-4 if name == "fsdp" else 1e-5)
+
+
+MIXED_PRECISION_SCRIPT = '''
+import json, sys
+import torch, torch.distributed as dist
+from minillm.model.config import LMConfig
+from minillm.model.model import MiniLLM
+from minillm.train.sharding import apply_fsdp, fsdp_policy
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+config = LMConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=32)
+torch.manual_seed(0)
+reference = MiniLLM(config)
+x = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(1))
+reference(x, labels=x).loss.backward()  # the whole batch in float32, unsharded
+result = {}
+for name, device in (("gpu_policy", "cuda"), ("cpu_policy", "cpu")):
+    model = MiniLLM(config)
+    model.load_state_dict(reference.state_dict())
+    policy = fsdp_policy(torch.device(device), torch.bfloat16)  # the policy a GPU run gets, built on gloo
+    apply_fsdp(model, policy)
+    seen = set()
+    model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.add(str(m.weight.dtype)))
+    model(x[2 * rank:2 * rank + 2], labels=x[2 * rank:2 * rank + 2]).loss.backward()  # half the batch each
+    errors, grad_dtypes = [], set()
+    for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        g = p.grad.full_tensor()
+        grad_dtypes.add(str(g.dtype))
+        errors.append(((g - q.grad).norm() / q.grad.norm()).item())
+    result[name] = {"compute": sorted(seen), "grads": sorted(grad_dtypes), "max_rel_error": max(errors)}
+if rank == 0:
+    print(json.dumps(result))
+dist.destroy_process_group()
+'''
+
+
+def test_fsdp_gpu_mixed_precision_policy_runs_on_gloo(tmp_path):
+    """Issue 32, item 11: the policy --fsdp gets on a bf16 GPU (bf16 parameters in compute, gradients reduced and
+    kept in fp32), built and run on 2 CPU processes: gradients within 3% of float32's; the CPU policy is exact."""
+    from minillm.train.sharding import fsdp_policy
+
+    assert fsdp_policy(torch.device("cuda"), torch.float32).param_dtype is None
+    assert fsdp_policy(torch.device("cpu"), torch.bfloat16).param_dtype is None
+    script = tmp_path / "mp.py"
+    script.write_text(MIXED_PRECISION_SCRIPT)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    gpu, cpu = result["gpu_policy"], result["cpu_policy"]
+    assert gpu["compute"] == ["torch.bfloat16"] and gpu["grads"] == ["torch.float32"]
+    assert 1e-4 < gpu["max_rel_error"] < 3e-2  # bf16 compute: close, and visibly not float32
+    assert cpu["compute"] == ["torch.float32"] and cpu["max_rel_error"] < 1e-5

@@ -26,12 +26,15 @@ from minillm.train.distributed import DistEnv
 DCP_DIR = "dcp"  # inside a checkpoint directory: the DCP files of the model and the optimizer
 
 
-def apply_fsdp(model: torch.nn.Module, env: DistEnv, amp_dtype: torch.dtype) -> None:
+def fsdp_policy(device: torch.device, amp_dtype: torch.dtype) -> MixedPrecisionPolicy:
+    """bf16 parameters with fp32 gradient reduction on GPUs computing in bf16, else the parameters' own dtype."""
+    if device.type == "cuda" and amp_dtype == torch.bfloat16:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()  # CPU (gloo, under autocast) and float32
+
+
+def apply_fsdp(model: torch.nn.Module, policy: MixedPrecisionPolicy) -> None:
     """Shard `model` in place over the process group: each block, then the root."""
-    if env.device.type == "cuda" and amp_dtype == torch.bfloat16:
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    else:  # CPU (gloo) and float32: compute in the parameters' own dtype
-        policy = MixedPrecisionPolicy()
     for block in model.layers:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)

@@ -45,7 +45,7 @@ from minillm.train.objective import LanguageModeling, Objective
 from minillm.train.optim import build_optimizer, set_peak_lr
 from minillm.train.progress import METRICS_NAME, Progress, plot_metrics, trim_metrics
 from minillm.train.schedule import RunSchedule
-from minillm.train.sharding import apply_fsdp, gathered_model, gradient_sync, is_sharded
+from minillm.train.sharding import apply_fsdp, fsdp_policy, gathered_model, gradient_sync, is_sharded
 
 
 class StopSignal:
@@ -256,7 +256,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
     if cfg.fsdp:
         check_fsdp(model, amp_dtype, cfg.optimizer)
         if env.distributed:  # one process has nothing to shard; its checkpoints are still DCP's
-            apply_fsdp(model, env, amp_dtype)
+            apply_fsdp(model, fsdp_policy(env.device, amp_dtype))
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, env.device, cfg.matrix_lr)
     batches = StepBatches(dataset, cfg, env)
