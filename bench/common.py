@@ -285,3 +285,24 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+def print_profile(fns: dict[str, Callable[[], object]], calls: int, top: int = 8) -> None:
+    """torch.profiler over `calls` calls of each side: the ops with the most self CPU time, their calls, and each
+    side's total (the 'where the time goes' tables of RESULTS.md)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for side, fn in fns.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                fn()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        tables[side] = ({e.key: (e.self_cpu_time_total / 1e6, e.count) for e in events}, total / 1e6)
+    names = list(dict.fromkeys(k for side in fns for k in list(tables[side][0])[:top]))
+    rows = [[name] + [f"{tables[s][0].get(name, (0.0, 0))[0]:.2f} s ({tables[s][0].get(name, (0.0, 0))[1]} calls, "
+                      f"{tables[s][0].get(name, (0.0, 0))[0] / tables[s][1]:.0%})" for s in fns] for name in names]
+    rows.append(["total self CPU"] + [f"{tables[s][1]:.2f} s" for s in fns])
+    print(f"\nprofile: self CPU time over {calls} calls per side")
+    print_table(["op", *fns], rows)

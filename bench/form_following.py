@@ -8,14 +8,22 @@ writes the same mix after both.
 
     python bench/form_following.py --model out/sft
     python bench/form_following.py --model old_sft --model out/sft --samples 96
+    python bench/form_following.py --model out/sft --teacher_forced 200
+
+--teacher_forced N asks instead, on the first N 七言 form examples of the SFT set (dataset/sft.jsonl): with the
+answer given up to the fifth character of its first verse line, what probability does the model put on a comma
+next, under the real 七言 request and with 五言 written in its place? A model that reads the request puts less
+there after 七言 (the line goes on) than after 五言 (the line ends).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
+from minillm.data.jsonl import iter_records
 from minillm.data.tokenizer import load_tokenizer
 from minillm.eval.tasks import FORM_PROMPT, answer_body, clauses
 from minillm.infer.generation import generate
@@ -50,6 +58,33 @@ def first_clause_lengths(model_dir: str, samples: int, seed: int) -> dict[str, d
     return counts
 
 
+def comma_probabilities(model_dir: str, data: str, limit: int) -> dict[str, float]:
+    """Mean P(comma | the first five characters of a 七言 answer) under the 七言 request and under 五言."""
+    model = MiniLLM.from_pretrained(model_dir).eval()
+    tokenizer = load_tokenizer(model_dir)
+    comma = tokenizer.encode("，")
+    assert len(comma) == 1, "the tokenizer has no single comma token"
+    sums, n = {"七言": 0.0, "五言": 0.0}, 0
+    for _, record in iter_records(data):
+        turns = record.get("conversations", [])
+        if n == limit or len(turns) != 2 or "七言" not in turns[0]["content"]:
+            if n == limit:
+                break
+            continue
+        title, _, body = turns[1]["content"].partition("\n")
+        if not clauses(body) or len(clauses(body)[0]) != 7:
+            continue
+        for form in sums:
+            prompt = turns[0]["content"].replace("七言", form)
+            ids = tokenizer.render_conversation([{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
+            ids = ids + tokenizer.encode(f"{title}\n{body[:5]}")
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, -1].float()
+            sums[form] += math.exp(torch.log_softmax(logits, -1)[comma[0]].item())
+        n += 1
+    return {form: total / max(n, 1) for form, total in sums.items()} | {"examples": n}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print, per model and form prompt, the first-clause lengths of sampled answers."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,7 +92,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="a chat model directory (repeat to compare models in one run)")
     p.add_argument("--samples", type=int, default=48, help="answers sampled per prompt (default: 48)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--teacher_forced", type=int, default=0, metavar="N",
+                   help="instead: P(comma after five characters) on N 七言 SFT examples, asked as 七言 and as 五言")
+    p.add_argument("--data", default="dataset/sft.jsonl", help="SFT set of --teacher_forced (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.teacher_forced:
+        print("| model | 七言 examples | P(comma) asked 七言 | asked 五言 |\n|---|---|---|---|")
+        for model_dir in args.model:
+            r = comma_probabilities(model_dir, args.data, args.teacher_forced)
+            print(f"| {model_dir} | {r['examples']} | {r['七言']:.3f} | {r['五言']:.3f} |")
+        return
     print("| model | asked | first clause 5 | 7 | other |\n|---|---|---|---|---|")
     for model_dir in args.model:
         counts = first_clause_lengths(model_dir, args.samples, args.seed)

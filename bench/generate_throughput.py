@@ -7,6 +7,7 @@ between the sides after warm-up, and new tokens per second (prefill included) co
 
     python bench/generate_throughput.py                  # batch 1 and batch 8, 64 + 128 tokens
     python bench/generate_throughput.py --batch_sizes 1 --rounds 20
+    python bench/generate_throughput.py --batch_sizes 1 --rounds 2 --no_memory --profile 2   # where decode time goes
     python bench/generate_throughput.py --compile minillm   # minillm's generate(compile=True) vs eager HF
 
 --compile minillm runs minillm's decode steps through torch.compile (generate(compile=True)); --compile
@@ -30,6 +31,7 @@ from common import (
     median,
     paired_speedup,
     peak_memory,
+    print_profile,
     print_table,
     resolve_device,
     setup,
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new_tokens", type=int, default=128, help="tokens generated per prompt")
     parser.add_argument("--compile", nargs="?", const="both", choices=["both", "minillm"], default=None,
                         help="compiled decoding for both sides, or (--compile minillm) minillm's only")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile N calls per side at each batch size (torch.profiler)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     setup(args.threads, args.seed)
@@ -113,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
                 diff = (ids["minillm"] != ids["transformers"]).nonzero()[0].tolist()
                 raise AssertionError(f"generated tokens differ at batch {batch_size}, first at [row, step] {diff}")
             times = time_alternating(runs, args.warmup, args.rounds, device)
+            if args.profile:
+                print(f"batch {batch_size}:")
+                print_profile(runs, args.profile)
             memory = {} if args.no_memory else peak_memory(generate_memory_workload, directory, device,
                                                            args.threads, **kwargs)
             results.append((batch_size, times, memory, first_call))

@@ -8,6 +8,7 @@ time gives tokens/s. MFU = model FLOPs per token x tokens/s / peak, where model 
 and backward) and the peak is a float32 GEMM measured in this run (CPU) or the card's bf16 dense peak.
 
     python bench/train_throughput.py                      # default config, batch 8 x 256, float32 CPU
+    python bench/train_throughput.py --rounds 2 --no_memory --profile 3   # and where a step's time goes
     python bench/train_throughput.py --config 124m --batch_size 16 --seq_len 1024 --compile   # GPU, bf16
 """
 
@@ -27,6 +28,7 @@ from common import (
     load_side,
     median,
     peak_memory,
+    print_profile,
     print_ratio,
     print_table,
     resolve_device,
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch.compile both models, or (--compile minillm) minillm's only")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="device peak in TFLOP/s for MFU (default: measured GEMM on CPU, table on GPU)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile N steps per side (torch.profiler) and print where the time goes")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         times = time_alternating(steps, args.warmup, args.rounds, device)
         peak_after, _ = device_peak(device, args.peak_tflops)
         peak = max(peak_before, peak_after)
+        if args.profile:
+            print_profile(steps, args.profile)
         # Memory of the eager step (compilation's own memory would swamp it).
         memory = {} if args.no_memory else peak_memory(train_memory_workload, directory, device, args.threads,
                                                        compile=False, **kwargs)

@@ -159,7 +159,8 @@ class SlotKVCache:
 def decode_attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor) -> torch.Tensor:
     """One query per head over every cached key: two small matmuls, [B, H, 1, D].
 
-    SDPA's flash kernel splits this tiny job across threads and loses (bench/RESULTS.md).
+    Chosen when SDPA's flash kernel, splitting this tiny job across threads, lost under load; isolated, SDPA
+    is faster on some CPUs (bench/levers.py; bench/RESULTS.md, "Levers"). Issue 30 revisits it.
     """
     B, H, _, D = q_BHTD.shape
     K = k_BKSD.shape[1]
