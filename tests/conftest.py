@@ -167,14 +167,18 @@ class LiveServer:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked gpu need CUDA: without it they are deselected, not skipped (a CPU machine has nothing to skip),
-    and the report header says so."""
-    if torch.cuda.is_available():
-        return
-    gpu = [item for item in items if item.get_closest_marker("gpu")]
-    if gpu:
-        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
-        config.hook.pytest_deselected(items=gpu)
+    """Deselect (not skip) what this run cannot or did not ask to run: tests marked gpu without CUDA (the report
+    header says so), and tests marked slow unless `-m` names them."""
+    def deselect(marker: str) -> None:
+        chosen = [item for item in items if item.get_closest_marker(marker)]
+        if chosen:
+            items[:] = [item for item in items if not item.get_closest_marker(marker)]
+            config.hook.pytest_deselected(items=chosen)
+
+    if not torch.cuda.is_available():
+        deselect("gpu")
+    if "slow" not in (config.getoption("markexpr") or ""):
+        deselect("slow")
 
 
 def pytest_report_header(config) -> str:
