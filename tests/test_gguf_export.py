@@ -122,6 +122,29 @@ def qwen2_dir(tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    """A Qwen3 checkpoint written by transformers: QK-norm with non-trivial weights, head_dim 32 apart from
+    hidden_size / heads (16), untied, GQA, the Qwen2-style tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = qwen2_tokenizer(corpus_texts())
+    torch.manual_seed(4)
+    config = Qwen3Config(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                         rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.3,
+                         bos_token_id=tok.eos_id, eos_token_id=tok.im_end_id, pad_token_id=tok.eos_id)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():  # transformers initialises the norms to one; give them values worth checking
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    directory = tmp_path_factory.mktemp("qwen3")
+    model.save_pretrained(directory, safe_serialization=True)
+    tok.save_pretrained(directory)
+    return directory
+
+
 def export(model_dir, out, dtype="f32") -> None:
     """Export through the script's main (in this process)."""
     assert export_cli.main(["--model", str(model_dir), "--out", str(out), "--dtype", dtype, "--force"]) == 0
@@ -152,7 +175,8 @@ def expected_gguf_tensors(model_dir) -> dict[str, torch.Tensor]:
     llama = config["model_type"] == "llama"
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     out = {}
     for name, t in hf.items():
         t = t.float()
@@ -172,9 +196,9 @@ def expected_gguf_tensors(model_dir) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("which", ["minillm_sft", "hf_llama", "qwen2"])
-def test_round_trip_tensors_and_hyperparameters(which, tiny_sft_dir, hf_llama_dir, qwen2_dir, tmp_path):
-    model_dir = {"minillm_sft": tiny_sft_dir, "hf_llama": hf_llama_dir, "qwen2": qwen2_dir}[which]
+@pytest.mark.parametrize("which", ["minillm_sft", "hf_llama", "qwen2", "qwen3"])
+def test_round_trip_tensors_and_hyperparameters(which, tiny_sft_dir, hf_llama_dir, qwen2_dir, qwen3_dir, tmp_path):
+    model_dir = {"minillm_sft": tiny_sft_dir, "hf_llama": hf_llama_dir, "qwen2": qwen2_dir, "qwen3": qwen3_dir}[which]
     out = tmp_path / "m.gguf"
     export(model_dir, out)
     meta, tensors = read_gguf(out)
@@ -193,13 +217,15 @@ def test_round_trip_tensors_and_hyperparameters(which, tiny_sft_dir, hf_llama_di
              "vocab_size": "vocab_size"}
     for key, hf_key in hyper.items():
         assert meta[f"{arch}.{key}"] == config[hf_key], key
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     assert meta[f"{arch}.rope.dimension_count"] == head_dim
+    assert meta[f"{arch}.attention.key_length"] == meta[f"{arch}.attention.value_length"] == head_dim
     theta = config.get("rope_theta") or config["rope_parameters"]["rope_theta"]  # transformers 5 nests it
     assert meta[f"{arch}.rope.freq_base"] == pytest.approx(theta, rel=1e-7)
     assert meta[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(config["rms_norm_eps"], rel=1e-6)
     assert ("output.weight" in tensors) == (not config["tie_word_embeddings"])
     assert ("blk.0.attn_q.bias" in tensors) == (arch == "qwen2")
+    assert ("blk.0.attn_q_norm.weight" in tensors) == ("blk.1.attn_k_norm.weight" in tensors) == (arch == "qwen3")
 
     tok = Tokenizer.from_pretrained(model_dir)
     vocab = {i: t for t, i in tok.backend.get_vocab(with_added_tokens=True).items()}
@@ -213,7 +239,7 @@ def test_round_trip_tensors_and_hyperparameters(which, tiny_sft_dir, hf_llama_di
     merges = json.loads(tok.backend.to_str())["model"]["merges"]
     assert meta["tokenizer.ggml.merges"] == [" ".join(m) if isinstance(m, list) else m for m in merges]
     assert meta["tokenizer.ggml.model"] == "gpt2"
-    assert meta["tokenizer.ggml.pre"] == ("qwen2" if which == "qwen2" else "gpt-2")
+    assert meta["tokenizer.ggml.pre"] == ("qwen2" if which.startswith("qwen") else "gpt-2")
     assert meta["tokenizer.ggml.eos_token_id"] == tok.eos_id
     assert meta["tokenizer.ggml.eot_token_id"] == tok.im_end_id
     assert meta["tokenizer.ggml.padding_token_id"] == tok.pad_id
@@ -256,10 +282,21 @@ def test_half_and_q8_0_exports_hold_the_rounded_weights(tiny_sft_dir, tmp_path):
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory, tokenizer):
     """A tiny chat model fitted to two short conversations until it answers them and ends its turn."""
+    return fitted_chat_model(tmp_path_factory.mktemp("chat"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def qwen3_chat_dir(tmp_path_factory, tokenizer):
+    """The same, written by minillm with --qk_norm (the Qwen3 layout)."""
+    return fitted_chat_model(tmp_path_factory.mktemp("qwen3_chat"), tokenizer, qk_norm=True)
+
+
+def fitted_chat_model(directory, tokenizer, **shape):
+    """A 2-layer model fitted to CHATS for 150 steps, saved in `directory`."""
     torch.manual_seed(0)
     model = MiniLLM(LMConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             chat_trained=True))
+                             chat_trained=True, **shape))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(150):
         for chat in CHATS:
@@ -269,7 +306,6 @@ def chat_dir(tmp_path_factory, tokenizer):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    directory = tmp_path_factory.mktemp("chat")
     model.save_pretrained(directory, tokenizer=tokenizer)
     return directory
 
@@ -345,9 +381,11 @@ def test_llama_cpp_tokenizes_exactly_like_minillm(which, tiny_sft_dir, qwen2_dir
 
 
 @needs_llama
-@pytest.mark.parametrize("which", ["minillm_chat", "hf_llama", "qwen2"])
-def test_llama_cpp_f32_greedy_and_logits_equal_minillm(which, chat_dir, hf_llama_dir, qwen2_dir, tmp_path):
-    model_dir = {"minillm_chat": chat_dir, "hf_llama": hf_llama_dir, "qwen2": qwen2_dir}[which]
+@pytest.mark.parametrize("which", ["minillm_chat", "hf_llama", "qwen2", "qwen3", "minillm_qwen3_chat"])
+def test_llama_cpp_f32_greedy_and_logits_equal_minillm(which, chat_dir, hf_llama_dir, qwen2_dir, qwen3_dir,
+                                                       qwen3_chat_dir, tmp_path):
+    model_dir = {"minillm_chat": chat_dir, "hf_llama": hf_llama_dir, "qwen2": qwen2_dir, "qwen3": qwen3_dir,
+                 "minillm_qwen3_chat": qwen3_chat_dir}[which]
     export(model_dir, tmp_path / "m.gguf", "f32")
     tok = Tokenizer.from_pretrained(model_dir)
     model = MiniLLM.from_pretrained(model_dir)
@@ -389,9 +427,11 @@ def test_llama_cpp_q8_0_agrees_on_most_greedy_tokens(tiny_sft_dir, hf_llama_dir,
 
 
 @needs_llama
-def test_llama_cpp_chat_mode_renders_chatml_and_stops_at_im_end(chat_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("fixture", ["chat_dir", "qwen3_chat_dir"])
+def test_llama_cpp_chat_mode_renders_chatml_and_stops_at_im_end(fixture, request, tokenizer, tmp_path):
     import ctypes
 
+    chat_dir = request.getfixturevalue(fixture)  # the Llama layout, and the Qwen3 one (--qk_norm)
     export(chat_dir, tmp_path / "chat.gguf", "f32")
     assert "<|im_end|>" in (tmp_path / "chat.Modelfile").read_text()
     llm = llama(tmp_path / "chat.gguf")

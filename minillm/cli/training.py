@@ -34,7 +34,8 @@ from minillm.train.distributed import barrier, setup_distributed, teardown_distr
 from minillm.train.trainer import train
 
 # Flags that shape a new model; with --init_from the loaded model's values hold and a different value is an error.
-NEW_MODEL_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "dropout")
+NEW_MODEL_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "dropout",
+                   "qk_norm")
 
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass, read from its source (one text for readers and --help)."""
@@ -105,7 +106,9 @@ def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
     shape = {name: d.get(name, getattr(new_config, name)) for name in NEW_MODEL_FLAGS}
     p.set_defaults(new_model_shape=shape)
     for name in NEW_MODEL_FLAGS:
-        model.add_argument(f"--{name}", type=float if name == "dropout" else int, default=None,
+        kind_of = ({"action": argparse.BooleanOptionalAction} if name == "qk_norm"
+                   else {"type": float if name == "dropout" else int})
+        model.add_argument(f"--{name}", default=None, **kind_of,
                            help=f"{docs[name]} New model only: with --init_from it must match the loaded "
                                 f"model or be left out (default: {shape[name]})")
     lora = p.add_argument_group("LoRA (low-rank adapters on a frozen --init_from model)")

@@ -1,4 +1,4 @@
-"""GGUF export: a model in the Hugging Face Llama/Qwen2 layout as one file llama.cpp, ollama and LM Studio run.
+"""GGUF export: a model in the Hugging Face Llama/Qwen2/Qwen3 layout as one file llama.cpp, ollama and LM Studio run.
 
 llama.cpp's own converter knows a byte-level BPE tokenizer only by a hash of its output, so it refuses
 any tokenizer trained here. This module writes the file itself with the `gguf` package (the llama.cpp
@@ -34,11 +34,12 @@ DTYPES = ("f32", "f16", "bf16", "q8_0")
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
-# Hugging Face tensor names -> llama.cpp's (the same for the llama and qwen2 architectures).
+# Hugging Face tensor names -> llama.cpp's (the same for the llama, qwen2 and qwen3 architectures).
 _TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
               "lm_head.weight": "output.weight"}
 _BLOCK_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
                 "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                 "mlp.down_proj": "ffn_down"}
 
@@ -150,7 +151,7 @@ def gguf_tensors(state: dict[str, torch.Tensor], config: LMConfig, arch: str
     for hf_name, tensor in to_hf_state_dict(state, config).items():
         tensor = tensor.detach().to("cpu", torch.float32)
         module = ".".join(hf_name.split(".")[3:-1])
-        if arch == "llama" and module in heads:  # qwen2 uses transformers' rotary layout (NEOX) as it is
+        if arch == "llama" and module in heads:  # qwen2/qwen3 use transformers' rotary layout (NEOX) as it is
             tensor = interleave_rotary(tensor, heads[module])
         yield gguf_name(hf_name), tensor
 
@@ -207,7 +208,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: Path, dtype: 
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     config: LMConfig = model.config
-    arch = "qwen2" if config.attention_bias else "llama"
+    arch = config.hf_model_type()  # llama.cpp's names for these architectures are the same as transformers'
     vocab = vocab_of(tokenizer, config.vocab_size)
     matrix_type, file_type = _file_type(dtype)
     state = model.state_dict()

@@ -28,6 +28,9 @@ class LMConfig:
     """Key/value heads (grouped-query attention); must divide num_attention_heads. None means MHA."""
     intermediate_size: int | None = None
     """Hidden width of the SwiGLU feed-forward; None derives 8/3 * hidden_size rounded up to a multiple of 64."""
+    head_dim: int | None = None
+    """Width of one attention head; None derives hidden_size / num_attention_heads (Qwen3 sets it apart, e.g.
+    128 at hidden_size 1024 with 16 heads)."""
     max_position_embeddings: int = 2048
     """Longest sequence the rotary tables (and the KV cache) cover."""
     rope_theta: float = 1e6
@@ -40,6 +43,9 @@ class LMConfig:
     """Share one matrix between the token embedding and the LM head."""
     attention_bias: bool = False
     """Bias on the q, k and v projections (the Qwen2 layout); o_proj never has one."""
+    qk_norm: bool = False
+    """RMSNorm over each head's queries and keys (one weight per head_dim) before RoPE: the Qwen3 layout, saved as
+    Qwen3ForCausalLM."""
     bos_token_id: int = 0
     """Id that starts a sequence (minillm uses <|endoftext|> as the document separator and prefix)."""
     eos_token_id: int = 0
@@ -58,8 +64,13 @@ class LMConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.intermediate_size is None:
             self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
+                                 f"({self.hidden_size}), or give head_dim")
+            self.head_dim = self.hidden_size // self.num_attention_heads
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "intermediate_size", "max_position_embeddings"):
+                     "num_key_value_heads", "intermediate_size", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"LMConfig.{name} must be a positive integer, got {value!r}")
@@ -67,18 +78,17 @@ class LMConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"LMConfig.{name} must be a finite number, got {value!r}")
-        for name in ("tie_word_embeddings", "attention_bias"):
+        for name in ("tie_word_embeddings", "attention_bias", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LMConfig.{name} must be true or false, got {getattr(self, name)!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size})")
+        if self.qk_norm and self.attention_bias:
+            raise ValueError("qk_norm with attention_bias is not supported: Qwen3's attention_bias also puts a bias "
+                             "on o_proj, and minillm's is Qwen2's (q, k and v only)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads ({self.num_key_value_heads}) must divide "
                              f"num_attention_heads ({self.num_attention_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim = hidden_size / num_attention_heads = {self.head_dim} must be even for "
-                             "rotary embeddings")
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
         if not self.rms_norm_eps > 0:
@@ -94,15 +104,10 @@ class LMConfig:
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
                 raise ValueError(f"{name} ({value}) must be a valid id below vocab_size ({self.vocab_size})")
 
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.hidden_size // self.num_attention_heads
-
     def shape(self) -> dict[str, Any]:
         """The fields that decide the weights' names and shapes (what a checkpoint must match)."""
         keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "tie_word_embeddings", "attention_bias")
+                "intermediate_size", "head_dim", "tie_word_embeddings", "attention_bias", "qk_norm")
         return {k: getattr(self, k) for k in keys}
 
     # --- minillm's own JSON -------------------------------------------------------------------------
@@ -130,11 +135,12 @@ class LMConfig:
 
     # --- Hugging Face config.json -------------------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
-        """A Hugging Face config.json: Llama keys, or Qwen2 when attention_bias is set."""
-        qwen2 = self.attention_bias
+        """A Hugging Face config.json: Llama keys, Qwen2 when attention_bias is set, Qwen3 when qk_norm is."""
+        model_type = self.hf_model_type()
         d: dict[str, Any] = {
-            "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-            "model_type": "qwen2" if qwen2 else "llama",
+            "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                               "qwen3": "Qwen3ForCausalLM"}[model_type]],
+            "model_type": model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -156,25 +162,31 @@ class LMConfig:
             "initializer_range": self.initializer_range,
             "use_cache": True,
         }
-        if qwen2:
+        if model_type in ("qwen2", "qwen3"):
             d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
-        else:
+        if model_type == "qwen3":
+            d.update(attention_bias=False)
+        elif model_type == "llama":
             d.update(attention_bias=False, mlp_bias=False)
         d["minillm"] = {"dropout": self.dropout, "trained_context": self.trained_context,
                         "chat_trained": self.chat_trained}
         return d
 
+    def hf_model_type(self) -> str:
+        """The Hugging Face family this config saves as: qwen3 (QK-norm), qwen2 (q/k/v bias) or llama."""
+        return "qwen3" if self.qk_norm else "qwen2" if self.attention_bias else "llama"
+
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> LMConfig:
-        """Read a Hugging Face Llama or Qwen2 config.json; unsupported variants raise a clear error."""
+        """Read a Hugging Face Llama, Qwen2 or Qwen3 config.json; unsupported variants raise a clear error."""
         if not isinstance(d, dict):
             raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         missing = [k for k in _REQUIRED_HF_KEYS if k not in d]
         if missing:
             raise ValueError(f"missing required key{'s' * (len(missing) > 1)} {', '.join(missing)}")
         model_type = d.get("model_type", "llama")
-        if model_type not in ("llama", "qwen2"):
-            raise ValueError(f"unsupported model_type {model_type!r}: minillm loads Llama and Qwen2 layouts")
+        if model_type not in ("llama", "qwen2", "qwen3"):
+            raise ValueError(f"unsupported model_type {model_type!r}: minillm loads Llama, Qwen2 and Qwen3 layouts")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {d['hidden_act']!r}: minillm's MLP is SwiGLU (silu)")
         if d.get("mlp_bias"):
@@ -182,8 +194,10 @@ class LMConfig:
         if model_type == "llama" and d.get("attention_bias"):
             raise ValueError("Llama with attention_bias=true (bias on o_proj too) is not supported; "
                              "minillm's attention_bias is the Qwen2 layout (q, k, v only)")
-        if model_type == "qwen2" and d.get("use_sliding_window"):
-            raise ValueError("Qwen2 sliding-window attention is not supported")
+        if model_type == "qwen3" and d.get("attention_bias"):
+            raise ValueError("Qwen3 with attention_bias=true (bias on o_proj too) is not supported")
+        if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+            raise ValueError(f"{model_type} sliding-window attention is not supported")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise ValueError(f"rope_scaling must be an object such as {{\"rope_type\": \"default\"}}, got {rope!r}")
@@ -207,12 +221,14 @@ class LMConfig:
             num_attention_heads=heads,
             num_key_value_heads=d.get("num_key_value_heads") or heads,
             intermediate_size=d["intermediate_size"],
+            head_dim=d.get("head_dim"),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             rope_theta=theta,
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             dropout=extra.get("dropout", d.get("attention_dropout", 0.0)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
             bos_token_id=one_id(d.get("bos_token_id"), eos),
             eos_token_id=eos,
             pad_token_id=one_id(d.get("pad_token_id"), eos),
@@ -220,6 +236,4 @@ class LMConfig:
             trained_context=extra.get("trained_context"),
             chat_trained=extra.get("chat_trained"),
         )
-        if d.get("head_dim") not in (None, config.head_dim):
-            raise ValueError(f"head_dim {d['head_dim']} != hidden_size / num_attention_heads is not supported")
         return config

@@ -65,7 +65,7 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: LMConfig) -> d
 
 def from_hf_state_dict(hf: Mapping[str, torch.Tensor], config: LMConfig,
                        dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Rename (and fuse) Hugging Face Llama/Qwen2 tensors into a MiniLLM state dict, cast to `dtype` if given.
+    """Rename (and fuse) Hugging Face Llama/Qwen2/Qwen3 tensors into a MiniLLM state dict, cast to `dtype` if given.
 
     Each tensor of `hf` is read once: with a lazy mapping (SafetensorsCheckpoint) the checkpoint is never
     in memory twice, only the tensors of one fused matrix on top of the model.

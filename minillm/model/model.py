@@ -1,4 +1,4 @@
-"""MiniLLM: a Llama-style decoder written by hand (RMSNorm, RoPE, GQA, SwiGLU, tied embeddings, KV cache).
+"""MiniLLM: a Llama-style decoder written by hand (RMSNorm, RoPE, GQA, SwiGLU, tied embeddings, KV cache, QK-norm).
 
 Shapes are named in suffixes: B batch, T new tokens, S cached + new tokens, C hidden size,
 H query heads, K key/value heads, D head dim, V vocabulary.
@@ -182,6 +182,10 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_out, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:  # Qwen3: each head's queries and keys normalised over head_dim before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x_BTC: torch.Tensor, cos_T1D: torch.Tensor, sin_T1D: torch.Tensor,
                 kv_cache: KVCache | SlotKVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -190,7 +194,10 @@ class Attention(nn.Module):
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv_BTND = self.qkv_proj(x_BTC).view(B, T, H + 2 * K, D)  # N = H query + K key + K value heads
         # Queries and keys rotate in one call (half the kernels of rotating them apart).
-        qk_BTND = apply_rope(qkv_BTND[:, :, :H + K], cos_T1D, sin_T1D)
+        qk_BTND = qkv_BTND[:, :, :H + K]
+        if self.qk_norm:
+            qk_BTND = torch.cat([self.q_norm(qk_BTND[:, :, :H]), self.k_norm(qk_BTND[:, :, H:])], dim=2)
+        qk_BTND = apply_rope(qk_BTND, cos_T1D, sin_T1D)
         q_BHTD = qk_BTND[:, :, :H].transpose(1, 2)
         k_BKTD = qk_BTND[:, :, H:].transpose(1, 2)
         v_BKTD = qkv_BTND[:, :, H + K:].transpose(1, 2)
@@ -264,7 +271,7 @@ class ModelOutput:
 
 
 class MiniLLM(nn.Module):
-    """A decoder-only language model whose weights map one to one onto Hugging Face's Llama/Qwen2."""
+    """A decoder-only language model whose weights map one to one onto Hugging Face's Llama/Qwen2/Qwen3."""
 
     def __init__(self, config: LMConfig):
         super().__init__()
@@ -370,7 +377,7 @@ class MiniLLM(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None) -> MiniLLM:
-        """Load minillm's output or a Hugging Face Llama/Qwen2 checkpoint (safetensors only)."""
+        """Load minillm's output or a Hugging Face Llama/Qwen2/Qwen3 checkpoint (safetensors only)."""
         from minillm.model.hf import load_pretrained
 
         return load_pretrained(cls, directory, dtype=dtype, device=device)
