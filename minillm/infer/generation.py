@@ -7,7 +7,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from minillm.model.model import KVCache, MiniLLM
+from minillm.model.kv_cache import KVCache
+from minillm.model.model import MiniLLM
 
 
 def _penalise_repeats(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -26,7 +26,8 @@ from minillm.data.tokenizer import Tokenizer
 from minillm.device import available_memory
 from minillm.infer.chat import StreamDecoder
 from minillm.infer.generation import next_token
-from minillm.model.model import KVCache, MiniLLM, SlotKVCache
+from minillm.model.kv_cache import KVCache, SlotKVCache
+from minillm.model.model import MiniLLM
 
 
 @dataclass(frozen=True)

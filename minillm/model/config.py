@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,22 @@ class LMConfig:
     qk_norm: bool = False
     """RMSNorm over each head's queries and keys (one weight per head_dim) before RoPE: the Qwen3 layout, saved as
     Qwen3ForCausalLM."""
+    num_experts: int = 0
+    """Experts of each sparse feed-forward layer (Mixture of Experts, the Qwen3-MoE layout; needs qk_norm); 0: dense."""
+    num_experts_per_tok: int = 2
+    """Experts each token is routed to (top-k of a softmax router)."""
+    moe_intermediate_size: int | None = None
+    """Hidden width of each expert's SwiGLU; None: intermediate_size / num_experts_per_tok, rounded up to 64."""
+    decoder_sparse_step: int = 1
+    """Layer i (0-based) is sparse when (i + 1) is a multiple of this and i is not in mlp_only_layers."""
+    mlp_only_layers: list[int] = field(default_factory=list)
+    """Layers that stay dense in a MoE model."""
+    norm_topk_prob: bool = True
+    """Renormalise each token's top-k router probabilities to sum to 1."""
+    router_aux_loss_coef: float = 0.001
+    """Weight of the load-balancing loss (Switch Transformer's, as transformers computes it) in the training loss."""
+    router_z_loss_coef: float = 0.0
+    """Weight of the router z-loss (mean squared logsumexp of the router logits, ST-MoE); 0: off."""
     bos_token_id: int = 0
     """Id that starts a sequence (minillm uses <|endoftext|> as the document separator and prefix)."""
     eos_token_id: int = 0
@@ -81,6 +97,7 @@ class LMConfig:
         for name in ("tie_word_embeddings", "attention_bias", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LMConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        self._check_experts()
         if self.qk_norm and self.attention_bias:
             raise ValueError("qk_norm with attention_bias is not supported: Qwen3's attention_bias also puts a bias "
                              "on o_proj, and minillm's is Qwen2's (q, k and v only)")
@@ -104,10 +121,41 @@ class LMConfig:
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
                 raise ValueError(f"{name} ({value}) must be a valid id below vocab_size ({self.vocab_size})")
 
+    def _check_experts(self) -> None:
+        if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 0:
+            raise ValueError(f"num_experts must be an integer >= 0, got {self.num_experts!r}")
+        if not self.num_experts:
+            return
+        if not self.qk_norm:
+            raise ValueError("a Mixture of Experts model is saved in the Qwen3-MoE layout, which has QK-norm: "
+                             "set qk_norm too (--qk_norm)")
+        if not isinstance(self.num_experts_per_tok, int) or not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok must be between 1 and num_experts ({self.num_experts}), got "
+                             f"{self.num_experts_per_tok!r}")
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = 64 * math.ceil(self.intermediate_size / self.num_experts_per_tok / 64)
+        if not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size <= 0:
+            raise ValueError(f"moe_intermediate_size must be a positive integer, got {self.moe_intermediate_size!r}")
+        if not isinstance(self.decoder_sparse_step, int) or self.decoder_sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step must be an integer >= 1, got {self.decoder_sparse_step!r}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if not self.sparse_layers():
+            raise ValueError("num_experts is set but decoder_sparse_step and mlp_only_layers leave no sparse layer")
+
+    def sparse_layers(self) -> list[int]:
+        """The layers whose feed-forward is a Mixture of Experts (Qwen3-MoE's rule)."""
+        if not self.num_experts:
+            return []
+        return [i for i in range(self.num_hidden_layers)
+                if (i + 1) % self.decoder_sparse_step == 0 and i not in self.mlp_only_layers]
+
     def shape(self) -> dict[str, Any]:
         """The fields that decide the weights' names and shapes (what a checkpoint must match)."""
         keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "head_dim", "tie_word_embeddings", "attention_bias", "qk_norm")
+                "intermediate_size", "head_dim", "tie_word_embeddings", "attention_bias", "qk_norm", "num_experts",
+                "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers")
         return {k: getattr(self, k) for k in keys}
 
     # --- minillm's own JSON -------------------------------------------------------------------------
@@ -139,7 +187,7 @@ class LMConfig:
         model_type = self.hf_model_type()
         d: dict[str, Any] = {
             "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                               "qwen3": "Qwen3ForCausalLM"}[model_type]],
+                               "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[model_type]],
             "model_type": model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -162,18 +210,27 @@ class LMConfig:
             "initializer_range": self.initializer_range,
             "use_cache": True,
         }
-        if model_type in ("qwen2", "qwen3"):
+        if model_type != "llama":
             d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
-        if model_type == "qwen3":
+        if model_type in ("qwen3", "qwen3_moe"):
             d.update(attention_bias=False)
+        if model_type == "qwen3_moe":
+            d.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                     moe_intermediate_size=self.moe_intermediate_size, decoder_sparse_step=self.decoder_sparse_step,
+                     mlp_only_layers=list(self.mlp_only_layers), norm_topk_prob=self.norm_topk_prob,
+                     router_aux_loss_coef=self.router_aux_loss_coef, output_router_logits=False)
         elif model_type == "llama":
             d.update(attention_bias=False, mlp_bias=False)
         d["minillm"] = {"dropout": self.dropout, "trained_context": self.trained_context,
                         "chat_trained": self.chat_trained}
+        if self.router_z_loss_coef:
+            d["minillm"]["router_z_loss_coef"] = self.router_z_loss_coef
         return d
 
     def hf_model_type(self) -> str:
         """The Hugging Face family this config saves as: qwen3 (QK-norm), qwen2 (q/k/v bias) or llama."""
+        if self.num_experts:
+            return "qwen3_moe"
         return "qwen3" if self.qk_norm else "qwen2" if self.attention_bias else "llama"
 
     @classmethod
@@ -185,8 +242,9 @@ class LMConfig:
         if missing:
             raise ValueError(f"missing required key{'s' * (len(missing) > 1)} {', '.join(missing)}")
         model_type = d.get("model_type", "llama")
-        if model_type not in ("llama", "qwen2", "qwen3"):
-            raise ValueError(f"unsupported model_type {model_type!r}: minillm loads Llama, Qwen2 and Qwen3 layouts")
+        if model_type not in ("llama", "qwen2", "qwen3", "qwen3_moe"):
+            raise ValueError(f"unsupported model_type {model_type!r}: minillm loads Llama, Qwen2, Qwen3 and "
+                             "Qwen3-MoE layouts")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {d['hidden_act']!r}: minillm's MLP is SwiGLU (silu)")
         if d.get("mlp_bias"):
@@ -194,9 +252,9 @@ class LMConfig:
         if model_type == "llama" and d.get("attention_bias"):
             raise ValueError("Llama with attention_bias=true (bias on o_proj too) is not supported; "
                              "minillm's attention_bias is the Qwen2 layout (q, k, v only)")
-        if model_type == "qwen3" and d.get("attention_bias"):
-            raise ValueError("Qwen3 with attention_bias=true (bias on o_proj too) is not supported")
-        if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+        if model_type in ("qwen3", "qwen3_moe") and d.get("attention_bias"):
+            raise ValueError(f"{model_type} with attention_bias=true (bias on o_proj too) is not supported")
+        if model_type != "llama" and d.get("use_sliding_window"):
             raise ValueError(f"{model_type} sliding-window attention is not supported")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if not isinstance(rope, dict):
@@ -214,6 +272,19 @@ class LMConfig:
 
         extra = d.get("minillm") or {}
         eos = one_id(d.get("eos_token_id"), 0)
+
+        def moe_fields(d: dict[str, Any]) -> dict[str, Any]:
+            experts = d.get("num_experts", d.get("num_local_experts"))
+            if not experts:
+                raise ValueError("qwen3_moe config.json without num_experts")
+            return {"num_experts": experts, "num_experts_per_tok": d.get("num_experts_per_tok", 8),
+                    "moe_intermediate_size": d.get("moe_intermediate_size"),
+                    "decoder_sparse_step": d.get("decoder_sparse_step", 1),
+                    "mlp_only_layers": list(d.get("mlp_only_layers") or []),
+                    "norm_topk_prob": bool(d.get("norm_topk_prob", False)),
+                    "router_aux_loss_coef": d.get("router_aux_loss_coef", 0.001),
+                    "router_z_loss_coef": extra.get("router_z_loss_coef", 0.0)}
+
         config = cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -228,7 +299,8 @@ class LMConfig:
             dropout=extra.get("dropout", d.get("attention_dropout", 0.0)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=model_type == "qwen2",
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            **(moe_fields(d) if model_type == "qwen3_moe" else {}),
             bos_token_id=one_id(d.get("bos_token_id"), eos),
             eos_token_id=eos,
             pad_token_id=one_id(d.get("pad_token_id"), eos),

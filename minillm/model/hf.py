@@ -41,6 +41,36 @@ class CheckpointError(ValueError):
 
 
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)$")
+_EXPERTS_KEY = re.compile(r"layers\.(\d+)\.mlp\.(gate_up_proj|down_proj)$")  # a MoE layer's stacked experts
+
+
+def _split_experts(layer: str, kind: str, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A MoE layer's stacked [E, 2F, C] gate|up or [E, C, F] down matrices as transformers' per-expert tensors."""
+    prefix = f"model.layers.{layer}.mlp.experts"
+    out = {}
+    for e, matrix in enumerate(stacked):
+        if kind == "gate_up_proj":
+            gate, up = matrix.chunk(2, dim=0)
+            out[f"{prefix}.{e}.gate_proj.weight"], out[f"{prefix}.{e}.up_proj.weight"] = gate, up
+        else:
+            out[f"{prefix}.{e}.down_proj.weight"] = matrix
+    return out
+
+
+def _stack_experts(hf: Mapping[str, torch.Tensor], layer: int, num_experts: int, left: set[str],
+                   cast) -> dict[str, torch.Tensor]:
+    """The per-expert tensors of one MoE layer, stacked as minillm keeps them (and marked as placed)."""
+    prefix = f"model.layers.{layer}.mlp.experts"
+    names = {part: [f"{prefix}.{e}.{part}.weight" for e in range(num_experts)]
+             for part in ("gate_proj", "up_proj", "down_proj")}
+    missing = [n for group in names.values() for n in group if n not in left]
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {', '.join(missing[:4])}")
+    for group in names.values():
+        left.difference_update(group)
+    gate_up = [torch.cat([hf[g], hf[u]], dim=0) for g, u in zip(names["gate_proj"], names["up_proj"])]
+    return {f"layers.{layer}.mlp.gate_up_proj": cast(torch.stack(gate_up)),
+            f"layers.{layer}.mlp.down_proj": cast(torch.stack([hf[d] for d in names["down_proj"]]))}
 
 
 def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: LMConfig) -> dict[str, torch.Tensor]:
@@ -51,6 +81,10 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: LMConfig) -> d
         if name == "lm_head.weight":
             if not config.tie_word_embeddings:
                 out[name] = tensor
+            continue
+        experts = _EXPERTS_KEY.match(name)
+        if experts:
+            out.update(_split_experts(*experts.groups(), tensor))
             continue
         m = _LAYER_KEY.match(name)
         if m and m.group(2) in fused:
@@ -74,7 +108,10 @@ def from_hf_state_dict(hf: Mapping[str, torch.Tensor], config: LMConfig,
     # The names not placed yet (old checkpoints also keep rotary_emb.inv_freq, which is derived).
     left = {k for k in hf if not k.endswith("rotary_emb.inv_freq")}
     out: dict[str, torch.Tensor] = {}
+    sparse = set(config.sparse_layers())
     for layer in range(config.num_hidden_layers):
+        if layer in sparse:
+            out.update(_stack_experts(hf, layer, config.num_experts, left, cast))
         for module, parts in _fused_parts(config).items():
             for kind in ("weight", "bias"):
                 names = [f"model.layers.{layer}.{hf_module}.{kind}" for hf_module, _ in parts]

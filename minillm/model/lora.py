@@ -209,6 +209,8 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
                 continue
             parent_path, attr = path.rsplit(".", 1)
             parent = block.get_submodule(parent_path)
+            if not isinstance(getattr(parent, attr), nn.Linear):  # a MoE layer's stacked experts: not adapted
+                continue
             setattr(parent, attr, LoRALinear(getattr(parent, attr), slices, adapted, r, alpha, dropout))
     model.lora_config = LoRAConfig(r=r, alpha=float(alpha), dropout=float(dropout), targets=targets)
     return model

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minillm.model.config import LMConfig
+from minillm.model.kv_cache import KVCache, SlotKVCache
 from minillm.model.loss import chunked_cross_entropy, masked_cross_entropy
+from minillm.model.moe import MoE, RouterStats, load_balancing_loss, router_z_loss
 
 
 class RMSNorm(nn.Module):
@@ -53,107 +55,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
-
-
-class KVCache:
-    """Preallocated key/value buffers for incremental decoding: one [B, K, max_len, D] pair per layer."""
-
-    def __init__(self, config: LMConfig, batch_size: int, max_len: int | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
-        max_len = max_len or config.max_position_embeddings
-        if max_len > config.max_position_embeddings:
-            raise ValueError(f"KV cache length {max_len} exceeds max_position_embeddings "
-                             f"({config.max_position_embeddings})")
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.max_len = max_len
-        self.pos = 0  # number of positions already filled
-
-    @staticmethod
-    def nbytes(config: LMConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32) -> int:
-        """Bytes the buffers of such a cache take."""
-        per_layer = batch_size * config.num_key_value_heads * max_len * config.head_dim * 2
-        return per_layer * config.num_hidden_layers * dtype.itemsize
-
-    @classmethod
-    def over(cls, k: list[torch.Tensor], v: list[torch.Tensor]) -> KVCache:
-        """An empty cache writing into existing per-layer buffers (e.g. one slot of a SlotKVCache)."""
-        cache = cls.__new__(cls)
-        cache.k, cache.v, cache.max_len, cache.pos = k, v, k[0].shape[2], 0
-        return cache
-
-    def rope_index(self, T: int) -> slice:
-        """Positions of the next T tokens, as an index into the RoPE tables."""
-        return slice(self.pos, self.pos + T)
-
-    def advance(self, T: int) -> None:
-        """Count T more filled positions (after every layer has written them)."""
-        self.pos += T
-
-    def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys/values after the cached ones; return all of them so far."""
-        end = self.pos + k_BKTD.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer][:, :, self.pos:end] = k_BKTD
-        self.v[layer][:, :, self.pos:end] = v_BKTD
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
-class SlotKVCache:
-    """KV buffers for a server's batch: B slots, each holding one sequence at its own length.
-
-    A decode step feeds one token per slot. Each slot writes at its own position and attends over its own
-    length only, row by row, so a sequence's arithmetic is the same whatever shares the batch; idle slots
-    (`active` False) compute nothing in attention and their outputs are ignored.
-    """
-
-    def __init__(self, config: LMConfig, slots: int, max_len: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32):
-        self.cache = KVCache(config, slots, max_len, device=device, dtype=dtype)
-        self.lengths = [0] * slots  # filled positions per slot
-        self.active = [False] * slots
-
-    def slot(self, b: int) -> KVCache:
-        """A batch-of-one cache over slot b's buffers, empty, for prefilling a new sequence there."""
-        self.lengths[b] = 0
-        return KVCache.over([k[b:b + 1] for k in self.cache.k], [v[b:b + 1] for v in self.cache.v])
-
-    def rope_index(self, T: int) -> torch.Tensor:
-        """Each slot's position for its one new token, [B, 1]."""
-        if T != 1:
-            raise ValueError(f"a SlotKVCache decodes one token per slot, got {T}")
-        return torch.tensor(self.lengths, device=self.cache.k[0].device)[:, None]
-
-    def advance(self, T: int) -> None:
-        """Count the token each active slot has just written."""
-        for b, on in enumerate(self.active):
-            self.lengths[b] += on
-
-    def attend(self, layer: int, q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> torch.Tensor:
-        """Write each slot's new key/value at its position; attention output [B, H, 1, D] row by row."""
-        B = q_BHTD.shape[0]
-        if max(self.lengths) >= self.cache.max_len:
-            raise ValueError(f"KV cache is full: a slot needs position {max(self.lengths)}, "
-                             f"{self.cache.max_len} allocated")
-        rows = torch.arange(B, device=q_BHTD.device)
-        pos_B = torch.tensor(self.lengths, device=q_BHTD.device)
-        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        k_cache[rows, :, pos_B] = k_BKTD[:, :, 0]
-        v_cache[rows, :, pos_B] = v_BKTD[:, :, 0]
-        H, D = q_BHTD.shape[1], q_BHTD.shape[3]
-        K = k_BKTD.shape[1]
-        # The loop below is the cost of exactness: a few small kernels per active row and layer. The scale
-        # is applied once for all rows (elementwise, so row-invariant).
-        q_BKGD = (q_BHTD * D**-0.5).reshape(B, K, H // K, D)
-        y_BHTD = torch.zeros_like(q_BHTD)
-        for b in range(B):
-            if self.active[b]:
-                S = self.lengths[b] + 1
-                probs_KGS = (q_BKGD[b] @ k_cache[b, :, :S].transpose(-1, -2)).softmax(-1, dtype=torch.float32)
-                y_BHTD[b] = (probs_KGS.to(v_cache.dtype) @ v_cache[b, :, :S]).reshape(H, 1, D)
-        return y_BHTD
 
 
 def decode_attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor) -> torch.Tensor:
@@ -249,7 +150,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if layer in config.sparse_layers() else MLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x_BTC: torch.Tensor, cos_T1D: torch.Tensor, sin_T1D: torch.Tensor,
@@ -301,7 +202,8 @@ class MiniLLM(nn.Module):
         depth_std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
         for block in self.layers:
             nn.init.normal_(block.self_attn.o_proj.weight, mean=0.0, std=depth_std)
-            nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=depth_std)
+            down = block.mlp.down_proj
+            nn.init.normal_(down if isinstance(down, nn.Parameter) else down.weight, mean=0.0, std=depth_std)
 
     def tie_weights(self) -> None:
         """Make the LM head share the embedding matrix when the config ties them."""
@@ -324,6 +226,8 @@ class MiniLLM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, MoE):  # the stacked experts (the router is an nn.Linear, above)
+            nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of distinct parameters (a tied matrix counts once)."""
@@ -358,14 +262,28 @@ class MiniLLM(nn.Module):
                 x_BTC = block(x_BTC, cos_T1D, sin_T1D, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
+        logits_BTV, loss = None, None
         if labels is not None and loss_chunk > 0:
-            return ModelOutput(logits=None, loss=chunked_cross_entropy(self.lm_head, self.norm(x_BTC), labels,
-                                                                       loss_mask, loss_chunk))
-        logits_BTV = self.lm_head(self.norm(x_BTC))
-        loss = None
-        if labels is not None:
-            loss = masked_cross_entropy(logits_BTV, labels, loss_mask)
+            loss = chunked_cross_entropy(self.lm_head, self.norm(x_BTC), labels, loss_mask, loss_chunk)
+        else:
+            logits_BTV = self.lm_head(self.norm(x_BTC))
+            if labels is not None:
+                loss = masked_cross_entropy(logits_BTV, labels, loss_mask)
+        if loss is not None and self.config.num_experts:  # transformers adds it to the loss the same way
+            loss = loss + self.router_loss()
         return ModelOutput(logits=logits_BTV, loss=loss)
+
+    def router_stats(self) -> list[RouterStats]:
+        """The routing of each sparse layer in the last forward pass."""
+        return [block.mlp.last_stats for block in self.layers if isinstance(block.mlp, MoE)]
+
+    def router_loss(self) -> torch.Tensor:
+        """router_aux_loss_coef x the load-balancing loss (+ router_z_loss_coef x the z-loss) of the last forward."""
+        stats = self.router_stats()
+        loss = self.config.router_aux_loss_coef * load_balancing_loss(stats, self.config.num_experts)
+        if self.config.router_z_loss_coef:
+            loss = loss + self.config.router_z_loss_coef * router_z_loss(stats)
+        return loss
 
     # --- checkpoints in the Hugging Face layout --------------------------------------------------------
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:

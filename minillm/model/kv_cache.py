@@ -1,0 +1,109 @@
+"""KV caches for incremental decoding: KVCache (one sequence length for the batch) and SlotKVCache (a server's
+batch, each slot at its own length). Shapes: B batch, K key/value heads, T new tokens, D head dim."""
+
+from __future__ import annotations
+
+import torch
+
+from minillm.model.config import LMConfig
+
+
+class KVCache:
+    """Preallocated key/value buffers for incremental decoding: one [B, K, max_len, D] pair per layer."""
+
+    def __init__(self, config: LMConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        max_len = max_len or config.max_position_embeddings
+        if max_len > config.max_position_embeddings:
+            raise ValueError(f"KV cache length {max_len} exceeds max_position_embeddings "
+                             f"({config.max_position_embeddings})")
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.pos = 0  # number of positions already filled
+
+    @staticmethod
+    def nbytes(config: LMConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes the buffers of such a cache take."""
+        per_layer = batch_size * config.num_key_value_heads * max_len * config.head_dim * 2
+        return per_layer * config.num_hidden_layers * dtype.itemsize
+
+    @classmethod
+    def over(cls, k: list[torch.Tensor], v: list[torch.Tensor]) -> KVCache:
+        """An empty cache writing into existing per-layer buffers (e.g. one slot of a SlotKVCache)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_len, cache.pos = k, v, k[0].shape[2], 0
+        return cache
+
+    def rope_index(self, T: int) -> slice:
+        """Positions of the next T tokens, as an index into the RoPE tables."""
+        return slice(self.pos, self.pos + T)
+
+    def advance(self, T: int) -> None:
+        """Count T more filled positions (after every layer has written them)."""
+        self.pos += T
+
+    def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys/values after the cached ones; return all of them so far."""
+        end = self.pos + k_BKTD.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer][:, :, self.pos:end] = k_BKTD
+        self.v[layer][:, :, self.pos:end] = v_BKTD
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class SlotKVCache:
+    """KV buffers for a server's batch: B slots, each holding one sequence at its own length.
+
+    A decode step feeds one token per slot. Each slot writes at its own position and attends over its own
+    length only, row by row, so a sequence's arithmetic is the same whatever shares the batch; idle slots
+    (`active` False) compute nothing in attention and their outputs are ignored.
+    """
+
+    def __init__(self, config: LMConfig, slots: int, max_len: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        self.cache = KVCache(config, slots, max_len, device=device, dtype=dtype)
+        self.lengths = [0] * slots  # filled positions per slot
+        self.active = [False] * slots
+
+    def slot(self, b: int) -> KVCache:
+        """A batch-of-one cache over slot b's buffers, empty, for prefilling a new sequence there."""
+        self.lengths[b] = 0
+        return KVCache.over([k[b:b + 1] for k in self.cache.k], [v[b:b + 1] for v in self.cache.v])
+
+    def rope_index(self, T: int) -> torch.Tensor:
+        """Each slot's position for its one new token, [B, 1]."""
+        if T != 1:
+            raise ValueError(f"a SlotKVCache decodes one token per slot, got {T}")
+        return torch.tensor(self.lengths, device=self.cache.k[0].device)[:, None]
+
+    def advance(self, T: int) -> None:
+        """Count the token each active slot has just written."""
+        for b, on in enumerate(self.active):
+            self.lengths[b] += on
+
+    def attend(self, layer: int, q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> torch.Tensor:
+        """Write each slot's new key/value at its position; attention output [B, H, 1, D] row by row."""
+        B = q_BHTD.shape[0]
+        if max(self.lengths) >= self.cache.max_len:
+            raise ValueError(f"KV cache is full: a slot needs position {max(self.lengths)}, "
+                             f"{self.cache.max_len} allocated")
+        rows = torch.arange(B, device=q_BHTD.device)
+        pos_B = torch.tensor(self.lengths, device=q_BHTD.device)
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        k_cache[rows, :, pos_B] = k_BKTD[:, :, 0]
+        v_cache[rows, :, pos_B] = v_BKTD[:, :, 0]
+        H, D = q_BHTD.shape[1], q_BHTD.shape[3]
+        K = k_BKTD.shape[1]
+        # The loop below is the cost of exactness: a few small kernels per active row and layer. The scale
+        # is applied once for all rows (elementwise, so row-invariant).
+        q_BKGD = (q_BHTD * D**-0.5).reshape(B, K, H // K, D)
+        y_BHTD = torch.zeros_like(q_BHTD)
+        for b in range(B):
+            if self.active[b]:
+                S = self.lengths[b] + 1
+                probs_KGS = (q_BKGD[b] @ k_cache[b, :, :S].transpose(-1, -2)).softmax(-1, dtype=torch.float32)
+                y_BHTD[b] = (probs_KGS.to(v_cache.dtype) @ v_cache[b, :, :S]).reshape(H, 1, D)
+        return y_BHTD
