@@ -35,7 +35,9 @@ from minillm.train.trainer import train
 
 # Flags that shape a new model; with --init_from the loaded model's values hold and a different value is an error.
 NEW_MODEL_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "dropout",
-                   "qk_norm")
+                   "qk_norm", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
+                   "norm_topk_prob", "router_aux_loss_coef", "router_z_loss_coef")
+_FLOAT_FLAGS, _BOOL_FLAGS = ("dropout", "router_aux_loss_coef", "router_z_loss_coef"), ("qk_norm", "norm_topk_prob")
 
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass, read from its source (one text for readers and --help)."""
@@ -98,7 +100,7 @@ def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
                                "memory maps (default: %(default)s)")
     model = p.add_argument_group("model")
     model.add_argument("--init_from", default=d.get("init_from"),
-                       help="Start from this model directory (minillm or Hugging Face Llama/Qwen2 safetensors) "
+                       help="Start from this model directory (minillm or Hugging Face Llama/Qwen2/Qwen3/Qwen3-MoE safetensors) "
                             + ("instead of random weights" if kind == "pretrain" else "(default: %(default)s)"))
     docs, new_config = field_docs(LMConfig), LMConfig()
     # The stage's shape for a new model (d may name one); the flags themselves default to None so that with
@@ -106,8 +108,8 @@ def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
     shape = {name: d.get(name, getattr(new_config, name)) for name in NEW_MODEL_FLAGS}
     p.set_defaults(new_model_shape=shape)
     for name in NEW_MODEL_FLAGS:
-        kind_of = ({"action": argparse.BooleanOptionalAction} if name == "qk_norm"
-                   else {"type": float if name == "dropout" else int})
+        kind_of = ({"action": argparse.BooleanOptionalAction} if name in _BOOL_FLAGS
+                   else {"type": float if name in _FLOAT_FLAGS else int})
         model.add_argument(f"--{name}", default=None, **kind_of,
                            help=f"{docs[name]} New model only: with --init_from it must match the loaded "
                                 f"model or be left out (default: {shape[name]})")
@@ -191,6 +193,8 @@ def _build_model(args, tokenizer: Tokenizer) -> MiniLLM:
         _check_new_model_flags(args, model)
         return model.train()
     given = {k: args.new_model_shape[k] if getattr(args, k) is None else getattr(args, k) for k in NEW_MODEL_FLAGS}
+    if given["num_experts"] and args.qk_norm is None:
+        given["qk_norm"] = True  # the Qwen3-MoE layout has QK-norm
     config = LMConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=max(2048, args.max_length),
                       bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
                       **given)

@@ -47,7 +47,8 @@ class LMConfig:
     """RMSNorm over each head's queries and keys (one weight per head_dim) before RoPE: the Qwen3 layout, saved as
     Qwen3ForCausalLM."""
     num_experts: int = 0
-    """Experts of each sparse feed-forward layer (Mixture of Experts, the Qwen3-MoE layout; needs qk_norm); 0: dense."""
+    """Experts of each sparse feed-forward layer (Mixture of Experts, saved in the Qwen3-MoE layout, which has QK-norm:
+    the training scripts turn --qk_norm on with it); 0: dense."""
     num_experts_per_tok: int = 2
     """Experts each token is routed to (top-k of a softmax router)."""
     moe_intermediate_size: int | None = None

@@ -15,6 +15,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from minillm.model.model import MiniLLM
+from minillm.model.moe import expert_load, load_balancing_loss
 
 
 class ObjectiveOutput(NamedTuple):
@@ -46,14 +47,28 @@ class Objective(Protocol):
         """The micro-batch's mean loss and metric sums; runs under the loop's autocast."""
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The MiniLLM inside DDP and torch.compile wrappers."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module) or hasattr(model, "_orig_mod"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
 class LanguageModeling:
-    """Next-token cross-entropy over the learned tokens: pretraining and SFT."""
+    """Next-token cross-entropy over the learned tokens: pretraining and SFT.
+
+    For a Mixture of Experts model the loss also holds router_aux_loss_coef x the load-balancing loss of each
+    micro-batch (weighted like the micro-batch's tokens, so it is added once per step), and the metrics are
+    that loss (moe/aux_loss) and the share of routing slots each expert got (moe/load_E), pooled over layers.
+    """
 
     metric_names: tuple[str, ...] = ()
 
     def prepare(self, model: MiniLLM, dataset: torch.utils.data.Dataset, device: torch.device,
                 amp_dtype: torch.dtype) -> None:
-        """Nothing to prepare."""
+        """The MoE metrics, when the model has experts."""
+        experts = model.config.num_experts
+        self.metric_names = ("moe/aux_loss", *(f"moe/load_{e}" for e in range(experts))) if experts else ()
 
     def units(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The learned tokens (loss_mask ones)."""
@@ -63,4 +78,10 @@ class LanguageModeling:
                  ) -> ObjectiveOutput:
         """The token-mean cross-entropy of the micro-batch."""
         x_BT, y_BT, m_BT = batch
-        return ObjectiveOutput(model(x_BT, labels=y_BT, loss_mask=m_BT, loss_chunk=loss_chunk).loss, {})
+        loss = model(x_BT, labels=y_BT, loss_mask=m_BT, loss_chunk=loss_chunk).loss
+        if not self.metric_names:
+            return ObjectiveOutput(loss, {})
+        inner = unwrapped(model)
+        stats, units = inner.router_stats(), m_BT.sum().float()
+        values = [load_balancing_loss(stats, inner.config.num_experts), *expert_load(stats, inner.config.num_experts)]
+        return ObjectiveOutput(loss, {name: v.detach() * units for name, v in zip(self.metric_names, values)})

@@ -117,7 +117,7 @@ class Progress:
         tok_s = self._window_tokens / max(now - self._t_window, 1e-9)
         self.bar.update(1)
         shown = {name.replace("rewards/", ""): f"{value:.3f}" for name, value in metrics.items()
-                 if "logps" not in name and not name.startswith(("rollout_", "completions/", "clip", "kl"))}
+                 if "logps" not in name and not name.startswith(("rollout_", "completions/", "clip", "kl", "moe/load_"))}
         self.bar.set_postfix(loss=f"{loss:.4f}", **shown, lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if step % self.log_every == 0:
             self.tokens += self._window_tokens
