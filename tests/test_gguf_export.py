@@ -176,8 +176,8 @@ def expected_gguf_tensors(model_dir) -> dict[str, torch.Tensor]:
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
-    out = {}
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"}
+    out, experts = {}, {}
     for name, t in hf.items():
         t = t.float()
         if name == "model.embed_tokens.weight":
@@ -188,17 +188,25 @@ def expected_gguf_tensors(model_dir) -> dict[str, torch.Tensor]:
             out["output.weight"] = t
         else:
             _, _, layer, *module, kind = name.split(".")
+            if module[:2] == ["mlp", "experts"]:  # llama.cpp stacks each layer's experts: [E, rows, cols]
+                experts.setdefault((layer, module[3]), {})[int(module[2])] = t
+                continue
             module = ".".join(module)
             if llama and module in ("self_attn.q_proj", "self_attn.k_proj"):
                 heads = config["num_attention_heads" if module.endswith("q_proj") else "num_key_value_heads"]
                 t = rotary_pairs_interleaved(t, heads)
             out[f"blk.{layer}.{names[module]}.{kind}"] = t
+    short = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+    for (layer, part), by_expert in experts.items():
+        out[f"blk.{layer}.ffn_{short[part]}_exps.weight"] = torch.stack([by_expert[e] for e in sorted(by_expert)])
     return out
 
 
-@pytest.mark.parametrize("which", ["minillm_sft", "hf_llama", "qwen2", "qwen3"])
-def test_round_trip_tensors_and_hyperparameters(which, tiny_sft_dir, hf_llama_dir, qwen2_dir, qwen3_dir, tmp_path):
-    model_dir = {"minillm_sft": tiny_sft_dir, "hf_llama": hf_llama_dir, "qwen2": qwen2_dir, "qwen3": qwen3_dir}[which]
+@pytest.mark.parametrize("which", ["minillm_sft", "hf_llama", "qwen2", "qwen3", "qwen3moe"])
+def test_round_trip_tensors_and_hyperparameters(which, tiny_sft_dir, hf_llama_dir, qwen2_dir, qwen3_dir,
+                                                qwen3moe_chat_dir, tmp_path):
+    model_dir = {"minillm_sft": tiny_sft_dir, "hf_llama": hf_llama_dir, "qwen2": qwen2_dir, "qwen3": qwen3_dir,
+                 "qwen3moe": qwen3moe_chat_dir}[which]
     out = tmp_path / "m.gguf"
     export(model_dir, out)
     meta, tensors = read_gguf(out)
@@ -209,7 +217,7 @@ def test_round_trip_tensors_and_hyperparameters(which, tiny_sft_dir, hf_llama_di
         assert torch.equal(torch.from_numpy(np.array(t.data)).reshape(expected[name].shape), expected[name]), name
 
     config = json.loads((model_dir / "config.json").read_text())
-    arch = config["model_type"]
+    arch = config["model_type"].replace("_", "")  # llama.cpp writes qwen3moe
     assert meta["general.architecture"] == arch
     hyper = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
              "block_count": "num_hidden_layers", "feed_forward_length": "intermediate_size",
@@ -225,7 +233,12 @@ def test_round_trip_tensors_and_hyperparameters(which, tiny_sft_dir, hf_llama_di
     assert meta[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(config["rms_norm_eps"], rel=1e-6)
     assert ("output.weight" in tensors) == (not config["tie_word_embeddings"])
     assert ("blk.0.attn_q.bias" in tensors) == (arch == "qwen2")
-    assert ("blk.0.attn_q_norm.weight" in tensors) == ("blk.1.attn_k_norm.weight" in tensors) == (arch == "qwen3")
+    assert ("blk.0.attn_q_norm.weight" in tensors) == ("blk.1.attn_k_norm.weight" in tensors) == (
+        arch in ("qwen3", "qwen3moe"))
+    if arch == "qwen3moe":
+        assert (meta[f"{arch}.expert_count"], meta[f"{arch}.expert_used_count"],
+                meta[f"{arch}.expert_feed_forward_length"]) == (config["num_experts"], config["num_experts_per_tok"],
+                                                               config["moe_intermediate_size"])
 
     tok = Tokenizer.from_pretrained(model_dir)
     vocab = {i: t for t, i in tok.backend.get_vocab(with_added_tokens=True).items()}
@@ -239,7 +252,7 @@ def test_round_trip_tensors_and_hyperparameters(which, tiny_sft_dir, hf_llama_di
     merges = json.loads(tok.backend.to_str())["model"]["merges"]
     assert meta["tokenizer.ggml.merges"] == [" ".join(m) if isinstance(m, list) else m for m in merges]
     assert meta["tokenizer.ggml.model"] == "gpt2"
-    assert meta["tokenizer.ggml.pre"] == ("qwen2" if which.startswith("qwen") else "gpt-2")
+    assert meta["tokenizer.ggml.pre"] == ("qwen2" if which in ("qwen2", "qwen3") else "gpt-2")  # the tokenizer's own
     assert meta["tokenizer.ggml.eos_token_id"] == tok.eos_id
     assert meta["tokenizer.ggml.eot_token_id"] == tok.im_end_id
     assert meta["tokenizer.ggml.padding_token_id"] == tok.pad_id
@@ -289,6 +302,13 @@ def chat_dir(tmp_path_factory, tokenizer):
 def qwen3_chat_dir(tmp_path_factory, tokenizer):
     """The same, written by minillm with --qk_norm (the Qwen3 layout)."""
     return fitted_chat_model(tmp_path_factory.mktemp("qwen3_chat"), tokenizer, qk_norm=True)
+
+
+@pytest.fixture(scope="module")
+def qwen3moe_chat_dir(tmp_path_factory, tokenizer):
+    """The same as a Mixture of Experts (4 experts, top 2, every layer sparse: the Qwen3-MoE layout)."""
+    return fitted_chat_model(tmp_path_factory.mktemp("qwen3moe_chat"), tokenizer, qk_norm=True, num_experts=4,
+                             num_experts_per_tok=2, moe_intermediate_size=64)
 
 
 def fitted_chat_model(directory, tokenizer, **shape):
@@ -381,11 +401,12 @@ def test_llama_cpp_tokenizes_exactly_like_minillm(which, tiny_sft_dir, qwen2_dir
 
 
 @needs_llama
-@pytest.mark.parametrize("which", ["minillm_chat", "hf_llama", "qwen2", "qwen3", "minillm_qwen3_chat"])
+@pytest.mark.parametrize("which", ["minillm_chat", "hf_llama", "qwen2", "qwen3", "minillm_qwen3_chat",
+                                   "minillm_qwen3moe_chat"])
 def test_llama_cpp_f32_greedy_and_logits_equal_minillm(which, chat_dir, hf_llama_dir, qwen2_dir, qwen3_dir,
-                                                       qwen3_chat_dir, tmp_path):
+                                                       qwen3_chat_dir, qwen3moe_chat_dir, tmp_path):
     model_dir = {"minillm_chat": chat_dir, "hf_llama": hf_llama_dir, "qwen2": qwen2_dir, "qwen3": qwen3_dir,
-                 "minillm_qwen3_chat": qwen3_chat_dir}[which]
+                 "minillm_qwen3_chat": qwen3_chat_dir, "minillm_qwen3moe_chat": qwen3moe_chat_dir}[which]
     export(model_dir, tmp_path / "m.gguf", "f32")
     tok = Tokenizer.from_pretrained(model_dir)
     model = MiniLLM.from_pretrained(model_dir)
@@ -427,7 +448,7 @@ def test_llama_cpp_q8_0_agrees_on_most_greedy_tokens(tiny_sft_dir, hf_llama_dir,
 
 
 @needs_llama
-@pytest.mark.parametrize("fixture", ["chat_dir", "qwen3_chat_dir"])
+@pytest.mark.parametrize("fixture", ["chat_dir", "qwen3_chat_dir", "qwen3moe_chat_dir"])
 def test_llama_cpp_chat_mode_renders_chatml_and_stops_at_im_end(fixture, request, tokenizer, tmp_path):
     import ctypes
 
@@ -521,6 +542,19 @@ def test_models_gguf_cannot_represent_are_refused_before_anything_is_written(dam
     out_dir.mkdir()
     one_line_error(run_export("--model", model_dir, "--out", out_dir / "m.gguf"), needle)
     assert leftovers(out_dir) == []
+
+
+@pytest.mark.parametrize("shape", [dict(decoder_sparse_step=2), dict(norm_topk_prob=False)], ids=["dense_layers",
+                                                                                                 "unnormalised"])
+def test_moe_models_llama_cpp_would_compute_differently_are_refused(shape, tokenizer, tmp_path):
+    """llama.cpp's qwen3moe makes every layer sparse and renormalises the top-k weights."""
+    model = MiniLLM(LMConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, qk_norm=True, num_experts=4, **shape))
+    model.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
+    (tmp_path / "out").mkdir()
+    one_line_error(run_export("--model", tmp_path / "model", "--out", tmp_path / "out" / "m.gguf"),
+                   "dense layers" if "decoder_sparse_step" in shape else "renormalises")
+    assert leftovers(tmp_path / "out") == []
 
 
 def test_a_failure_while_writing_leaves_the_old_file_and_no_temporary(tiny_sft_dir, tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ _TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weig
               "lm_head.weight": "output.weight"}
 _BLOCK_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+                "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp",
                 "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                 "mlp.down_proj": "ffn_down"}
 
@@ -146,14 +146,24 @@ def _tensor_type(shape: tuple[int, ...], matrix_type):
 
 def gguf_tensors(state: dict[str, torch.Tensor], config: LMConfig, arch: str
                  ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(llama.cpp name, float32 tensor in llama.cpp's layout) for each tensor of a MiniLLM state dict."""
+    """(llama.cpp name, float32 tensor in llama.cpp's layout) for each tensor of a MiniLLM state dict.
+
+    A MoE layer's experts stay stacked, as llama.cpp keeps them: ffn_gate_exps and ffn_up_exps [E, F, C],
+    ffn_down_exps [E, C, F]; its router is ffn_gate_inp [E, C].
+    """
     heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
-    for hf_name, tensor in to_hf_state_dict(state, config).items():
+    stacked = {k for k in state if k.endswith(("mlp.gate_up_proj", "mlp.down_proj"))}
+    for hf_name, tensor in to_hf_state_dict({k: v for k, v in state.items() if k not in stacked}, config).items():
         tensor = tensor.detach().to("cpu", torch.float32)
         module = ".".join(hf_name.split(".")[3:-1])
         if arch == "llama" and module in heads:  # qwen2/qwen3 use transformers' rotary layout (NEOX) as it is
             tensor = interleave_rotary(tensor, heads[module])
         yield gguf_name(hf_name), tensor
+    for layer in config.sparse_layers():
+        gate, up = state[f"layers.{layer}.mlp.gate_up_proj"].detach().to("cpu", torch.float32).chunk(2, dim=1)
+        yield f"blk.{layer}.ffn_gate_exps.weight", gate.contiguous()
+        yield f"blk.{layer}.ffn_up_exps.weight", up.contiguous()
+        yield f"blk.{layer}.ffn_down_exps.weight", state[f"layers.{layer}.mlp.down_proj"].detach().to("cpu", torch.float32)
 
 
 def _add_metadata(w, config: LMConfig, vocab: Vocab, tokenizer: Tokenizer, name: str, file_type: int) -> None:
@@ -172,6 +182,10 @@ def _add_metadata(w, config: LMConfig, vocab: Vocab, tokenizer: Tokenizer, name:
     w.add_rope_dimension_count(config.head_dim)
     w.add_rope_freq_base(float(config.rope_theta))
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if config.num_experts:
+        w.add_expert_count(config.num_experts)
+        w.add_expert_used_count(config.num_experts_per_tok)
+        w.add_expert_feed_forward_length(config.moe_intermediate_size)
     w.add_vocab_size(config.vocab_size)
     w.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
     w.add_tokenizer_pre(vocab.pre)
@@ -208,12 +222,18 @@ def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: Path, dtype: 
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     config: LMConfig = model.config
-    arch = config.hf_model_type()  # llama.cpp's names for these architectures are the same as transformers'
+    arch = config.hf_model_type().replace("_", "")  # llama.cpp's names: llama, qwen2, qwen3, qwen3moe
+    if config.num_experts and config.sparse_layers() != list(range(config.num_hidden_layers)):
+        raise ExportError("llama.cpp's qwen3moe makes every layer sparse, and this model keeps dense layers "
+                          "(decoder_sparse_step / mlp_only_layers): it has no GGUF counterpart")
+    if config.num_experts and not config.norm_topk_prob:
+        raise ExportError("llama.cpp's qwen3moe always renormalises the top-k router weights; this model was "
+                          "trained with --no-norm_topk_prob, so llama.cpp would compute another function")
     vocab = vocab_of(tokenizer, config.vocab_size)
     matrix_type, file_type = _file_type(dtype)
     state = model.state_dict()
     # Tensor infos first (names, shapes, types), then the data one tensor at a time.
-    shapes = {gguf_name(n): tuple(t.shape) for n, t in to_hf_state_dict(state, config).items()}
+    shapes = {name: tuple(t.shape) for name, t in gguf_tensors(state, config, arch)}
     types = {gname: _tensor_type(shape, matrix_type) for gname, shape in shapes.items()}
     w = gguf.GGUFWriter(None, arch)
     _add_metadata(w, config, vocab, tokenizer, name, int(file_type))
