@@ -22,6 +22,15 @@ def randomized(model: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> tor
     return model
 
 
+def reference_greedy(model: torch.nn.Module, prompt_1T: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy continuation by one full forward per token, no cache (any model returning .logits: transformers')."""
+    ids = prompt_1T
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
 @pytest.fixture
 def tiny_config() -> LMConfig:
     return LMConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
