@@ -44,6 +44,10 @@ RECIPES = {
     "4x256": "--batch_size 16 --max_length 128 --learning_rate 2e-3 --warmup_steps 20 --num_hidden_layers 4 "
              "--hidden_size 256 --num_attention_heads 4 --num_key_value_heads 2",
     "default": "",
+    # Issue 29's levers on the default recipe: QK-norm (the Qwen3 layout), and a Mixture of Experts at the
+    # default's active size (4 experts of 384, top-2: 7.2M parameters, 4.8M active per token).
+    "qk_norm": "--qk_norm",
+    "moe4top2": "--num_experts 4 --num_experts_per_tok 2",
 }
 BASELINE = "transformers"
 
