@@ -33,12 +33,12 @@ class MoE(nn.Module):
 
     def __init__(self, config: LMConfig):
         super().__init__()
-        E, C, F_ = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        E, C, width = config.num_experts, config.hidden_size, config.moe_intermediate_size
         self.num_experts, self.top_k, self.norm_topk_prob = E, config.num_experts_per_tok, config.norm_topk_prob
         self.gate = nn.Linear(C, E, bias=False)  # the router (Qwen3-MoE's name)
         # Each expert's gate|up rows and its down matrix, stacked over experts (hf.py splits them per expert).
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, C))
-        self.down_proj = nn.Parameter(torch.empty(E, C, F_))
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * width, C))
+        self.down_proj = nn.Parameter(torch.empty(E, C, width))
         self.last_stats: RouterStats | None = None
 
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
