@@ -22,6 +22,14 @@ def randomized(model: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> tor
     return model
 
 
+def saved_randomized(config: LMConfig, directory, seed: int, scale: float) -> MiniLLM:
+    """A MiniLLM of `config` with perturbed weights (eval mode), saved in `directory` for a reference to load."""
+    torch.manual_seed(seed)
+    model = randomized(MiniLLM(config), scale=scale).eval()
+    model.save_pretrained(directory)
+    return model
+
+
 def reference_greedy(model: torch.nn.Module, prompt_1T: torch.Tensor, n: int) -> torch.Tensor:
     """Greedy continuation by one full forward per token, no cache (any model returning .logits: transformers')."""
     ids = prompt_1T

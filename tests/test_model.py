@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomized, reference_greedy
+from conftest import randomized, reference_greedy, saved_randomized
 
 from minillm.model.config import LMConfig
 from minillm.model.model import KVCache, MiniLLM, RMSNorm, apply_rope, rope_tables
@@ -91,9 +91,7 @@ def test_qwen3_greedy_generation_equals_transformers(name, tmp_path):
     from minillm.infer.generation import generate
 
     config = CONFIGS[name]
-    torch.manual_seed(3)
-    model = randomized(MiniLLM(config), scale=0.3).eval()
-    model.save_pretrained(tmp_path)
+    model = saved_randomized(config, tmp_path, seed=3, scale=0.3)
     hf = load_hf(tmp_path)
     prompt = torch.randint(0, config.vocab_size, (1, 6))
     ours = generate(model, prompt, max_new_tokens=24, temperature=0)

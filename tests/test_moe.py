@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, TINY_ARGS, randomized, reference_greedy, run_train_cli
+from conftest import REPO, TINY_ARGS, randomized, reference_greedy, run_train_cli, saved_randomized
 
 from minillm.data.datasets import PretrainDataset
 from minillm.infer.generation import generate
@@ -46,9 +46,7 @@ def hf_model(directory):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_minillm_moe_equals_transformers_logits_router_and_aux_loss(name, tmp_path):
     config = CONFIGS[name]
-    torch.manual_seed(1)
-    model = randomized(MiniLLM(config), scale=0.2).eval()
-    model.save_pretrained(tmp_path)
+    model = saved_randomized(config, tmp_path, seed=1, scale=0.2)
     hf = hf_model(tmp_path)
     assert type(hf).__name__ == "Qwen3MoeForCausalLM"
     ids = torch.randint(0, config.vocab_size, (3, 17))
