@@ -124,10 +124,13 @@ def load(args: argparse.Namespace):
 
 
 def has_chat_template(tokenizer_dir: Path | None) -> bool:
-    """Whether the tokenizer's config declares a chat template (minillm's own tokenizers always do)."""
-    config = (DEFAULT_ASSETS if tokenizer_dir is None else tokenizer_dir) / "tokenizer_config.json"
+    """Whether the tokenizer declares a chat template, in tokenizer_config.json or (transformers' current layout)
+    in chat_template.jinja beside it; minillm's own tokenizers always do."""
+    directory = DEFAULT_ASSETS if tokenizer_dir is None else tokenizer_dir
+    if (directory / "chat_template.jinja").is_file():
+        return True
     try:
-        return "chat_template" in json.loads(config.read_text(encoding="utf-8"))
+        return "chat_template" in json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
 

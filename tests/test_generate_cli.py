@@ -297,6 +297,10 @@ def test_cli_hints_at_raw_when_the_tokenizer_has_no_chat_template(model_dir, tmp
         capsys.readouterr().err
     assert cli.main(["--model", str(model_dir), "--prompt", "江", "--max_new_tokens", "2", "--seed", "0"]) == 0
     assert "chat template" not in capsys.readouterr().err
+    # transformers' current layout keeps the template in chat_template.jinja (issue 31: SmolLM2-Instruct does)
+    (plain / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert cli.main(["--model", str(plain), "--prompt", "江", "--max_new_tokens", "2", "--seed", "0"]) == 0
+    assert "chat template" not in capsys.readouterr().err
 
 
 def test_cli_default_dtype_is_float32_on_any_cpu(model_dir, model, tok, capsys, monkeypatch):
