@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from minillm.cli import BAD_INPUT, CliError, add_model_flags, load_trained, report
+from minillm.data.tokenizer import declares_chat_template
 from minillm.export.gguf import DTYPES, export_gguf, write_modelfile
 from minillm.files import remove_stale_temporaries
 
@@ -59,12 +60,14 @@ def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
 def run(args: argparse.Namespace) -> str:
     """Export; the summary line."""
     out, modelfile = output_paths(args)
-    model, tokenizer, _ = load_trained(args, torch.device("cpu"), dtype=torch.float32)
+    model, tokenizer, tokenizer_dir = load_trained(args, torch.device("cpu"), dtype=torch.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out.parent, out.name)  # what an export killed with -9 left behind
     name = args.name or Path(args.model).resolve().name
     summary = export_gguf(model, tokenizer, out, args.dtype, name=name)
-    chat = bool(model.config.chat_trained)
+    # minillm records whether SFT ran; an outside checkpoint (None) is a chat model when its tokenizer has a template.
+    chat = (model.config.chat_trained if model.config.chat_trained is not None
+            else declares_chat_template(tokenizer_dir))
     write_modelfile(modelfile, out, chat)
     return (f"wrote {out} ({summary['bytes'] / 2**20:.1f} MiB, {summary['tensors']} tensors, {args.dtype}, "
             f"architecture {summary['architecture']}, pre-tokenizer {summary['pre_tokenizer']}) and {modelfile} "

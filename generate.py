@@ -8,14 +8,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
 from minillm.cli import BAD_INPUT, CliError, add_inference_flags, add_model_flags, load_trained, report
-from minillm.data.tokenizer import DEFAULT_ASSETS
+from minillm.data.tokenizer import declares_chat_template
 from minillm.device import inference_dtype, resolve_device
 from minillm.infer.chat import ChatSession, ContextError, StreamingAnswer
 from minillm.infer.generation import check_sampling
@@ -121,18 +119,6 @@ def load(args: argparse.Namespace):
     device = resolve_device(args.device)
     model, tokenizer, tokenizer_dir = load_trained(args, device, inference_dtype(args.dtype, device))
     return model, tokenizer, device, tokenizer_dir
-
-
-def has_chat_template(tokenizer_dir: Path | None) -> bool:
-    """Whether the tokenizer declares a chat template, in tokenizer_config.json or (transformers' current layout)
-    in chat_template.jinja beside it; minillm's own tokenizers always do."""
-    directory = DEFAULT_ASSETS if tokenizer_dir is None else tokenizer_dir
-    if (directory / "chat_template.jinja").is_file():
-        return True
-    try:
-        return "chat_template" in json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
 
 
 class Generator:
@@ -273,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_flags(args)
         model, tokenizer, device, tokenizer_dir = load(args)
-        if not args.raw and not has_chat_template(tokenizer_dir):
+        if not args.raw and not declares_chat_template(tokenizer_dir):
             console.note(f"note: the tokenizer of {args.model} declares no chat template; for a "
                          "pretrained-only model, --raw continues plain text")
         elif not args.raw and model.config.chat_trained is False:

@@ -721,3 +721,21 @@ def test_base_plus_adapter_is_chat_when_the_adapter_was_trained_on_chat(tiny_sft
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert ("never fine-tuned on chat" in res.stderr) == (not chat)
+
+
+def test_an_outside_checkpoint_is_chat_when_its_tokenizer_declares_a_template(hf_llama_dir, tmp_path):
+    """Issue 31: a transformers checkpoint records no chat_trained; its Modelfile chats when the tokenizer has a
+    template, in tokenizer_config.json or in chat_template.jinja (transformers' current layout), else is raw."""
+    model_dir = copy_model(hf_llama_dir, tmp_path / "model")
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config.pop("chat_template")
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    modelfiles = {}
+    for name in ("none", "jinja"):
+        if name == "jinja":
+            (model_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        code, out, err = run_export("--model", model_dir, "--out", tmp_path / f"{name}.gguf", "--dtype", "f32")
+        assert code == 0, err
+        modelfiles[name] = (tmp_path / f"{name}.Modelfile").read_text()
+    assert "{{ .Prompt }}" in modelfiles["none"] and "<|im_start|>" not in modelfiles["none"]
+    assert "<|im_start|>" in modelfiles["jinja"] and 'PARAMETER stop "<|im_end|>"' in modelfiles["jinja"]

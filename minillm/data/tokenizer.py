@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -198,6 +199,18 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """sha256 hex digest of the canonical (compact) tokenizer.json string."""
         return hashlib.sha256(self.backend.to_str(pretty=False).encode("utf-8")).hexdigest()
+
+
+def declares_chat_template(directory: str | Path | None) -> bool:
+    """Whether a tokenizer directory declares a chat template: in tokenizer_config.json, or in chat_template.jinja
+    beside it (transformers' current layout). None is the shipped tokenizer, which does."""
+    directory = DEFAULT_ASSETS if directory is None else Path(directory)
+    if (directory / "chat_template.jinja").is_file():
+        return True
+    try:
+        return "chat_template" in json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
 
 
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
