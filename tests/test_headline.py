@@ -74,4 +74,7 @@ def test_default_recipe_reproduces_the_readme(tmp_path):
     columns = {"tune": 2, "form": 3, "length": 4, "words": 5}
     for kind, column in columns.items():
         rate = chat["requests"]["kinds"][kind]
-        assert within(rate["rate"], percent(row[column]), rate["n"]), (kind, rate, row[column])
+        # Greedy answers repeat with their prompt: the form and line-length checks ask 4 distinct prompts 25
+        # times between them (README), so their rates move in whole prompts; count the distinct prompts as trials.
+        trials = 4 if kind in ("form", "length") else rate["n"]
+        assert within(rate["rate"], percent(row[column]), trials), (kind, rate, row[column])
