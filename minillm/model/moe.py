@@ -26,6 +26,8 @@ class RouterStats(NamedTuple):
     """Router logits in float32."""
     chosen_NK: torch.Tensor
     """The experts each token was sent to."""
+    counts_E: torch.Tensor
+    """How many of the N x K routing slots each expert got."""
 
 
 class MoE(nn.Module):
@@ -50,12 +52,13 @@ class MoE(nn.Module):
         weights_NK, chosen_NK = probs_NE.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
-        self.last_stats = RouterStats(logits_NE, chosen_NK)
+        counts_E = torch.bincount(chosen_NK.reshape(-1), minlength=self.num_experts)
+        self.last_stats = RouterStats(logits_NE, chosen_NK, counts_E)
 
         # Group the N*K (token, expert) pairs by expert; a stable sort keeps each expert's tokens in order.
         order_P = chosen_NK.reshape(-1).argsort(stable=True)
         token_P = order_P // self.top_k
-        counts = torch.bincount(chosen_NK.reshape(-1), minlength=self.num_experts).tolist()  # one host sync
+        counts = counts_E.tolist()  # one host sync
         x_PC = x_NC[token_P]
         out_PC = torch.empty(x_PC.shape, dtype=x_NC.dtype, device=x_NC.device)
         start = 0
@@ -74,7 +77,7 @@ def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Ten
     """Switch Transformer's auxiliary loss as transformers computes it for Qwen3-MoE: E x sum_e f_e x P_e, where
     f_e is the share of top-k slots routed to e and P_e the mean router probability of e, both pooled over the
     layers (not averaged per layer)."""
-    counts_E = sum(torch.bincount(s.chosen_NK.reshape(-1), minlength=num_experts).float() for s in stats)
+    counts_E = pooled_counts(stats)
     probs_E = sum(s.logits_NE.softmax(dim=-1).sum(dim=0) for s in stats)
     rows = sum(s.logits_NE.shape[0] for s in stats)
     return num_experts * torch.sum((counts_E / rows) * (probs_E / rows))
@@ -85,7 +88,12 @@ def router_z_loss(stats: list[RouterStats]) -> torch.Tensor:
     return torch.cat([torch.logsumexp(s.logits_NE, dim=-1) ** 2 for s in stats]).mean()
 
 
-def expert_load(stats: list[RouterStats], num_experts: int) -> torch.Tensor:
+def pooled_counts(stats: list[RouterStats]) -> torch.Tensor:
+    """Routing slots each expert got, summed over the layers: [E], float32."""
+    return sum(s.counts_E.float() for s in stats)
+
+
+def expert_load(stats: list[RouterStats]) -> torch.Tensor:
     """Fraction of the top-k slots each expert received, pooled over the layers: [E], sums to 1."""
-    counts_E = sum(torch.bincount(s.chosen_NK.reshape(-1), minlength=num_experts).float() for s in stats)
+    counts_E = pooled_counts(stats)
     return counts_E / counts_E.sum()

@@ -47,13 +47,6 @@ class Objective(Protocol):
         """The micro-batch's mean loss and metric sums; runs under the loop's autocast."""
 
 
-def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The MiniLLM inside DDP and torch.compile wrappers."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module) or hasattr(model, "_orig_mod"):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model
-
-
 class LanguageModeling:
     """Next-token cross-entropy over the learned tokens: pretraining and SFT.
 
@@ -63,12 +56,14 @@ class LanguageModeling:
     """
 
     metric_names: tuple[str, ...] = ()
+    _model: MiniLLM | None = None  # the plain model (the loop may wrap it), whose MoE layers keep their routing
 
     def prepare(self, model: MiniLLM, dataset: torch.utils.data.Dataset, device: torch.device,
                 amp_dtype: torch.dtype) -> None:
         """The MoE metrics, when the model has experts."""
         experts = model.config.num_experts
         self.metric_names = ("moe/aux_loss", *(f"moe/load_{e}" for e in range(experts))) if experts else ()
+        self._model = model if experts else None
 
     def units(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The learned tokens (loss_mask ones)."""
@@ -79,9 +74,9 @@ class LanguageModeling:
         """The token-mean cross-entropy of the micro-batch."""
         x_BT, y_BT, m_BT = batch
         loss = model(x_BT, labels=y_BT, loss_mask=m_BT, loss_chunk=loss_chunk).loss
-        if not self.metric_names:
+        if self._model is None:
             return ObjectiveOutput(loss, {})
-        inner = unwrapped(model)
-        stats, units = inner.router_stats(), m_BT.sum().float()
-        values = [load_balancing_loss(stats, inner.config.num_experts), *expert_load(stats, inner.config.num_experts)]
-        return ObjectiveOutput(loss, {name: v.detach() * units for name, v in zip(self.metric_names, values)})
+        with torch.no_grad():
+            stats, units = self._model.router_stats(), m_BT.sum().float()
+            values = [load_balancing_loss(stats, self._model.config.num_experts), *expert_load(stats)]
+        return ObjectiveOutput(loss, {name: v * units for name, v in zip(self.metric_names, values)})
