@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -208,7 +207,7 @@ def declares_chat_template(directory: str | Path | None) -> bool:
     if (directory / "chat_template.jinja").is_file():
         return True
     try:
-        return "chat_template" in json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        return "chat_template" in read_json(directory / "tokenizer_config.json")
     except (OSError, ValueError):
         return False
 
