@@ -20,6 +20,9 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
+# The README row the default SFT model is compared with (the bold one, not the first run's).
+CHAT_ROW = "default + default SFT (1e-3 x 2"
+
 
 def readme_row(label: str) -> list[str]:
     """The cells of the README table row whose first cell contains `label` (bold marks removed)."""
@@ -54,22 +57,17 @@ def within(measured: float, readme: float, n: int) -> bool:
     return lo <= readme <= hi
 
 
-def test_default_recipe_reproduces_the_readme(tmp_path):
-    pretrain, sft = tmp_path / "pretrain", tmp_path / "sft"
-    run("train_pretrain.py", "--dtype", "float32", "--out_dir", str(pretrain))
-    run("train_sft.py", "--dtype", "float32", "--init_from", str(pretrain), "--out_dir", str(sft))
-    run("eval_ppl.py", "--model", str(pretrain), "--json", str(tmp_path / "ppl.json"))
-    run("eval_tasks.py", "--model", str(pretrain), "--json", str(tmp_path / "pretrained.json"))
-    run("eval_tasks.py", "--model", str(sft), "--json", str(tmp_path / "chat.json"))
-    bpb = json.loads((tmp_path / "ppl.json").read_text())["bits_per_byte"]
+def check_against_readme(results) -> None:
+    """Compare the JSON reports in `results` (eval_ppl.py and eval_tasks.py's) with README.md's tables."""
+    bpb = json.loads((results / "ppl.json").read_text())["bits_per_byte"]
     readme_bpb = float(re.match(r"([\d.]+)", readme_row("default (`train_pretrain.py`)")[4]).group(1))
     assert abs(bpb - readme_bpb) <= 0.02, (bpb, readme_bpb)
 
-    cloze = json.loads((tmp_path / "pretrained.json").read_text())["cloze"]
+    cloze = json.loads((results / "pretrained.json").read_text())["cloze"]
     assert within(cloze["accuracy"], percent(readme_row("default pretrained")[1]), cloze["n"]), cloze
 
-    chat = json.loads((tmp_path / "chat.json").read_text())
-    row = readme_row("default + default SFT")
+    chat = json.loads((results / "chat.json").read_text())
+    row = readme_row(CHAT_ROW)
     assert within(chat["cloze"]["accuracy"], percent(row[1]), chat["cloze"]["n"]), chat["cloze"]
     columns = {"tune": 2, "form": 3, "length": 4, "words": 5}
     for kind, column in columns.items():
@@ -78,3 +76,13 @@ def test_default_recipe_reproduces_the_readme(tmp_path):
         # times between them (README), so their rates move in whole prompts; count the distinct prompts as trials.
         trials = 4 if kind in ("form", "length") else rate["n"]
         assert within(rate["rate"], percent(row[column]), trials), (kind, rate, row[column])
+
+
+def test_default_recipe_reproduces_the_readme(tmp_path):
+    pretrain, sft = tmp_path / "pretrain", tmp_path / "sft"
+    run("train_pretrain.py", "--dtype", "float32", "--out_dir", str(pretrain))
+    run("train_sft.py", "--dtype", "float32", "--init_from", str(pretrain), "--out_dir", str(sft))
+    run("eval_ppl.py", "--model", str(pretrain), "--json", str(tmp_path / "ppl.json"))
+    run("eval_tasks.py", "--model", str(pretrain), "--json", str(tmp_path / "pretrained.json"))
+    run("eval_tasks.py", "--model", str(sft), "--json", str(tmp_path / "chat.json"))
+    check_against_readme(tmp_path)
