@@ -36,6 +36,7 @@ from minillm.eval.tasks import (
     run_cloze,
     training_key,
 )
+from minillm.export.model_card import record_evaluation
 from minillm.files import write_json
 from minillm.infer.generation import check_sampling
 
@@ -143,7 +144,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"({results['seconds']:.0f} s)")
     if args.json:
         write_json(args.json, results)
+    update_card(args.adapter or args.model, results, args.data)
     return 0
+
+
+def update_card(model_dir: str, results: dict, data: str) -> None:
+    """Put the rates (not the answers) into the model card of a directory minillm trained."""
+    rates = {**results, "data": data, "date": time.strftime("%Y-%m-%d")}
+    if "requests" in rates:
+        rates["requests"] = {k: v for k, v in results["requests"].items() if k != "answers"}
+    try:
+        card = record_evaluation(model_dir, rates)
+    except OSError as e:  # a read-only model directory: the results above stand, the card stays as it was
+        print(f"note: the model card of {model_dir} was not updated ({e})")
+        return
+    if card is not None:
+        print(f"model card updated: {card}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import re
 import statistics
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from minillm.device import cpu_flags, describe_machine  # noqa: F401 (cpu_flags: for the bench scripts)
 from minillm.model.config import LMConfig
 from minillm.model.model import MiniLLM
 
@@ -247,35 +247,12 @@ def peak_memory(workload: Callable, directory: str | Path, device: torch.device,
     return out
 
 
-def cpu_flags() -> str:
-    """The CPU flags that decide float32 and bf16 speed here (avx2, avx512f, avx512_bf16, amx_*), as lscpu shows them."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "flags unknown"
-    flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16") if f in flags] + sorted(f for f in flags if f.startswith("amx"))
-    return " ".join(wanted) or "no avx2"
-
-
 def environment(device: torch.device) -> str:
     """One line naming the machine and the library versions."""
     import transformers
 
-    if device.type == "cuda":
-        where = torch.cuda.get_device_name(device)
-    else:
-        model = platform.processor() or "cpu"
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        where = f"{model} ({cpu_flags()}), {torch.get_num_threads()} threads of {os.cpu_count()} cores"
     load = "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-    return (f"{where}; torch {torch.__version__}, transformers {transformers.__version__}; {load}; "
+    return (f"{describe_machine(device)}; torch {torch.__version__}, transformers {transformers.__version__}; {load}; "
             f"{time.strftime('%Y-%m-%d %H:%M')}")
 
 

@@ -31,6 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from minillm.eval.perplexity import bits_per_byte  # noqa: E402 (after the path insert)
+
 # Named recipes: flags for train_pretrain.py. v0 spells out the default recipe of 2026-11-24 (one epoch of
 # 16 x 256 blocks, AdamW at 1e-3 after 50 warmup steps, 8 layers of 512, float32 on CPUs without bf16 units)
 # so that it stays runnable whatever the defaults become.
@@ -54,16 +56,11 @@ BASELINE = "transformers"
 
 def eval_set(tokenizer) -> tuple[list[list[int]], int, int]:
     """The held-out documents as token lists, their scored token count and their UTF-8 bytes."""
-    from minillm.eval.perplexity import read_documents
+    from minillm.eval.perplexity import read_documents, scored_size
 
     texts = read_documents(ROOT / "dataset" / "eval.jsonl")
     docs = tokenizer.encode_batch(texts)
-    return docs, sum(len(d) + 1 for d in docs), sum(len(t.encode("utf-8")) for t in texts)
-
-
-def bits_per_byte(mean_nll: float, tokens: int, n_bytes: int) -> float:
-    """Mean NLL per scored token (nats) -> bits per UTF-8 byte."""
-    return mean_nll * tokens / (n_bytes * math.log(2))
+    return docs, *scored_size(texts, docs)
 
 
 def run_recipe(label: str, flags: str, args: argparse.Namespace, tokens: int, n_bytes: int) -> list[tuple]:

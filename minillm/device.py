@@ -7,6 +7,9 @@ shows text defaults to float32 on CPUs (`inference_dtype`), so results never dep
 from __future__ import annotations
 
 import os
+import platform
+import re
+from pathlib import Path
 
 import torch
 
@@ -70,3 +73,30 @@ def dtype_reason(name: str, device: torch.device) -> str:
     if device.type == "cuda":
         return f"{dtype} (auto: {'the GPU supports bf16' if dtype == 'bfloat16' else 'no bf16 on this GPU'})"
     return f"{dtype} (auto: {'the CPU has' if dtype == 'bfloat16' else 'no'} native bf16 matrix units)"
+
+
+def cpu_flags() -> str:
+    """The CPU flags that decide float32 and bf16 speed (avx2, avx512f, avx512_bf16, amx_*), as lscpu shows them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "flags unknown"
+    found = re.search(r"^flags\s*:(.*)$", text, re.M)
+    flags = set(found.group(1).split()) if found else set()
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16") if f in flags] + sorted(f for f in flags if f.startswith("amx"))
+    return " ".join(wanted) or "no avx2"
+
+
+def describe_machine(device: torch.device) -> str:
+    """One line naming where a run computes: the GPU, or the CPU model with its flags, threads and cores."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({torch.cuda.device_count()} visible)"
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({cpu_flags()}), {torch.get_num_threads()} threads of {os.cpu_count()} cores"

@@ -77,13 +77,17 @@ TINY_ARGS = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention
              "--num_key_value_heads", "2"]
 
 
+def head_lines(source, n: int, path):
+    """Write the first n lines of `source` to `path`; returns path."""
+    with open(source, encoding="utf-8") as f:
+        path.write_text("".join(next(f) for _ in range(n)), encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """The first 200 poems of the shipped corpus."""
-    path = tmp_path_factory.mktemp("corpus") / "train.jsonl"
-    with open(REPO / "dataset" / "pretrain.jsonl", encoding="utf-8") as f:
-        path.write_text("".join(next(f) for _ in range(200)), encoding="utf-8")
-    return path
+    return head_lines(REPO / "dataset" / "pretrain.jsonl", 200, tmp_path_factory.mktemp("corpus") / "train.jsonl")
 
 
 def stage_defaults(kind: str) -> dict:

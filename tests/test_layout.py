@@ -20,8 +20,8 @@ MAY_IMPORT = {
     "data": BASE,
     "infer": BASE | {"model", "data"},
     "export": BASE | {"model", "data"},
-    "eval": BASE | {"model", "data", "infer"},
-    "train": BASE | {"model", "data", "infer", "eval"},
+    "eval": BASE | {"model", "data", "infer", "export"},
+    "train": BASE | {"model", "data", "infer", "export", "eval"},
     "cli": BASE | {"model", "data", "infer", "eval", "export", "train"},
     "api": BASE | {"model", "data", "infer", "eval", "export", "train"},  # minillm/__init__.py, the stable names
 }

@@ -6,14 +6,16 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import shlex
 import sys
 import textwrap
+import time
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
 
-from minillm.cli.loading import EXIT_ERROR, EXIT_INTERRUPTED, CliError, resolve_path
+from minillm.cli.loading import EXIT_ERROR, EXIT_INTERRUPTED, REPO_ROOT, CliError, resolve_path
 from minillm.cli.stages import add_stage_flags, build_objective
 from minillm.data.datasets import DataError, PretrainDataset, SFTDataset
 from minillm.data.packed import PackedDataset, packed_cache
@@ -21,8 +23,9 @@ from minillm.data.preference import PreferenceDataset
 from minillm.data.prompts import PromptDataset
 from minillm.data.shards import build_shards, shard_index_path
 from minillm.data.tokenizer import Tokenizer, load_tokenizer
-from minillm.device import dtype_reason
-from minillm.eval.perplexity import read_documents
+from minillm.device import describe_machine, dtype_reason, resolve_dtype
+from minillm.eval.perplexity import bits_per_byte, read_documents, scored_size
+from minillm.export.model_card import record_training, weights_file
 from minillm.files import check_writable
 from minillm.model.config import LMConfig
 from minillm.model.lora import DEFAULT_TARGETS, apply_lora, merge_lora, parameter_counts
@@ -129,6 +132,12 @@ def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
                       help="With --lora: also fold the adapters into the base weights at the end and save that "
                            "plain model (loadable without peft) in out_dir/merged")
     add_stage_flags(p, kind)
+    card = p.add_argument_group("model card (out_dir/README.md)")
+    card.add_argument("--license", default=None,
+                      help="License identifier for the card's metadata, e.g. apache-2.0 (default: none stated)")
+    card.add_argument("--language", default="auto", nargs="+",
+                      help="Language codes for the card's metadata; auto: zh for the shipped dataset, none stated "
+                           "for other data (default: %(default)s)")
     loop = p.add_argument_group("training loop (exit status: 0 done, 1 error, 2 bad flags, "
                                 f"{EXIT_INTERRUPTED} interrupted with a checkpoint saved)")
     _add_dataclass_flags(loop, TrainConfig, {f.name for f in fields(TrainConfig)}, d)
@@ -261,7 +270,8 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
         _add_lora(args, model, env.is_main)
     dataset = _build_dataset(kind, args, tokenizer, env.is_main)
     eval_path = resolve_path(args.eval_data)
-    eval_docs = tokenizer.encode_batch(read_documents(eval_path)) if eval_path is not None else None
+    eval_texts = read_documents(eval_path) if eval_path is not None else []
+    eval_docs = tokenizer.encode_batch(eval_texts) if eval_path is not None else None
     if env.is_main:
         start = f"from {args.init_from}" if args.init_from else "a new model"
         print(f"{kind}: {start}, {model.num_parameters() / 1e6:.2f}M parameters, {len(dataset):,} examples of "
@@ -274,7 +284,31 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
     result = train(model, dataset, cfg, eval_documents=eval_docs, tokenizer=tokenizer, env=env, objective=objective)
     if args.merge and env.is_main and not result.interrupted:
         merge_lora(model).save_pretrained(Path(cfg.out_dir) / "merged", tokenizer=tokenizer)
+    if env.is_main and not result.interrupted and weights_file(Path(cfg.out_dir)).is_file():
+        size = scored_size(eval_texts, eval_docs) if eval_docs else None
+        record_training(cfg.out_dir, run_facts(kind, args, cfg, env, model, result, size))
     return result
+
+
+def run_facts(kind: str, args, cfg: TrainConfig, env, model: MiniLLM, result: TrainResult,
+              eval_size: tuple[int, int] | None) -> dict:
+    """What the model card says about a finished run (train_results.json)."""
+    bpb = None
+    if result.eval_loss is not None and eval_size and eval_size[1]:
+        bpb = bits_per_byte(result.eval_loss, *eval_size)
+    launcher = ["torchrun", f"--nproc_per_node={env.world_size}"] if env.world_size > 1 else ["python"]
+    data = resolve_path(args.data_path)
+    shipped = data is not None and data.resolve().parent == REPO_ROOT / "dataset"
+    return {"stage": kind, "command": shlex.join([*launcher, f"train_{kind}.py", *args.argv]),
+            "data": args.data_path, "eval_data": args.eval_data or None, "base_model": args.init_from,
+            "lora": bool(args.lora), "parameters": model.num_parameters(), "model_config": model.config.to_hf_dict(),
+            "steps": result.steps, "tokens": result.total_tokens, "train_seconds": round(result.train_seconds, 1),
+            "eval_loss": result.eval_loss, "eval_bits_per_byte": bpb,
+            "dtype": str(resolve_dtype(cfg.dtype, env.device)).removeprefix("torch."),
+            "machine": describe_machine(env.device) + (f", {env.world_size} processes" if env.world_size > 1 else ""),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "language": args.language if args.language != "auto" else (["zh"] if shipped else []),
+            "license": args.license}
 
 
 def summary(args, cfg: TrainConfig, result: TrainResult) -> str:
@@ -297,6 +331,7 @@ def summary(args, cfg: TrainConfig, result: TrainResult) -> str:
 def main(kind: str, defaults: dict, argv: list[str] | None = None) -> int:
     """Parse flags, build tokenizer, model and dataset, and run the shared training loop; the exit status."""
     args = build_parser(kind, defaults).parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the model card's command line
     guard_output()  # a closed pipe or terminal must not cost the checkpoint (tee ended by the same Ctrl-C)
     try:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})

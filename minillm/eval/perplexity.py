@@ -55,7 +55,7 @@ class PerplexityResult:
     @property
     def bits_per_byte(self) -> float:
         """Sum NLL / (bytes * ln 2): comparable across tokenizers."""
-        return self.nll_sum / (self.bytes * math.log(2)) if self.bytes else math.nan
+        return bits_per_byte(self.mean_nll, self.tokens, self.bytes) if self.bytes and self.tokens else math.nan
 
     @property
     def tokens_per_second(self) -> float:
@@ -66,6 +66,16 @@ class PerplexityResult:
         """The sums and the derived metrics as a flat dict (JSON-ready)."""
         return {**asdict(self), "mean_nll": self.mean_nll, "perplexity": self.perplexity,
                 "bits_per_byte": self.bits_per_byte, "tokens_per_second": self.tokens_per_second}
+
+
+def bits_per_byte(mean_nll: float, tokens: int, n_bytes: int) -> float:
+    """Mean NLL per scored token (nats) over `tokens` scored tokens -> bits per UTF-8 byte of the text."""
+    return mean_nll * tokens / (n_bytes * math.log(2))
+
+
+def scored_size(texts: list[str], documents: list[list[int]]) -> tuple[int, int]:
+    """(scored tokens, UTF-8 bytes) of held-out documents: every token plus one closing eos per document."""
+    return sum(len(d) + 1 for d in documents), sum(len(t.encode("utf-8")) for t in texts)
 
 
 def read_documents(path: str | os.PathLike) -> list[str]:

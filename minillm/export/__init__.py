@@ -1,4 +1,4 @@
-"""Writing a model for other runtimes: GGUF for llama.cpp and an ollama Modelfile.
+"""Writing a model for other tools: GGUF for llama.cpp, an ollama Modelfile, the model card for the Hugging Face Hub.
 
 May import: minillm.model, minillm.data, minillm.files, minillm.device.
 """

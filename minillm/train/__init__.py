@@ -2,7 +2,7 @@
 schedule, optimizers, checkpoints that resume exactly, progress and metrics, torchrun processes (DDP, FSDP2)
 and the launcher.
 
-May import: minillm.eval, minillm.infer, minillm.model, minillm.data, minillm.files, minillm.device.
+May import: minillm.eval, minillm.infer, minillm.export, minillm.model, minillm.data, minillm.files, minillm.device.
 `from minillm.train import TrainConfig, train` is the stable way in (minillm itself does not import training).
 """
 

@@ -70,6 +70,8 @@ class TrainState:
     """What the run trains on: the data (kind, size, content) and the model's shape; fixed for a run."""
     train_seconds: float = 0.0
     """Training time up to this step (the clock of --max_minutes and of its schedule)."""
+    tokens: int = 0
+    """Input positions trained on up to this step, over all processes (the model card's count)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict for torch.save (not deep-copied)."""
@@ -79,7 +81,7 @@ class TrainState:
     def from_dict(cls, d: Any, source: str | Path = "state") -> TrainState:
         """Rebuild from to_dict(); ValueError naming `source` when a field is missing."""
         names = [f.name for f in fields(cls)]
-        required = [f.name for f in fields(cls) if f.name not in ("lora_base", "identity", "train_seconds")]
+        required = [f.name for f in fields(cls) if f.name not in ("lora_base", "identity", "train_seconds", "tokens")]
         missing = [n for n in required if not isinstance(d, dict) or n not in d]
         if missing:
             raise ValueError(f"{source}: not a minillm training state (missing {', '.join(missing)})")
@@ -293,7 +295,7 @@ class Checkpointer:
         # With LoRA the base weights are frozen and not in the checkpoint: record which base it fits.
         self.lora_base = base_fingerprint(model) if has_lora(model) else None
 
-    def capture(self, step: int, train_seconds: float = 0.0) -> TrainState:
+    def capture(self, step: int, train_seconds: float = 0.0, tokens: int = 0) -> TrainState:
         """The live training state after `step` optimizer steps (a collective under torch.distributed)."""
         rngs = [rng_state()]
         if self.world_size > 1:
@@ -302,7 +304,8 @@ class Checkpointer:
         optimizer = {} if self.sharded else self.optimizer.state_dict()
         return TrainState(step=step, optimizer=optimizer, scaler=self.scaler.state_dict(),
                           rng=rngs, world_size=self.world_size, train_config=self.train_config,
-                          lora_base=self.lora_base, identity=self.identity, train_seconds=train_seconds)
+                          lora_base=self.lora_base, identity=self.identity, train_seconds=train_seconds,
+                          tokens=tokens)
 
     def check_compatible(self, state: TrainState, source: Path) -> None:
         """Refuse a resume that would not continue the same run; note the settings it may change."""
@@ -340,9 +343,9 @@ class Checkpointer:
         self.scaler.load_state_dict(state.scaler)
         set_rng_state(state.rng[self.rank] if self.rank < len(state.rng) else state.rng[0])
 
-    def save(self, step: int, train_seconds: float = 0.0) -> Path | None:
+    def save(self, step: int, train_seconds: float = 0.0, tokens: int = 0) -> Path | None:
         """Write the checkpoint of `step` (rank 0); returns its path there, None elsewhere."""
-        state = self.capture(step, train_seconds)
+        state = self.capture(step, train_seconds, tokens)
         if self.sharded:
             return save_sharded_checkpoint(self.out_dir, step, self.model, self.optimizer, state, self.rank,
                                            self.keep, self.tokenizer)

@@ -114,6 +114,8 @@ class TrainResult:
     """Wall time of the loop in this call."""
     train_seconds: float = 0.0
     """Training time of the whole run, before a resume included: the clock --max_minutes counts."""
+    total_tokens: int = 0
+    """Input positions trained on in the whole run, before a resume included, over all processes."""
     interrupted: bool = False
     """True when a signal or should_stop ended the run early (a checkpoint was saved)."""
     checkpoint: Path | None = None

@@ -35,6 +35,7 @@ from minillm.data.datasets import (
 )
 from minillm.device import DTYPES, resolve_device, resolve_dtype
 from minillm.eval.perplexity import evaluate_perplexity
+from minillm.export.model_card import remove_card
 from minillm.files import DirLock, check_writable, remove, remove_stale_temporaries
 from minillm.model.lora import has_lora
 from minillm.model.model import MiniLLM
@@ -203,6 +204,7 @@ def claim_out_dir(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
                       "first checkpoint); starting over")
                 for name in (METRICS_NAME, "loss.png"):
                     remove(out_dir / name)
+                remove_card(out_dir)
         elif not cfg.resume and (earlier or (out_dir / METRICS_NAME).exists()):
             if not cfg.overwrite:
                 what = f"checkpoints up to {earlier[-1].name}" if earlier else METRICS_NAME
@@ -211,6 +213,7 @@ def claim_out_dir(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
             if env.is_main:
                 for name in (CHECKPOINT_DIR, METRICS_NAME, "loss.png"):
                     remove(out_dir / name)
+                remove_card(out_dir)
         if env.is_main:
             (out_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
             remove_stale_temporaries(out_dir / CHECKPOINT_DIR)  # checkpoints a kill -9 cut short
@@ -266,7 +269,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
                                 cfg.keep_checkpoints, tokenizer, identity, sharded=cfg.fsdp)
     progress = Progress(Path(cfg.out_dir), cfg.log_every, env.is_main)
     with claim_out_dir(cfg, env), StopSignal() as stop, progress:
-        start_step, clock = _resume(checkpointer, cfg, env)
+        start_step, clock, seen = _resume(checkpointer, cfg, env)
         set_peak_lr(optimizer, cfg.learning_rate, cfg.matrix_lr)  # a resume restored the saved groups' rates
         running = clock
         progress.begin(schedule.total_steps or None, start_step)
@@ -290,7 +293,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
             out = train_step(wrapped, params, optimizer, scaler, batches.get(step), amp_dtype, env, cfg.grad_clip,
                              stop.requested, cfg.loss_chunk, clock_base=running - t_start, objective=objective)
             running += time.perf_counter() - t_start
-            step, clock = step + 1, out.clock
+            step, clock, seen = step + 1, out.clock, seen + out.tokens
             result.losses.append(out.loss)
             result.skipped_steps += not (math.isfinite(out.loss) and math.isfinite(out.grad_norm))
             # Overflow under float16 loss scaling is routine (the scaler lowers its scale); a non-finite loss,
@@ -309,12 +312,12 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
             if cfg.eval_every and step % cfg.eval_every == 0 and not last and not result.interrupted:
                 progress.held_out(step, held_out(), clock)
             if result.interrupted or (cfg.save_every and step % cfg.save_every == 0 and not last):
-                result.checkpoint = checkpointer.save(step, clock)
+                result.checkpoint = checkpointer.save(step, clock, seen)
         result.tokens, result.seconds = progress.close()
-        result.steps, result.train_seconds = step, clock
+        result.steps, result.train_seconds, result.total_tokens = step, clock, seen
         if result.interrupted:
             return result
-        result.checkpoint = checkpointer.save(step, clock)
+        result.checkpoint = checkpointer.save(step, clock, seen)
         try:  # the last evaluation cannot stop half-way and resume: a signal abandons it at once
             stop.raise_now = True
             result.eval_loss = held_out()
@@ -333,12 +336,12 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
     return result
 
 
-def _resume(checkpointer: Checkpointer, cfg: TrainConfig, env: DistEnv) -> tuple[int, float]:
-    """With --resume: load the newest intact checkpoint and trim metrics.jsonl to it; (its step, its clock)."""
+def _resume(checkpointer: Checkpointer, cfg: TrainConfig, env: DistEnv) -> tuple[int, float, int]:
+    """With --resume: load the newest intact checkpoint and trim metrics.jsonl to it; (its step, clock, tokens)."""
     if not cfg.resume:
-        return 0, 0.0
+        return 0, 0.0, 0
     state, path = checkpointer.resume()
-    start_step, clock = (state.step, state.train_seconds) if state else (0, 0.0)
+    start_step, clock, tokens = (state.step, state.train_seconds, state.tokens) if state else (0, 0.0, 0)
     if env.is_main:
         print(f"resumed from {path} at step {start_step}" if path else
               f"--resume: no intact checkpoint in {Path(cfg.out_dir) / CHECKPOINT_DIR}, starting from scratch")
@@ -346,7 +349,7 @@ def _resume(checkpointer: Checkpointer, cfg: TrainConfig, env: DistEnv) -> tuple
         if torn:
             print(f"note: dropped {torn} unreadable line{'s' * (torn > 1)} of {METRICS_NAME} (cut short by a crash "
                   "or a full disk)")
-    return start_step, clock
+    return start_step, clock, tokens
 
 
 def held_out_loss(model: MiniLLM, documents: list[list[int]] | None, dataset: Dataset, cfg: TrainConfig,

@@ -1,0 +1,188 @@
+"""The model card: README.md in every model directory minillm writes, in the Hugging Face convention.
+
+The card is rendered from the files beside it and nothing else: config.json (or adapter_config.json),
+train_results.json (the training scripts write it when a run finishes) and eval_results.json (eval_tasks.py
+writes it). A re-run, a resumed run or a new evaluation rewrites the card, so it stays true; results of an
+evaluation of other weights (the run continued since) are shown as stale rather than as the model's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from minillm.files import atomic_write, read_json, remove, sha256_file, write_json
+
+CARD_NAME = "README.md"
+TRAIN_RESULTS = "train_results.json"
+EVAL_RESULTS = "eval_results.json"
+_MARK = "<!-- written by minillm: rewritten from train_results.json and eval_results.json -->"
+_STAGES = {"pretrain": ("pretraining", "train_pretrain.py"), "sft": ("supervised fine-tuning", "train_sft.py"),
+           "dpo": ("DPO", "train_dpo.py"), "grpo": ("GRPO", "train_grpo.py")}
+_KINDS = {"tune": "names the requested tune", "form": "writes the requested form (4/8 clauses of 5/7)",
+          "length": "writes the requested line length (5/7)", "words": "uses both requested words"}
+
+
+def weights_file(model_dir: Path) -> Path:
+    """The directory's weights: the adapter's for a LoRA directory, else the model's."""
+    adapter = model_dir / "adapter_model.safetensors"
+    return adapter if adapter.is_file() else model_dir / "model.safetensors"
+
+
+def _yaml_scalar(value: object) -> str:
+    # JSON strings are YAML double-quoted scalars; numbers and booleans read the same in both.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def front_matter(meta: dict[str, object]) -> str:
+    """The YAML block the Hugging Face Hub reads: scalars and lists of scalars, None values left out."""
+    lines = ["---"]
+    for key, value in meta.items():
+        if value is None or value == []:
+            continue
+        if isinstance(value, list):
+            lines += [f"{key}:"] + [f"- {_yaml_scalar(v)}" for v in value]
+        else:
+            lines.append(f"{key}: {_yaml_scalar(value)}")
+    return "\n".join([*lines, "---"]) + "\n"
+
+
+def describe_model(config: dict) -> str:
+    """'a 4.6M-parameter Llama (4 layers, ...)' from a config.json and the run's parameter count."""
+    arch = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3 (QK-norm)", "qwen3_moe": "Qwen3-MoE"}.get(
+        config.get("model_type"), str(config.get("model_type")))
+    parts = [f"{config['num_hidden_layers']} layers of {config['hidden_size']}",
+             f"{config['num_attention_heads']} heads ({config.get('num_key_value_heads')} key/value heads)",
+             f"vocabulary {config['vocab_size']:,}"]
+    if config.get("num_experts"):
+        parts.append(f"{config['num_experts']} experts, {config['num_experts_per_tok']} per token")
+    return f"{arch}: {', '.join(parts)}"
+
+
+def _training_section(run: dict, config: dict | None) -> list[str]:
+    stage, script = _STAGES[run["stage"]]
+    rows = [("stage", f"{stage} (`{script}`{', LoRA adapters' if run.get('lora') else ''})"),
+            ("model", f"{run['parameters'] / 1e6:.2f}M parameters; {describe_model(config)}" if config else None),
+            ("started from", f"`{run['base_model']}`" if run.get("base_model") else "random initialisation"),
+            ("data", f"`{run['data']}`"),
+            ("steps", f"{run['steps']:,}"),
+            ("tokens", f"{run['tokens']:,} input positions"),
+            ("training time", f"{run['train_seconds']:,.0f} s"),
+            ("compute dtype", run.get("dtype")),
+            ("machine", f"{run['machine']}; torch {run['torch']}"),
+            ("date", run.get("date"))]
+    if run.get("eval_loss") is not None:
+        rows.append(("held-out loss", f"{run['eval_loss']:.4f} nats/token on `{run['eval_data']}`"))
+    if run.get("eval_bits_per_byte") is not None:
+        rows.append(("held-out bits per byte", f"{run['eval_bits_per_byte']:.4f} (in windows of the training "
+                                               "context; `eval_ppl.py` reports its own windows)"))
+    lines = ["## Training", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows if v is not None]
+    lines += ["", "```bash", run["command"], "```", ""]
+    return lines
+
+
+def _evaluation_section(model_dir: Path, evaluation: dict | None, use: str) -> list[str]:
+    lines = ["## Evaluation", ""]
+    if evaluation is None:
+        return lines + [f"Not evaluated yet: `python eval_tasks.py {use}` adds its results here.", ""]
+    if evaluation.get("weights_sha256") != sha256_file(weights_file(model_dir)):
+        return lines + ["The last `eval_tasks.py` results are of earlier weights (the run went on since), so "
+                        f"they are not shown; `python eval_tasks.py {use}` measures these.", ""]
+    how = ("greedy answers" if not evaluation.get("temperature") else
+           f"{evaluation['samples']} answers sampled per prompt at temperature {evaluation['temperature']:g}")
+    lines += [f"`python eval_tasks.py {use}` ({evaluation['date']}, {evaluation['dtype']}, {how}; held-out "
+              f"poems of `{evaluation['data']}`):", "", "| task | rate | n |", "|---|---|---|"]
+    cloze = evaluation.get("cloze")
+    if cloze:
+        centered = (cloze["accuracy"] - 0.25) / 0.75
+        lines.append(f"| poetry cloze (4 choices) | {cloze['accuracy']:.1%} (centered {centered:+.1%}) | {cloze['n']} |")
+    for kind, rate in evaluation.get("requests", {}).get("kinds", {}).items():
+        lines.append(f"| {_KINDS.get(kind, kind)} | {rate['rate']:.1%} | {rate['n']} |")
+    return lines + [""]
+
+
+def _use_section(model_dir: Path, run: dict, chat: bool) -> list[str]:
+    if run.get("lora"):
+        load = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f"base = AutoModelForCausalLM.from_pretrained(\"{run['base_model']}\")\n"
+                f"model = PeftModel.from_pretrained(base, \"{model_dir}\")\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(\"{model_dir}\")")
+        ours = f"--model {run['base_model']} --adapter {model_dir}"
+    else:
+        load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f"model = AutoModelForCausalLM.from_pretrained(\"{model_dir}\")\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(\"{model_dir}\")")
+        ours = f"--model {model_dir}"
+    lines = ["## Use", "", "In transformers (and peft for an adapter):", "", "```python", load, "```", "",
+             "With minillm:", "", "```bash",
+             f"python generate.py {ours}    # an interactive chat" if chat else
+             f"python generate.py {ours} --raw --prompt \"TEXT\"    # continues TEXT",
+             f"python serve.py {ours}    # an OpenAI-compatible API and a chat page on 127.0.0.1"]
+    if not run.get("lora"):
+        lines += [f"python export_gguf.py --model {model_dir} --out model.gguf    # llama.cpp; also writes an "
+                  "ollama Modelfile", "ollama create mymodel -f Modelfile"]
+    return lines + ["```", ""]
+
+
+def render_card(model_dir: str | Path) -> str:
+    """The card of `model_dir` as markdown, from its train_results.json, config.json and eval_results.json."""
+    model_dir = Path(model_dir)
+    run = read_json(model_dir / TRAIN_RESULTS)
+    config = run.get("model_config")
+    eval_path = model_dir / EVAL_RESULTS
+    evaluation = read_json(eval_path) if eval_path.is_file() else None
+    chat = bool(config and config.get("chat_trained")) or run["stage"] != "pretrain"
+    arch_tag = config.get("model_type") if config else None
+    meta = {"library_name": "peft" if run.get("lora") else "transformers", "language": run.get("language") or [],
+            "license": run.get("license"), "base_model": run.get("base_model"),
+            "tags": ["minillm", run["stage"], *(["lora"] if run.get("lora") else []), *([arch_tag] if arch_tag else [])],
+            "pipeline_tag": "text-generation"}
+    use = f"--model {run['base_model']} --adapter {model_dir}" if run.get("lora") else f"--model {model_dir}"
+    title = [f"# {model_dir.resolve().name}", "", _MARK, "",
+             f"A {'chat ' if chat else ''}language model trained with minillm ({_STAGES[run['stage']][0]}). "
+             "The weights are safetensors in the Hugging Face layout, so transformers, peft and llama.cpp load "
+             "them as they are.", ""]
+    curve = ["![training and held-out loss](loss.png)", ""] if (model_dir / "loss.png").is_file() else []
+    body = (title + _training_section(run, config) + curve + _evaluation_section(model_dir, evaluation, use)
+            + _use_section(model_dir, run, chat))
+    return front_matter(meta) + "\n" + "\n".join(body)
+
+
+def write_card(model_dir: str | Path) -> Path:
+    """Render and write model_dir/README.md atomically; its path."""
+    path = Path(model_dir) / CARD_NAME
+    atomic_write(path, render_card(model_dir))
+    return path
+
+
+def record_training(model_dir: str | Path, run: dict) -> Path:
+    """Save a finished run's facts (train_results.json) and write the card; the card's path."""
+    write_json(Path(model_dir) / TRAIN_RESULTS, run)
+    return write_card(model_dir)
+
+
+def record_evaluation(model_dir: str | Path, results: dict) -> Path | None:
+    """Save eval_tasks.py's results beside weights minillm trained, and rewrite the card; None for other
+    directories (an outside checkpoint has no train_results.json and keeps its own README)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / TRAIN_RESULTS).is_file():
+        return None
+    write_json(model_dir / EVAL_RESULTS, {**results, "weights_sha256": sha256_file(weights_file(model_dir))})
+    return write_card(model_dir)
+
+
+def is_minillm_card(path: Path) -> bool:
+    """True when `path` is a card this module wrote (safe to remove with its run)."""
+    try:
+        return _MARK in path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+def remove_card(model_dir: str | Path) -> None:
+    """Remove a run's card and its results files (when the run is started over); a README not written here stays."""
+    model_dir = Path(model_dir)
+    for name in (TRAIN_RESULTS, EVAL_RESULTS):
+        remove(model_dir / name)
+    if is_minillm_card(model_dir / CARD_NAME):
+        remove(model_dir / CARD_NAME)

@@ -1,0 +1,164 @@
+"""The model card (README.md) every training run writes, and eval_tasks.py updates (issue 31, part 3)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import REPO, TINY_ARGS, head_lines, load_script, run_train_cli, stage_defaults
+
+from minillm.data.tokenizer import load_tokenizer
+from minillm.eval.perplexity import read_documents
+from minillm.export.model_card import CARD_NAME, EVAL_RESULTS, TRAIN_RESULTS
+
+huggingface_hub = pytest.importorskip("huggingface_hub")
+
+
+def card_metadata(model_dir) -> dict:
+    """The card's YAML front matter as the Hugging Face Hub library parses it."""
+    return huggingface_hub.ModelCard.load(model_dir / CARD_NAME).data.to_dict()
+
+
+@pytest.fixture(scope="module")
+def eval_docs(tmp_path_factory):
+    """40 held-out poems: enough text for a bits-per-byte figure, quick to score."""
+    return head_lines(REPO / "dataset" / "eval.jsonl", 40, tmp_path_factory.mktemp("eval") / "eval.jsonl")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, corpus, eval_docs):
+    """A 6-step tiny pretraining run with held-out documents: its out_dir."""
+    from minillm.cli import main
+
+    out = tmp_path_factory.mktemp("card") / "pretrain"
+    flags = ["--data_path", corpus, "--eval_data", eval_docs, "--out_dir", out, "--max_length", "32",
+             "--batch_size", "2", "--max_steps", "6", "--save_every", "0", "--license", "apache-2.0", *TINY_ARGS]
+    assert main("pretrain", stage_defaults("pretrain"), [str(a) for a in flags]) == 0
+    return out
+
+
+def test_pretraining_card_metadata_and_recipe(pretrained):
+    out = pretrained
+    meta = card_metadata(out)
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert meta["license"] == "apache-2.0"
+    assert set(meta["tags"]) == {"minillm", "pretrain", "llama"}
+    assert "base_model" not in meta and "language" not in meta  # a new model; data outside dataset/
+    run = json.loads((out / TRAIN_RESULTS).read_text())
+    # Packed pretraining: a block of max_length tokens is max_length - 1 inputs; a step is batch_size blocks.
+    assert (run["steps"], run["tokens"]) == (6, 6 * 2 * 31)
+    assert run["command"].startswith("python train_pretrain.py --data_path ") and "--max_steps 6" in run["command"]
+    card = (out / CARD_NAME).read_text()
+    assert "| steps | 6 |" in card and "| tokens | 372 input positions |" in card
+    assert f"{run['eval_loss']:.4f} nats/token" in card
+    assert "Not evaluated yet: `python eval_tasks.py --model" in card
+
+
+def test_card_bits_per_byte_equal_eval_ppl(pretrained, eval_docs, tmp_path):
+    """The card's held-out bits per byte is what eval_ppl.py measures in the same windows."""
+    out = pretrained
+    report = tmp_path / "ppl.json"
+    eval_ppl = load_script("eval_ppl.py")
+    assert eval_ppl.main(["--model", str(out), "--data", str(eval_docs), "--max_length", "32", "--stride", "32",
+                          "--json", str(report)]) == 0
+    measured = json.loads(report.read_text())["bits_per_byte"]
+    run = json.loads((out / TRAIN_RESULTS).read_text())
+    assert math.isclose(run["eval_bits_per_byte"], measured, rel_tol=1e-5), (run["eval_bits_per_byte"], measured)
+    # And by hand, from the loss: sum of NLLs over the documents' UTF-8 bytes.
+    texts = read_documents(eval_docs)
+    tokens = sum(len(d) + 1 for d in load_tokenizer(out).encode_batch(texts))
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    assert math.isclose(run["eval_bits_per_byte"], run["eval_loss"] * tokens / (n_bytes * math.log(2)), rel_tol=1e-9)
+
+
+def test_eval_tasks_updates_the_card_until_the_weights_change(pretrained, tmp_path):
+    out = pretrained
+    eval_tasks = load_script("eval_tasks.py")
+    assert eval_tasks.main(["--model", str(out), "--json", str(tmp_path / "tasks.json")]) == 0
+    result = json.loads((tmp_path / "tasks.json").read_text())
+    cloze = result["cloze"]
+    card = (out / CARD_NAME).read_text()
+    centered = (cloze["accuracy"] - 0.25) / 0.75
+    assert f"| poetry cloze (4 choices) | {cloze['accuracy']:.1%} (centered {centered:+.1%}) | {cloze['n']} |" in card
+    assert (out / EVAL_RESULTS).is_file()
+    # Other weights in the directory (a run continued since): the results are not shown as this model's.
+    weights = out / "model.safetensors"
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(original[:-4] + bytes(4))
+        assert eval_tasks.main(["--model", str(out), "--tasks", "cloze", "--json", str(tmp_path / "t2.json")]) == 0
+        weights.write_bytes(original[:-8] + bytes(8))
+        from minillm.export.model_card import write_card
+
+        write_card(out)
+        card = (out / CARD_NAME).read_text()
+        assert "poetry cloze" not in card and "are of earlier weights" in card
+    finally:
+        weights.write_bytes(original)
+
+
+def test_overwrite_drops_the_old_runs_results(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--data_path", corpus, "--eval_data", "", "--out_dir", out, "--max_length", "32", "--batch_size", "2",
+            "--save_every", "0", *TINY_ARGS]
+    assert run_train_cli("pretrain", *base, "--max_steps", "2", capsys=capsys)[0] == 0
+    (out / EVAL_RESULTS).write_text(json.dumps({"cloze": {"accuracy": 0.9, "n": 10}}))
+    assert run_train_cli("pretrain", *base, "--max_steps", "3", "--overwrite", capsys=capsys)[0] == 0
+    assert not (out / EVAL_RESULTS).exists()
+    assert json.loads((out / TRAIN_RESULTS).read_text())["steps"] == 3
+    assert "Not evaluated yet" in (out / CARD_NAME).read_text()
+
+
+def test_resumed_run_card_counts_the_whole_run(corpus, tmp_path, capsys):
+    base = ["--data_path", corpus, "--eval_data", "", "--max_length", "32", "--batch_size", "2", "--max_steps", "5",
+            *TINY_ARGS]
+    assert run_train_cli("pretrain", *base, "--out_dir", tmp_path / "whole", capsys=capsys)[0] == 0
+    # The same run cut after a checkpoint at step 2 (a SIGINT would do the same), then resumed to the end.
+    from minillm.train import trainer
+
+    original = trainer.Checkpointer.save
+    calls = []
+
+    def save_then_stop(self, step, *a):
+        path = original(self, step, *a)
+        calls.append(step)
+        if step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    cut = tmp_path / "cut"
+    trainer.Checkpointer.save = save_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_train_cli("pretrain", *base, "--out_dir", cut, "--save_every", "2", capsys=capsys)
+    finally:
+        trainer.Checkpointer.save = original
+    assert not (cut / CARD_NAME).exists()  # no card for an unfinished run
+    assert run_train_cli("pretrain", *base, "--out_dir", cut, "--resume", capsys=capsys)[0] == 0
+    whole, resumed = (json.loads((d / TRAIN_RESULTS).read_text()) for d in (tmp_path / "whole", cut))
+    assert (resumed["steps"], resumed["tokens"]) == (whole["steps"], whole["tokens"]) == (5, 5 * 2 * 31)
+
+
+def test_lora_adapter_card_names_its_base(pretrained, corpus, tmp_path, capsys):
+    base = pretrained
+    out = tmp_path / "adapter"
+    assert run_train_cli("pretrain", "--data_path", corpus, "--eval_data", "", "--out_dir", out, "--max_length",
+                         "32", "--batch_size", "2", "--max_steps", "2", "--init_from", base, "--lora",
+                         "--language", "zh", "en", capsys=capsys)[0] == 0
+    meta = card_metadata(out)
+    assert meta["library_name"] == "peft" and meta["base_model"] == str(base)
+    assert meta["language"] == ["zh", "en"] and "lora" in meta["tags"]
+    card = (out / CARD_NAME).read_text()
+    assert f'PeftModel.from_pretrained(base, "{out}")' in card
+    assert f"--model {base} --adapter {out}" in card
+
+
+def test_outside_checkpoint_keeps_its_own_readme(tiny_sft_dir, tmp_path):
+    """eval_tasks.py writes no results or card into a directory minillm did not train."""
+    readme = tiny_sft_dir / CARD_NAME
+    readme.write_text("their card\n")
+    eval_tasks = load_script("eval_tasks.py")
+    assert eval_tasks.main(["--model", str(tiny_sft_dir), "--tasks", "cloze", "--limit", "1"]) == 0
+    assert readme.read_text() == "their card\n" and not (tiny_sft_dir / EVAL_RESULTS).exists()
+    readme.unlink()
