@@ -68,10 +68,10 @@ def run(args: argparse.Namespace) -> str:
     # minillm records whether SFT ran; an outside checkpoint (None) is a chat model when its tokenizer has a template.
     chat = (model.config.chat_trained if model.config.chat_trained is not None
             else declares_chat_template(tokenizer_dir))
-    write_modelfile(modelfile, out, chat)
+    write_modelfile(modelfile, out, chat, tokenizer)
     return (f"wrote {out} ({summary['bytes'] / 2**20:.1f} MiB, {summary['tensors']} tensors, {args.dtype}, "
             f"architecture {summary['architecture']}, pre-tokenizer {summary['pre_tokenizer']}) and {modelfile} "
-            f"({'ChatML' if chat else 'raw-prompt'} template)\n"
+            f"({'raw-prompt' if not chat else 'ChatML' if tokenizer.template is None else 'the GGUF'} template)\n"
             f"  llama.cpp: llama-cli -m {out}" + (" -cnv" if chat else ' -p "..."') + "\n"
             f"  ollama:    ollama create {name} -f {modelfile} && ollama run {name}")
 

@@ -198,5 +198,5 @@ def test_special_ids_are_looked_up_not_assumed(tmp_path):
 
 def test_tokenizer_without_chatml_tokens_is_refused():
     backend = late_specials_backend(MIXED * 5, ["<|endoftext|>"])
-    with pytest.raises(ValueError, match=r"no <\|im_start\|>, <\|im_end\|> token: minillm needs"):
+    with pytest.raises(ValueError, match=r"no <\|im_start\|>, <\|im_end\|> token and no chat template of its own: minillm needs"):
         Tokenizer(backend)

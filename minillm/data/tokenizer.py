@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from minillm.data.chat_template import ChatTemplate, cut_at
 from minillm.data.jsonl import iter_texts
 from minillm.files import atomic_write, read_json, write_json
 
@@ -39,13 +40,20 @@ class Tokenizer:
     151643-151645. <|endoftext|> ends documents and pads; <|im_start|>/<|im_end|> frame chat turns.
     """
 
-    def __init__(self, backend: BackendTokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> None:
+    def __init__(self, backend: BackendTokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
+                 template: ChatTemplate | None = None, eos_token: str | None = None) -> None:
         ids = [backend.token_to_id(token) for token in SPECIAL_TOKENS]
         missing = [token for token, i in zip(SPECIAL_TOKENS, ids) if i is None]
-        if missing:
-            raise ValueError(f"the tokenizer has no {', '.join(missing)} token: minillm needs "
-                             f"{', '.join(SPECIAL_TOKENS)} (ChatML, as in its own and Qwen2's tokenizers)")
+        self.template = template  # None: ChatML, rendered here
+        if missing and template is None:
+            raise ValueError(f"the tokenizer has no {', '.join(missing)} token and no chat template of its own: "
+                             f"minillm needs {', '.join(SPECIAL_TOKENS)} (ChatML, as in its own and Qwen2's "
+                             "tokenizers) or a chat_template in tokenizer_config.json / chat_template.jinja")
         self.eos_id, self.im_start_id, self.im_end_id = ids
+        if self.eos_id is None:  # an outside tokenizer's end of text (Llama 3: <|end_of_text|>, Gemma: <eos>)
+            self.eos_id = backend.token_to_id(eos_token) if eos_token else None
+            if self.eos_id is None:
+                raise ValueError(f"the tokenizer's eos_token {eos_token!r} is not in its vocabulary")
         self.pad_id = self.eos_id  # padding is never scored, so it needs no token of its own
         self.backend = backend
         # A twin of the backend that encodes special-token strings as ordinary text (the default encode).
@@ -53,6 +61,7 @@ class Tokenizer:
         self._plain.encode_special_tokens = True
         self.model_max_length = model_max_length
         self._pieces: dict[str, list[int]] = {}  # template pieces ("assistant\n", "\n"), encoded once
+        self.source_files: dict[str, str] = {}  # an outside template's configuration files, saved as loaded
 
     @property
     def vocab_size(self) -> int:
@@ -83,7 +92,10 @@ class Tokenizer:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """Render a conversation in ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message."""
+        """Render a conversation as text: the tokenizer's own template, else ChatML
+        (`<|im_start|>{role}\\n{content}<|im_end|>\\n` per message)."""
+        if self.template is not None:
+            return self.template.render(messages, add_generation_prompt)
         parts = []
         for i, message in enumerate(messages):
             if "role" not in message or "content" not in message:
@@ -109,7 +121,12 @@ class Tokenizer:
         divergence from whole-string encoding: a reply starting with two or more whitespace characters,
         which BPE could merge with the header's "\\n"; the split used here is the one the model sees when
         it generates.
+
+        Under an outside template (self.template) the ids are its pieces' (message text as plain text) and the
+        mask comes from prefix rendering; see minillm/data/chat_template.py.
         """
+        if self.template is not None:
+            return self._render_template(messages, add_generation_prompt)
         newline = self._piece("\n")
         ids: list[int] = []
         learn: list[int] = []
@@ -130,11 +147,49 @@ class Tokenizer:
             learn += [0] * (1 + len(header))
         return ids, learn
 
+    def special_strings(self) -> list[str]:
+        """The control tokens' strings (special added tokens)."""
+        return [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special]
+
+    def _render_template(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+        _, pieces = self.template.pieces(messages, add_generation_prompt)
+        spans = self.template.learned_spans(messages, self.special_strings())
+        ids: list[int] = []
+        learn: list[int] = []
+        for piece, is_text, start in cut_at(pieces, {c for span in spans for c in span}):
+            piece_ids = self.encode(piece, allow_special=not is_text)
+            ids += piece_ids
+            learn += [int(any(a <= start < b for a, b in spans))] * len(piece_ids)
+        return ids, learn
+
+    @property
+    def turn_end_ids(self) -> list[int]:
+        """The ids that end an assistant turn: <|im_end|> for ChatML, the template's own end markers otherwise."""
+        if self.template is None:
+            return [self.im_end_id]
+        if not hasattr(self, "_turn_ends"):
+            probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+            (a, b), = self.template.learned_spans(probe, self.special_strings())
+            turn = self.template.render(probe)[a:b]
+            self._turn_ends = [i for i in self.encode(turn, allow_special=True)
+                               if self.backend.id_to_token(i) in self.special_strings()]
+        return self._turn_ends
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Where generation stops: the end of a turn or of the text."""
+        return list(dict.fromkeys([self.eos_id, *self.turn_end_ids]))
+
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for transformers."""
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for transformers (an outside
+        tokenizer's own configuration files and template as they were loaded)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write(directory / "tokenizer.json", self.backend.to_str(pretty=True))
+        if self.template is not None:
+            for name, text in self.source_files.items():
+                atomic_write(directory / name, text)
+            return
         eos = SPECIAL_TOKENS[0]
         added = {
             str(self.backend.token_to_id(tok)): {
@@ -188,28 +243,52 @@ class Tokenizer:
             raise ValueError(f"{path}: not a valid tokenizers JSON file ({err})") from err
         max_len = DEFAULT_MODEL_MAX_LENGTH
         config_path = path.parent / "tokenizer_config.json"
-        if config_path.is_file():
-            config = read_json(config_path)
-            max_len = config.get("model_max_length", max_len) if isinstance(config, dict) else max_len
-            if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
-                raise ValueError(f"{config_path}: model_max_length must be a positive integer, got {max_len!r}")
-        return cls(backend, model_max_length=max_len)
+        config = read_json(config_path) if config_path.is_file() else {}
+        config = config if isinstance(config, dict) else {}
+        max_len = config.get("model_max_length", max_len)
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+            raise ValueError(f"{config_path}: model_max_length must be a positive integer, got {max_len!r}")
+        source = read_chat_template(path.parent)
+        if source is None or source == CHAT_TEMPLATE:
+            return cls(backend, model_max_length=max_len)
+        special = {name: _token_string(config.get(name)) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        tok = cls(backend, max_len, ChatTemplate(source, special), eos_token=special["eos_token"])
+        # Saved as they came (the template, its special tokens), not as minillm's ChatML configuration.
+        tok.source_files = {name: (path.parent / name).read_text(encoding="utf-8") for name in
+                            ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+                            if (path.parent / name).is_file()}
+        return tok
 
     def fingerprint(self) -> str:
         """sha256 hex digest of the canonical (compact) tokenizer.json string."""
         return hashlib.sha256(self.backend.to_str(pretty=False).encode("utf-8")).hexdigest()
 
 
+def _token_string(value: object) -> str | None:
+    """A tokenizer_config.json special token: a string, or an AddedToken dict with its content."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def read_chat_template(directory: str | Path) -> str | None:
+    """The chat template a tokenizer directory declares (chat_template.jinja first, as transformers reads it, then
+    tokenizer_config.json's chat_template: a string, or named templates of which "default"); None if none."""
+    directory = Path(directory)
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    try:
+        template = read_json(directory / "tokenizer_config.json").get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
 def declares_chat_template(directory: str | Path | None) -> bool:
     """Whether a tokenizer directory declares a chat template: in tokenizer_config.json, or in chat_template.jinja
     beside it (transformers' current layout). None is the shipped tokenizer, which does."""
-    directory = DEFAULT_ASSETS if directory is None else Path(directory)
-    if (directory / "chat_template.jinja").is_file():
-        return True
-    try:
-        return "chat_template" in read_json(directory / "tokenizer_config.json")
-    except (OSError, ValueError):
-        return False
+    return read_chat_template(DEFAULT_ASSETS if directory is None else directory) is not None
 
 
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:

@@ -284,7 +284,7 @@ def answer_all(model: MiniLLM, tokenizer: Tokenizer, prompts: list[str], max_new
     for p, ids in encoded.items():
         by_length.setdefault(len(ids), []).append(p)
     answers: dict[str, list[str]] = {}
-    stops = [tokenizer.im_end_id, tokenizer.eos_id]
+    stops = [*tokenizer.turn_end_ids, tokenizer.eos_id]
     for group in by_length.values():
         rows = [p for p in group for _ in range(samples)]
         out_BT = generate(model, [encoded[p] for p in rows], max_new_tokens=max_new_tokens,

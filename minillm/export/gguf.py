@@ -194,15 +194,22 @@ def _add_metadata(w, config: LMConfig, vocab: Vocab, tokenizer: Tokenizer, name:
     w.add_token_merges(vocab.merges)
     w.add_bos_token_id(tokenizer.eos_id)  # minillm has no BOS of its own, and none is added
     w.add_eos_token_id(tokenizer.eos_id)
-    w.add_eot_token_id(tokenizer.im_end_id)
+    w.add_eot_token_id(tokenizer.turn_end_ids[0])
     w.add_pad_token_id(tokenizer.pad_id)
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(CHAT_TEMPLATE if tokenizer.template is None else tokenizer.template.source)
 
 
-def ollama_modelfile(gguf_file: str, chat: bool) -> str:
-    """An ollama Modelfile for the GGUF beside it: ChatML and stop at <|im_end|> for chat models, raw otherwise."""
+def ollama_modelfile(gguf_file: str, chat: bool, stops: list[str] | None = None) -> str:
+    """An ollama Modelfile for the GGUF beside it: ChatML and stop at <|im_end|> for chat models, raw otherwise.
+
+    `stops` given: an outside chat template. ollama's templates are Go templates, so none is written: ollama
+    takes the template from the GGUF's tokenizer.chat_template, and the Modelfile adds the turn's end markers.
+    """
+    if stops is not None:
+        lines = [f"FROM ./{gguf_file}"] + [f'PARAMETER stop "{s}"' for s in stops]
+        return "\n".join(lines) + "\n"
     if chat:
         template = ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
                     '{{ end }}<|im_start|>assistant\n')
@@ -254,6 +261,9 @@ def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: Path, dtype: 
             "bytes": out.stat().st_size}
 
 
-def write_modelfile(out: Path, gguf_path: Path, chat: bool) -> None:
-    """Write the ollama Modelfile for `gguf_path` at `out`."""
-    atomic_write(out, ollama_modelfile(gguf_path.name, chat))
+def write_modelfile(out: Path, gguf_path: Path, chat: bool, tokenizer: Tokenizer | None = None) -> None:
+    """Write the ollama Modelfile for `gguf_path` at `out` (a tokenizer with its own template: its end markers)."""
+    stops = None
+    if chat and tokenizer is not None and tokenizer.template is not None:
+        stops = [tokenizer.backend.id_to_token(i) for i in tokenizer.stop_ids]
+    atomic_write(out, ollama_modelfile(gguf_path.name, chat, stops))

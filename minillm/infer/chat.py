@@ -80,7 +80,7 @@ class StreamingAnswer:
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float = 1.0, stop_ids: Sequence[int] | None = None,
                  generator: torch.Generator | None = None, compile: bool = False) -> None:
-        self.stop_ids = list((tokenizer.eos_id, tokenizer.im_end_id) if stop_ids is None else stop_ids)
+        self.stop_ids = list(tokenizer.stop_ids if stop_ids is None else stop_ids)
         self._steps = generate(model, list(prompt_ids), max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                                eos_token_id=self.stop_ids, stream=True, generator=generator,

@@ -162,7 +162,7 @@ class Choices:
 
     def __init__(self, spec: CompletionSpec, tokenizer: Tokenizer, mailbox: Mailbox) -> None:
         self.events: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
-        stop_ids = (tokenizer.eos_id, tokenizer.im_end_id)
+        stop_ids = tuple(tokenizer.stop_ids)
         self.requests, self.texts, self.prompt_len = [], [], []
         for prompt in spec.prompts:
             for _ in range(spec.n):

@@ -136,13 +136,14 @@ def from_hf_state_dict(hf: Mapping[str, torch.Tensor], config: LMConfig,
 
 
 def end_ids(config: LMConfig, tokenizer=None) -> int | list[int]:
-    """generation_config's eos_token_id: a chat model ends a turn with <|im_end|> as well as <|endoftext|>.
+    """generation_config's eos_token_id: a chat model ends a turn with <|im_end|> (or its template's end marker)
+    as well as <|endoftext|>.
 
     transformers' generate (and servers that read generation_config.json, such as vLLM) stop only at
     these ids, so a chat model that listed only <|endoftext|> would run past the end of its answer.
     """
     if config.chat_trained and tokenizer is not None:
-        return [config.eos_token_id, tokenizer.im_end_id]
+        return list(dict.fromkeys([config.eos_token_id, *tokenizer.turn_end_ids]))
     return config.eos_token_id
 
 

@@ -93,7 +93,7 @@ class GRPO:
         self.epsilon, self.loss_type, self.kl_beta = epsilon, loss_type, kl_beta
         self.reference = Reference(reference)
         self.policy: MiniLLM | None = None
-        self.stops = [tokenizer.im_end_id, tokenizer.eos_id]
+        self.stops = [*tokenizer.turn_end_ids, tokenizer.eos_id]
         self.metric_names = ("reward", *(f"rewards/{name}" for name in rewards), "frac_reward_zero_std", "clip_ratio",
                              "kl", "completions/mean_length", "completions/ended")
 
@@ -120,7 +120,7 @@ class GRPO:
 
     def score(self, request: str, completion: list[int]) -> tuple[float, list[float]]:
         """The weighted reward and each component's value for one completion."""
-        ended = bool(completion) and completion[-1] == self.tokenizer.im_end_id
+        ended = bool(completion) and completion[-1] in self.tokenizer.turn_end_ids
         answer = self.tokenizer.decode(completion[:-1] if completion and completion[-1] in self.stops else completion)
         values = [fn(request, answer + ("<|im_end|>" if ended else "")) for fn, _ in self.rewards.values()]
         return sum(v * w for v, (_, w) in zip(values, self.rewards.values())), values
@@ -164,7 +164,7 @@ class GRPO:
                                                    for k, name in enumerate(self.rewards)},
                    "frac_reward_zero_std": degenerate_BG.float().sum(), "clip_ratio": clip_N.sum(), "kl": kl_N.sum(),
                    "completions/mean_length": mask_NT.sum(),
-                   "completions/ended": torch.tensor(float(sum(s[-1] == self.tokenizer.im_end_id for s in sequences)),
+                   "completions/ended": torch.tensor(float(sum(s[-1] in self.tokenizer.turn_end_ids for s in sequences)),
                                                      device=device)}
         counters = {"rollout_seconds": rollout_seconds, "rollout_tokens": float(sum(n for _, n in completions))}
         return ObjectiveOutput(loss_N.mean(), metrics, tokens=inputs_NT.numel(), counters=counters)

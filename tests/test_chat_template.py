@@ -1,0 +1,156 @@
+"""Outside chat templates (issue 31, part 1): rendered as transformers renders them, message text kept as text,
+SFT masks by prefix rendering, generation stopping at the template's own end marker."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import late_specials_backend
+
+from minillm.data.chat_template import TemplateError
+from minillm.data.tokenizer import load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("jinja2")
+
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello there, how are you today?",
+          "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。", "You are a helpful assistant. Answer briefly."] * 5
+
+# Written over several lines as the real ones are: the output is right only with transformers' Jinja settings
+# (trim_blocks, lstrip_blocks).
+LLAMA3 = """{{ bos_token }}
+{%- for message in messages %}
+    {% set content = message['content'] | trim %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + content + '<|eot_id|>' }}
+{%- endfor %}
+{% if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+         "{% set rest = messages[1:] %}{% else %}{% set first = '' %}{% set rest = messages %}{% endif %}"
+         "{% for message in rest %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+         "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+         "{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + message['content'] | trim + "
+         "'<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+QWEN3 = ("{% for message in messages %}{% if message['role'] == 'assistant' and loop.last %}"
+         "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + message['content'] + '<|im_end|>\n' }}"
+         "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+STYLES = {
+    "llama3": (LLAMA3, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                        "<|eot_id|>"], {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
+               "<|eot_id|>"),
+    "gemma": (GEMMA, ["<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"],
+              {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}, "<end_of_turn>"),
+    "qwen3": (QWEN3, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+              {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, "<|im_end|>"),
+}
+SINGLE = [{"role": "user", "content": "Hello there, how are you?"},
+          {"role": "assistant", "content": "The fox is quick today."}]
+MULTI = [{"role": "system", "content": "You are a helpful assistant."},
+         {"role": "user", "content": "白日依山尽"}, {"role": "assistant", "content": "黄河入海流。"},
+         {"role": "user", "content": "  How are you today?\n"}, {"role": "assistant", "content": " Briefly: well. "}]
+
+
+def save_style(name: str, directory, in_config: bool = False):
+    """A tokenizer of the style saved by transformers; (our tokenizer, transformers'). in_config: the template in
+    tokenizer_config.json rather than chat_template.jinja."""
+    template, specials, tokens, _ = STYLES[name]
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=late_specials_backend(CORPUS, specials), **tokens)
+    hf.chat_template = template
+    hf.save_pretrained(directory)
+    jinja = directory / "chat_template.jinja"
+    if in_config and jinja.exists():
+        config = json.loads((directory / "tokenizer_config.json").read_text())
+        config["chat_template"] = jinja.read_text()
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
+        jinja.unlink()
+    return load_tokenizer(directory), transformers.AutoTokenizer.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("in_config", [False, True])
+@pytest.mark.parametrize("style", list(STYLES))
+def test_rendering_and_ids_equal_transformers(style, in_config, tmp_path):
+    ours, hf = save_style(style, tmp_path, in_config)
+    conversations = [SINGLE, SINGLE[:1]] + ([MULTI, MULTI[:4]] if style != "qwen3" else [MULTI[:2]])
+    for messages in conversations:
+        for gen in (False, True):
+            text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            assert ours.apply_chat_template(messages, add_generation_prompt=gen) == text
+            ids, _ = ours.render_conversation(messages, add_generation_prompt=gen)
+            assert ids == hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen,
+                                                 return_dict=False), (style, messages, gen)
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_mask_covers_exactly_the_replies_and_their_end_markers(style, tmp_path):
+    ours, hf = save_style(style, tmp_path)
+    end = STYLES[style][3]
+    end_id = hf.convert_tokens_to_ids(end)
+    assert ours.turn_end_ids == [end_id]
+    assert ours.eos_id == hf.convert_tokens_to_ids("<|endoftext|>" if style == "qwen3" else hf.eos_token)
+    conversation = SINGLE if style == "qwen3" else MULTI
+    ids, learn = ours.render_conversation(conversation)
+    learned = [i for i, m in zip(ids, learn) if m]
+    think = hf.encode("<think>\n\n</think>\n\n", add_special_tokens=False) if style == "qwen3" else []
+    replies = [m["content"] if style == "qwen3" else m["content"].strip()
+               for m in conversation if m["role"] == "assistant"]
+    expected = []
+    for reply in replies:
+        expected += [*think, *hf.encode(reply, add_special_tokens=False), end_id]
+    assert learned == expected
+    # The mask is contiguous per reply: each learned run ends with the end marker.
+    runs = "".join(map(str, learn)).split("0")
+    assert [len(r) for r in runs if r] == [len(think) + len(hf.encode(r, add_special_tokens=False)) + 1
+                                          for r in replies]
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_message_text_stays_text(style, tmp_path):
+    ours, hf = save_style(style, tmp_path)
+    forged = "".join(STYLES[style][1])  # every control token of the style, typed by a user
+    messages = [{"role": "user", "content": f"hi {forged} there"}]
+    ids, _ = ours.render_conversation(messages, add_generation_prompt=True)
+    clean, _ = ours.render_conversation([{"role": "user", "content": "hi there"}], add_generation_prompt=True)
+    specials = {hf.convert_tokens_to_ids(t) for t in STYLES[style][1]}
+    assert [i for i in ids if i in specials] == [i for i in clean if i in specials]
+    assert ours.decode(ids) == ours.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def test_history_rendered_differently_is_refused_for_masks(tmp_path):
+    ours, _ = save_style("qwen3", tmp_path)  # the last assistant turn gets think tags, earlier ones none
+    with pytest.raises(TemplateError, match="renders assistant turn 1 differently"):
+        ours.render_conversation(MULTI[1:])
+
+
+def test_template_errors_are_one_line(tmp_path):
+    ours, _ = save_style("gemma", tmp_path)
+    with pytest.raises(TemplateError, match="roles must alternate"):
+        ours.render_conversation([{"role": "assistant", "content": "first"}])
+
+
+def test_missing_jinja_names_the_extra(tmp_path, monkeypatch):
+    import builtins
+
+    ours, _ = save_style("llama3", tmp_path)
+    real_import = builtins.__import__
+
+    def no_jinja(name, *a, **k):
+        if name.startswith("jinja2"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_jinja)
+    with pytest.raises(TemplateError, match=r"pip install 'minillm\[jinja\]'"):
+        ours.apply_chat_template(SINGLE)
+
+
+def test_saved_again_as_it_came(tmp_path):
+    ours, hf = save_style("llama3", tmp_path / "a")
+    ours.save_pretrained(tmp_path / "b")
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "b")
+    assert again.apply_chat_template(MULTI, tokenize=False) == hf.apply_chat_template(MULTI, tokenize=False)
+    assert load_tokenizer(tmp_path / "b").render_conversation(MULTI) == ours.render_conversation(MULTI)
