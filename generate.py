@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog=PROG,
         description="Generate text with a trained model. With --prompt: one answer, streamed as it is produced. "
                     "Without: an interactive chat read line by line from stdin (a pipe works too); /reset "
-                    "clears the history, /exit or Ctrl-D quits. Answers stop at <|im_end|> or <|endoftext|>. "
+                    "clears the history, /exit or Ctrl-D quits. Answers stop at the end of the turn (<|im_end|>, or "
+                    "the template's own marker) or of the text. "
                     "Only the generated text goes to stdout; notices and the speed line go to stderr.")
     add_model_flags(p)
     p.add_argument("--prompt", default=None,

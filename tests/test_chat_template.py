@@ -144,7 +144,7 @@ def test_missing_jinja_names_the_extra(tmp_path, monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_jinja)
-    with pytest.raises(TemplateError, match=r"pip install 'minillm\[jinja\]'"):
+    with pytest.raises(TemplateError, match=r'pip install -e "\.\[jinja\]"'):
         ours.apply_chat_template(SINGLE)
 
 
@@ -154,3 +154,32 @@ def test_saved_again_as_it_came(tmp_path):
     again = transformers.AutoTokenizer.from_pretrained(tmp_path / "b")
     assert again.apply_chat_template(MULTI, tokenize=False) == hf.apply_chat_template(MULTI, tokenize=False)
     assert load_tokenizer(tmp_path / "b").render_conversation(MULTI) == ours.render_conversation(MULTI)
+
+
+def test_llama3_style_chat_model_exports_its_template_and_stops(tmp_path):
+    """generation_config.json, the GGUF and the Modelfile end a turn at the template's own marker."""
+    gguf = pytest.importorskip("gguf")
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from minillm.model.config import LMConfig
+    from minillm.model.model import MiniLLM
+
+    ours, hf = save_style("llama3", tmp_path / "tok")
+    eot, eos = hf.convert_tokens_to_ids("<|eot_id|>"), hf.convert_tokens_to_ids("<|end_of_text|>")
+    config = LMConfig(vocab_size=ours.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, chat_trained=True)
+    model_dir = tmp_path / "model"
+    MiniLLM(config).save_pretrained(model_dir, tokenizer=ours)
+    assert json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"] == [eos, eot]
+    res = subprocess.run([sys.executable, str(REPO / "export_gguf.py"), "--model", str(model_dir), "--out",
+                          str(tmp_path / "m.gguf"), "--dtype", "f32"], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    assert fields["tokenizer.chat_template"].contents() == LLAMA3
+    assert fields["tokenizer.ggml.eot_token_id"].contents() == eot
+    modelfile = (tmp_path / "m.Modelfile").read_text()
+    assert "TEMPLATE" not in modelfile
+    assert 'PARAMETER stop "<|end_of_text|>"' in modelfile and 'PARAMETER stop "<|eot_id|>"' in modelfile

@@ -34,7 +34,7 @@ def _environment():
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError as e:
-        raise TemplateError("this tokenizer's own chat template needs jinja2: pip install 'minillm[jinja]'") from e
+        raise TemplateError("this tokenizer's own chat template needs jinja2: pip install -e \".[jinja]\"") from e
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
