@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import late_specials_backend
 
 from minillm.data.chat_template import TemplateError
@@ -41,7 +42,7 @@ QWEN3 = ("{% for message in messages %}{% if message['role'] == 'assistant' and 
          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 STYLES = {
     "llama3": (LLAMA3, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                        "<|eot_id|>"], {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
+                        "<|eot_id|>", "<|eom_id|>"], {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
                "<|eot_id|>"),
     "gemma": (GEMMA, ["<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"],
               {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}, "<end_of_turn>"),
@@ -183,3 +184,23 @@ def test_llama3_style_chat_model_exports_its_template_and_stops(tmp_path):
     modelfile = (tmp_path / "m.Modelfile").read_text()
     assert "TEMPLATE" not in modelfile
     assert 'PARAMETER stop "<|end_of_text|>"' in modelfile and 'PARAMETER stop "<|eot_id|>"' in modelfile
+
+
+def test_an_outside_models_generation_config_end_ids_stop_it_too(tmp_path):
+    """Llama 3.1 lists <|eom_id|> among generation_config's eos ids: generation stops there as well."""
+    from argparse import Namespace
+
+    from minillm.cli import load_trained
+    from minillm.model.config import LMConfig
+    from minillm.model.model import MiniLLM
+
+    ours, hf = save_style("llama3", tmp_path / "tok")
+    eos, eot, eom = (hf.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"))
+    config = LMConfig(vocab_size=ours.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    MiniLLM(config).save_pretrained(tmp_path / "model", tokenizer=ours)
+    assert ours.stop_ids == [eos, eot]
+    (tmp_path / "model" / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, eot, eom]}))
+    _, loaded, _ = load_trained(Namespace(model=str(tmp_path / "model"), tokenizer=None, adapter=None),
+                                torch.device("cpu"), torch.float32)
+    assert loaded.stop_ids == [eos, eot, eom] and loaded.turn_end_ids == [eot, eom]

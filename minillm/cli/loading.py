@@ -12,7 +12,7 @@ import torch
 from minillm.data.datasets import check_vocab
 from minillm.data.tokenizer import Tokenizer, load_tokenizer
 from minillm.device import DTYPES
-from minillm.files import check_writable
+from minillm.files import check_writable, read_json
 from minillm.model.config import LMConfig
 from minillm.model.lora import load_adapter, merge_lora
 from minillm.model.model import MiniLLM
@@ -108,6 +108,10 @@ def load_trained(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     else:
         tokenizer_dir = None if args.tokenizer == "default" else Path(args.tokenizer)
     tokenizer = load_tokenizer(tokenizer_dir)
+    generation = model_dir / "generation_config.json"
+    if tokenizer.template is not None and generation.is_file():  # an outside model's own end ids stop it too
+        eos = read_json(generation).get("eos_token_id")
+        tokenizer.add_end_ids(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
     model = MiniLLM.from_pretrained(model_dir, dtype=dtype, device=device)
     if args.adapter:
         model = merge_lora(load_adapter(model, args.adapter))  # folded in: the same function, no per-token cost

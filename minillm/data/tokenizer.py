@@ -62,6 +62,7 @@ class Tokenizer:
         self.model_max_length = model_max_length
         self._pieces: dict[str, list[int]] = {}  # template pieces ("assistant\n", "\n"), encoded once
         self.source_files: dict[str, str] = {}  # an outside template's configuration files, saved as loaded
+        self.extra_end_ids: list[int] = []  # an outside model's generation_config end ids (add_end_ids)
 
     @property
     def vocab_size(self) -> int:
@@ -173,7 +174,12 @@ class Tokenizer:
             turn = self.template.render(probe)[a:b]
             self._turn_ends = [i for i in self.encode(turn, allow_special=True)
                                if self.backend.id_to_token(i) in self.special_strings()]
-        return self._turn_ends
+        return [*self._turn_ends, *self.extra_end_ids]
+
+    def add_end_ids(self, ids: Iterable[int]) -> None:
+        """More ids that end a turn under an outside template: its model's generation_config eos_token_id."""
+        if self.template is not None:
+            self.extra_end_ids = list(dict.fromkeys(i for i in ids if i not in self.turn_end_ids and i != self.eos_id))
 
     @property
     def stop_ids(self) -> list[int]:
