@@ -67,8 +67,6 @@ class ChatTemplate:
         try:
             return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          **self.special)
-        except TemplateError:
-            raise
         except Exception as e:  # the template's own raise_exception, or an error in it
             raise TemplateError(f"the chat template refused the conversation: {e}") from e
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 from collections.abc import Iterable, Iterator
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as BackendTokenizer
@@ -148,13 +149,14 @@ class Tokenizer:
             learn += [0] * (1 + len(header))
         return ids, learn
 
+    @cached_property
     def special_strings(self) -> list[str]:
         """The control tokens' strings (special added tokens)."""
         return [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special]
 
     def _render_template(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
         _, pieces = self.template.pieces(messages, add_generation_prompt)
-        spans = self.template.learned_spans(messages, self.special_strings())
+        spans = self.template.learned_spans(messages, self.special_strings)
         ids: list[int] = []
         learn: list[int] = []
         for piece, is_text, start in cut_at(pieces, {c for span in spans for c in span}):
@@ -163,18 +165,21 @@ class Tokenizer:
             learn += [int(any(a <= start < b for a, b in spans))] * len(piece_ids)
         return ids, learn
 
+    @cached_property
+    def _template_turn_ends(self) -> list[int]:
+        # The control tokens that close a probe reply's learned span: the template's end marker. Computed on first
+        # use, so that a tokenizer only used for plain text never needs jinja2.
+        probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+        (a, b), = self.template.learned_spans(probe, self.special_strings)
+        turn = self.template.render(probe)[a:b]
+        return [i for i in self.encode(turn, allow_special=True) if self.backend.id_to_token(i) in self.special_strings]
+
     @property
     def turn_end_ids(self) -> list[int]:
         """The ids that end an assistant turn: <|im_end|> for ChatML, the template's own end markers otherwise."""
         if self.template is None:
             return [self.im_end_id]
-        if not hasattr(self, "_turn_ends"):
-            probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
-            (a, b), = self.template.learned_spans(probe, self.special_strings())
-            turn = self.template.render(probe)[a:b]
-            self._turn_ends = [i for i in self.encode(turn, allow_special=True)
-                               if self.backend.id_to_token(i) in self.special_strings()]
-        return [*self._turn_ends, *self.extra_end_ids]
+        return [*self._template_turn_ends, *self.extra_end_ids]
 
     def add_end_ids(self, ids: Iterable[int]) -> None:
         """More ids that end a turn under an outside template: its model's generation_config eos_token_id."""
