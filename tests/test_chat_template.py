@@ -204,3 +204,13 @@ def test_an_outside_models_generation_config_end_ids_stop_it_too(tmp_path):
     _, loaded, _ = load_trained(Namespace(model=str(tmp_path / "model"), tokenizer=None, adapter=None),
                                 torch.device("cpu"), torch.float32)
     assert loaded.stop_ids == [eos, eot, eom] and loaded.turn_end_ids == [eot, eom]
+
+
+def test_a_follow_up_prompt_renders_under_a_template_whose_history_changes(tmp_path):
+    """Generation prompts learn nothing, so a template refused for multi-turn masks still chats: the second
+    question of a conversation gets transformers' ids (serve.py, generate.py, eval prompts)."""
+    ours, hf = save_style("qwen3", tmp_path)
+    follow_up = MULTI[1:4]  # user, assistant, user
+    ids, learn = ours.render_conversation(follow_up, add_generation_prompt=True)
+    assert ids == hf.apply_chat_template(follow_up, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert set(learn) == {0}

@@ -125,7 +125,7 @@ class Tokenizer:
         it generates.
 
         Under an outside template (self.template) the ids are its pieces' (message text as plain text) and the
-        mask comes from prefix rendering; see minillm/data/chat_template.py.
+        mask comes from prefix rendering (all zeros for a generation prompt); see minillm/data/chat_template.py.
         """
         if self.template is not None:
             return self._render_template(messages, add_generation_prompt)
@@ -156,7 +156,9 @@ class Tokenizer:
 
     def _render_template(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
         _, pieces = self.template.pieces(messages, add_generation_prompt)
-        spans = self.template.learned_spans(messages, self.special_strings)
+        # A prompt for generation learns nothing, and needs no mask: a template whose history renders differently
+        # (refused for multi-turn training) still answers follow-up questions.
+        spans = [] if add_generation_prompt else self.template.learned_spans(messages, self.special_strings)
         ids: list[int] = []
         learn: list[int] = []
         for piece, is_text, start in cut_at(pieces, {c for span in spans for c in span}):
