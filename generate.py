@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_inference_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="run the decode steps through torch.compile: the first answer waits for the "
-                        "compilation (tens of seconds on a CPU), later tokens come faster")
+                        "compilation (10-30 s on a CPU), later tokens come 3x faster on a 2-core CPU "
+                        "(bench/RESULTS.md); always on with --quantize int8")
     return p.parse_args(argv)
 
 
@@ -153,7 +154,7 @@ class Generator:
                                  temperature=a.temperature, top_k=a.top_k or None,
                                  top_p=a.top_p if a.top_p < 1 else None,
                                  repetition_penalty=a.repetition_penalty, generator=self.rng,
-                                 compile=a.compile)
+                                 compile=a.compile or a.quantize == "int8")
         pieces = iter(answer)
         interrupted = False
         try:

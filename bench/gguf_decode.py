@@ -1,4 +1,4 @@
-"""Batch-1 greedy decoding on the CPU: minillm (eager and compiled) against llama.cpp on the same weights.
+"""Batch-1 greedy decoding and prefill on the CPU: minillm (eager, compiled, int8) against llama.cpp, same weights.
 
 One checkpoint (random weights perturbed so that greedy has clear winners, or --model_dir) is exported
 with export_gguf in f32, f16 and q8_0 and run by llama.cpp through llama-cpp-python with the same
@@ -7,6 +7,9 @@ prefill included, no end-of-sequence stop; calls alternate between the sides aft
 medians are reported. llama.cpp f32 runs with an f32 KV cache (the same arithmetic as minillm, so the
 same tokens); f16 and q8_0 with llama.cpp's default f16 cache. The last column is the first position
 where a side's tokens leave minillm's (on random weights, small rounding differences flip near-ties).
+"minillm compiled" is generate(compile=True), the decode fast path (minillm/model/linear.py); "minillm int8"
+is the same after quantize_int8 (weight-only, per output row). Prefill is timed apart: a --prefill_len-token
+prompt and one new token, in prompt tokens/s.
 
     python bench/gguf_decode.py                      # default model shape, 32 + 128 tokens, 2 threads
     python bench/gguf_decode.py --config 124m --rounds 5
@@ -34,6 +37,7 @@ from common import (
 from minillm.data.tokenizer import load_tokenizer
 from minillm.export.gguf import export_gguf
 from minillm.infer.generation import generate
+from minillm.model.linear import quantize_int8
 from minillm.model.model import MiniLLM
 
 WEIGHT_NOISE = 0.1  # as in generate_throughput.py: fresh weights are full of near-ties
@@ -68,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     add_common_args(parser)
     parser.add_argument("--prompt_len", type=int, default=32, help="tokens in the prompt")
     parser.add_argument("--new_tokens", type=int, default=128, help="tokens generated per call")
-    parser.add_argument("--no_compile", action="store_true", help="leave out minillm compiled")
+    parser.add_argument("--prefill_len", type=int, default=512, help="prompt tokens of the prefill measurement")
+    parser.add_argument("--no_compile", action="store_true", help="leave out minillm compiled and int8")
     args = parser.parse_args(argv)
     setup(args.threads, args.seed)
     device = torch.device("cpu")
@@ -81,38 +86,46 @@ def main(argv: list[str] | None = None) -> None:
         model = MiniLLM.from_pretrained(directory, dtype=torch.float32)
         tokenizer = load_tokenizer(directory if (directory / "tokenizer.json").is_file() else None)
         prompt = torch.randint(3, model.config.vocab_size, (1, args.prompt_len), generator=g)
-        n_ctx = args.prompt_len + args.new_tokens + 16
-        runs = {"minillm eager": minillm_run(model, prompt, args.new_tokens, compile=False)}
+        long_prompt = torch.randint(3, model.config.vocab_size, (1, args.prefill_len), generator=g)
+        n_ctx = max(args.prompt_len + args.new_tokens, args.prefill_len + 1) + 16
+        models = {"minillm eager": (model, False)}
         if not args.no_compile:
-            runs["minillm compiled"] = minillm_run(model, prompt, args.new_tokens, compile=True)
-        sizes = {}
+            models["minillm compiled"] = (model, True)
+            models["minillm int8"] = (quantize_int8(MiniLLM.from_pretrained(directory, dtype=torch.float32)), True)
+        runs = {name: minillm_run(m, prompt, args.new_tokens, c) for name, (m, c) in models.items()}
+        prefills = {name: minillm_run(m, long_prompt, 1, c) for name, (m, c) in models.items()}
+        sizes = {name: sum({t.data_ptr(): t.nbytes for t in m.state_dict().values()}.values())  # tied: once
+                 for name, (m, _) in models.items()}
         for dtype in ("f32", "f16", "q8_0"):
             path = tmp / f"m-{dtype}.gguf"
             sizes[f"llama.cpp {dtype}"] = export_gguf(model, tokenizer, path, dtype)["bytes"]
             runs[f"llama.cpp {dtype}"] = llama_run(path, prompt[0].tolist(), args.new_tokens, args.threads, n_ctx,
                                                    kv_f32=dtype == "f32")
+            prefills[f"llama.cpp {dtype}"] = llama_run(path, long_prompt[0].tolist(), 1, args.threads, n_ctx,
+                                                       kv_f32=dtype == "f32")
         first_call, ids = {}, {}
         for name, run in runs.items():  # the first call compiles (minillm compiled) or maps the file
             start = time.perf_counter()
             ids[name] = run()
             first_call[name] = time.perf_counter() - start
         times = time_alternating(runs, args.warmup, args.rounds, device)
+        prefill_times = time_alternating(prefills, 1, args.rounds, device)
 
     reference = ids["minillm eager"]
     print(f"# batch-1 greedy decoding: {args.model_dir or args.config} ({sum(p.numel() for p in model.parameters()):,} "
           f"parameters), prompt {args.prompt_len} + {args.new_tokens} new tokens, {args.threads} threads each")
     print(f"# {environment(device)}; llama-cpp-python {llama_cpp.__version__}")
     header = ["side", "weights MiB", "KV cache", "first call ms", "call ms (median)", "new tokens/s",
-              "vs minillm eager", "same tokens as minillm until"]
+              "vs minillm eager", "same tokens as minillm until", f"prefill {args.prefill_len} tokens/s"]
     rows = []
     base = median(times["minillm eager"])
     for name in runs:
         t = median(times[name])
         same = next((i for i, (a, b) in enumerate(zip(ids[name], reference)) if a != b), len(reference))
         kv = "f16" if name in ("llama.cpp f16", "llama.cpp q8_0") else "f32"
-        size = f"{sizes[name] / 2**20:.1f}" if name in sizes else f"{sum(p.nbytes for p in model.parameters()) / 2**20:.1f}"
-        rows.append([name, size, kv, f"{first_call[name] * 1e3:.0f}", f"{t * 1e3:.1f}", f"{args.new_tokens / t:,.1f}",
-                     f"{base / t:.2f}x", f"{same}/{len(reference)}"])
+        rows.append([name, f"{sizes[name] / 2**20:.1f}", kv, f"{first_call[name] * 1e3:.0f}", f"{t * 1e3:.1f}",
+                     f"{args.new_tokens / t:,.1f}", f"{base / t:.2f}x", f"{same}/{len(reference)}",
+                     f"{args.prefill_len / median(prefill_times[name]):,.0f}"])
     print_table(header, rows)
 
 

@@ -14,6 +14,7 @@ from minillm.data.tokenizer import Tokenizer, load_tokenizer
 from minillm.device import DTYPES
 from minillm.files import check_writable, read_json
 from minillm.model.config import LMConfig
+from minillm.model.linear import quantize_int8
 from minillm.model.lora import load_adapter, merge_lora
 from minillm.model.model import MiniLLM
 
@@ -59,6 +60,11 @@ def add_inference_flags(p: argparse.ArgumentParser, dtype: str = "auto") -> None
     p.add_argument("--dtype", default=dtype, choices=["auto", *DTYPES],
                    help=f"dtype of the weights and the KV cache (default: {dtype}; auto = bfloat16 on GPUs that "
                         "support it, else float16; float32 on every CPU, so the text does not depend on the CPU)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: weight-only int8 at load (one scale per output row; activations and the KV cache "
+                        "keep --dtype): a quarter of float32's weight bytes. The files on disk do not change. "
+                        "Fast at batch 1 through --compile's decode path; batches and prefill dequantize each "
+                        "matrix per step (default: %(default)s)")
 
 
 # The specific failures of bad input in the scripts that use a trained model; anything else is a bug and
@@ -115,5 +121,7 @@ def load_trained(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     model = MiniLLM.from_pretrained(model_dir, dtype=dtype, device=device)
     if args.adapter:
         model = merge_lora(load_adapter(model, args.adapter))  # folded in: the same function, no per-token cost
+    if getattr(args, "quantize", "none") == "int8":
+        quantize_int8(model)  # after the merge, so that an adapter is quantized with its base
     check_vocab(tokenizer, model.config.vocab_size)
     return model.eval(), tokenizer, tokenizer_dir

@@ -80,10 +80,13 @@ def _stream(model: MiniLLM, input_ids_BT: torch.Tensor, max_new_tokens: int, tem
     finished_B = torch.zeros(B, dtype=torch.bool, device=param.device)
     pad = eos_ids[0] if eos_ids else model.config.pad_token_id
     # Decode steps can run through torch.compile: one graph serves every step (dynamic=True makes the cache
-    # length symbolic) and the ~170 small kernels of a step fuse. torch.compile reuses its code for a
-    # model it has compiled before, so later calls do not recompile. (Freezing the weights into the graph
-    # and max-autotune GEMMs were measured too: no faster on the CPU, and stale after a weight update.)
-    decode = torch.compile(model, dynamic=True) if compile else model
+    # length symbolic) and the ~170 small kernels of a step fuse. At batch 1 every product and the attention
+    # become reductions split over the cores (model/linear.py), which reads the weights at the memory's
+    # speed. torch.compile reuses its code for a model it has compiled before, so later calls do not
+    # recompile. Inductor's per-call size asserts cost ~10% of a small model's step and are left out.
+    # (Freezing the weights into the graph and max-autotune GEMMs were measured too: no faster on the CPU,
+    # and stale after a weight update.)
+    decode = torch.compile(model, dynamic=True, options={"size_asserts": False}) if compile else model
     tokens_BT = input_ids_BT  # prefill once (eager: its shape changes every call), then one token per step
     for step in range(max_len - T):
         logits_BV = (decode if step else model)(tokens_BT, kv_cache=cache).logits[:, -1, :]

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from minillm.files import atomic_path, read_json, write_json
 from minillm.model.hf import read_safetensors
+from minillm.model.linear import Linear
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -141,11 +142,11 @@ class LoRALinear(nn.Module):
                              (b_all * self.scaling).t())
         return out_2d.view(out.shape)
 
-    def merged(self) -> nn.Linear:
-        """A plain nn.Linear whose weight is base + scaling * B @ A (the base parameter is updated in place)."""
+    def merged(self) -> Linear:
+        """A plain Linear whose weight is base + scaling * B @ A (the base parameter is updated in place)."""
         with torch.no_grad():
             self.weight.add_(self.delta_weight().to(self.weight.dtype))
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = self.weight
         linear.bias = self.bias
         return linear

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minillm.model.config import LMConfig
 from minillm.model.kv_cache import KVCache, SlotKVCache
+from minillm.model.linear import Linear
 from minillm.model.loss import chunked_cross_entropy, masked_cross_entropy
 from minillm.model.moe import MoE, RouterStats, load_balancing_loss, router_z_loss
 
@@ -66,7 +67,12 @@ def decode_attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.T
     B, H, _, D = q_BHTD.shape
     K = k_BKSD.shape[1]
     G = H // K  # query heads per KV head; head h reads KV head h // G, as in enable_gqa
-    scores_BKGS = q_BHTD.reshape(B, K, G, D) @ k_BKSD.transpose(-1, -2) * D**-0.5
+    q_BKGD = q_BHTD.reshape(B, K, G, D)
+    if torch.compiler.is_compiling() and B == 1:  # multiply-and-sum: inductor fuses it all (see linear.py)
+        scores_BKGS = (q_BKGD[:, :, :, None, :] * k_BKSD[:, :, None]).sum(-1) * D**-0.5
+        probs_BKGS = scores_BKGS.softmax(-1, dtype=torch.float32).to(v_BKSD.dtype)
+        return (probs_BKGS[..., None] * v_BKSD[:, :, None]).sum(-2).reshape(B, H, 1, D)
+    scores_BKGS = q_BKGD @ k_BKSD.transpose(-1, -2) * D**-0.5
     probs_BKGS = scores_BKGS.softmax(-1, dtype=torch.float32).to(v_BKSD.dtype)
     return (probs_BKGS @ v_BKSD).reshape(B, H, 1, D)
 
@@ -80,8 +86,8 @@ class Attention(nn.Module):
                                                         config.head_dim)
         # Fused q|k|v: one matmul instead of three. hf.py splits it back into q_proj, k_proj, v_proj.
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, qkv_out, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, qkv_out, bias=config.attention_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
         if self.qk_norm:  # Qwen3: each head's queries and keys normalised over head_dim before RoPE
@@ -132,8 +138,8 @@ class MLP(nn.Module):
     def __init__(self, config: LMConfig):
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
         """Gated feed-forward."""
@@ -183,7 +189,7 @@ class MiniLLM(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         # Training-time switch: recompute each block in backward instead of keeping its activations.
         self.activation_checkpointing = False

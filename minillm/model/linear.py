@@ -1,0 +1,80 @@
+"""Linear layers that decode one row at the memory-bandwidth limit: Linear (float) and Int8Linear (int8 weights).
+
+Decoding one token multiplies a single row by every weight matrix, so it is bound by how fast the weights are
+read. torch's one-row product (a BLAS GEMV) reads them with one core's bandwidth whatever the thread count
+(bench/gemv_bandwidth.py). Written as a multiply and a sum over the input dimension, the same product becomes,
+under torch.compile, one reduction kernel that inductor splits over the output rows across every core and
+never materialises the product (bench/RESULTS.md, "Decoding against llama.cpp"). Outside torch.compile, and
+for more than one row, the layers are exactly F.linear: training, prefill and batches do not change.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _one_row(x: torch.Tensor) -> bool:
+    """True when x holds a single row and we are being traced by torch.compile (the decode step)."""
+    return torch.compiler.is_compiling() and x.numel() == x.shape[-1]
+
+
+def row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for one row as a multiply-and-sum in x's dtype (weight cast element by element)."""
+    return (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict names) whose one-row product compiles to a parallel reduction."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """F.linear, computed as row_product for a single row under torch.compile."""
+        if not _one_row(x):
+            return F.linear(x, self.weight, self.bias)
+        y = row_product(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8: weight ~= weight_int8 * scale[:, None], one scale per output row (symmetric, absmax/127).
+
+    The activations stay in float. A one-row product under torch.compile reads the int8 weights (a quarter of
+    float32's bytes) and converts them in registers; anything else dequantizes the weight and calls F.linear.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight this layer multiplies by, [out, in], in dtype."""
+        return self.weight_int8.to(dtype) * self.scale.to(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ (weight_int8 * scale).T (+ bias)."""
+        if _one_row(x):
+            y = row_product(x, self.weight_int8) * self.scale.to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.dequantized(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per output row"
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear of the model by an Int8Linear, in place (inference only; the embedding stays float).
+
+    A tied LM head is quantized too: the embedding keeps its float matrix, the head reads the int8 copy.
+    """
+    for module in list(model.modules()):
+        for attr, child in list(module.named_children()):
+            if type(child) in (nn.Linear, Linear):
+                setattr(module, attr, Int8Linear(child))
+    model.requires_grad_(False)
+    return model

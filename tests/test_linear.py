@@ -1,0 +1,122 @@
+"""The decode fast path (one-row products as reductions under torch.compile) and weight-only int8."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import needs_compiler
+
+from minillm.infer.generation import generate
+from minillm.model.linear import Int8Linear, Linear, quantize_int8
+from minillm.model.model import MiniLLM
+
+
+def traced_targets(module: torch.nn.Module, x: torch.Tensor) -> list:
+    """The functions torch.compile's graph of module(x) calls (a recording backend: no C++ compiler needed)."""
+    targets = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs):
+        targets.extend(node.target for node in gm.graph.nodes if node.op in ("call_function", "call_method"))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(module, backend=record)(x)
+    return targets
+
+
+def test_one_row_under_compile_is_a_reduction_and_nothing_else_changes():
+    torch.manual_seed(0)
+    layer = Linear(64, 48, bias=True)
+    row, rows = torch.randn(1, 1, 64), torch.randn(1, 3, 64)
+    # Eager, whatever the shape: exactly F.linear.
+    assert torch.equal(layer(row), F.linear(row, layer.weight, layer.bias))
+    assert torch.equal(layer(rows), F.linear(rows, layer.weight, layer.bias))
+    # Traced: one row becomes a multiply and a sum; more rows stay one F.linear (training, prefill, batches).
+    one = traced_targets(layer, row)
+    assert F.linear not in one and "sum" in one
+    assert F.linear in traced_targets(layer, rows)
+
+
+@needs_compiler
+def test_compiled_one_row_product_equals_f_linear():
+    torch.manual_seed(0)
+    layer = Linear(256, 300, bias=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer)
+    x = torch.randn(1, 1, 256)
+    torch.testing.assert_close(compiled(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_weights_round_to_the_nearest_step_of_their_row():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(40, 24, bias=True)
+    q = Int8Linear(base)
+    w = base.weight.detach()
+    scale = w.abs().amax(dim=1) / 127  # absmax per output row maps to +-127
+    torch.testing.assert_close(q.scale, scale)
+    assert q.weight_int8.dtype == torch.int8 and int(q.weight_int8.abs().max()) == 127
+    assert torch.equal(q.weight_int8, torch.round(w / scale[:, None]).to(torch.int8))
+    assert ((q.dequantized(torch.float32) - w).abs() <= scale[:, None] / 2 + 1e-7).all()
+    x = torch.randn(2, 5, 40)
+    assert torch.equal(q(x), F.linear(x, q.dequantized(torch.float32), base.bias))
+    row = torch.randn(1, 1, 40)
+    one = traced_targets(q, row)
+    assert F.linear not in one and "sum" in one
+
+
+def test_quantize_int8_replaces_every_linear_and_keeps_the_embedding(tiny_model):
+    model = MiniLLM(tiny_model.config)
+    model.load_state_dict(tiny_model.state_dict())
+    embedding = model.embed_tokens.weight.clone()
+    quantize_int8(model)
+    kinds = {type(m) for m in model.modules()}
+    assert Int8Linear in kinds and Linear not in kinds and torch.nn.Linear not in kinds
+    assert torch.equal(model.embed_tokens.weight, embedding)
+    # The tied head reads the int8 copy of the embedding.
+    torch.testing.assert_close(model.lm_head.dequantized(torch.float32), embedding,
+                               atol=float(model.lm_head.scale.max()) / 2 + 1e-7, rtol=0)
+
+
+def teacher_forced_agreement(reference: MiniLLM, other: MiniLLM, sequences: list[list[int]]) -> float:
+    """Share of positions of the sequences where both models' most likely next token is the same."""
+    agree = total = 0
+    with torch.no_grad():
+        for ids in sequences:
+            x = torch.tensor([ids])
+            a, b = reference(x).logits.argmax(-1), other(x).logits.argmax(-1)
+            agree += int((a == b).sum())
+            total += a.numel()
+    return agree / total
+
+
+def test_int8_picks_the_float_models_greedy_tokens(tiny_sft_dir, tokenizer):
+    """Teacher-forced along the float model's own greedy answers to chat prompts: the same top token >= 98%."""
+    model = MiniLLM.from_pretrained(tiny_sft_dir).eval()
+    int8 = quantize_int8(MiniLLM.from_pretrained(tiny_sft_dir)).eval()
+    prompts = ["请写一首五言绝句。", "请以《浣溪沙》为词牌，写一首词。", "写一首七言诗，要用上春风和明月。", "你好"]
+    sequences = []
+    for text in prompts:
+        prompt, _ = tokenizer.render_conversation([{"role": "user", "content": text}], add_generation_prompt=True)
+        sequences.append(generate(model, prompt, max_new_tokens=48, temperature=0)[0].tolist())
+    rate = teacher_forced_agreement(model, int8, sequences)
+    assert rate >= 0.98, rate
+    # A coarser quantization (4 bits: 7 steps each side) does not pass: the check can fail.
+    coarse = quantize_int8(MiniLLM.from_pretrained(tiny_sft_dir)).eval()
+    for m in coarse.modules():
+        if isinstance(m, Int8Linear):
+            m.scale.mul_(127 / 7)
+            m.weight_int8.copy_(torch.round(m.weight_int8.float() * 7 / 127).to(torch.int8))
+    assert teacher_forced_agreement(model, coarse, sequences) < 0.98
+
+
+@needs_compiler
+@pytest.mark.parametrize("int8", [False, True])
+def test_compiled_batch_one_decode_gives_the_eager_tokens(tiny_sft_dir, tokenizer, int8):
+    """Batch 1 is the reduction path (the batch-2 case is in test_generation.py): the eager model's tokens."""
+    model = MiniLLM.from_pretrained(tiny_sft_dir).eval()
+    if int8:
+        quantize_int8(model)
+    prompt, _ = tokenizer.render_conversation([{"role": "user", "content": "请写一首五言绝句。"}],
+                                              add_generation_prompt=True)
+    torch._dynamo.reset()
+    eager = generate(model, prompt, max_new_tokens=40, temperature=0)
+    assert torch.equal(generate(model, prompt, max_new_tokens=40, temperature=0, compile=True), eager)
