@@ -103,6 +103,40 @@ def test_stream_decode_equals_decode_on_arbitrary_ids(tok):
     assert "".join(stream_decode(tok, ids)) == tok.decode(ids) == "好" + REPLACEMENT
 
 
+def test_stream_decoder_costs_the_same_per_id_however_long_the_answer(tok, monkeypatch):
+    """Issue 30: each push decoded the whole answer so far (quadratic in its length); now a short window."""
+    decoded = []
+    decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda ids, **kw: decoded.append(len(ids)) or decode(ids, **kw))
+    text = "春风又绿江南岸，明月何时照我还。😀" * 40
+    ids = tok.encode(text)
+    decoder = StreamDecoder(tok)
+    pieces = [decoder.push(i) for i in ids]
+    assert "".join(pieces) + decoder.flush() == text
+    assert max(decoded[:-1]) <= 8  # every push decodes a window of a few ids (the last call is flush's)
+    assert sum(decoded) < 10 * len(ids)
+
+
+def test_stream_decoder_keeps_a_leading_space_decoder_exact():
+    """A SentencePiece-style decoder drops the space of the first token it decodes: windows keep context."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "▁the": 1, "▁cat": 2, "▁sat": 3, "s": 4, "▁on": 5, "▁mat": 6}
+    backend = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+
+    class Wrapped:
+        def decode(self, ids, skip_special_tokens=False):
+            return backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    ids = [1, 2, 4, 3, 5, 1, 6]
+    assert backend.decode([2]) == "cat"  # decoded alone, the space is gone
+    decoder = StreamDecoder(Wrapped())
+    assert "".join(decoder.push(i) for i in ids) + decoder.flush() == backend.decode(ids) == "the cats sat on the mat"
+
+
 @pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_p=0.9, seed=3)])
 def test_streaming_answer_equals_non_streaming_generate(model, tok, sampling):
     ids = chat_ids(tok, "写一首关于江的词。")

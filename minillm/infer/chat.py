@@ -22,8 +22,10 @@ class StreamDecoder:
     """Turn token ids into text one id at a time, holding back the bytes of a character not yet complete.
 
     A byte-level BPE token may end in the middle of a multi-byte UTF-8 character, so decoding tokens one
-    by one would print replacement characters. Decoding everything pushed so far and writing only the
-    new, settled part keeps the concatenation of the pieces equal to ``tokenizer.decode(all ids)``.
+    by one would print replacement characters. Each push decodes a short window: the ids since the last
+    point where the text was settled, after the settled piece before it as context (so that decoders that
+    treat the first token specially, such as a leading space, decode the window as they decode the whole).
+    The cost per id is constant, not the answer's length, and the pieces join to ``tokenizer.decode(all ids)``.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
@@ -31,17 +33,27 @@ class StreamDecoder:
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self._written = 0  # characters of the decoded text already handed out
+        self._prefix = 0  # window start: the context ids, already handed out in full
+        self._read = 0  # where the window's new ids start
+        self._partial = 0  # characters of the new ids' text already handed out
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         """Add one id; returns the text it completes (possibly empty)."""
         self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        context = self._decode(self.ids[self._prefix:self._read])
+        text = self._decode(self.ids[self._prefix:])
         # A trailing replacement character may be the start of a character whose other bytes are still
         # to come; everything before it can no longer change when more bytes are appended.
-        if text.endswith(REPLACEMENT):
-            text = text[:-1]
-        piece = text[self._written:]
-        self._written = max(self._written, len(text))
+        pending = text.endswith(REPLACEMENT)
+        settled = text[:-1] if pending else text
+        piece = settled[len(context) + self._partial:]
+        self._partial += len(piece)
+        self._written += len(piece)
+        if not pending:  # settled: the next window starts after these ids, with them as its context
+            self._prefix, self._read, self._partial = self._read, len(self.ids), 0
         return piece
 
     def flush(self) -> str:
@@ -54,7 +66,7 @@ class StreamDecoder:
     @property
     def text(self) -> str:
         """The whole text of the ids pushed so far."""
-        return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        return self._decode(self.ids)
 
 
 def stream_decode(tokenizer: Tokenizer, ids: Iterable[int], skip_special_tokens: bool = False) -> Iterator[str]:
