@@ -62,7 +62,9 @@ def decode_attention(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.T
     """One query per head over every cached key: two small matmuls, [B, H, 1, D].
 
     Chosen when SDPA's flash kernel, splitting this tiny job across threads, lost under load; isolated, SDPA
-    is faster on some CPUs (bench/levers.py; bench/RESULTS.md, "Levers"). Issue 30 revisits it.
+    is faster on some CPUs (bench/levers.py; bench/RESULTS.md, "Levers"). Compiled at batch 1, the two
+    products are written as multiply-and-sum so that inductor fuses the whole step instead of matching
+    them back into an SDPA call (model/linear.py says why).
     """
     B, H, _, D = q_BHTD.shape
     K = k_BKSD.shape[1]
