@@ -112,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         return report("eval_tasks.py", e)
     dtype_name = str(dtype).removeprefix("torch.")
     print(f"{args.model}: {'chat' if chat else 'pretrained'} model, {model.num_parameters() / 1e6:.2f}M parameters "
-          f"on {device}, weights in {dtype_name}; {len(poems)} held-out poems from {args.data}")
-    results: dict[str, object] = {"model": args.model, "dtype": dtype_name}
+          f"on {device}, weights in {dtype_name}{' quantized to int8' if args.quantize == 'int8' else ''}; "
+          f"{len(poems)} held-out poems from {args.data}")
+    results: dict[str, object] = {"model": args.model, "dtype": dtype_name, "quantize": args.quantize}
     start = time.perf_counter()
     if "cloze" in tasks:
         with tqdm(total=len(items), desc="cloze", unit="poem", file=sys.stderr) as bar:
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"({results['seconds']:.0f} s)")
     if args.json:
         write_json(args.json, results)
-    update_card(args.adapter or args.model, results, args.data)
+    if args.quantize == "none":  # the card describes the model as saved, not a quantized copy of it
+        update_card(args.adapter or args.model, results, args.data)
     return 0
 
 

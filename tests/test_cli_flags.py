@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_ARGS, load_script, run_train_cli, stage_defaults, tiny_pretrain
 
+from minillm.model.linear import Int8Linear
 from minillm.train.checkpoint import latest_checkpoint
 
 
@@ -184,11 +185,29 @@ def test_generate_dtype_and_compile(tiny_sft_dir, capsys, monkeypatch):
 
     monkeypatch.setattr(generate, "load_trained", spy_load)
     monkeypatch.setattr(generation.torch, "compile", lambda model, **kw: compiled.append(model) or model)
-    for flags in (["--dtype", "bfloat16"], ["--compile"]):
+    for flags in (["--dtype", "bfloat16"], ["--compile"], ["--quantize", "int8"]):
         assert generate.main(["--model", str(tiny_sft_dir), "--prompt", "江", "--temperature", "0",
                               "--max_new_tokens", "4", *flags]) == 0
     capsys.readouterr()
-    assert dtypes == [torch.bfloat16, torch.float32] and len(compiled) == 1
+    assert dtypes == [torch.bfloat16, torch.float32, torch.float32]
+    assert len(compiled) == 2  # --quantize int8 decodes through the compiled path
+    assert any(isinstance(m, Int8Linear) for m in compiled[1].modules())
+
+
+def test_eval_tasks_quantize_int8(tiny_sft_dir, tmp_path, capsys):
+    """--quantize int8: the rates are recorded as int8's in --json, and the model card is left alone."""
+    import shutil
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_sft_dir, model_dir)
+    eval_tasks = load_script("eval_tasks.py")
+    report = tmp_path / "r.json"
+    assert eval_tasks.main(["--model", str(model_dir), "--tasks", "cloze", "--quantize", "int8",
+                            "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "quantized to int8" in out and "model card updated" not in out
+    assert json.loads(report.read_text())["quantize"] == "int8"
+    assert not (model_dir / "eval_results.json").exists()
 
 
 def test_serve_flags_reach_the_server(tiny_sft_dir, adapter, monkeypatch, capsys):

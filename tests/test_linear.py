@@ -67,7 +67,9 @@ def test_quantize_int8_replaces_every_linear_and_keeps_the_embedding(tiny_model)
     model = MiniLLM(tiny_model.config)
     model.load_state_dict(tiny_model.state_dict())
     embedding = model.embed_tokens.weight.clone()
+    count = model.num_parameters()
     quantize_int8(model)
+    assert model.num_parameters() == count  # the int8 weights are still the model's weights, the tied head once
     kinds = {type(m) for m in model.modules()}
     assert Int8Linear in kinds and Linear not in kinds and torch.nn.Linear not in kinds
     assert torch.equal(model.embed_tokens.weight, embedding)

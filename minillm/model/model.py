@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minillm.model.config import LMConfig
 from minillm.model.kv_cache import KVCache, SlotKVCache
-from minillm.model.linear import Linear
+from minillm.model.linear import Int8Linear, Linear
 from minillm.model.loss import chunked_cross_entropy, masked_cross_entropy
 from minillm.model.moe import MoE, RouterStats, load_balancing_loss, router_z_loss
 
@@ -238,8 +238,11 @@ class MiniLLM(nn.Module):
             nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Number of distinct parameters (a tied matrix counts once)."""
+        """Number of distinct parameters (a tied matrix counts once; int8 weights count as the weights they are)."""
         n = sum(p.numel() for p in self.parameters())
+        tied_head = self.lm_head if self.config.tie_word_embeddings else None  # quantized, a copy of the embedding
+        n += sum(m.weight_int8.numel() + (0 if m.bias is None else m.bias.numel()) for m in self.modules()
+                 if isinstance(m, Int8Linear) and m is not tied_head)
         if exclude_embeddings:
             n -= self.embed_tokens.weight.numel()
         return n
