@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_waiting", type=int, default=256,
                    help="sequences allowed to wait for a slot; beyond it requests get 429 with Retry-After; one request may ask for at most this many (prompts x n) "
                         "(default: %(default)s)")
+    p.add_argument("--prefill_chunk", type=int, default=256,
+                   help="prompt tokens read per scheduler step, at most: a longer prompt is read in chunks between "
+                        "decode steps, so running streams do not stall for its whole prefill; 0 reads every prompt "
+                        "whole (default: %(default)s)")
     p.add_argument("--context", type=int, default=None,
                    help="tokens per sequence, prompt and answer together; the KV cache holds max_batch of them "
                         "(default: the context the model was trained on, as train_*.py record it; else its "
@@ -82,7 +86,7 @@ def check_flags(args: argparse.Namespace) -> None:
     """Reject flag values that make no sense, before anything is loaded."""
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads must be >= 1, got {args.threads}")
-    for flag, lo in (("max_batch", 1), ("max_waiting", 1), ("max_body_bytes", 1), ("port", 0)):
+    for flag, lo in (("max_batch", 1), ("max_waiting", 1), ("max_body_bytes", 1), ("port", 0), ("prefill_chunk", 0)):
         if getattr(args, flag) < lo:
             raise CliError(f"--{flag} must be >= {lo}, got {getattr(args, flag)}")
     for flag in ("header_timeout", "body_timeout"):
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             for block in model.layers:
                 block.mlp.compile(dynamic=True)
         try:
-            scheduler = Scheduler(model, args.max_batch, context, args.max_waiting)
+            scheduler = Scheduler(model, args.max_batch, context, args.max_waiting, args.prefill_chunk)
         except ValueError as e:  # the context's range, checked in one place
             raise CliError(f"--{e}") from None
         name = args.model_name or Path(args.model).resolve().name

@@ -240,6 +240,66 @@ def test_scheduler_tokens_do_not_depend_on_the_batch(tiny_sft_dir, temperature):
             generate(model, p, 40, temperature=0)[0, len(p):].tolist() for p in prompts]
 
 
+def test_a_long_prompt_is_read_in_chunks_between_decode_steps(tiny_sft_dir):
+    """Chunked prefill: a running stream gets tokens while a long prompt is read; both answers stay exact."""
+    from minillm.model.model import MiniLLM
+
+    model = MiniLLM.from_pretrained(tiny_sft_dir).eval()
+    g = torch.Generator().manual_seed(1)
+    short = torch.randint(3, model.config.vocab_size, (5,), generator=g).tolist()
+    long = torch.randint(3, model.config.vocab_size, (100,), generator=g).tolist()
+    events: list[str] = []  # "prefill T" or "decode", in the order the model ran them
+    forward = model.forward
+
+    def spy(input_ids, *a, **kw):
+        events.append("decode" if input_ids.shape[0] > 1 else f"prefill {input_ids.shape[1]}")
+        return forward(input_ids, *a, **kw)
+
+    model.forward = spy
+    out: dict[str, list[int]] = {"short": [], "long": []}
+    done = threading.Semaphore(0)
+
+    def request(name, prompt, n):
+        return GenerationRequest(prompt, n, Sampling(0.0), [],
+                                 lambda t: out[name].append(t) if t is not None else done.release())
+
+    scheduler = Scheduler(model, max_batch=4, context=200, prefill_chunk=16).start()
+    try:
+        scheduler.submit([request("short", short, 60)])
+        while len(out["short"]) < 3:  # the short one is streaming
+            time.sleep(0.001)
+        scheduler.submit([request("long", long, 80)])  # it ends last: no decode step runs after it
+        done.acquire()
+        done.acquire()
+    finally:
+        scheduler.stop()
+    chunks = [i for i, e in enumerate(events) if e.startswith("prefill") and i > 0]
+    assert [events[i] for i in chunks] == ["prefill 16"] * 6 + ["prefill 4"]  # 100 = 6 x 16 + 4
+    # A decode step (the short stream's next token) ran between every two chunks of the long prompt.
+    assert all("decode" in events[a + 1:b] for a, b in zip(chunks, chunks[1:]))
+    assert out["short"] == generate(model, short, 60, temperature=0)[0, len(short):].tolist()
+    assert out["long"] == generate(model, long, 80, temperature=0)[0, len(long):].tolist()
+    # The long prompt's keys and values in its slot (1) are those of reading it whole: the decode steps that
+    # ran while it was read (its slot idle) wrote nowhere it had already filled.
+    from minillm.model.kv_cache import KVCache
+
+    whole = KVCache(model.config, 1, 200)
+    with torch.no_grad():
+        forward(torch.tensor([long]), kv_cache=whole)
+    for layer in range(model.config.num_hidden_layers):
+        torch.testing.assert_close(scheduler.cache.cache.k[layer][1, :, :100], whole.k[layer][0, :, :100])
+        torch.testing.assert_close(scheduler.cache.cache.v[layer][1, :, :100], whole.v[layer][0, :, :100])
+    # prefill_chunk 0 reads a prompt whole, in one call, as before.
+    events.clear()
+    scheduler = Scheduler(model, max_batch=4, context=200, prefill_chunk=0).start()
+    try:
+        scheduler.submit([request("long", long, 2)])
+        done.acquire()
+    finally:
+        scheduler.stop()
+    assert events[0] == "prefill 100"
+
+
 # --- bad input and faults ----------------------------------------------------------------------------------
 
 def bad_bodies(live):

@@ -3,6 +3,8 @@
 A `Scheduler` owns the model on one background thread. Between decode steps it retires finished or
 cancelled sequences and admits waiting ones: each is prefilled alone (a batch of one) into a free slot
 of a `SlotKVCache` and then joins the running batch, where every slot decodes at its own position.
+A prompt longer than `prefill_chunk` tokens is prefilled a chunk per step, so the running sequences
+keep getting tokens while it is read instead of waiting for the whole prompt.
 
 Exactness: a decode step always feeds all `max_batch` slots (idle ones with a dummy token), so every
 matrix product has the same shape whatever is running, and attention runs row by row over each slot's
@@ -80,6 +82,8 @@ class GenerationRequest:
         self.error: str | None = None
         self.cancelled = False
         self.last_token = -1
+        self.prefilled = 0  # prompt tokens already in the KV cache
+        self.prefill_cache: KVCache | None = None  # the slot's cache while the prompt is read
 
     def cancel(self) -> None:
         """Ask the scheduler to stop this sequence; its slot is freed at the next step."""
@@ -95,9 +99,12 @@ class GenerationRequest:
 class Scheduler:
     """Runs `model` on a background thread, batching up to `max_batch` sequences per decode step."""
 
-    def __init__(self, model: MiniLLM, max_batch: int, context: int, max_waiting: int = 256) -> None:
+    def __init__(self, model: MiniLLM, max_batch: int, context: int, max_waiting: int = 256,
+                 prefill_chunk: int = 256) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 (0: whole prompts), got {prefill_chunk}")
         if not 2 <= context <= model.config.max_position_embeddings:
             raise ValueError(f"context must be in [2, {model.config.max_position_embeddings}] (the model's "
                              f"max_position_embeddings), got {context}")
@@ -109,6 +116,7 @@ class Scheduler:
         self.model = model.eval()
         self.device = param.device
         self.max_batch, self.context, self.max_waiting = max_batch, context, max_waiting
+        self.prefill_chunk = prefill_chunk or context  # prompt tokens read per step, at most (one chunk at least)
         self.cache = SlotKVCache(model.config, max_batch, context, device=param.device, dtype=param.dtype)
         self.slots: list[GenerationRequest | None] = [None] * max_batch
         self.waiting: deque[GenerationRequest] = deque()
@@ -175,7 +183,8 @@ class Scheduler:
             r.emit(None)
 
     def step(self) -> None:
-        """Retire cancelled sequences, admit waiting ones (prefill), then one decode step for all slots."""
+        """Retire cancelled sequences, admit waiting ones, read up to prefill_chunk prompt tokens, then one
+        decode step for all slots."""
         for b, r in enumerate(self.slots):
             if r is not None and r.cancelled:
                 self._finish(b, "cancelled")
@@ -184,14 +193,26 @@ class Scheduler:
                 r = self._next_waiting()
                 if r is None:
                     break
-                self._confined(b, r, lambda b=b, r=r: self._prefill(b, r))
-        if not any(self.slots):
+                self.slots[b] = r
+                self.cache.lengths[b] = 0
+                r.prefill_cache = self.cache.slot(b)
+        budget = self.prefill_chunk
+        for b, r in enumerate(self.slots):
+            if r is not None and r.prefill_cache is not None and budget > 0:
+                n = min(len(r.prompt_ids) - r.prefilled, self.prefill_chunk)
+                if n > budget and budget < self.prefill_chunk:
+                    break  # this chunk waits for the next step
+                budget -= n
+                self._confined(b, r, lambda b=b, r=r, n=n: self._prefill(b, r, n))
+        if not any(self.cache.active):
             return
-        self.max_running = max(self.max_running, sum(r is not None for r in self.slots))
-        tokens_B1 = torch.tensor([[r.last_token if r else 0] for r in self.slots], device=self.device)
+        self.max_running = max(self.max_running, sum(self.cache.active))
+        # Idle and still-prefilling slots feed token 0; their outputs are ignored (see SlotKVCache).
+        tokens_B1 = torch.tensor([[r.last_token if on else 0] for r, on in zip(self.slots, self.cache.active)],
+                                 device=self.device)
         logits_BV = self.model(tokens_B1, kv_cache=self.cache).logits[:, -1]
         for b, r in enumerate(self.slots):
-            if r is not None:
+            if r is not None and self.cache.active[b]:
                 self._confined(b, r, lambda b=b, r=r: self._deliver(b, r.pick(logits_BV[b:b + 1])))
 
     def _confined(self, b: int, r: GenerationRequest, work: Callable[[], None]) -> None:
@@ -217,14 +238,18 @@ class Scheduler:
                 r.emit(None)
         return None
 
-    def _prefill(self, b: int, r: GenerationRequest) -> None:
-        """Run the prompt alone into slot b and deliver its first token."""
-        self.slots[b] = r
-        self.cache.active[b] = True
-        prompt_1T = torch.tensor([r.prompt_ids], device=self.device)
-        logits_1V = self.model(prompt_1T, kv_cache=self.cache.slot(b)).logits[:, -1]
-        self.cache.lengths[b] = len(r.prompt_ids)
-        self._deliver(b, r.pick(logits_1V))
+    def _prefill(self, b: int, r: GenerationRequest, n: int) -> None:
+        """Run the next n prompt tokens alone into slot b; after the last ones, deliver the first new token."""
+        chunk_1T = torch.tensor([r.prompt_ids[r.prefilled:r.prefilled + n]], device=self.device)
+        logits_1V = self.model(chunk_1T, kv_cache=r.prefill_cache).logits[:, -1]
+        r.prefilled += n
+        # Until it is active the slot is idle in decode steps, which write their dummy key at the slot's
+        # length: here the next prompt position, which the next chunk overwrites.
+        self.cache.lengths[b] = r.prefilled
+        if r.prefilled == len(r.prompt_ids):
+            r.prefill_cache = None
+            self.cache.active[b] = True
+            self._deliver(b, r.pick(logits_1V))
 
     def _deliver(self, b: int, token: int) -> None:
         r = self.slots[b]
