@@ -63,7 +63,7 @@ def test_int8_weights_round_to_the_nearest_step_of_their_row():
     assert F.linear not in one and "sum" in one
 
 
-def test_quantize_int8_replaces_every_linear_and_keeps_the_embedding(tiny_model):
+def test_quantize_int8_replaces_every_linear_and_keeps_the_embedding(tiny_model, tmp_path):
     model = MiniLLM(tiny_model.config)
     model.load_state_dict(tiny_model.state_dict())
     embedding = model.embed_tokens.weight.clone()
@@ -73,6 +73,9 @@ def test_quantize_int8_replaces_every_linear_and_keeps_the_embedding(tiny_model)
     kinds = {type(m) for m in model.modules()}
     assert Int8Linear in kinds and Linear not in kinds and torch.nn.Linear not in kinds
     assert torch.equal(model.embed_tokens.weight, embedding)
+    with pytest.raises(ValueError, match="int8 weights"):  # no half-written directory either
+        model.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()
     # The tied head reads the int8 copy of the embedding.
     torch.testing.assert_close(model.lm_head.dequantized(torch.float32), embedding,
                                atol=float(model.lm_head.scale.max()) / 2 + 1e-7, rtol=0)

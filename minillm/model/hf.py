@@ -149,12 +149,16 @@ def end_ids(config: LMConfig, tokenizer=None) -> int | list[int]:
 
 def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer=None) -> None:
     """Write config.json, generation_config.json and model.safetensors (and the tokenizer, if given)."""
+    state = model.state_dict()
+    if any(name.endswith(".weight_int8") for name in state):
+        raise ValueError("this model holds int8 weights (quantize_int8 / --quantize int8), which no Llama layout "
+                         "stores: save the float model, and quantize it when loading")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config: LMConfig = model.config
     # safetensors refuses views that share storage, so each split piece is made contiguous on the CPU.
     tensors = {k: v.detach().to("cpu").contiguous()
-               for k, v in to_hf_state_dict(model.state_dict(), config).items()}
+               for k, v in to_hf_state_dict(state, config).items()}
     dtype = next(iter(tensors.values())).dtype
     hf_config = config.to_hf_dict()
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
