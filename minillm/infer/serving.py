@@ -194,8 +194,7 @@ class Scheduler:
                 if r is None:
                     break
                 self.slots[b] = r
-                self.cache.lengths[b] = 0
-                r.prefill_cache = self.cache.slot(b)
+                r.prefill_cache = self.cache.slot(b)  # an empty cache over the slot's buffers, length 0
         budget = self.prefill_chunk
         for b, r in enumerate(self.slots):
             if r is not None and r.prefill_cache is not None and budget > 0:
