@@ -18,7 +18,7 @@ import tempfile
 import time
 
 import torch
-from common import CONFIGS, cpu_flags, median
+from common import CONFIGS, cpu_flags, median, setup
 
 import minillm.model.linear as linear_module
 import minillm.model.model as model_module
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=10, help="alternating rounds of 120 steps (median)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    setup(args.threads, seed=0)
     model = MiniLLM(CONFIGS[args.config]).eval()
     step = StaticStep(model, args.max_len).eval()
     saved = model_module.KVCache, model_module.decode_attention, linear_module._one_row

@@ -15,7 +15,7 @@ import threading
 import time
 
 import torch
-from common import CONFIGS, environment, median, print_table
+from common import CONFIGS, environment, median, print_table, setup
 
 from minillm.infer.serving import GenerationRequest, Sampling, Scheduler
 from minillm.model.model import MiniLLM
@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3, help="runs per value (median)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    setup(args.threads, seed=0)
     model = MiniLLM(CONFIGS[args.config]).eval()
     long_prompt = torch.randint(3, model.config.vocab_size, (args.long_prompt,)).tolist()
     context = min(model.config.max_position_embeddings, args.long_prompt + 130)

@@ -16,7 +16,7 @@ import threading
 import time
 
 import torch
-from common import CONFIGS, environment, median, print_table
+from common import CONFIGS, environment, median, print_table, setup
 
 from minillm.infer.serving import GenerationRequest, Sampling, Scheduler
 from minillm.model.linear import quantize_int8
@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
     p.add_argument("--context", type=int, default=512, help="tokens per slot")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    setup(args.threads, seed=0)
     model = MiniLLM(CONFIGS[args.config]).eval()
     if args.quantize == "int8":
         quantize_int8(model)

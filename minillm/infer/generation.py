@@ -61,6 +61,17 @@ def check_sampling(temperature: float, top_p: float | None = None, repetition_pe
         raise ValueError(f"repetition_penalty must be in [{lo:g}, {hi:g}] (1 = off), got {repetition_penalty}")
 
 
+def _decode_options(model: MiniLLM) -> dict[str, object]:
+    """Inductor options of the compiled decode step."""
+    options: dict[str, object] = {"size_asserts": False}
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        # int8 products are bound by arithmetic, not memory: inductor's default inlines each RMSNorm into the
+        # product that reads it, recomputing it for every weight row; computing such inputs once measured
+        # ~18% faster per step (bench/RESULTS.md). Float32 products are memory-bound and gain nothing.
+        options["realize_opcount_threshold"] = 4
+    return options
+
+
 @torch.inference_mode()
 def _stream(model: MiniLLM, input_ids_BT: torch.Tensor, max_new_tokens: int, temperature: float,
             top_k: int | None, top_p: float | None, repetition_penalty: float,
@@ -87,13 +98,7 @@ def _stream(model: MiniLLM, input_ids_BT: torch.Tensor, max_new_tokens: int, tem
     # recompile. Inductor's per-call size asserts cost ~10% of a small model's step and are left out.
     # (Freezing the weights into the graph and max-autotune GEMMs were measured too: no faster on the CPU,
     # and stale after a weight update.)
-    options: dict[str, object] = {"size_asserts": False}
-    if any(isinstance(m, Int8Linear) for m in model.modules()):
-        # int8 products are bound by arithmetic, not memory: inductor's default inlines each RMSNorm into the
-        # product that reads it, recomputing it for every weight row; computing such inputs once measured
-        # ~18% faster per step (bench/RESULTS.md). Float32 products are memory-bound and gain nothing.
-        options["realize_opcount_threshold"] = 4
-    decode = torch.compile(model, dynamic=True, options=options) if compile else model
+    decode = torch.compile(model, dynamic=True, options=_decode_options(model)) if compile else model
     tokens_BT = input_ids_BT  # prefill once (eager: its shape changes every call), then one token per step
     for step in range(max_len - T):
         logits_BV = (decode if step else model)(tokens_BT, kv_cache=cache).logits[:, -1, :]

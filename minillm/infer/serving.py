@@ -197,9 +197,9 @@ class Scheduler:
                 r.prefill_cache = self.cache.slot(b)  # an empty cache over the slot's buffers, length 0
         budget = self.prefill_chunk
         for b, r in enumerate(self.slots):
-            if r is not None and r.prefill_cache is not None and budget > 0:
-                n = min(len(r.prompt_ids) - r.prefilled, self.prefill_chunk)
-                if n > budget and budget < self.prefill_chunk:
+            if r is not None and r.prefill_cache is not None:
+                n = min(len(r.prompt_ids) - r.prefilled, self.prefill_chunk)  # the first chunk always fits
+                if n > budget:
                     break  # this chunk waits for the next step
                 budget -= n
                 self._confined(b, r, lambda b=b, r=r, n=n: self._prefill(b, r, n))

@@ -20,9 +20,14 @@ def _one_row(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() and x.numel() == x.shape[-1]
 
 
-def row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T for one row as a multiply-and-sum in x's dtype (weight cast element by element)."""
-    return (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1)
+def row_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (* scale per output) (+ bias) for one row as a multiply-and-sum in x's dtype (weight cast
+    element by element)."""
+    y = (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1)
+    if scale is not None:
+        y = y * scale.to(x.dtype)
+    return y if bias is None else y + bias
 
 
 class Linear(nn.Linear):
@@ -30,10 +35,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """F.linear, computed as row_product for a single row under torch.compile."""
-        if not _one_row(x):
-            return F.linear(x, self.weight, self.bias)
-        y = row_product(x, self.weight)
-        return y if self.bias is None else y + self.bias
+        if _one_row(x):
+            return row_product(x, self.weight, bias=self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Int8Linear(nn.Module):
@@ -59,8 +63,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x @ (weight_int8 * scale).T (+ bias)."""
         if _one_row(x):
-            y = row_product(x, self.weight_int8) * self.scale.to(x.dtype)
-            return y if self.bias is None else y + self.bias
+            return row_product(x, self.weight_int8, self.scale, self.bias)
         return F.linear(x, self.dequantized(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
