@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import random
 import re
@@ -18,13 +17,14 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from minillm.data.tokenizer import DEFAULT_ASSETS, train_tokenizer
+
 # The image words of "words" prompts, which eval_tasks.py asks for too, and its checks of a reply (DPO pairs).
 from minillm.eval.tasks import IMAGERY, check_form, check_tune, check_words
 
 PACKAGE = "chinese-poetry"
 VERSION = "2.0.1"
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 EVAL_PERCENT = 1  # poems whose hash mod 100 is below this go to eval.jsonl
 MAX_PRETRAIN_BODY = 3000  # longer records are mostly editors' notes, not poems
 MAX_SFT_ANSWER = 300  # keep every SFT example well inside a 512-token context
@@ -36,26 +36,30 @@ KEEP_ALL = ("ci", "shijing", "chuci")  # always kept whole; shi and qu are subsa
 PROMPT_TEMPLATES: list[tuple[str, str]] = [
     ("tune_fill", "请以《{tune}》为词牌，填一首词。"),
     ("tune_write", "用词牌“{tune}”写一首{dynasty}词。"),
+    ("tune_open", "用词牌《{tune}》写一句开头。"),
     ("title_recite", "背诵{author}的《{title}》。"),
     ("title_fulltext", "《{title}》这首{kind}的全文是什么？"),
     ("author_shi", "来一首{author}的诗。"),
     ("author_ci", "你能写一首{author}风格的词吗？"),
     ("theme", "写一首关于{theme}的{kind}。"),
     ("words", "写一首{kind}，要用上“{w1}”和“{w2}”这两个词。"),
+    ("word_line", "写一句诗，要用上“{w}”这个词。"),
     ("form", "请写一首{dynasty}代的{form}。"),
     ("continue", "续写这首{kind}：\n{head}"),
     ("continue_title", "下面是{author}《{title}》的开头，请接着写完：\n{head}"),
     ("qupai", "来一支元曲，曲牌用《{tune}》。"),
     ("shijing", "《诗经·{section}》里的《{title}》怎么背？"),
 ]
-# What each pattern's answer holds: the rendered poem ("full": title, attribution, body), title + body, or
-# the body lines after the prompt's head. Requests to recite a named poem or poet answer with the attribution;
+# What each pattern's answer holds: the rendered poem ("full": title, attribution, body), title + body,
+# the body lines after the prompt's head ("rest"), the title + consecutive body lines ("excerpt"), or one
+# body line ("line"). Requests to recite a named poem or poet answer with the attribution;
 # requests to write one (tune, theme, words, form) answer as the assistant's own poem, without a borrowed
 # poet's name. That also keeps the form request meaningful: after a real poet's name, the line length
 # is already implied by the memorised poem, and a model learns to ignore the requested form.
 ANSWER_LAYOUT = {
-    "tune_fill": "titled", "tune_write": "titled", "title_recite": "full", "title_fulltext": "full",
-    "author_shi": "full", "author_ci": "full", "theme": "titled", "words": "titled", "form": "titled",
+    "tune_fill": "titled", "tune_write": "titled", "tune_open": "excerpt", "title_recite": "full", "title_fulltext": "full",
+    "author_shi": "full", "author_ci": "full", "theme": "titled", "words": "excerpt", "form": "titled",
+    "word_line": "line",
     "continue": "rest", "continue_title": "rest", "qupai": "full", "shijing": "full",
 }
 # How many examples each pattern contributes (upper bound; fewer if not enough candidate poems).
@@ -63,8 +67,8 @@ ANSWER_LAYOUT = {
 # request gets three times the others' share: its answer turns on one character of the prompt (五 or 七), and
 # 480 examples were too few for the 4.6M default to learn it (bench/RESULTS.md, "Request following").
 PATTERN_QUOTA = {
-    "tune_fill": 540, "tune_write": 420, "title_recite": 540, "title_fulltext": 420,
-    "author_shi": 480, "author_ci": 360, "theme": 480, "words": 480, "form": 1440,
+    "tune_fill": 540, "tune_write": 420, "tune_open": 1440, "title_recite": 540, "title_fulltext": 420,
+    "author_shi": 480, "author_ci": 360, "theme": 480, "words": 1440, "word_line": 2400, "form": 1440,
     "continue": 540, "continue_title": 420, "qupai": 240, "shijing": 120,
 }
 THEMES = {  # word in the title -> how a user names the theme
@@ -286,14 +290,16 @@ def sft_candidates(poem: Poem) -> list[tuple[str, dict, str]]:
     out: list[tuple[str, dict, str]] = []
     layouts = {"full": poem.render(), "titled": f"{poem.title}\n{poem.body}"}
 
-    def add(pattern: str, fields: dict, rest: str | None = None) -> None:
-        layout = ANSWER_LAYOUT[pattern]
-        out.append((pattern, fields, rest if layout == "rest" else layouts[layout]))
+    def add(pattern: str, fields: dict, answer: str | None = None) -> None:
+        """`answer` is the text of the rest, excerpt and line layouts; full and titled render the poem."""
+        out.append((pattern, fields, answer if answer is not None else layouts[ANSWER_LAYOUT[pattern]]))
 
     if poem.collection == "ci" and poem.tune:
         add("tune_fill", {"tune": poem.tune})
         if poem.dynasty == "宋":
             add("tune_write", {"tune": poem.tune, "dynasty": "宋"})
+        # The title and first line only: many short answers whose first token copies the requested tune.
+        add("tune_open", {"tune": poem.tune}, f"{poem.title}\n{poem.lines[0]}")
     if poem.collection in ("shi", "chuci") or (poem.collection == "ci" and poem.title != poem.tune):
         add("title_recite", {"author": poem.author, "title": poem.title})
         add("title_fulltext", {"title": poem.title, "kind": kind})
@@ -306,10 +312,23 @@ def sft_candidates(poem: Poem) -> list[tuple[str, dict, str]]:
             if word in poem.title and poem.title != poem.tune:
                 add("theme", {"theme": theme, "kind": kind})
                 break
-        found = [w for w in IMAGERY if w in poem.body]
-        if len(found) >= 2:
-            w1, w2 = random.Random(poem.key).sample(found, 2)  # seeded by the text: deterministic
-            add("words", {"kind": kind, "w1": w1, "w2": w2})
+        # Words request: the title, then the lines from the first that holds an image word (w1) to the next that
+        # holds another (w2). The answer opens on a line using the first requested word and closes on the line
+        # using the second, so where each is copied is regular: the 4.6M default learns that, and whole poems
+        # with the words anywhere did not teach it (bench/RESULTS.md, "Post-training").
+        holds = [[w for w in IMAGERY if w in line] for line in poem.lines]
+        first = next((i for i, ws in enumerate(holds) if ws), None)
+        if first is not None:
+            last = next((i for i in range(first + 1, len(holds)) if set(holds[i]) - set(holds[first])), None)
+            if last is not None:
+                rng = random.Random(poem.key)  # seeded by the text: deterministic
+                w1 = rng.choice(holds[first])
+                w2 = rng.choice([w for w in holds[last] if w not in holds[first]])
+                add("words", {"kind": kind, "w1": w1, "w2": w2},
+                    "\n".join([poem.title, *poem.lines[first:last + 1]]))
+        for line, words in zip(poem.lines, holds):  # one line that holds the word: the copy, densely
+            for w in words:
+                add("word_line", {"w": w}, line)
     form = verse_form(poem) if poem.collection == "shi" else ""
     if form:
         add("form", {"dynasty": poem.dynasty, "form": form})
@@ -490,13 +509,9 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(stats, ensure_ascii=False, indent=2))
 
     if not args.skip_tokenizer:
-        # Load the module by path: training a tokenizer needs neither torch nor the rest of the package.
-        spec = importlib.util.spec_from_file_location("minillm_tokenizer", REPO / "minillm" / "tokenizer.py")
-        tokenizer_mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tokenizer_mod)
-        tok = tokenizer_mod.train_tokenizer([args.out / "pretrain.jsonl"], vocab_size=6400)
-        tok.save_pretrained(tokenizer_mod.DEFAULT_ASSETS)
-        print(f"tokenizer: {tok.vocab_size} tokens -> {tokenizer_mod.DEFAULT_ASSETS} "
+        tok = train_tokenizer([args.out / "pretrain.jsonl"], vocab_size=6400)
+        tok.save_pretrained(DEFAULT_ASSETS)
+        print(f"tokenizer: {tok.vocab_size} tokens -> {DEFAULT_ASSETS} "
               f"(fingerprint {tok.fingerprint()[:16]})")
 
 

@@ -119,11 +119,27 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile(pattern, re.S)
 
 
+def _bodies_by_title(pretrain: list[str]) -> dict[str, list[str]]:
+    """The training poems' bodies under each title."""
+    out: dict[str, list[str]] = {}
+    for text in pretrain:
+        out.setdefault(text.split("\n", 1)[0], []).append(_body(text))
+    return out
+
+
+def _is_excerpt(answer: str, bodies_by_title: dict[str, list[str]]) -> bool:
+    """The answer is a title line, then whole consecutive lines of a training poem of that title."""
+    title, excerpt = answer.split("\n", 1)
+    return any(f"\n{excerpt}\n" in f"\n{body}\n" for body in bodies_by_title.get(title, []))
+
+
 def test_sft_shape_patterns_and_sources(stats, sft, pretrain, evals):
     assert len(sft) >= 5000
     regexes = {name: _template_regex(t) for name, t in build.PROMPT_TEMPLATES}
     train_keys = {build.text_key(_body(t)) for t in pretrain}
     eval_keys = {build.text_key(_body(t)) for t in evals}
+    bodies_by_title = _bodies_by_title(pretrain)
+    train_lines = {line for t in pretrain for line in _body(t).split("\n")}
     used = Counter()
     for conv in sft:
         assert [m["role"] for m in conv] == ["user", "assistant"]
@@ -136,6 +152,16 @@ def test_sft_shape_patterns_and_sources(stats, sft, pretrain, evals):
         # Rebuild the answer's whole poem body and find it among the training poems (never eval).
         lines = answer.split("\n")
         layout = build.ANSWER_LAYOUT[name]
+        if layout == "excerpt":  # consecutive lines of a training poem, under its title
+            assert _is_excerpt(answer, bodies_by_title), f"not an excerpt of a training poem: {answer[:60]!r}"
+            if name == "words":  # from the line with the first word to the line with the second
+                assert match["w1"] in lines[1] and match["w2"] in lines[-1] and len(lines) >= 3, answer
+            else:  # tune_open: the poem's title, which opens with its tune, and its first line
+                assert lines[0].startswith(match["tune"]) and len(lines) == 2, answer
+            continue
+        if layout == "line":
+            assert answer in train_lines and match["w"] in answer, answer
+            continue
         if layout == "full":
             body = lines[2:]
         elif layout == "titled":
@@ -157,6 +183,7 @@ def test_dpo_pairs_pass_and_fail_the_checks_eval_tasks_uses(stats, sft, pretrain
     train_keys = {build.text_key(_body(t)) for t in pretrain}
     eval_keys = {build.text_key(_body(t)) for t in evals}
     in_sft = {(c[0]["content"], c[1]["content"]) for c in sft}
+    bodies_by_title = _bodies_by_title(pretrain)
     used = Counter()
     for pair in _read_jsonl("dpo.jsonl"):
         prompt, chosen, rejected = (pair[k][0]["content"] for k in ("prompt", "chosen", "rejected"))
@@ -166,8 +193,11 @@ def test_dpo_pairs_pass_and_fail_the_checks_eval_tasks_uses(stats, sft, pretrain
         check = build.request_check(name, m.groupdict())
         assert check(chosen) and not check(rejected), pair
         assert (prompt, chosen) not in in_sft
-        key = build.text_key(chosen.split("\n", 1)[1])
-        assert key in train_keys and key not in eval_keys
+        if name == "words":
+            assert _is_excerpt(chosen, bodies_by_title), chosen
+        else:
+            key = build.text_key(chosen.split("\n", 1)[1])
+            assert key in train_keys and key not in eval_keys
         if name == "form":
             assert build.text_key(rejected.split("\n", 1)[1]) in train_keys
         else:  # a minimal contrast: the same poem, only the title or the two words differ

