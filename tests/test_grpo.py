@@ -200,10 +200,10 @@ def grpo_run(out_dir, start, data, tokenizer, **kw):
 
 def test_a_tiny_model_learns_a_verifiable_reward(tmp_path, tiny_sft_dir, tokenizer, prompts):
     data = PromptDataset(prompts, tokenizer, max_length=64)
-    grpo_run(tmp_path / "o", tiny_sft_dir, data, tokenizer, max_steps=16)
+    grpo_run(tmp_path / "o", tiny_sft_dir, data, tokenizer, max_steps=32)
     before = moon_rate(MiniLLM.from_pretrained(tiny_sft_dir, dtype=torch.float32), data, tokenizer)
     after = moon_rate(MiniLLM.from_pretrained(tmp_path / "o", dtype=torch.float32), data, tokenizer)
-    assert after >= before + 0.4, (before, after)  # 7% -> 74% measured
+    assert after >= before + 0.4, (before, after)  # 32 steps since the fixture fits whole poems (2026-12-04)
     r = rows(tmp_path / "o")
     assert sum(x["reward"] for x in r[-4:]) > sum(x["reward"] for x in r[:4]) + 0.8
     assert all(x["clip_ratio"] == 0.0 for x in r)  # one update per rollout: the ratio is exactly 1
