@@ -159,6 +159,24 @@ def test_kv_cache_matches_full_forward(tiny_model, tiny_config):
         tiny_model(ids, kv_cache=cache)
 
 
+def test_logits_to_keep_returns_the_last_positions(tiny_model, tiny_config):
+    """logits_to_keep=n: the last n rows of the full logits (the LM head runs on n rows), the cache still
+    filled for every position; with labels it is an error."""
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = tiny_model(ids).logits
+        cache = KVCache(tiny_config, batch_size=2, max_len=32)
+        last = tiny_model(ids[:, :12], kv_cache=cache, logits_to_keep=1).logits
+        three = tiny_model(ids, logits_to_keep=3).logits
+        after = tiny_model(ids[:, 12:13], kv_cache=cache).logits
+    assert last.shape == (2, 1, tiny_config.vocab_size) and three.shape == (2, 3, tiny_config.vocab_size)
+    assert (last[:, 0] - full[:, 11]).abs().max().item() <= 1e-5
+    assert (three - full[:, -3:]).abs().max().item() <= 1e-5
+    assert cache.pos == 13 and (after[:, 0] - full[:, 12]).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        tiny_model(ids, labels=ids, logits_to_keep=1)
+
+
 def test_loss_is_masked_mean_of_token_cross_entropy(tiny_model):
     ids = torch.randint(0, 97, (2, 12))
     labels = torch.randint(0, 97, (2, 12))

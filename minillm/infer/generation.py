@@ -101,7 +101,7 @@ def _stream(model: MiniLLM, input_ids_BT: torch.Tensor, max_new_tokens: int, tem
     decode = torch.compile(model, dynamic=True, options=_decode_options(model)) if compile else model
     tokens_BT = input_ids_BT  # prefill once (eager: its shape changes every call), then one token per step
     for step in range(max_len - T):
-        logits_BV = (decode if step else model)(tokens_BT, kv_cache=cache).logits[:, -1, :]
+        logits_BV = (decode if step else model)(tokens_BT, kv_cache=cache, logits_to_keep=1).logits[:, -1, :]
         if seen_BV is not None:
             logits_BV = _penalise_repeats(logits_BV, seen_BV, repetition_penalty)
         token_B = next_token(logits_BV, temperature, top_k, top_p, generator)

@@ -240,7 +240,7 @@ class Scheduler:
     def _prefill(self, b: int, r: GenerationRequest, n: int) -> None:
         """Run the next n prompt tokens alone into slot b; after the last ones, deliver the first new token."""
         chunk_1T = torch.tensor([r.prompt_ids[r.prefilled:r.prefilled + n]], device=self.device)
-        logits_1V = self.model(chunk_1T, kv_cache=r.prefill_cache).logits[:, -1]
+        logits_1V = self.model(chunk_1T, kv_cache=r.prefill_cache, logits_to_keep=1).logits[:, -1]
         r.prefilled += n
         # Until it is active the slot is idle in decode steps, which write their dummy key at the slot's
         # length: here the next prompt position, which the next chunk overwrites.

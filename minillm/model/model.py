@@ -249,12 +249,16 @@ class MiniLLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None, kv_cache: KVCache | SlotKVCache | None = None,
-                loss_chunk: int = 0) -> ModelOutput:
+                loss_chunk: int = 0, logits_to_keep: int = 0) -> ModelOutput:
         """Logits for every position and, given already-shifted labels, the masked mean cross-entropy.
 
         loss_chunk > 0 (with labels) computes the loss over chunks of that many positions and returns no
-        logits: the [B, T, V] logits are never all in memory, in forward or backward.
+        logits: the [B, T, V] logits are never all in memory, in forward or backward. logits_to_keep > 0
+        (without labels) returns the logits of the last that many positions only, as transformers' argument:
+        a prompt's prefill needs one row of the LM head, not T.
         """
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep applies without labels: the loss needs every position's logits")
         B, T = input_ids.shape
         past = kv_cache.pos if isinstance(kv_cache, KVCache) else 0
         if past + T > self.config.max_position_embeddings:
@@ -277,7 +281,7 @@ class MiniLLM(nn.Module):
         if labels is not None and loss_chunk > 0:
             loss = chunked_cross_entropy(self.lm_head, self.norm(x_BTC), labels, loss_mask, loss_chunk)
         else:
-            logits_BTV = self.lm_head(self.norm(x_BTC))
+            logits_BTV = self.lm_head(self.norm(x_BTC[:, -logits_to_keep:] if logits_to_keep else x_BTC))
             if labels is not None:
                 loss = masked_cross_entropy(logits_BTV, labels, loss_mask)
         if loss is not None and self.config.num_experts:  # transformers adds it to the loss the same way
