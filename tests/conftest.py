@@ -123,6 +123,14 @@ def load_script(name: str):
     return module
 
 
+def whole_poem_records() -> list[tuple[int, list[dict]]]:
+    """(line index, conversation) of the shipped SFT records whose answer is a whole poem with its author line
+    (the "full" layout), in file order: the records tiny_sft_dir is fitted to."""
+    with open(REPO / "dataset" / "sft.jsonl", encoding="utf-8") as f:
+        rows = [(i, json.loads(line)["conversations"]) for i, line in enumerate(f)]
+    return [(i, c) for i, c in rows if "（" in c[1]["content"]]
+
+
 @pytest.fixture(scope="session")
 def tiny_sft_dir(tmp_path_factory, tokenizer):
     """A 2-layer chat model fitted for 40 steps to 16 SFT examples, so that it writes real characters."""
@@ -133,11 +141,8 @@ def tiny_sft_dir(tmp_path_factory, tokenizer):
                       num_key_value_heads=2, max_position_embeddings=256, chat_trained=True)
     model = MiniLLM(config)
     data = SFTDataset(REPO / "dataset" / "sft.jsonl", tokenizer, max_length=96)
-    # The first 16 answers of a full-poem layout ("full": title, author, poem): fitted to the short answers
-    # (word_line, tune_open) first in the shipped set, it learns to write newlines.
-    with open(REPO / "dataset" / "sft.jsonl", encoding="utf-8") as f:
-        long = [i for i, line in enumerate(f) if "（" in json.loads(line)["conversations"][1]["content"]][:16]
-    X, Y, mask = (torch.stack(t) for t in zip(*(data[i] for i in long)))
+    # Fitted to the short answers (word_line, tune_open) first in the shipped set, it learns to write newlines.
+    X, Y, mask = (torch.stack(t) for t in zip(*(data[i] for i, _ in whole_poem_records()[:16])))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(40):
         rows = torch.arange(8) + 8 * (step % 2)

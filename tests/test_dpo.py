@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_train_cli
+from conftest import REPO, run_train_cli, whole_poem_records
 
 from minillm.data.jsonl import DataError
 from minillm.data.preference import PreferenceDataset, render_pair
@@ -25,11 +25,8 @@ LN2_F32 = torch.tensor(math.log(2), dtype=torch.float32).item()
 
 
 def sft_records(n: int, start: int = 0) -> list[list[dict]]:
-    """The first conversations of the shipped SFT data whose answer is a whole poem with its author line (as
-    tiny_sft_dir is fitted to), not the one- and two-line answers."""
-    with open(REPO / "dataset" / "sft.jsonl", encoding="utf-8") as f:
-        rows = [c for line in f if "（" in (c := json.loads(line)["conversations"])[1]["content"]]
-    return rows[start:start + n]
+    """The shipped SFT conversations tiny_sft_dir is fitted to (whole poems), n of them from start."""
+    return [c for _, c in whole_poem_records()[start:start + n]]
 
 
 def write_pairs(path, n: int = 24) -> None:
