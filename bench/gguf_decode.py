@@ -50,11 +50,20 @@ def minillm_run(model: MiniLLM, prompt: torch.Tensor, new_tokens: int, compile: 
     return run
 
 
-def llama_run(path: Path, prompt: list[int], new_tokens: int, threads: int, n_ctx: int, kv_f32: bool):
-    """A closure: llama.cpp's greedy decoding, new ids as a list; KV cache f32, or llama.cpp's default f16."""
+def llama_run(path: Path, prompt: list[int], new_tokens: int, threads: int, n_ctx: int, kv_f32: bool,
+              repack: bool = True):
+    """A closure: llama.cpp's greedy decoding, new ids as a list; KV cache f32, or llama.cpp's default f16.
+    repack=False is llama.cpp's --no-repack (model param use_extra_bufts), which llama_cpp.Llama has no argument for."""
     kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_f32 else {}
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                          verbose=False, **kv)
+    bindings = llama_cpp.llama.llama_cpp
+    defaults = bindings.llama_model_default_params
+    if not repack:
+        bindings.llama_model_default_params = lambda: setattr(params := defaults(), "use_extra_bufts", False) or params
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                              verbose=False, **kv)
+    finally:
+        bindings.llama_model_default_params = defaults
 
     def run() -> list[int]:
         llm.reset()
@@ -74,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new_tokens", type=int, default=128, help="tokens generated per call")
     parser.add_argument("--prefill_len", type=int, default=512, help="prompt tokens of the prefill measurement")
     parser.add_argument("--no_compile", action="store_true", help="leave out minillm compiled and int8")
+    parser.add_argument("--no_repack", action="store_true",
+                        help="llama.cpp without weight repacking (its --no-repack): on Xeons with AMX its AMX kernels "
+                             "crash on q8_0 (llama.cpp issue #20824), so pass this there")
     args = parser.parse_args(argv)
     setup(args.threads, args.seed)
     device = torch.device("cpu")
@@ -100,9 +112,9 @@ def main(argv: list[str] | None = None) -> None:
             path = tmp / f"m-{dtype}.gguf"
             sizes[f"llama.cpp {dtype}"] = export_gguf(model, tokenizer, path, dtype)["bytes"]
             runs[f"llama.cpp {dtype}"] = llama_run(path, prompt[0].tolist(), args.new_tokens, args.threads, n_ctx,
-                                                   kv_f32=dtype == "f32")
+                                                   kv_f32=dtype == "f32", repack=not args.no_repack)
             prefills[f"llama.cpp {dtype}"] = llama_run(path, long_prompt[0].tolist(), 1, args.threads, n_ctx,
-                                                       kv_f32=dtype == "f32")
+                                                       kv_f32=dtype == "f32", repack=not args.no_repack)
         first_call, ids = {}, {}
         for name, run in runs.items():  # the first call compiles (minillm compiled) or maps the file
             start = time.perf_counter()
@@ -114,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     reference = ids["minillm eager"]
     print(f"# batch-1 greedy decoding: {args.model_dir or args.config} ({sum(p.numel() for p in model.parameters()):,} "
           f"parameters), prompt {args.prompt_len} + {args.new_tokens} new tokens, {args.threads} threads each")
-    print(f"# {environment(device)}; llama-cpp-python {llama_cpp.__version__}")
+    print(f"# {environment(device)}; llama-cpp-python {llama_cpp.__version__}"
+          f"{', weight repacking off (--no_repack)' if args.no_repack else ''}")
     header = ["side", "weights MiB", "KV cache", "first call ms", "call ms (median)", "new tokens/s",
               "vs minillm eager", "same tokens as minillm until", f"prefill {args.prefill_len} tokens/s"]
     rows = []

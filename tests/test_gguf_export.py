@@ -365,10 +365,27 @@ def test_chat_model_generation_config_lists_both_end_ids(chat_dir, tokenizer):
 # --- llama.cpp itself -------------------------------------------------------------------------------------------
 
 def llama(path, **kwargs):
-    """llama.cpp on a GGUF file; f32 KV cache so that an f32 export computes in f32 throughout."""
+    """llama.cpp on a GGUF file; f32 KV cache so that an f32 export computes in f32 throughout.
+
+    Weight repacking is off (llama.cpp's --no-repack): on Xeons with AMX, llama.cpp moves quantized weights into
+    its AMX kernels, which crash on q8_0 (a segfault in ggml_backend_amx_mul_mat, llama.cpp issue #20824; seen on
+    a 2-core Xeon with amx_int8, 2026-12-04, with any minillm export). The plain CPU kernels are the reference.
+    """
+    bindings = llama_cpp.llama.llama_cpp  # the module whose defaults llama_cpp.Llama starts its model params from
+    defaults = bindings.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
     f32 = llama_cpp.GGML_TYPE_F32
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False, type_k=f32, type_v=f32,
-                           seed=0, **kwargs)
+    bindings.llama_model_default_params = without_repacking
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False, type_k=f32, type_v=f32,
+                               seed=0, **kwargs)
+    finally:
+        bindings.llama_model_default_params = defaults
 
 
 def llama_greedy(llm, prompt: list[int], n: int) -> list[int]:
