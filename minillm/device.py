@@ -75,14 +75,35 @@ def dtype_reason(name: str, device: torch.device) -> str:
     return f"{dtype} (auto: {'the CPU has' if dtype == 'bfloat16' else 'no'} native bf16 matrix units)"
 
 
+def _cpuinfo(field: str) -> str | None:
+    """The first value of a /proc/cpuinfo field (Linux), None where there is none."""
+    try:
+        found = re.search(rf"^{field}\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        return None
+    return found.group(1).strip() if found else None
+
+
+def threaded_blas_gemv() -> bool:
+    """True when torch's one-row float product (BLAS GEMV) reads the weights with every core: MKL on Intel CPUs.
+
+    On AMD CPUs MKL's GEMV reads at one core's bandwidth, and the decode step's products run 3x faster as
+    reductions that inductor splits over the cores; on an Intel Xeon MKL's GEMV read at the memory's speed,
+    1.4x faster than those reductions (bench/RESULTS.md, "Decoding against llama.cpp"). model/linear.py picks
+    by this. MINILLM_BLAS_GEMV=0/1 overrides the check (tests; a CPU it gets wrong).
+    """
+    forced = os.environ.get("MINILLM_BLAS_GEMV")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return torch.backends.mkl.is_available() and _cpuinfo("vendor_id") == "GenuineIntel"
+
+
 def cpu_flags() -> str:
     """The CPU flags that decide float32 and bf16 speed (avx2, avx512f, avx512_bf16, amx_*), as lscpu shows them."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    listed = _cpuinfo("flags")
+    if listed is None:
         return "flags unknown"
-    found = re.search(r"^flags\s*:(.*)$", text, re.M)
-    flags = set(found.group(1).split()) if found else set()
+    flags = set(listed.split())
     wanted = [f for f in ("avx2", "avx512f", "avx512_bf16") if f in flags] + sorted(f for f in flags if f.startswith("amx"))
     return " ".join(wanted) or "no avx2"
 
@@ -91,12 +112,5 @@ def describe_machine(device: torch.device) -> str:
     """One line naming where a run computes: the GPU, or the CPU model with its flags, threads and cores."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} ({torch.cuda.device_count()} visible)"
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = _cpuinfo("model name") or platform.processor() or "cpu"
     return f"{model} ({cpu_flags()}), {torch.get_num_threads()} threads of {os.cpu_count()} cores"

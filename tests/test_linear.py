@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from conftest import needs_compiler
 
+from minillm.device import threaded_blas_gemv
 from minillm.infer.generation import generate
+from minillm.model import linear
 from minillm.model.linear import Int8Linear, Linear, quantize_int8
 from minillm.model.model import MiniLLM
 
@@ -23,27 +25,52 @@ def traced_targets(module: torch.nn.Module, x: torch.Tensor) -> list:
     return targets
 
 
-def test_one_row_under_compile_is_a_reduction_and_nothing_else_changes():
+@pytest.fixture(params=[False, True], ids=["reduction", "blas_gemv"])
+def blas_gemv(request, monkeypatch):
+    """Both decode paths on any CPU: products as reductions (AMD), or left to a threaded BLAS GEMV (Intel's MKL)."""
+    monkeypatch.setattr(linear, "BLAS_GEMV", request.param)
+    torch._dynamo.reset()
+    yield request.param
+    torch._dynamo.reset()
+
+
+def test_one_row_under_compile_is_a_reduction_and_nothing_else_changes(blas_gemv):
     torch.manual_seed(0)
     layer = Linear(64, 48, bias=True)
     row, rows = torch.randn(1, 1, 64), torch.randn(1, 3, 64)
     # Eager, whatever the shape: exactly F.linear.
     assert torch.equal(layer(row), F.linear(row, layer.weight, layer.bias))
     assert torch.equal(layer(rows), F.linear(rows, layer.weight, layer.bias))
-    # Traced: one row becomes a multiply and a sum; more rows stay one F.linear (training, prefill, batches).
+    # Traced: one row becomes a multiply and a sum (or stays F.linear where the GEMV is threaded); more rows
+    # stay one F.linear (training, prefill, batches).
     one = traced_targets(layer, row)
-    assert F.linear not in one and "sum" in one
+    assert (F.linear in one, "sum" in one) == ((True, False) if blas_gemv else (False, True))
     assert F.linear in traced_targets(layer, rows)
+    # int8 weights always take the reduction: no BLAS multiplies them.
+    one = traced_targets(Int8Linear(torch.nn.Linear(64, 48)), row)
+    assert F.linear not in one and "sum" in one
+
+
+def test_threaded_blas_gemv_follows_the_override(monkeypatch):
+    for value in ("0", "1"):
+        monkeypatch.setenv("MINILLM_BLAS_GEMV", value)
+        assert threaded_blas_gemv() is (value == "1")
 
 
 @needs_compiler
-def test_compiled_one_row_product_equals_f_linear():
+def test_compiled_one_row_product_equals_f_linear(blas_gemv):
     torch.manual_seed(0)
     layer = Linear(256, 300, bias=False)
-    torch._dynamo.reset()
     compiled = torch.compile(layer)
     x = torch.randn(1, 1, 256)
     torch.testing.assert_close(compiled(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_compiled_batch_one_decode_gives_the_eager_tokens_on_both_paths(tiny_model, blas_gemv):
+    prompt = torch.randint(3, 97, (1, 7), generator=torch.Generator().manual_seed(0))
+    eager = generate(tiny_model, prompt, max_new_tokens=24, temperature=0)
+    assert torch.equal(generate(tiny_model, prompt, max_new_tokens=24, temperature=0, compile=True), eager)
 
 
 def test_int8_weights_round_to_the_nearest_step_of_their_row():

@@ -1,11 +1,13 @@
 """Linear layers that decode one row at the memory-bandwidth limit: Linear (float) and Int8Linear (int8 weights).
 
 Decoding one token multiplies a single row by every weight matrix, so it is bound by how fast the weights are
-read. torch's one-row product (a BLAS GEMV) reads them with one core's bandwidth whatever the thread count
-(bench/gemv_bandwidth.py). Written as a multiply and a sum over the input dimension, the same product becomes,
+read. On AMD CPUs torch's one-row product (MKL's GEMV) reads them with one core's bandwidth whatever the
+thread count (bench/gemv_bandwidth.py). Written as a multiply and a sum over the input dimension, the same product becomes,
 under torch.compile, one reduction kernel that inductor splits over the output rows across every core and
-never materialises the product (bench/RESULTS.md, "Decoding against llama.cpp"). Outside torch.compile, and
-for more than one row, the layers are exactly F.linear: training, prefill and batches do not change.
+never materialises the product (bench/RESULTS.md, "Decoding against llama.cpp"). Where the BLAS GEMV already
+reads with every core (MKL on Intel CPUs: device.threaded_blas_gemv), float products stay F.linear, which was
+faster there. Outside torch.compile, and for more than one row, the layers are exactly F.linear: training,
+prefill and batches do not change.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from minillm.device import threaded_blas_gemv
+
+# Decided once, at import: torch.compile reads it while tracing (a guarded global), never per call.
+BLAS_GEMV = threaded_blas_gemv()
 
 
 def _one_row(x: torch.Tensor) -> bool:
@@ -34,8 +41,9 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters, same state-dict names) whose one-row product compiles to a parallel reduction."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """F.linear, computed as row_product for a single row under torch.compile."""
-        if _one_row(x):
+        """F.linear, computed as row_product for a single row under torch.compile (except on CPUs whose BLAS
+        GEMV is threaded)."""
+        if _one_row(x) and not (BLAS_GEMV and x.device.type == "cpu"):
             return row_product(x, self.weight, bias=self.bias)
         return F.linear(x, self.weight, self.bias)
 
