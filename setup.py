@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="minillm",
@@ -7,8 +7,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["minillm", "minillm.*"]),
-    package_data={"minillm": ["assets/*"]},
+    # Namespace discovery lists minillm/assets (data only, no __init__.py) as the package its files belong to.
+    packages=find_namespace_packages(include=["minillm", "minillm.*"], exclude=["*.__pycache__"]),
+    package_data={"minillm.assets": ["*"]},
     include_package_data=True,
     install_requires=["torch>=2.1", "tokenizers>=0.15", "numpy", "tqdm", "safetensors"],
     extras_require={
