@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import needs_compiler
 
-from minillm.device import threaded_blas_gemv
+from minillm import device
 from minillm.infer.generation import generate
 from minillm.model import linear
 from minillm.model.linear import Int8Linear, Linear, quantize_int8
@@ -51,10 +51,18 @@ def test_one_row_under_compile_is_a_reduction_and_nothing_else_changes(blas_gemv
     assert F.linear not in one and "sum" in one
 
 
-def test_threaded_blas_gemv_follows_the_override(monkeypatch):
+def test_threaded_blas_gemv_is_mkl_on_intel_unless_overridden(monkeypatch):
+    monkeypatch.delenv("MINILLM_BLAS_GEMV", raising=False)
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+    for vendor, threaded in (("GenuineIntel", True), ("AuthenticAMD", False), (None, False)):
+        monkeypatch.setattr(device, "_cpuinfo", lambda field, v=vendor: v if field == "vendor_id" else None)
+        assert device.threaded_blas_gemv() is threaded, vendor
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)  # another BLAS: no claim about it
+    monkeypatch.setattr(device, "_cpuinfo", lambda field: "GenuineIntel")
+    assert device.threaded_blas_gemv() is False
     for value in ("0", "1"):
         monkeypatch.setenv("MINILLM_BLAS_GEMV", value)
-        assert threaded_blas_gemv() is (value == "1")
+        assert device.threaded_blas_gemv() is (value == "1")
 
 
 @needs_compiler
