@@ -51,6 +51,24 @@ def test_one_row_under_compile_is_a_reduction_and_nothing_else_changes(blas_gemv
     assert F.linear not in one and "sum" in one
 
 
+def test_int8_products_of_few_rows_go_by_blocks_of_output_rows(monkeypatch):
+    torch.manual_seed(0)
+    q = Int8Linear(torch.nn.Linear(96, 600, bias=True))  # blocks of 256 output rows: 256, 256, 88
+
+    def whole(x):
+        return F.linear(x, q.dequantized(torch.float32), q.bias)
+
+    few, many = torch.randn(3, 5, 96), torch.randn(2, 40, 96)  # 15 rows (blocked), 80 rows (whole weight)
+    expected_few, expected_many = whole(few), whole(many)
+    calls = []
+    plain = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: calls.append(w.shape[0]) or plain(x, w, b))
+    torch.testing.assert_close(q(few), expected_few, rtol=1e-6, atol=1e-6)
+    assert calls == [256, 256, 88]
+    calls.clear()
+    assert torch.equal(q(many), expected_many) and calls == [600]
+
+
 def test_threaded_blas_gemv_is_mkl_on_intel_unless_overridden(monkeypatch):
     monkeypatch.delenv("MINILLM_BLAS_GEMV", raising=False)
     monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
