@@ -64,7 +64,7 @@ def add_inference_flags(p: argparse.ArgumentParser, dtype: str = "auto") -> None
                    help="int8: weight-only int8 at load (one scale per output row; activations and the KV cache "
                         "keep --dtype): a quarter of float32's weight bytes. The files on disk do not change. "
                         "Fast at batch 1 through --compile's decode path; batches and prefill dequantize each "
-                        "matrix per step (default: %(default)s)")
+                        "matrix per step, so there it saves memory, not time (default: %(default)s)")
 
 
 # The specific failures of bad input in the scripts that use a trained model; anything else is a bug and
