@@ -55,10 +55,16 @@ def llama_run(path: Path, prompt: list[int], new_tokens: int, threads: int, n_ct
     """A closure: llama.cpp's greedy decoding, new ids as a list; KV cache f32, or llama.cpp's default f16.
     repack=False is llama.cpp's --no-repack (model param use_extra_bufts), which llama_cpp.Llama has no argument for."""
     kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_f32 else {}
-    bindings = llama_cpp.llama.llama_cpp
+    bindings = llama_cpp.llama.llama_cpp  # the module whose defaults llama_cpp.Llama starts its model params from
     defaults = bindings.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
     if not repack:
-        bindings.llama_model_default_params = lambda: setattr(params := defaults(), "use_extra_bufts", False) or params
+        bindings.llama_model_default_params = without_repacking
     try:
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                               verbose=False, **kv)

@@ -4,10 +4,10 @@ Decoding one token multiplies a single row by every weight matrix, so it is boun
 read. On AMD CPUs torch's one-row product (MKL's GEMV) reads them with one core's bandwidth whatever the
 thread count (bench/gemv_bandwidth.py). Written as a multiply and a sum over the input dimension, the same
 product becomes, under torch.compile, one reduction kernel that inductor splits over the output rows across
-every core and never materialises the product (bench/RESULTS.md, "Decoding against llama.cpp"). Where the BLAS GEMV already
-reads with every core (MKL on Intel CPUs: device.threaded_blas_gemv), float products stay F.linear, which was
-faster there. Outside torch.compile, and for more than one row, the layers are exactly F.linear: training,
-prefill and batches do not change.
+every core and never materialises the product (bench/RESULTS.md, "Decoding against llama.cpp"). Where the BLAS
+GEMV already reads with every core (MKL on Intel CPUs: device.threaded_blas_gemv), float products stay
+F.linear, which was faster there. Outside torch.compile, and for more than one row, Linear is exactly F.linear:
+training, prefill and batches do not change.
 """
 
 from __future__ import annotations
