@@ -76,6 +76,49 @@ def test_launcher_turns_torchrun_interrupt_into_one_line_and_status_3(tmp_path, 
     assert f"{bad}:1" in failed.stderr and "minillm.train.launch: worker 0 exited with status 1" in failed.stderr
 
 
+# Runs the launcher with torchrun's rendezvous heartbeat slowed down, so that the heartbeat thread holds the
+# rendezvous handler when the interrupted launcher lets go of it (a race CI once lost by chance).
+SLOW_HEARTBEAT = """
+import sys, time
+from pathlib import Path
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+beat = Path(sys.argv.pop(1))
+keep_alive = DynamicRendezvousHandler._keep_alive
+def slow_keep_alive(self):
+    keep_alive(self)
+    beat.touch()  # a heartbeat has started; the test sends Ctrl-C now
+    time.sleep(2)
+DynamicRendezvousHandler._keep_alive = slow_keep_alive
+from minillm.train.launch import main
+status = main()
+time.sleep(3)  # the heartbeat ends while the launcher is still alive to print what it does then
+sys.exit(status)
+"""
+
+
+def test_launcher_interrupted_during_a_rendezvous_heartbeat_prints_no_traceback(tmp_path, corpus):
+    """torchrun's heartbeat thread could finalize the rendezvous handler itself and print a traceback."""
+    wrapper, beat = tmp_path / "slow_heartbeat.py", tmp_path / "beat"
+    wrapper.write_text(SLOW_HEARTBEAT, encoding="utf-8")
+    out = tmp_path / "run"
+    args = [sys.executable, str(wrapper), str(beat), "--standalone", "--nproc_per_node=1", str(REPO / "train_pretrain.py"),
+            "--data_path", str(corpus), "--eval_data", "", "--out_dir", str(out), "--max_length", "32",
+            "--batch_size", "2", "--max_steps", "100000", "--save_every", "0", *TINY_ARGS]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    deadline = time.time() + 120
+    while time.time() < deadline and not beat.exists():  # torchrun's first heartbeat comes after 5 s
+        time.sleep(0.05)
+    if not beat.exists():
+        proc.kill()
+        pytest.fail(f"no heartbeat within 120 s: {proc.communicate()[1][-2000:]}")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr[-2000:]
+    assert "minillm.train.launch: stopped by SIGINT" in stderr
+    assert "Traceback" not in stderr and "cannot join current thread" not in stderr, stderr[-2000:]
+
+
 def test_out_dir_with_an_earlier_run_needs_resume_or_overwrite(tmp_path, corpus, capsys):
     """Rough edge 4: a new run silently mixed into the old checkpoints and appended to its metrics."""
     out = tmp_path / "run"

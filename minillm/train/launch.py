@@ -19,12 +19,19 @@ from torch.distributed.run import main as torchrun_main
 
 EXIT_INTERRUPTED = 3  # as minillm.cli.EXIT_INTERRUPTED (not imported: the launcher needs no model code)
 
+# torchrun leaves its rendezvous open when a signal stops it, and the rendezvous handler's heartbeat thread
+# holds the handler for a moment every 5 s. Had that thread dropped the last reference, the handler's
+# finalizer would run in that thread and join it ("cannot join current thread"), a traceback printed while
+# the launcher exits. Keeping the interrupt (and through its traceback the handler) until exit prevents it.
+_interrupts: list[SignalException] = []
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run torchrun with `argv`; the exit status of the job."""
     try:
         torchrun_main(argv)
     except SignalException as e:
+        _interrupts.append(e)
         print(f"minillm.train.launch: stopped by {e.sigval.name}; each worker saved a checkpoint after its step "
               "(see its message above); continue with the same command plus --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
