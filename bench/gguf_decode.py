@@ -36,6 +36,7 @@ from common import (
 
 from minillm.data.tokenizer import load_tokenizer
 from minillm.export.gguf import export_gguf
+from minillm.export.llama_cpp_loader import load_llama_cpp
 from minillm.infer.generation import generate
 from minillm.model.linear import quantize_int8
 from minillm.model.model import MiniLLM
@@ -53,23 +54,10 @@ def minillm_run(model: MiniLLM, prompt: torch.Tensor, new_tokens: int, compile: 
 def llama_run(path: Path, prompt: list[int], new_tokens: int, threads: int, n_ctx: int, kv_f32: bool,
               repack: bool = True):
     """A closure: llama.cpp's greedy decoding, new ids as a list; KV cache f32, or llama.cpp's default f16.
-    repack=False is llama.cpp's --no-repack (model param use_extra_bufts), which llama_cpp.Llama has no argument for."""
+    repack=False is llama.cpp's --no-repack."""
     kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_f32 else {}
-    bindings = llama_cpp.llama.llama_cpp  # the module whose defaults llama_cpp.Llama starts its model params from
-    defaults = bindings.llama_model_default_params
-
-    def without_repacking():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    if not repack:
-        bindings.llama_model_default_params = without_repacking
-    try:
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                              verbose=False, **kv)
-    finally:
-        bindings.llama_model_default_params = defaults
+    llm = load_llama_cpp(path, repack=repack, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
+                         **kv)
 
     def run() -> list[int]:
         llm.reset()

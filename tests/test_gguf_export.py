@@ -19,6 +19,7 @@ from conftest import REPO, load_script
 from safetensors.torch import load_file
 
 from minillm.data.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer
+from minillm.export.llama_cpp_loader import load_llama_cpp
 from minillm.infer.generation import generate
 from minillm.model.config import LMConfig
 from minillm.model.model import MiniLLM
@@ -367,25 +368,12 @@ def test_chat_model_generation_config_lists_both_end_ids(chat_dir, tokenizer):
 def llama(path, **kwargs):
     """llama.cpp on a GGUF file; f32 KV cache so that an f32 export computes in f32 throughout.
 
-    Weight repacking is off (llama.cpp's --no-repack): on Xeons with AMX, llama.cpp moves quantized weights into
-    its AMX kernels, which crash on q8_0 (a segfault in ggml_backend_amx_mul_mat, llama.cpp issue #20824; seen on
-    a 2-core Xeon with amx_int8, 2026-12-04, with any minillm export). The plain CPU kernels are the reference.
+    Weight repacking is off (see load_llama_cpp: llama.cpp's AMX kernels crash on q8_0; seen on a 2-core Xeon with
+    amx_int8, 2026-12-04, with any minillm export). The plain CPU kernels are the reference.
     """
-    bindings = llama_cpp.llama.llama_cpp  # the module whose defaults llama_cpp.Llama starts its model params from
-    defaults = bindings.llama_model_default_params
-
-    def without_repacking():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
     f32 = llama_cpp.GGML_TYPE_F32
-    bindings.llama_model_default_params = without_repacking
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False, type_k=f32, type_v=f32,
-                               seed=0, **kwargs)
-    finally:
-        bindings.llama_model_default_params = defaults
+    return load_llama_cpp(path, repack=False, n_ctx=256, n_threads=2, verbose=False, type_k=f32, type_v=f32, seed=0,
+                          **kwargs)
 
 
 def llama_greedy(llm, prompt: list[int], n: int) -> list[int]:
