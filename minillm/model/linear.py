@@ -71,9 +71,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight this layer multiplies by, [out, in], in dtype."""
-        return self.weight_int8.to(dtype) * self.scale.to(dtype)[:, None]
+    def dequantized(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight this layer multiplies by, [out, in] (or those output rows), in dtype."""
+        return self.weight_int8[rows].to(dtype).mul_(self.scale[rows, None].to(dtype))  # .to copies: mul_ is safe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x @ (weight_int8 * scale).T (+ bias)."""
@@ -84,8 +84,7 @@ class Int8Linear(nn.Module):
         y = x.new_empty(*x.shape[:-1], self.out_features)
         for start in range(0, self.out_features, self.DEQUANT_BLOCK):
             rows = slice(start, start + self.DEQUANT_BLOCK)
-            w = self.weight_int8[rows].to(x.dtype).mul_(self.scale[rows, None].to(x.dtype))  # = dequantized()[rows]
-            y[..., rows] = F.linear(x, w, None if self.bias is None else self.bias[rows])
+            y[..., rows] = F.linear(x, self.dequantized(x.dtype, rows), None if self.bias is None else self.bias[rows])
         return y
 
     def extra_repr(self) -> str:
