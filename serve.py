@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -41,9 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 exposes the server to the network (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
-    p.add_argument("--api_key", default=os.environ.get("MINILLM_API_KEY") or None,
+    p.add_argument("--api_key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MINILLM_API_KEY if set, "
-                        "else no key; the environment keeps the key out of the process list)")
+                        "else no key; the environment keeps the key out of the process list). An empty key is "
+                        "refused rather than taken as no key")
     p.add_argument("--allowed_host", action="append", default=[], metavar="NAME",
                    help="also answer requests whose Host header is NAME (repeatable). By default the server "
                         "answers only its own address (and localhost on loopback), so that a web page elsewhere "
@@ -94,8 +96,20 @@ def check_flags(args: argparse.Namespace) -> None:
             raise CliError(f"--{flag} must be a number of seconds > 0, got {getattr(args, flag)}")
     if args.port > 65535:
         raise CliError(f"--port must be <= 65535, got {args.port}")
+    source = "--api_key"
+    if args.api_key is None and "MINILLM_API_KEY" in os.environ:
+        args.api_key, source = os.environ["MINILLM_API_KEY"], "MINILLM_API_KEY"
     if args.api_key is not None and not args.api_key.strip():
-        raise CliError("--api_key is empty")
+        # Fail closed: an empty key (often a variable that failed to expand) must not turn authentication off.
+        raise CliError(f"{source} is set but empty: refusing to start a server without authentication; give a "
+                       "key, or unset MINILLM_API_KEY and leave out --api_key to serve without one")
+    if args.api_key is not None and any(c.isspace() or not c.isprintable() for c in args.api_key):
+        raise CliError(f"{source} holds whitespace or control characters, which an Authorization header cannot "
+                       "carry")
+    for name in args.allowed_host:
+        if not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:\d{1,5})?", name.strip()):
+            raise CliError(f"--allowed_host {name!r} is not a host name (letters, digits, '.', '-', '_', or an "
+                           "IPv6 address in brackets, with an optional :port)")
 
 
 def run_server(app, sock: socket.socket, on_exit=lambda: None, header_timeout: float = 10.0) -> None:
@@ -159,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving {name} ({model.num_parameters() / 1e6:.1f}M parameters, {device}, context {context}, "
           f"max_batch {args.max_batch}) on http://{args.host}:{port}/ (chat page), API at /v1",
           file=sys.stderr, flush=True)
+    if args.api_key is None and not (args.host == "localhost" or args.host == "::1" or args.host.startswith("127.")):
+        print(f"warning: no API key: anyone who reaches {args.host}:{port} can use this server (set "
+              "MINILLM_API_KEY)", file=sys.stderr, flush=True)
     try:
         with sock:
             run_server(app, sock, on_exit=scheduler.stop, header_timeout=args.header_timeout)

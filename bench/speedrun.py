@@ -95,7 +95,7 @@ def run_baseline(args: argparse.Namespace, docs: list[list[int]], tokens: int, n
     from minillm.model.config import LMConfig
     from minillm.model.model import MiniLLM
     from minillm.train.optim import build_optimizer
-    from minillm.train.schedule import cosine_lr, timed_lr
+    from minillm.train.schedule import RunSchedule
 
     torch.manual_seed(1337)
     directory = Path(args.work_dir) / BASELINE
@@ -110,8 +110,9 @@ def run_baseline(args: argparse.Namespace, docs: list[list[int]], tokens: int, n
     length = f"{args.minutes:g} minutes" if args.minutes else f"{steps} steps"
     print(f"# {BASELINE}: LlamaForCausalLM, {length} of random 16 x 256 windows", flush=True)
     points, clock, step = [], 0.0, 0
-    while (clock < budget) if budget else (step < steps):
-        factor = timed_lr(step, clock, budget, 1.0) if budget else cosine_lr(step, steps, 1.0)
+    schedule = RunSchedule(0 if budget else steps, budget, 0)  # the rule minillm's --max_minutes follows
+    while not schedule.done(step, clock):
+        factor = schedule.lr_factor(step)
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * factor
         t = time.perf_counter()
@@ -125,7 +126,8 @@ def run_baseline(args: argparse.Namespace, docs: list[list[int]], tokens: int, n
         optimizer.zero_grad(set_to_none=True)
         clock += time.perf_counter() - t
         step += 1
-        last = (clock >= budget) if budget else (step >= steps)
+        schedule.observe(step, clock)
+        last = schedule.done(step, clock)
         if step % args.eval_every == 0 or last:
             nll = evaluate_perplexity(model, docs, max_length=256, batch_size=16, eos_id=0).mean_nll
             model.train()

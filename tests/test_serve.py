@@ -750,3 +750,55 @@ def test_a_client_that_trickles_its_headers_is_cut_off(tiny_sft_dir):
             for _ in range(3):
                 assert client.get("/health").status_code == 200
                 time.sleep(0.6)
+
+
+# --- issue 44: fail-closed keys, the bearer scheme, Host parsing, empty inputs ---------------------------
+
+@pytest.mark.parametrize("env, argv, needle", [
+    ({"MINILLM_API_KEY": ""}, [], "MINILLM_API_KEY is set but empty"),
+    ({"MINILLM_API_KEY": "  \t"}, [], "MINILLM_API_KEY is set but empty"),
+    ({}, ["--api_key", " "], "--api_key is set but empty"),
+    ({}, ["--api_key", "two words"], "--api_key holds whitespace"),
+    ({}, ["--allowed_host", "[::1]evil.com"], "--allowed_host '[::1]evil.com' is not a host name"),
+])
+def test_an_empty_key_refuses_to_start_instead_of_serving_open(tiny_sft_dir, monkeypatch, capsys, env, argv, needle):
+    """Issue 44, item 8: an empty MINILLM_API_KEY silently turned authentication off (fail open)."""
+    monkeypatch.delenv("MINILLM_API_KEY", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(serve_cli, "run_server", lambda *a, **kw: pytest.fail("the server started"))
+    assert serve_cli.main(["--model", str(tiny_sft_dir), "--port", "0", *argv]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_the_bearer_scheme_is_case_insensitive_and_the_key_is_not(tiny_sft_dir):
+    """Issue 44, item 8: 'Authorization: bearer KEY' was refused (RFC 9110: the scheme is case-insensitive)."""
+    with LiveServer(tiny_sft_dir, api_key="Sesame") as live:
+        body = {"messages": QUESTION, "max_tokens": 1}
+        for header in ("bearer Sesame", "BEARER Sesame", "Bearer  Sesame", "bEaReR Sesame"):
+            assert post(live, "/v1/chat/completions", body, Authorization=header).status_code == 200, header
+        for header in ("bearer sesame", "Basic Sesame", "Bearer", "BearerSesame", "Sesame", "Bearer Sesame x"):
+            r = post(live, "/v1/chat/completions", body, Authorization=header)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", header
+
+
+@pytest.mark.parametrize("header, name", [
+    ("127.0.0.1:8000", "127.0.0.1"), ("[::1]:8000", "[::1]"), ("[::1]", "[::1]"), ("LocalHost", "localhost"),
+    ("[::1]evil.com", ""), ("[::1].evil.com:80", ""), ("localhost evil.com", ""), ("127.0.0.1:80:90", ""),
+    ("localhost@evil.com", ""), ("", ""), ("[::1]:", ""),
+])
+def test_host_headers_are_parsed_as_one_name_and_a_port(header, name):
+    """Issue 44, item 8: the Host '[::1]evil.com' was read as the loopback name '[::1]'."""
+    from minillm.infer.server import host_name
+
+    assert host_name(header) == name
+
+
+def test_serve_py_refuses_a_host_that_only_starts_like_loopback(tiny_sft_dir):
+    with serve_process(tiny_sft_dir) as (proc, port):
+        url = f"http://127.0.0.1:{port}"
+        for host in ("[::1]evil.com", f"[::1]evil.com:{port}", "localhost.evil.com", "127.0.0.1 evil.com"):
+            r = httpx.get(url + "/health", headers={"Host": host}, timeout=10)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", host
+        assert httpx.get(url + "/health", headers={"Host": f"[::1]:{port}"}, timeout=10).status_code == 200

@@ -97,6 +97,19 @@ def default_context(config: LMConfig) -> tuple[int, str]:
     return limit, "max_position_embeddings; no training context recorded"
 
 
+def check_same_tokenizer(tokenizer: Tokenizer, source: str, other_dir: Path, role: str) -> None:
+    """Refuse a second model (a DPO/GRPO reference; later a teacher or a draft) whose tokenizer differs from the
+    one in use: its log-probabilities would be of other tokens under the same ids. Both vocabularies are named."""
+    if not (other_dir / "tokenizer.json").is_file():
+        return  # nothing to compare: the vocabulary size is still checked against the weights
+    other = load_tokenizer(other_dir)
+    if other.fingerprint() != tokenizer.fingerprint():
+        raise CliError(f"{role} {other_dir} has another tokenizer ({other.vocab_size:,} tokens, "
+                       f"{other.fingerprint()[:12]}) than {source} ({tokenizer.vocab_size:,} tokens, "
+                       f"{tokenizer.fingerprint()[:12]}): the same ids would name other tokens; use a {role.lstrip('-')} "
+                       "trained with this tokenizer")
+
+
 def load_trained(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None = None
                  ) -> tuple[MiniLLM, Tokenizer, Path | None]:
     """(model with any --adapter merged in, tokenizer, tokenizer directory or None for the shipped one)."""
@@ -114,6 +127,7 @@ def load_trained(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     else:
         tokenizer_dir = None if args.tokenizer == "default" else Path(args.tokenizer)
     tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer.check_template()  # a broken or hostile template fails now, in one line naming its file
     generation = model_dir / "generation_config.json"
     if tokenizer.template is not None and generation.is_file():  # an outside model's own end ids stop it too
         eos = read_json(generation).get("eos_token_id")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
-from minillm.cli.loading import CliError, resolve_path
+from minillm.cli.loading import CliError, check_same_tokenizer, resolve_path
 from minillm.data.tokenizer import Tokenizer
 from minillm.eval.rewards import REWARDS, build_rewards
 from minillm.model.model import MiniLLM
@@ -57,6 +58,36 @@ def add_stage_flags(p: argparse.ArgumentParser, kind: str) -> None:
                         "the adapters off, no second copy)")
 
 
+def _finite(value: float, flag: str, low: float, low_open: bool, high: float = math.inf) -> None:
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if math.isfinite(high) else "")
+        raise ValueError(f"{flag} must be a finite number {bound}, got {value!r}")
+
+
+def check_stage_flags(args, kind: str) -> None:
+    """Refuse a post-training flag value that cannot train (nan, inf, out of range) before anything loads."""
+    if kind == "dpo":
+        _finite(args.beta, "--beta", 0, low_open=True)
+    elif kind == "grpo":
+        _finite(args.kl_beta, "--kl_beta", 0, low_open=False)
+        _finite(args.temperature, "--temperature", 0, low_open=True)
+        _finite(args.epsilon, "--epsilon", 0, low_open=True, high=1)
+        if args.group_size < 2:
+            raise ValueError(f"--group_size must be >= 2 (advantages compare completions), got {args.group_size}")
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+        build_rewards(args.reward, None, None, parse_only=True)
+
+
+def check_stage_context(args, kind: str, model: MiniLLM) -> None:
+    """GRPO's prompts and completions must fit the model's positions: --max_length + --max_new_tokens."""
+    if kind == "grpo" and args.max_length + args.max_new_tokens > model.config.max_position_embeddings:
+        raise CliError(f"--max_length {args.max_length} + --max_new_tokens {args.max_new_tokens} exceeds the "
+                       f"model's context of {model.config.max_position_embeddings} tokens "
+                       "(max_position_embeddings); lower one of them")
+
+
 def _reference(args, tokenizer: Tokenizer) -> MiniLLM | None:
     """The reference model --ref_model (or --init_from) names; None with --lora and no --ref_model."""
     if args.lora and not args.ref_model:
@@ -64,6 +95,7 @@ def _reference(args, tokenizer: Tokenizer) -> MiniLLM | None:
     ref_dir = Path(args.ref_model or args.init_from)
     if not (ref_dir / "config.json").is_file():
         raise FileNotFoundError(f"--ref_model {ref_dir}: no model there (no config.json)")
+    check_same_tokenizer(tokenizer, args.tokenizer or args.init_from, ref_dir, "--ref_model")
     reference = MiniLLM.from_pretrained(ref_dir, dtype=torch.float32)
     if reference.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"--ref_model {ref_dir} has vocab_size {reference.config.vocab_size}, fewer than the "

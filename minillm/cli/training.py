@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from minillm.cli.loading import EXIT_ERROR, EXIT_INTERRUPTED, REPO_ROOT, CliError, resolve_path
-from minillm.cli.stages import add_stage_flags, build_objective
+from minillm.cli.stages import add_stage_flags, build_objective, check_stage_context, check_stage_flags
 from minillm.data.datasets import DataError, PretrainDataset, SFTDataset
 from minillm.data.packed import PackedDataset, packed_cache
 from minillm.data.preference import PreferenceDataset
@@ -146,15 +146,17 @@ def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
 
 def _load_tokenizer(args) -> Tokenizer:
     if args.tokenizer:
-        return Tokenizer.from_pretrained(args.tokenizer)
-    if args.init_from:
-        init = Path(args.init_from)
-        if (init / "tokenizer.json").is_file():
-            return Tokenizer.from_pretrained(init)
-        if (init / "config.json").is_file():  # a model without its tokenizer: minillm's default would not fit it
-            raise FileNotFoundError(f"--init_from {init} has no tokenizer.json beside the weights; pass "
-                                    "--tokenizer DIR with the tokenizer the model was trained with")
-    return load_tokenizer()
+        tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    elif args.init_from and (Path(args.init_from) / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_pretrained(args.init_from)
+    elif args.init_from and (Path(args.init_from) / "config.json").is_file():
+        # a model without its tokenizer: minillm's default would not fit it
+        raise FileNotFoundError(f"--init_from {args.init_from} has no tokenizer.json beside the weights; pass "
+                                "--tokenizer DIR with the tokenizer the model was trained with")
+    else:
+        tokenizer = load_tokenizer()
+    tokenizer.check_template()  # a broken or hostile template fails now, in one line naming its file
+    return tokenizer
 
 
 def _check_tokenizer_fits(args, tokenizer: Tokenizer, model: MiniLLM) -> None:
@@ -258,6 +260,7 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
         raise CliError(f"{kind.upper()} starts from a trained chat model: pass --init_from DIR (train_sft.py's out_dir)")
     model = _build_model(args, tokenizer)
     _check_tokenizer_fits(args, tokenizer, model)
+    check_stage_context(args, kind, model)
     # What eval_ppl.py and generate.py read back: the context trained on, and whether chat was learnt. DPO and
     # GRPO keep the chat model's own (GRPO's --max_length caps prompts, not the context).
     if kind in ("pretrain", "sft") or not model.config.trained_context:
@@ -335,6 +338,7 @@ def main(kind: str, defaults: dict, argv: list[str] | None = None) -> int:
     guard_output()  # a closed pipe or terminal must not cost the checkpoint (tee ended by the same Ctrl-C)
     try:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+        check_stage_flags(args, kind)
         env = setup_distributed(cfg.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,124 +1,183 @@
-"""An outside model's own chat template (Jinja, as transformers renders it), its ids, loss mask and end markers.
+"""An outside model's own chat template (Jinja, as transformers renders it), rendered where it cannot hurt.
 
 minillm's own tokenizer speaks ChatML, rendered in Python (Tokenizer.render_conversation). A checkpoint from
-elsewhere (Llama 3, Gemma, Qwen3, SmolLM2) carries its template in tokenizer_config.json or chat_template.jinja;
-this module renders it in Jinja2's sandbox with the settings transformers uses, so the text is byte for byte
-what `apply_chat_template` gives. Two rules hold under any template:
-
-- Message text stays text. The template is rendered a second time with each message's content replaced by a
-  marker; the pieces between markers are the template's own (encoded with control tokens), the rest is the
-  messages' text (encoded as plain text). A template that rewrites message text beyond trimming is refused.
-- The loss mask comes from prefix rendering: the conversation up to an assistant turn with the generation
-  prompt must be a prefix of the conversation including that turn; the difference, up to and including the
-  turn's last control token (its end marker), is learned. A template where that fails is refused.
+elsewhere (Llama 3, Gemma, Qwen3, SmolLM2) carries its template in tokenizer_config.json or chat_template.jinja,
+and a template is a program that came with a download. ChatTemplate renders it in worker processes
+(minillm/data/template_render.py, which also holds the rendering rules): each render is bounded in time
+(RENDER_SECONDS), memory (RENDER_MEMORY) and output (MAX_CHARS); a template that exceeds a bound fails that
+render with a TemplateLimit, and the caller (a server thread, a training script) carries on. Syntax errors name
+the file and the line; a template that rejects a conversation (raise_exception) is a TemplateRefused.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from datetime import datetime
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
-_MARK = "\ue000{}\ue001"  # private-use characters: no template or message holds them
-_MARK_RE = re.compile("\ue000(\\d+)\ue001")
-_CONTENT_FORMS = (lambda c: c, str.strip, str.rstrip, str.lstrip, lambda c: c.lstrip("\n"))
+RENDER_SECONDS = float(os.environ.get("MINILLM_TEMPLATE_SECONDS", 5.0))
+RENDER_MEMORY = 1 << 30  # bytes of address space a worker may map, the interpreter's own included
+MAX_CHARS = 16 << 20  # characters of rendered text
+STARTUP_SECONDS = 60.0  # a worker's interpreter and jinja2 starting on a busy machine
+MAX_WORKERS = 8  # renders at once; more callers wait for a free worker
+_WORKER = Path(__file__).resolve().with_name("template_render.py")
 
 
 class TemplateError(ValueError):
     """A chat template minillm cannot render faithfully, or its renderer (jinja2) is missing."""
 
 
-def _environment():
+class TemplateRefused(TemplateError):
+    """The template rejected this conversation (its raise_exception, an error in it, or text it rewrites)."""
+
+
+class TemplateLimit(TemplateError):
+    """Rendering passed a bound: time, memory or length."""
+
+
+def _require_jinja() -> None:
     try:
-        import jinja2
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        import jinja2  # noqa: F401  (the worker imports it; a missing one is said here, in the caller's words)
     except ImportError as e:
         raise TemplateError("this tokenizer's own chat template needs jinja2: pip install -e \".[jinja]\"") from e
 
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+class _Worker:
+    """One renderer process: JSON lines in, JSON lines out, answered within a deadline or killed."""
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
+    def __init__(self, setup: dict) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-I", str(_WORKER)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.buffer = b""
+        self.ready = self.ask(setup, STARTUP_SECONDS)  # {"ok": true}, or why the template did not compile
+
+    def ask(self, request: dict, seconds: float) -> dict:
+        """Send one request and wait for its answer; TemplateLimit (and the process killed) past `seconds`."""
+        try:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError:
+            self.kill()
+            raise TemplateLimit("the chat template's renderer stopped (it ran out of memory)") from None
+        deadline = time.monotonic() + seconds
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            ready = select.select([fd], [], [], max(left, 0))[0] if left > 0 else []
+            if not ready:
+                self.kill()
+                raise TemplateLimit(f"the chat template took longer than {seconds:g} s to render")
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                self.kill()
+                raise TemplateLimit("the chat template's renderer stopped (it ran out of memory)")
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return json.loads(line)
+
+    def kill(self) -> None:
+        """End the process now (a render that overran cannot be trusted to stop)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
 
 
 class ChatTemplate:
-    """A Jinja chat template with the special-token strings it may use (bos_token, eos_token, ...)."""
+    """A Jinja chat template with the special-token strings it may use (bos_token, eos_token, ...) and the file it
+    came from; rendered in bounded worker processes, several at once for concurrent callers."""
 
-    def __init__(self, source: str, special: dict[str, object]) -> None:
-        self.source = source
-        self.special = special
-        self._compiled = None
+    def __init__(self, source: str, special: dict[str, object], origin: str = "the chat template") -> None:
+        self.source, self.special, self.origin = source, special, origin
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_WORKERS)
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        # Workers belong to the process that started them; a copy (a DataLoader worker) starts its own.
+        return {"source": self.source, "special": self.special, "origin": self.origin}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["source"], state["special"], state["origin"])
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            for worker in getattr(self, "_idle", []):
+                worker.kill()
+
+    def _take(self) -> _Worker:
+        if self._pid != os.getpid():  # forked: the parent's pipes are not ours to use
+            self.__init__(self.source, self.special, self.origin)
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        _require_jinja()
+        try:
+            worker = _Worker({"source": self.source, "special": self.special, "seconds": RENDER_SECONDS,
+                              "memory_bytes": RENDER_MEMORY, "max_chars": MAX_CHARS, "parent": os.getpid()})
+        except TemplateLimit as e:
+            raise TemplateLimit(f"{self.origin}: {e} (while compiling)") from None
+        if worker.ready.get("error") == "syntax":
+            worker.kill()
+            raise TemplateError(f"{self.origin}: the chat template has a syntax error at line {worker.ready['line']} "
+                                f"of the template: {worker.ready['message']}")
+        if "error" in worker.ready:
+            worker.kill()
+            raise TemplateError(f"{self.origin}: the chat template cannot be loaded: {worker.ready['message']}")
+        return worker
+
+    def _call(self, op: str, *args: object) -> object:
+        with self._slots:
+            worker = self._take()
+            try:
+                reply = worker.ask({"op": op, "args": args}, RENDER_SECONDS + 2.0)
+            except TemplateLimit as e:
+                raise TemplateLimit(f"{self.origin}: {e}") from None
+            with self._lock:
+                self._idle.append(worker)
+        if "error" in reply:
+            kind = {"refused": TemplateRefused}.get(reply["error"], TemplateLimit)
+            raise kind(f"{self.origin}: {reply['message']}")
+        return reply["ok"]
+
+    def check(self) -> None:
+        """Compile the template now (in a worker): TemplateError naming the file and line of a syntax error."""
+        with self._slots:
+            worker = self._take()
+            with self._lock:
+                self._idle.append(worker)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as text, exactly as transformers' apply_chat_template(tokenize=False) renders it."""
-        if self._compiled is None:
-            self._compiled = _environment().from_string(self.source)
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"message {i} must have 'role' and 'content' keys, got {m!r}")
-        try:
-            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self.special)
-        except Exception as e:  # the template's own raise_exception, or an error in it
-            raise TemplateError(f"the chat template refused the conversation: {e}") from e
+        return self._call("render", messages, add_generation_prompt)
 
-    def pieces(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[str, bool]]]:
-        """(rendered text, [(piece, is_message_text)]): the text cut into the template's pieces and the messages'."""
-        text = self.render(messages, add_generation_prompt)
-        marked = self.render([{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)],
-                             add_generation_prompt)
-        parts = _MARK_RE.split(marked)  # template, index, template, index, ..., template
-        out, pos = [], 0
-        for k in range(0, len(parts), 2):
-            template_part = parts[k]
-            if not text.startswith(template_part, pos):
-                raise TemplateError("the chat template renders differently depending on the message text; minillm "
-                                    "cannot keep message text apart from control tokens under it")
-            out.append((template_part, False))
-            pos += len(template_part)
-            if k + 1 == len(parts):
-                break
-            content, following = messages[int(parts[k + 1])]["content"], parts[k + 2]
-            for form in _CONTENT_FORMS:
-                shown = form(content)
-                after = pos + len(shown)
-                if text.startswith(shown, pos) and text.startswith(following, after):
-                    break
-            else:
-                raise TemplateError("the chat template rewrites message text beyond trimming it; minillm cannot "
-                                    "keep message text apart from control tokens under it")
-            out.append((shown, True))
-            pos = after
-        if pos != len(text):
-            raise TemplateError("the chat template's output could not be split into its pieces")
-        return text, [(p, is_text) for p, is_text in out if p]
+    def conversation(self, messages: list[dict], add_generation_prompt: bool, specials: list[str] | None
+                     ) -> tuple[list[tuple[str, bool]], list[tuple[int, int]]]:
+        """([(piece, is_message_text)], learned character spans): the rendered conversation cut into the
+        template's pieces and the messages' text, and (with `specials`, the control tokens' strings) the spans
+        SFT learns: each assistant reply and its end marker. See template_render.Renderer."""
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {i} must have 'role' and 'content' keys, got {m!r}")
+        out = self._call("conversation", messages, add_generation_prompt, specials)
+        return [(p, bool(t)) for p, t in out["pieces"]], [(a, b) for a, b in out["spans"]]
 
-    def learned_spans(self, messages: list[dict], specials: list[str]) -> list[tuple[int, int]]:
-        """Character spans of the rendered conversation that SFT learns: each assistant reply and its end marker."""
-        full = self.render(messages)
-        spans = []
-        for k, m in enumerate(messages):
-            if m.get("role") != "assistant":
-                continue
-            before = self.render(messages[:k], add_generation_prompt=True)
-            upto = self.render(messages[:k + 1])
-            if not (upto.startswith(before) and full.startswith(upto)):
-                raise TemplateError(f"the chat template renders assistant turn {k} differently once the conversation "
-                                    "goes on (or the generation prompt is not how the turn starts), so its loss mask "
-                                    "cannot be found by rendering prefixes; train on single-turn chats, or use "
-                                    "ChatML")
-            turn = upto[len(before):]
-            ends = [turn.rfind(s) + len(s) for s in specials if s in turn]
-            spans.append((len(before), len(before) + (max(ends) if ends else len(turn))))
-        return spans
+    def turn(self, messages: list[dict], specials: list[str]) -> str:
+        """The learned text of the one assistant turn in `messages`: its reply and the template's end marker."""
+        return self._call("turn", messages, specials)
 
 
 def cut_at(pieces: list[tuple[str, bool]], cuts: set[int]) -> list[tuple[str, bool, int]]:

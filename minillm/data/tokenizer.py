@@ -155,10 +155,10 @@ class Tokenizer:
         return [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special]
 
     def _render_template(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
-        _, pieces = self.template.pieces(messages, add_generation_prompt)
         # A prompt for generation learns nothing, and needs no mask: a template whose history renders differently
         # (refused for multi-turn training) still answers follow-up questions.
-        spans = [] if add_generation_prompt else self.template.learned_spans(messages, self.special_strings)
+        pieces, spans = self.template.conversation(messages, add_generation_prompt,
+                                                   None if add_generation_prompt else self.special_strings)
         ids: list[int] = []
         learn: list[int] = []
         for piece, is_text, start in cut_at(pieces, {c for span in spans for c in span}):
@@ -172,9 +172,15 @@ class Tokenizer:
         # The control tokens that close a probe reply's learned span: the template's end marker. Computed on first
         # use, so that a tokenizer only used for plain text never needs jinja2.
         probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
-        (a, b), = self.template.learned_spans(probe, self.special_strings)
-        turn = self.template.render(probe)[a:b]
+        turn = self.template.turn(probe, self.special_strings)
         return [i for i in self.encode(turn, allow_special=True) if self.backend.id_to_token(i) in self.special_strings]
+
+    def check_template(self) -> None:
+        """Compile an outside template and render a probe conversation now, so that a broken or hostile template
+        fails at load with one TemplateError naming its file (the scripts call this; a library user may not)."""
+        if self.template is not None:
+            self.template.check()
+            _ = self._template_turn_ends
 
     @property
     def turn_end_ids(self) -> list[int]:
@@ -265,7 +271,9 @@ class Tokenizer:
         if source is None or source == CHAT_TEMPLATE:
             return cls(backend, model_max_length=max_len)
         special = {name: _token_string(config.get(name)) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        tok = cls(backend, max_len, ChatTemplate(source, special), eos_token=special["eos_token"])
+        origin = path.parent / ("chat_template.jinja" if (path.parent / "chat_template.jinja").is_file()
+                                else "tokenizer_config.json")
+        tok = cls(backend, max_len, ChatTemplate(source, special, str(origin)), eos_token=special["eos_token"])
         # Saved as they came (the template, its special tokens), not as minillm's ChatML configuration.
         tok.source_files = {name: (path.parent / name).read_text(encoding="utf-8") for name in
                             ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")

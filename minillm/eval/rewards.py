@@ -19,6 +19,7 @@ rate eval_tasks.py reports:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -116,19 +117,27 @@ def composite(novel: RewardFn) -> RewardFn:
 REWARDS = ("request", "length", "ended", "poem", "novel", "composite")
 
 
-def build_rewards(spec: str, train_path: str | Path, sft_path: str | Path) -> dict[str, tuple[RewardFn, float]]:
-    """Parse --reward ("composite", or "request:1,ended:0.25"): {name: (function, weight)}."""
+def build_rewards(spec: str, train_path: str | Path | None, sft_path: str | Path | None,
+                  parse_only: bool = False) -> dict[str, tuple[RewardFn, float]]:
+    """Parse --reward ("composite", or "request:1,ended:0.25"): {name: (function, weight)}; parse_only checks the
+    spec without loading the corpus (the functions are then None)."""
     parts = {}
     for item in filter(None, (p.strip() for p in spec.split(","))):
         name, _, weight = item.partition(":")
         if name not in REWARDS:
             raise ValueError(f"--reward: unknown reward {name!r}; choose from {', '.join(REWARDS)}")
+        if name in parts:
+            raise ValueError(f"--reward: {name} is named twice; give each reward once with its weight")
         try:
             parts[name] = float(weight) if weight else 1.0
         except ValueError:
             raise ValueError(f"--reward: the weight of {name} must be a number, got {weight!r}") from None
+        if not math.isfinite(parts[name]):
+            raise ValueError(f"--reward: the weight of {name} must be a finite number, got {weight!r}")
     if not parts:
         raise ValueError("--reward names no reward; e.g. composite, or request:1,ended:0.25")
+    if parse_only:
+        return {name: (None, weight) for name, weight in parts.items()}
     novel = NovelReward(train_path, sft_path) if {"novel", "composite"} & set(parts) else None
     functions = {"request": request_reward, "length": length_reward, "ended": ended_reward, "poem": poem_reward,
                  "novel": novel, "composite": composite(novel) if novel else None}

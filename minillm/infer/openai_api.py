@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from minillm.data.chat_template import TemplateError
 from minillm.data.tokenizer import Tokenizer
 from minillm.infer.generation import MIN_TEMPERATURE
 from minillm.infer.serving import Sampling
@@ -219,7 +220,10 @@ def parse_request(body: Any, chat: bool, tokenizer: Tokenizer, context: int, ser
     if chat:
         messages = _messages(body)
         n = _choice_count(body, 1, max_sequences)
-        prompts = [tokenizer.render_conversation(messages, add_generation_prompt=True)[0]]
+        try:  # an outside template renders in a bounded worker (minillm/data/chat_template.py)
+            prompts = [tokenizer.render_conversation(messages, add_generation_prompt=True)[0]]
+        except TemplateError as e:  # the client's conversation, refused or too costly to render: theirs to fix
+            raise ApiError(400, str(e), "messages", "invalid_conversation") from None
     else:
         texts = _prompt_texts(body)
         n = _choice_count(body, len(texts), max_sequences)

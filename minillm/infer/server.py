@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -61,12 +63,14 @@ class ServerConfig:
     """Seconds a client may take to send its request body; slower ones get 408."""
 
 
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(?::\d{1,5})?")
+
+
 def host_name(header: str) -> str:
-    """The name part of a Host header: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:8000" -> "[::1]"."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[:header.find("]") + 1]
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+    """The name part of a Host header: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:8000" -> "[::1]"; "" for a header
+    that is not one name with an optional port (such as "[::1]evil.com" or "a b"), which no allowed name equals."""
+    match = _HOST.fullmatch(header.strip().lower())
+    return match.group(1) if match else ""
 
 
 def allowed_hosts(host: str, extra: list[str]) -> frozenset[str] | None:
@@ -119,7 +123,8 @@ class HostCheck:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-            if host_name(host) not in self.allowed:
+            name = host_name(host)
+            if not name or name not in self.allowed:
                 e = ApiError(400, f"the Host header {host!r} names none of this server's addresses "
                                   f"({', '.join(sorted(self.allowed))}); serve.py --allowed_host NAME adds one",
                              code="invalid_host")
@@ -239,8 +244,9 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig)
     def authorize(request: Request) -> None:
         if config.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+        # The scheme is case-insensitive (RFC 9110): "bearer KEY" is as good as "Bearer KEY".
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), config.api_key.encode()):
             raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
@@ -282,8 +288,10 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig)
     async def complete(request: Request, chat: bool) -> Response:
         try:
             authorize(request)
-            spec = parse_request(await read_json(request), chat, tokenizer, scheduler.context, config.model_name,
-                                 scheduler.max_waiting)
+            # Off the event loop: rendering an outside chat template may take up to its time bound, and
+            # tokenizing a long prompt takes a while; /health and the streams keep going meanwhile.
+            spec = await run_in_threadpool(parse_request, await read_json(request), chat, tokenizer,
+                                           scheduler.context, config.model_name, scheduler.max_waiting)
             choices = Choices(spec, tokenizer, mailbox[0])
             try:
                 scheduler.submit(choices.requests)

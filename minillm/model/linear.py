@@ -95,7 +95,12 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear of the model by an Int8Linear, in place (inference only; the embedding stays float).
 
     A tied LM head is quantized too: the embedding keeps its float matrix, the head reads the int8 copy.
+    Mixture-of-Experts models are refused: their experts are stacked tensors, not Linear layers, and the router
+    reads its float weight directly, so quantizing would change the routing and leave most weights float.
     """
+    if getattr(getattr(model, "config", None), "num_experts", 0):
+        raise ValueError("--quantize int8 supports dense models only: this Mixture-of-Experts model keeps its "
+                         "experts as stacked tensors that the int8 path does not cover; run it without --quantize")
     for module in list(model.modules()):
         for attr, child in list(module.named_children()):
             if type(child) in (nn.Linear, Linear):

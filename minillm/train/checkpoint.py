@@ -72,6 +72,10 @@ class TrainState:
     """Training time up to this step (the clock of --max_minutes and of its schedule)."""
     tokens: int = 0
     """Input positions trained on up to this step, over all processes (the model card's count)."""
+    horizon_steps: int = 0
+    """The steps the learning-rate schedule spans (RunSchedule.horizon): --max_steps or the epochs', or what a
+    --max_minutes run fixed after timing its first steps; 0 while not fixed. A resume takes it back, so the rate
+    of every step is the uninterrupted run's."""
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict for torch.save (not deep-copied)."""
@@ -81,7 +85,8 @@ class TrainState:
     def from_dict(cls, d: Any, source: str | Path = "state") -> TrainState:
         """Rebuild from to_dict(); ValueError naming `source` when a field is missing."""
         names = [f.name for f in fields(cls)]
-        required = [f.name for f in fields(cls) if f.name not in ("lora_base", "identity", "train_seconds", "tokens")]
+        required = [f.name for f in fields(cls) if f.name not in ("lora_base", "identity", "train_seconds", "tokens",
+                                                                         "horizon_steps")]
         missing = [n for n in required if not isinstance(d, dict) or n not in d]
         if missing:
             raise ValueError(f"{source}: not a minillm training state (missing {', '.join(missing)})")
@@ -295,7 +300,7 @@ class Checkpointer:
         # With LoRA the base weights are frozen and not in the checkpoint: record which base it fits.
         self.lora_base = base_fingerprint(model) if has_lora(model) else None
 
-    def capture(self, step: int, train_seconds: float = 0.0, tokens: int = 0) -> TrainState:
+    def capture(self, step: int, train_seconds: float = 0.0, tokens: int = 0, horizon_steps: int = 0) -> TrainState:
         """The live training state after `step` optimizer steps (a collective under torch.distributed)."""
         rngs = [rng_state()]
         if self.world_size > 1:
@@ -305,7 +310,7 @@ class Checkpointer:
         return TrainState(step=step, optimizer=optimizer, scaler=self.scaler.state_dict(),
                           rng=rngs, world_size=self.world_size, train_config=self.train_config,
                           lora_base=self.lora_base, identity=self.identity, train_seconds=train_seconds,
-                          tokens=tokens)
+                          tokens=tokens, horizon_steps=horizon_steps)
 
     def check_compatible(self, state: TrainState, source: Path) -> None:
         """Refuse a resume that would not continue the same run; note the settings it may change."""
@@ -343,9 +348,9 @@ class Checkpointer:
         self.scaler.load_state_dict(state.scaler)
         set_rng_state(state.rng[self.rank] if self.rank < len(state.rng) else state.rng[0])
 
-    def save(self, step: int, train_seconds: float = 0.0, tokens: int = 0) -> Path | None:
+    def save(self, step: int, train_seconds: float = 0.0, tokens: int = 0, horizon_steps: int = 0) -> Path | None:
         """Write the checkpoint of `step` (rank 0); returns its path there, None elsewhere."""
-        state = self.capture(step, train_seconds, tokens)
+        state = self.capture(step, train_seconds, tokens, horizon_steps)
         if self.sharded:
             return save_sharded_checkpoint(self.out_dir, step, self.model, self.optimizer, state, self.rank,
                                            self.keep, self.tokenizer)

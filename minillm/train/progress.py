@@ -79,6 +79,7 @@ class Progress:
         self.log_every, self.enabled = log_every, enabled
         self.bar: tqdm | None = None
         self.tokens = 0  # input positions in the rows logged so far, this session
+        self.start_tokens = 0  # input positions before this session (a resumed run's checkpoint)
         self._window_tokens = 0
         self._t0 = self._t_window = time.perf_counter()
 
@@ -88,8 +89,10 @@ class Progress:
     def __exit__(self, *exc) -> None:
         self.close()  # a message printed after an error starts on a line of its own
 
-    def begin(self, total_steps: int | None, start_step: int) -> None:
-        """Show the bar, at start_step of total_steps (None: unknown, a time budget); the clock starts now."""
+    def begin(self, total_steps: int | None, start_step: int, start_tokens: int = 0) -> None:
+        """Show the bar, at start_step of total_steps (None: unknown, a time budget); the clock starts now.
+        metrics.jsonl's token count goes on from start_tokens (a resumed run's)."""
+        self.start_tokens = start_tokens
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.enabled, dynamic_ncols=True,
                         desc="train", unit="step")
         self._t0 = self._t_window = time.perf_counter()
@@ -121,7 +124,7 @@ class Progress:
         self.bar.set_postfix(loss=f"{loss:.4f}", **shown, lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if step % self.log_every == 0:
             self.tokens += self._window_tokens
-            self.log({"step": step, "loss": loss, **metrics, "lr": lr, **fields, "tokens": self.tokens,
+            self.log({"step": step, "loss": loss, **metrics, "lr": lr, **fields, "tokens": self.start_tokens + self.tokens,
                       "tokens_per_s": tok_s})
             self._window_tokens, self._t_window = 0, now
 

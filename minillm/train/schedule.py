@@ -29,38 +29,68 @@ def cosine_lr(step: int, total_steps: int, lr: float, warmup_steps: int = 0) -> 
     return cosine_decay((step - warmup_steps) / decay_steps, lr)
 
 
-def timed_lr(step: int, seconds: float, budget_seconds: float, lr: float, warmup_steps: int = 0) -> float:
-    """Learning rate for a run with a time budget: the cosine follows the elapsed fraction of the budget.
-
-    `seconds` is the training time spent before this step. The first warmup_steps steps are also scaled
-    by step / warmup_steps, so the rate rises from 0 as it does in cosine_lr.
-    """
-    decayed = cosine_decay(seconds / budget_seconds, lr)
-    return decayed * step / warmup_steps if step < warmup_steps else decayed
+# A --max_minutes run without --max_steps times this many steps (after its first, which pays for warm-up work)
+# before it fixes its horizon in steps.
+TIMED_STEPS = 5
 
 
 class RunSchedule:
-    """How long a run lasts (steps, or training time with --max_minutes) and its learning-rate factor per step."""
+    """How long a run lasts and its learning-rate factor per step: a function of the step alone, so that a
+    resumed run follows the uninterrupted one exactly. A time budget (--max_minutes) decides when to stop, never
+    the rate: with --max_steps the cosine spans those steps; without, the run times its first steps, fixes the
+    horizon (the steps the budget then holds) once, and saves it with every checkpoint (TrainState.horizon_steps).
+    """
 
-    def __init__(self, cfg: TrainConfig, steps_per_epoch: int, warn: bool) -> None:
-        self.budget_seconds = cfg.max_minutes * 60
-        # With a time budget, epochs do not bound the run (it cycles the data); --max_steps still does.
-        self.total_steps = cfg.max_steps or (0 if self.budget_seconds else cfg.epochs * steps_per_epoch)
-        self.warmup = cfg.warmup_steps
-        if self.total_steps and not self.budget_seconds and self.warmup >= self.total_steps:
-            self.warmup = self.total_steps // 10
+    def __init__(self, total_steps: int, budget_seconds: float, warmup_steps: int, warn: bool = False) -> None:
+        self.budget_seconds = budget_seconds
+        self.total_steps = total_steps  # 0: none given, the time budget alone ends the run
+        self.warmup = warmup_steps
+        self.horizon = total_steps  # 0 until a time-budgeted run without --max_steps fixes it
+        self._timing: tuple[int, float] | None = None  # (step, seconds) where this process started timing
+        self._warn = warn
+        if total_steps and warmup_steps >= total_steps:
+            self.warmup = total_steps // 10
             if warn:
-                print(f"warning: --warmup_steps {cfg.warmup_steps} >= the run's {self.total_steps} steps, so the "
+                print(f"warning: --warmup_steps {warmup_steps} >= the run's {total_steps} steps, so the "
                       f"peak learning rate would never be reached; warming up for {self.warmup} steps instead",
                       file=sys.stderr)
 
-    def lr_factor(self, step: int, seconds: float) -> float:
-        """The peak learning rate's multiplier for step `step` (0-based), after `seconds` of training."""
-        if self.budget_seconds:
-            return timed_lr(step, seconds, self.budget_seconds, 1.0, self.warmup)
-        return cosine_lr(step, self.total_steps, 1.0, self.warmup)
+    @classmethod
+    def of(cls, cfg: TrainConfig, steps_per_epoch: int, warn: bool) -> RunSchedule:
+        """The schedule of a TrainConfig: --max_steps, else --epochs unless --max_minutes (which cycles the data)."""
+        budget = cfg.max_minutes * 60
+        return cls(cfg.max_steps or (0 if budget else cfg.epochs * steps_per_epoch), budget, cfg.warmup_steps, warn)
+
+    def restore(self, horizon_steps: int) -> None:
+        """Take the horizon a resumed run fixed before (0: none yet)."""
+        if not self.total_steps and horizon_steps:
+            self.horizon = horizon_steps
+
+    def lr_factor(self, step: int) -> float:
+        """The peak learning rate's multiplier for step `step` (0-based)."""
+        if self.horizon:
+            return cosine_lr(step, self.horizon, 1.0, self.warmup)
+        return step / self.warmup if step < self.warmup else 1.0  # timing the first steps at the peak
+
+    def observe(self, step: int, seconds: float) -> None:
+        """After `step` steps and `seconds` of training: fix the horizon once enough steps are timed."""
+        if self.horizon or not self.budget_seconds:
+            return
+        if self._timing is None:
+            self._timing = (step, seconds)
+            return
+        first, start = self._timing
+        if step - first < TIMED_STEPS or step < self.warmup:
+            return
+        per_step = (seconds - start) / (step - first)
+        left = int((self.budget_seconds - seconds) / per_step) if per_step > 0 else 0
+        self.horizon = step + max(1, left)
+        if self._warn:
+            print(f"note: {per_step:.2f} s per step: the {self.budget_seconds / 60:g}-minute budget holds about "
+                  f"{self.horizon} steps; the learning-rate schedule spans them (saved with each checkpoint)",
+                  file=sys.stderr)
 
     def done(self, step: int, seconds: float) -> bool:
-        """True once `step` steps or the time budget are used up."""
-        return bool(self.total_steps and step >= self.total_steps) or bool(
+        """True once the horizon's steps or the time budget are used up."""
+        return bool(self.horizon and step >= self.horizon) or bool(
             self.budget_seconds and seconds >= self.budget_seconds)

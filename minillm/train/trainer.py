@@ -39,7 +39,13 @@ from minillm.export.model_card import remove_card
 from minillm.files import DirLock, check_writable, remove, remove_stale_temporaries
 from minillm.model.lora import has_lora
 from minillm.model.model import MiniLLM
-from minillm.train.checkpoint import CHECKPOINT_DIR, Checkpointer, list_checkpoints, save_model
+from minillm.train.checkpoint import (
+    CHECKPOINT_DIR,
+    SCHEDULE_SETTINGS,
+    Checkpointer,
+    list_checkpoints,
+    save_model,
+)
 from minillm.train.config import TrainConfig, TrainResult
 from minillm.train.distributed import DistEnv, all_reduce_sum, barrier
 from minillm.train.objective import LanguageModeling, Objective
@@ -263,16 +269,16 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, env.device, cfg.matrix_lr)
     batches = StepBatches(dataset, cfg, env)
-    schedule = RunSchedule(cfg, batches.steps_per_epoch, warn=env.is_main)
+    schedule = RunSchedule.of(cfg, batches.steps_per_epoch, warn=env.is_main)
     identity = {"data": dataset_identity(dataset), "model": model.config.shape()}
     checkpointer = Checkpointer(cfg.out_dir, model, optimizer, scaler, asdict(cfg), env.rank, env.world_size,
                                 cfg.keep_checkpoints, tokenizer, identity, sharded=cfg.fsdp)
     progress = Progress(Path(cfg.out_dir), cfg.log_every, env.is_main)
     with claim_out_dir(cfg, env), StopSignal() as stop, progress:
-        start_step, clock, seen = _resume(checkpointer, cfg, env)
+        start_step, clock, seen = _resume(checkpointer, cfg, env, schedule)
         set_peak_lr(optimizer, cfg.learning_rate, cfg.matrix_lr)  # a resume restored the saved groups' rates
         running = clock
-        progress.begin(schedule.total_steps or None, start_step)
+        progress.begin(schedule.total_steps or None, start_step, seen)
         model.activation_checkpointing = cfg.activation_checkpointing
         wrapped = torch.compile(model) if cfg.compile else model
         if env.distributed and not cfg.fsdp:
@@ -283,7 +289,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
         step, bad_in_row = start_step, 0
         wrapped.train()
         while not schedule.done(step, clock) and not result.interrupted:
-            factor = schedule.lr_factor(step, clock)
+            factor = schedule.lr_factor(step)
             for group in optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * factor
             # The clock runs during steps (data and update included), not through evaluations and checkpoints.
@@ -294,6 +300,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
                              stop.requested, cfg.loss_chunk, clock_base=running - t_start, objective=objective)
             running += time.perf_counter() - t_start
             step, clock, seen = step + 1, out.clock, seen + out.tokens
+            schedule.observe(step, clock)  # a time budget without --max_steps fixes its horizon once
             result.losses.append(out.loss)
             result.skipped_steps += not (math.isfinite(out.loss) and math.isfinite(out.grad_norm))
             # Overflow under float16 loss scaling is routine (the scaler lowers its scale); a non-finite loss,
@@ -312,12 +319,12 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
             if cfg.eval_every and step % cfg.eval_every == 0 and not last and not result.interrupted:
                 progress.held_out(step, held_out(), clock)
             if result.interrupted or (cfg.save_every and step % cfg.save_every == 0 and not last):
-                result.checkpoint = checkpointer.save(step, clock, seen)
+                result.checkpoint = checkpointer.save(step, clock, seen, schedule.horizon)
         result.tokens, result.seconds = progress.close()
         result.steps, result.train_seconds, result.total_tokens = step, clock, seen
         if result.interrupted:
             return result
-        result.checkpoint = checkpointer.save(step, clock, seen)
+        result.checkpoint = checkpointer.save(step, clock, seen, schedule.horizon)
         try:  # the last evaluation cannot stop half-way and resume: a signal abandons it at once
             stop.raise_now = True
             result.eval_loss = held_out()
@@ -336,12 +343,16 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
     return result
 
 
-def _resume(checkpointer: Checkpointer, cfg: TrainConfig, env: DistEnv) -> tuple[int, float, int]:
-    """With --resume: load the newest intact checkpoint and trim metrics.jsonl to it; (its step, clock, tokens)."""
+def _resume(checkpointer: Checkpointer, cfg: TrainConfig, env: DistEnv, schedule: RunSchedule
+            ) -> tuple[int, float, int]:
+    """With --resume: load the newest intact checkpoint and trim metrics.jsonl to it; (its step, clock, tokens).
+    A time-budgeted run takes back the horizon it fixed, unless the schedule's settings changed."""
     if not cfg.resume:
         return 0, 0.0, 0
     state, path = checkpointer.resume()
     start_step, clock, tokens = (state.step, state.train_seconds, state.tokens) if state else (0, 0.0, 0)
+    if state is not None and all(state.train_config.get(k) == getattr(cfg, k) for k in SCHEDULE_SETTINGS):
+        schedule.restore(state.horizon_steps)
     if env.is_main:
         print(f"resumed from {path} at step {start_step}" if path else
               f"--resume: no intact checkpoint in {Path(cfg.out_dir) / CHECKPOINT_DIR}, starting from scratch")
