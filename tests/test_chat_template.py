@@ -214,3 +214,93 @@ def test_a_follow_up_prompt_renders_under_a_template_whose_history_changes(tmp_p
     ids, learn = ours.render_conversation(follow_up, add_generation_prompt=True)
     assert ids == hf.apply_chat_template(follow_up, tokenize=True, add_generation_prompt=True, return_dict=False)
     assert set(learn) == {0}
+
+
+# --- issue 44, item 1: a template from a model directory is untrusted input --------------------------------
+
+HOSTILE = ("{% for message in messages %}"
+           "{% if 'forever' in message['content'] %}{% for i in range(99999) %}{% for j in range(99999) %}"
+           "{% if i < 0 %}{{ j }}{% endif %}{% endfor %}{% endfor %}{% endif %}"
+           "{% if 'huge' in message['content'] %}{{ message['content'] * 10000000000 }}{% endif %}"
+           "{% if 'flood' in message['content'] %}{% for i in range(99999) %}{{ message['content'] * 999 }}"
+           "{% endfor %}{% endif %}"
+           "{% if message['content'] == 'refuse me' %}{{ raise_exception('this model writes no refusals') }}{% endif %}"
+           "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def hostile_tokenizer_dir(directory, template: str = HOSTILE):
+    """The shipped tokenizer with `template` as its own chat_template.jinja."""
+    import shutil
+
+    from minillm.data.tokenizer import DEFAULT_ASSETS
+
+    shutil.copytree(DEFAULT_ASSETS, directory, dirs_exist_ok=True)
+    (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return directory
+
+
+@pytest.mark.parametrize("content, kind, needle", [
+    ("loop forever", "TemplateLimit", "took longer than"),
+    ("huge", "TemplateLimit", "more memory than"),
+    ("flood", "TemplateLimit", "more than 16,777,216 characters"),
+    ("refuse me", "TemplateRefused", "this model writes no refusals"),
+])
+def test_a_hostile_template_fails_its_render_within_bounds_and_the_next_render_works(tmp_path, monkeypatch,
+                                                                                     content, kind, needle):
+    """Issue 44, item 1: nested range loops froze the process (rendering had no bound); a template that used
+    gigabytes took the machine's memory. Mutation caught: rendering in the caller's process without the worker."""
+    import time
+
+    from minillm.data import chat_template
+
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 1.5)
+    tok = load_tokenizer(hostile_tokenizer_dir(tmp_path / "tok"))
+    tok.check_template()  # a template that renders ordinary conversations loads
+    begun = time.monotonic()
+    with pytest.raises(chat_template.TemplateError, match=needle) as raised:
+        tok.render_conversation([{"role": "user", "content": content}], add_generation_prompt=True)
+    assert type(raised.value).__name__ == kind and str(tmp_path / "tok" / "chat_template.jinja") in str(raised.value)
+    assert time.monotonic() - begun < 1.5 + 2.5  # the bound, plus the parent's grace before it kills
+    ids, _ = tok.render_conversation([{"role": "user", "content": "你好"}], add_generation_prompt=True)
+    assert tok.decode(ids) == "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
+def test_a_template_syntax_error_is_one_line_naming_the_file_and_the_line(tmp_path, where):
+    """Issue 44, item 1: a Jinja syntax error printed a traceback (jinja2's TemplateSyntaxError is no ValueError)."""
+    from minillm.data.chat_template import TemplateError
+
+    broken = "{% for m in messages %}\n{{ m['content'] }}\n{% if m['role'] %}\n{{ m['role'] }\n{% endfor %}"
+    directory = hostile_tokenizer_dir(tmp_path / "tok", broken)
+    if where == "tokenizer_config.json":
+        config = json.loads((directory / "tokenizer_config.json").read_text())
+        config["chat_template"] = (directory / "chat_template.jinja").read_text()
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
+        (directory / "chat_template.jinja").unlink()
+    with pytest.raises(TemplateError) as raised:
+        load_tokenizer(directory).check_template()
+    message = str(raised.value)
+    assert message.startswith(f"{directory / where}: ") and "line 4" in message and "\n" not in message
+
+
+def test_a_template_that_hangs_while_compiling_or_probing_fails_the_script_in_one_line(tmp_path, tiny_sft_dir):
+    """Issue 44, item 1: the same template hung generate.py at load. Run as a process, with a short bound."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sft_dir, model)
+    hostile_tokenizer_dir(model, HOSTILE.replace("'forever' in message['content']", "true"))
+    begun = time.monotonic()
+    done = subprocess.run([sys.executable, str(REPO / "generate.py"), "--model", str(model), "--prompt", "hi"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MINILLM_TEMPLATE_SECONDS": "2"})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and str(model / "chat_template.jinja") in done.stderr
+    assert "took longer than 2 s" in done.stderr and time.monotonic() - begun < 60

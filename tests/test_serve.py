@@ -802,3 +802,48 @@ def test_serve_py_refuses_a_host_that_only_starts_like_loopback(tiny_sft_dir):
             r = httpx.get(url + "/health", headers={"Host": host}, timeout=10)
             assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", host
         assert httpx.get(url + "/health", headers={"Host": f"[::1]:{port}"}, timeout=10).status_code == 200
+
+
+def test_a_hostile_chat_template_fails_its_own_request_and_no_one_else_s(tiny_sft_dir, tmp_path):
+    """Issue 44, item 1: a template with nested loops froze serve.py (rendering ran on the event loop: /health
+    stopped answering and SIGTERM was ignored), and raise_exception gave a 500. Mutations caught: rendering on the
+    event loop (health and the other client wait), the worker's bound removed, TemplateError mapped to 500."""
+    import shutil
+
+    from test_chat_template import HOSTILE, hostile_tokenizer_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sft_dir, model)
+    hostile_tokenizer_dir(model, HOSTILE)
+    with serve_process(model, env={"MINILLM_TEMPLATE_SECONDS": "3"}) as (proc, port):
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+        def ask(content):
+            return httpx.post(url, json={"messages": [{"role": "user", "content": content}], "max_tokens": 2},
+                              timeout=60)
+
+        hostile = {}
+        worker = threading.Thread(target=lambda: hostile.update(r=ask("loop forever"), at=time.monotonic()))
+        begun = time.monotonic()
+        worker.start()
+        time.sleep(0.5)  # the hostile render is running
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        ok = ask("你好")
+        assert ok.status_code == 200 and time.monotonic() - begun < 3  # served while the hostile one renders
+        worker.join(timeout=30)
+        r = hostile["r"]
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        assert "took longer than 3 s" in r.json()["error"]["message"] and hostile["at"] - begun < 3 + 4
+        refused = ask("refuse me")
+        assert refused.status_code == 400 and "this model writes no refusals" in refused.json()["error"]["message"]
+        huge = ask("huge")
+        assert huge.status_code == 400 and "memory" in huge.json()["error"]["message"]
+        assert ask("你好").status_code == 200
+        # SIGTERM while a hostile render is in flight: the server still stops within a few seconds.
+        late = threading.Thread(target=lambda: hostile.update(late=ask("forever again")), daemon=True)
+        late.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        proc.wait(timeout=15)
+        assert time.monotonic() - stopped < 6

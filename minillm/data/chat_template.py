@@ -111,9 +111,12 @@ class ChatTemplate:
         self.__init__(state["source"], state["special"], state["origin"])
 
     def __del__(self) -> None:
-        if getattr(self, "_pid", None) == os.getpid():
-            for worker in getattr(self, "_idle", []):
-                worker.kill()
+        try:
+            if self._pid == os.getpid():
+                for worker in self._idle:
+                    worker.kill()
+        except Exception:  # at interpreter exit modules may be gone; the workers see their pipe close and exit
+            pass
 
     def _take(self) -> _Worker:
         if self._pid != os.getpid():  # forked: the parent's pipes are not ours to use
@@ -133,7 +136,8 @@ class ChatTemplate:
                                 f"of the template: {worker.ready['message']}")
         if "error" in worker.ready:
             worker.kill()
-            raise TemplateError(f"{self.origin}: the chat template cannot be loaded: {worker.ready['message']}")
+            kind = TemplateLimit if worker.ready["error"] in ("time", "memory") else TemplateError
+            raise kind(f"{self.origin}: the chat template cannot be loaded: {worker.ready['message']}")
         return worker
 
     def _call(self, op: str, *args: object) -> object:

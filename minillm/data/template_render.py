@@ -39,6 +39,10 @@ class TooLong(Exception):
     """The rendered text passed the worker's character cap."""
 
 
+class Deadline(BaseException):
+    """The interval timer fired: a BaseException, so that no `except Exception` inside Jinja swallows it."""
+
+
 def environment():
     """transformers' Jinja environment: sandboxed, trim_blocks and lstrip_blocks, its filters and globals."""
     import jinja2
@@ -75,7 +79,7 @@ class Renderer:
                 if size > self.max_chars:
                     raise TooLong(f"the chat template rendered more than {self.max_chars:,} characters")
                 out.append(chunk)
-        except (TooLong, MemoryError, TimeoutError):
+        except (TooLong, MemoryError):
             raise
         except Exception as e:  # the template's own raise_exception, or an error in it
             raise Refused(f"the chat template refused the conversation: {e}") from None
@@ -160,7 +164,7 @@ def serve(stdin, stdout) -> None:
     seconds, memory = setup["seconds"], setup["memory_bytes"]
 
     def expire(signum, frame):
-        raise TimeoutError
+        raise Deadline
 
     signal.signal(signal.SIGALRM, expire)
     parent = setup["parent"]
@@ -177,13 +181,25 @@ def serve(stdin, stdout) -> None:
     threading.Thread(target=orphaned, daemon=True).start()
     try:
         from jinja2 import TemplateSyntaxError
+    except ImportError as e:
+        _write(stdout, {"error": "import", "message": str(e)})
+        return
+    # Compiling is bounded too: Jinja folds constant expressions ("x" * 10 ** 10) while it compiles.
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
         renderer = Renderer(setup["source"], setup["special"], setup["max_chars"])
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
         reply: dict = {"ok": True}
     except TemplateSyntaxError as e:
         reply = {"error": "syntax", "message": e.message, "line": e.lineno}
-    except ImportError as e:
-        reply = {"error": "import", "message": str(e)}
+    except Deadline:
+        reply = {"error": "time", "message": f"the chat template took longer than {seconds:g} s to compile"}
+    except MemoryError:
+        reply = {"error": "memory", "message": f"compiling the chat template needed more than {memory >> 20} MiB"}
+    except Exception as e:  # anything else Jinja raised while compiling
+        reply = {"error": "compile", "message": f"{type(e).__name__}: {e}"}
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
     _write(stdout, reply)
     if "error" in reply:
         return
@@ -195,7 +211,7 @@ def serve(stdin, stdout) -> None:
                 reply = {"ok": _answer(renderer, request)}
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-        except TimeoutError:
+        except Deadline:
             reply = {"error": "time", "message": f"the chat template took longer than {seconds:g} s to render"}
         except (MemoryError, TooLong) as e:
             reply = {"error": "memory", "message": str(e) or "the chat template needed more memory than the "
