@@ -15,7 +15,7 @@ import torch
 
 from minillm.cli import BAD_INPUT, CliError, add_model_flags, load_trained, report
 from minillm.data.tokenizer import declares_chat_template
-from minillm.export.gguf import DTYPES, export_gguf, write_modelfile
+from minillm.export.gguf import DTYPES, export_gguf, modelfile_value, write_modelfile
 from minillm.files import remove_stale_temporaries
 
 PROG = "export_gguf.py"
@@ -51,6 +51,9 @@ def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     if modelfile == out:
         raise CliError(f"--out {out} is where the Modelfile goes (the .gguf's name with the suffix .Modelfile); "
                        f"give the .gguf's name, such as {out.with_suffix('.gguf')}")
+    if modelfile_value(f"./{out.name}") is None:  # checked before any work: the Modelfile names the file
+        raise CliError(f"--out {str(out)!r}: the file name holds a line break, a control character or three quotes "
+                       "in a row, which an ollama Modelfile cannot name; choose another name")
     for path in (out, modelfile):
         if path.exists() and not args.force:
             raise CliError(f"{path} already exists; pass --force to overwrite it")
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> str:
     # minillm records whether SFT ran; an outside checkpoint (None) is a chat model when its tokenizer has a template.
     chat = (model.config.chat_trained if model.config.chat_trained is not None
             else declares_chat_template(tokenizer_dir))
-    write_modelfile(modelfile, out, chat, tokenizer)
+    write_modelfile(modelfile, out, chat, tokenizer, warn=lambda line: print(line, file=sys.stderr))
     return (f"wrote {out} ({summary['bytes'] / 2**20:.1f} MiB, {summary['tensors']} tensors, {args.dtype}, "
             f"architecture {summary['architecture']}, pre-tokenizer {summary['pre_tokenizer']}) and {modelfile} "
             f"({'raw-prompt' if not chat else 'ChatML' if tokenizer.template is None else 'the GGUF'} template)\n"

@@ -11,24 +11,40 @@ from test_trainer import config, tiny_model
 
 from minillm.data.datasets import PretrainDataset
 from minillm.device import dtype_reason, native_bf16, resolve_dtype
+from minillm.model.model import MiniLLM
 from minillm.train.optim import Muon, MuonWithAdamW, build_optimizer, hidden_matrices, orthogonalise
-from minillm.train.schedule import timed_lr
+from minillm.train.schedule import TIMED_STEPS, RunSchedule, cosine_lr
 from minillm.train.trainer import train
 
 
-def test_timed_schedule():
-    lr, budget = 1e-3, 100.0
-    assert timed_lr(0, 0.0, budget, lr) == lr
-    assert timed_lr(50, 50.0, budget, lr) == pytest.approx((lr + lr / 10) / 2)
-    assert timed_lr(99, 100.0, budget, lr) == pytest.approx(lr / 10)
-    assert timed_lr(99, 250.0, budget, lr) == pytest.approx(lr / 10)  # past the budget: the floor
-    assert timed_lr(0, 0.0, budget, lr, warmup_steps=4) == 0.0
-    assert timed_lr(2, 10.0, budget, lr, warmup_steps=4) == pytest.approx(timed_lr(2, 10.0, budget, lr) / 2)
-    values = [timed_lr(100, s, budget, lr) for s in range(0, 101, 5)]
-    assert values == sorted(values, reverse=True)
+def test_a_time_budget_fixes_its_horizon_in_steps_once():
+    """Issue 44, item 4: the rate followed the wall clock, so a resumed run could not follow the uninterrupted one.
+    Now the first steps are timed (the first, which pays for warm-up work, excluded), the horizon is fixed once,
+    and the rate is a function of the step alone. Mutation caught: a rate computed from `seconds`."""
+    schedule = RunSchedule(0, budget_seconds=100.0, warmup_steps=2)
+    clock = [0.0, 10.0] + [10.0 + 2.0 * k for k in range(1, 40)]  # seconds after each step: 10 s, then 2 s a step
+    factors = [schedule.lr_factor(0)]
+    for step in range(1, 40):
+        schedule.observe(step, clock[step])
+        factors.append(schedule.lr_factor(step))
+        if schedule.horizon:
+            break
+    assert step == 1 + TIMED_STEPS and schedule.horizon == step + int((100.0 - clock[step]) / 2.0)
+    assert factors[:step] == [0.0, 0.5] + [1.0] * (step - 2)  # warmup, then the peak while timing
+    assert factors[step] == cosine_lr(step, schedule.horizon, 1.0, 2)
+    assert not schedule.done(schedule.horizon - 1, 50.0) and schedule.done(schedule.horizon, 50.0)
+    assert schedule.done(3, 100.0)  # the budget still ends a run that runs slower than timed
+    again = RunSchedule(0, budget_seconds=100.0, warmup_steps=2)
+    again.restore(schedule.horizon)  # a resume: no timing, the same rates
+    assert [again.lr_factor(s) for s in range(step, 40)] == [schedule.lr_factor(s) for s in range(step, 40)]
+    steps = RunSchedule(30, budget_seconds=100.0, warmup_steps=2)  # --max_steps and --max_minutes
+    steps.observe(1, 10.0)
+    steps.observe(9, 99.0)
+    assert steps.horizon == 30 and [steps.lr_factor(s) for s in range(30)] == [cosine_lr(s, 30, 1.0, 2)
+                                                                               for s in range(30)]
 
 
-def test_max_minutes_ends_at_the_budget_and_its_schedule_follows_the_clock(tmp_path, tokenizer):
+def test_max_minutes_ends_at_the_budget_and_its_rate_follows_the_steps(tmp_path, tokenizer):
     lines = (REPO / "dataset" / "eval.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:12]
     (tmp_path / "12.jsonl").write_text("".join(lines), encoding="utf-8")
     dataset = PretrainDataset(tmp_path / "12.jsonl", tokenizer, max_length=32)  # one step per epoch
@@ -38,12 +54,46 @@ def test_max_minutes_ends_at_the_budget_and_its_schedule_follows_the_clock(tmp_p
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert result.steps == len(steps) >= 2 and steps[-1]["epoch"] >= 1  # epochs do not bound a timed run
-    assert steps[-1]["seconds"] == result.train_seconds >= budget
-    assert steps[-2]["seconds"] < budget  # it stopped at the first step past the budget
-    for before, row in zip([{"seconds": 0.0}, *steps], steps):  # lr of step s from the clock after step s - 1
-        want = cfg.learning_rate * timed_lr(row["step"] - 1, before["seconds"], budget, 1.0, 2)
-        assert row["lr"] == pytest.approx(want, rel=1e-12, abs=1e-15)
-    assert steps[-1]["lr"] < cfg.learning_rate / 5
+    state = torch.load(tmp_path / "run" / "checkpoints" / f"step_{result.steps:08d}" / "state.pt",
+                       weights_only=True)
+    horizon = state["horizon_steps"]
+    assert horizon > 1 + TIMED_STEPS
+    assert result.steps == horizon or steps[-1]["seconds"] >= budget  # the horizon or the budget ended it
+    for row in steps:
+        s = row["step"] - 1
+        want = cosine_lr(s, horizon, 1.0, 2) if s > TIMED_STEPS else (s / 2 if s < 2 else 1.0)
+        assert row["lr"] == pytest.approx(cfg.learning_rate * want, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("max_steps", [0, 14])
+def test_a_time_budgeted_run_resumes_exactly(tmp_path, tokenizer, monkeypatch, max_steps):
+    """Issue 44, item 4: with a --max_minutes budget (GRPO's default) a killed and resumed run differed from an
+    uninterrupted one. The horizon a timed run fixes is forced here (a wall clock cannot be repeated); the resumed
+    run must take it from the checkpoint, not time itself again. Mutation caught: horizon_steps not restored."""
+    real = RunSchedule.observe
+    horizons = iter([14, 14, 30])  # the uninterrupted run, the cut run, then (if it timed itself) the resumed one
+
+    def observe(self, step, seconds):
+        if not self.horizon and self.budget_seconds and step >= 1 + TIMED_STEPS:
+            self.horizon = next(horizons)
+        elif not self.budget_seconds:
+            real(self, step, seconds)
+
+    monkeypatch.setattr(RunSchedule, "observe", observe)
+    dataset = PretrainDataset(REPO / "dataset" / "eval.jsonl", tokenizer, max_length=32)
+    cfg = dict(max_steps=max_steps, batch_size=8, max_minutes=20.0, warmup_steps=2, dtype="float32")
+    straight = train(tiny_model(tokenizer), dataset, config(tmp_path / "a", **cfg))
+    assert straight.steps == 14
+    cut = train(tiny_model(tokenizer), dataset, config(tmp_path / "b", **cfg), should_stop=lambda step: step == 9)
+    assert cut.interrupted
+    resumed = train(tiny_model(tokenizer), dataset, config(tmp_path / "b", resume=True, **cfg))
+    assert cut.losses + resumed.losses == straight.losses
+    a, b = (MiniLLM.from_pretrained(tmp_path / d).state_dict() for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
+    assert [(r["step"], r["lr"], r["tokens"]) for r in rows[0] if "loss" in r] == \
+        [(r["step"], r["lr"], r["tokens"]) for r in rows[1] if "loss" in r]  # tokens go on after a resume too
 
 
 def test_timed_run_resumes_with_its_clock(tmp_path, tokenizer):

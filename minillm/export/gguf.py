@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,23 +201,54 @@ def _add_metadata(w, config: LMConfig, vocab: Vocab, tokenizer: Tokenizer, name:
     w.add_chat_template(CHAT_TEMPLATE if tokenizer.template is None else tokenizer.template.source)
 
 
-def ollama_modelfile(gguf_file: str, chat: bool, stops: list[str] | None = None) -> str:
+def modelfile_value(value: str) -> str | None:
+    """`value` quoted so that ollama's Modelfile parser reads back exactly `value`, or None when no quoting can.
+
+    ollama's values have no escapes: a value ends at the first space or newline after which the text so far is
+    a whole quoted string ("..." or \"\"\"...\"\"\"), and characters that are not printable (other than
+    the space, tab and newline inside quotes) are dropped. So: "v" when v holds no quote and no line break;
+    \"\"\"v\"\"\" when v holds no three quotes in a row; nothing otherwise, and nothing for control or format
+    characters, which ollama would drop in silence.
+    """
+    if not value or any(not (c.isprintable() or c in " \t\n") for c in value):
+        return None
+    if '"' not in value and "\n" not in value:
+        return f'"{value}"'
+    if '"""' not in value:
+        return f'"""{value}"""'
+    return None
+
+
+def ollama_modelfile(gguf_file: str, chat: bool, stops: list[str] | None = None,
+                     warn: Callable[[str], None] | None = None) -> str:
     """An ollama Modelfile for the GGUF beside it: ChatML and stop at <|im_end|> for chat models, raw otherwise.
 
     `stops` given: an outside chat template. ollama's templates are Go templates, so none is written: ollama
     takes the template from the GGUF's tokenizer.chat_template, and the Modelfile adds the turn's end markers.
+    Every value is quoted (modelfile_value); a stop string no quoting can carry (it comes from the model's
+    vocabulary) is left out with one line to `warn`; a file name that cannot be written is an ExportError.
     """
-    if stops is not None:
-        lines = [f"FROM ./{gguf_file}"] + [f'PARAMETER stop "{s}"' for s in stops]
-        return "\n".join(lines) + "\n"
-    if chat:
+    source = f"./{gguf_file}"
+    # A plain name goes bare, as ollama writes it; anything else quoted.
+    source = source if all(c.isprintable() and c not in ' "' for c in source) else modelfile_value(source)
+    if source is None:
+        raise ExportError(f"the GGUF file name {gguf_file!r} cannot be written into an ollama Modelfile (it holds "
+                          "a line break, a control character or three quotes in a row); choose another --out")
+    template = None
+    if stops is None and chat:
         template = ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
                     '{{ end }}<|im_start|>assistant\n')
         stops = ["<|im_end|>", "<|endoftext|>"]
-    else:  # a pretrained-only model continues the prompt as plain text
+    elif stops is None:  # a pretrained-only model continues the prompt as plain text
         template, stops = "{{ .Prompt }}", ["<|endoftext|>"]
-    lines = [f"FROM ./{gguf_file}", f'TEMPLATE """{template}"""']
-    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    lines = [f"FROM {source}"] + ([f'TEMPLATE """{template}"""'] if template else [])
+    for stop in stops:
+        quoted = modelfile_value(stop)
+        if quoted is None:
+            if warn is not None:
+                warn(f"warning: the stop string {stop!r} cannot be written into the Modelfile; left out")
+            continue
+        lines.append(f"PARAMETER stop {quoted}")
     return "\n".join(lines) + "\n"
 
 
@@ -261,9 +292,10 @@ def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: Path, dtype: 
             "bytes": out.stat().st_size}
 
 
-def write_modelfile(out: Path, gguf_path: Path, chat: bool, tokenizer: Tokenizer | None = None) -> None:
+def write_modelfile(out: Path, gguf_path: Path, chat: bool, tokenizer: Tokenizer | None = None,
+                    warn: Callable[[str], None] | None = None) -> None:
     """Write the ollama Modelfile for `gguf_path` at `out` (a tokenizer with its own template: its end markers)."""
     stops = None
     if chat and tokenizer is not None and tokenizer.template is not None:
         stops = [tokenizer.backend.id_to_token(i) for i in tokenizer.stop_ids]
-    atomic_write(out, ollama_modelfile(gguf_path.name, chat, stops))
+    atomic_write(out, ollama_modelfile(gguf_path.name, chat, stops, warn))

@@ -21,7 +21,7 @@ class TrainConfig:
     max_steps: int = 0
     """If > 0, train for this many optimizer steps instead of whole epochs (the schedule spans them)."""
     max_minutes: float = 0.0
-    """If > 0, train for this many minutes of training time (held-out evaluations and checkpoints not counted), over as many epochs as fit: the schedule follows the elapsed fraction of the budget. --max_steps still caps the steps."""
+    """If > 0, train for this many minutes of training time (held-out evaluations and checkpoints not counted), over as many epochs as fit. The budget decides when to stop, not the rate: the schedule spans --max_steps if given, else the steps the budget holds at the speed of the first timed steps (fixed once, saved with each checkpoint, so a resume is exact)."""
     batch_size: int = 16
     """Sequences per micro-batch on each process."""
     accumulation_steps: int = 1
