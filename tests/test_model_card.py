@@ -162,3 +162,64 @@ def test_outside_checkpoint_keeps_its_own_readme(tiny_sft_dir, tmp_path):
     assert eval_tasks.main(["--model", str(tiny_sft_dir), "--tasks", "cloze", "--limit", "1"]) == 0
     assert readme.read_text() == "their card\n" and not (tiny_sft_dir / EVAL_RESULTS).exists()
     readme.unlink()
+
+
+# --- issue 44, item 3: flag values cannot break the card's markdown ------------------------------------------
+
+def markdown_tokens(text: str):
+    """The card as a CommonMark parser (markdown-it, GFM tables on) reads it: its block and inline tokens."""
+    markdown_it = pytest.importorskip("markdown_it")
+    tokens = markdown_it.MarkdownIt("commonmark").enable("table").parse(text)
+    inline = [child for t in tokens if t.children for child in t.children]
+    return tokens, inline
+
+
+def test_hostile_flag_values_stay_code_in_the_card(corpus, tmp_path, capsys):
+    """Issue 44, item 3: a value with backticks or HTML ended the command's code fence and injected markdown and
+    HTML into the model's README.md. Mutations caught: the fixed ``` fence, unescaped table cells and title."""
+    import shutil
+
+    hostile = "x```\n<script>alert(1)</script>\n# Injected | cell `y`"
+    data = tmp_path / "poems ``` <img src=x onerror=alert(1)> |.jsonl"
+    shutil.copy(corpus, data)
+    out = tmp_path / "run ``` <b>bold</b> # [link](http://evil)"
+    code, _, err = run_train_cli("pretrain", "--data_path", data, "--eval_data", "", "--out_dir", out,
+                                 "--max_length", "32", "--batch_size", "2", "--max_steps", "2", *TINY_ARGS,
+                                 capsys=capsys)
+    assert code == 0, err
+    run = json.loads((out / TRAIN_RESULTS).read_text())
+    run["command"] += " --note " + hostile  # any text the command line may hold
+    (out / TRAIN_RESULTS).write_text(json.dumps(run))
+    from minillm.export.model_card import write_card
+
+    text = write_card(out).read_text()
+    tokens, inline = markdown_tokens(text)
+    html = [t.content for t in tokens + inline if t.type.startswith("html")]
+    assert html == ["<!-- written by minillm: rewritten from train_results.json and eval_results.json -->\n"]
+    headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
+    assert headings == [out.name, "Training", "Evaluation", "Use"]
+    fences = [t for t in tokens if t.type == "fence"]
+    assert fences[0].info == "bash" and fences[0].content == run["command"] + "\n"
+    cells = {t.content for t in inline if t.type == "code_inline"}
+    assert str(data) in cells
+    cells_per_row, count = [], 0
+    for t in tokens:  # every row of the training table keeps its two cells: no pipe split one
+        if t.type in ("td_open", "th_open"):
+            count += 1
+        elif t.type == "tr_close":
+            cells_per_row, count = [*cells_per_row, count], 0
+    assert cells_per_row and set(cells_per_row) == {2}
+    assert card_metadata(out)["tags"]  # the front matter still parses
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--language", "zh", "`x`"], "--language '`x`' is not a language code"),
+    (["--language", "<b>en</b>"], "is not a language code"),
+    (["--language", "english"], "is not a language code"),
+    (["--license", "MIT <script>"], "--license 'MIT <script>' is not a license identifier"),
+])
+def test_card_metadata_flags_take_codes_only(corpus, tmp_path, capsys, flags, needle):
+    code, _, err = run_train_cli("pretrain", "--data_path", corpus, "--out_dir", tmp_path / "o", "--max_steps", "1",
+                                 *TINY_ARGS, *flags, capsys=capsys)
+    assert code == 2 and needle in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()

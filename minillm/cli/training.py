@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import re
 import shlex
 import sys
 import textwrap
@@ -142,6 +143,22 @@ def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
                                 f"{EXIT_INTERRUPTED} interrupted with a checkpoint saved)")
     _add_dataclass_flags(loop, TrainConfig, {f.name for f in fields(TrainConfig)}, d)
     return p
+
+
+_LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")  # ISO 639 with BCP 47 subtags: zh, en, zh-Hant, pt-BR
+_LICENSE = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")  # the Hub's license identifiers: apache-2.0, cc-by-4.0, other
+
+
+def check_card_flags(args) -> None:
+    """--language and --license go into the model card: codes and identifiers only, never markup."""
+    if args.language != "auto":
+        for code in args.language:
+            if not _LANGUAGE.fullmatch(code):
+                raise ValueError(f"--language {code!r} is not a language code (ISO 639, e.g. zh, en, or with a "
+                                 "BCP 47 subtag such as zh-Hant)")
+    if args.license is not None and not _LICENSE.fullmatch(args.license):
+        raise ValueError(f"--license {args.license!r} is not a license identifier (lower case, e.g. apache-2.0, "
+                         "mit, cc-by-4.0, other)")
 
 
 def _load_tokenizer(args) -> Tokenizer:
@@ -339,6 +356,7 @@ def main(kind: str, defaults: dict, argv: list[str] | None = None) -> int:
     try:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
         check_stage_flags(args, kind)
+        check_card_flags(args)
         env = setup_distributed(cfg.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,7 +8,10 @@ evaluation of other weights (the run continued since) are shown as stale rather 
 
 from __future__ import annotations
 
+import html
 import json
+import re
+import shlex
 from pathlib import Path
 
 from minillm.files import atomic_write, read_json, remove, sha256_file, write_json
@@ -27,6 +30,29 @@ def weights_file(model_dir: Path) -> Path:
     """The directory's weights: the adapter's for a LoRA directory, else the model's."""
     adapter = model_dir / "adapter_model.safetensors"
     return adapter if adapter.is_file() else model_dir / "model.safetensors"
+
+
+def code_span(value: object, in_table: bool = False) -> str:
+    """`value` as inline code whatever it holds: a fence of more backticks than any run inside, line breaks as
+    spaces, and (in a table cell) pipes escaped, so flag values can never end the span or inject markup."""
+    text = str(value).replace("\r", " ").replace("\n", " ")
+    if in_table:
+        text = text.replace("|", "\\|")
+    fence = "`" * (max((len(r) for r in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def code_block(text: str, language: str) -> list[str]:
+    """A fenced code block that `text` cannot close: the fence is longer than any run of backticks in it."""
+    fence = "`" * max(3, max((len(r) for r in re.findall("`+", text)), default=0) + 1)
+    return [fence + language, text, fence]
+
+
+def plain_text(value: object) -> str:
+    """`value` as literal markdown text: HTML escaped, markdown punctuation backslash-escaped, one line."""
+    text = html.escape(str(value).replace("\r", " ").replace("\n", " "), quote=False)
+    return re.sub(r"([\\`*_\[\]#|~])", r"\\\1", text)
 
 
 def _yaml_scalar(value: object) -> str:
@@ -62,66 +88,75 @@ def describe_model(config: dict) -> str:
 def _training_section(run: dict, config: dict | None) -> list[str]:
     stage, script = _STAGES[run["stage"]]
     rows = [("stage", f"{stage} (`{script}`{', LoRA adapters' if run.get('lora') else ''})"),
-            ("model", f"{run['parameters'] / 1e6:.2f}M parameters; {describe_model(config)}" if config else None),
-            ("started from", f"`{run['base_model']}`" if run.get("base_model") else "random initialisation"),
-            ("data", f"`{run['data']}`"),
+            ("model", f"{run['parameters'] / 1e6:.2f}M parameters; {plain_text(describe_model(config))}"
+             if config else None),
+            ("started from", code_span(run["base_model"], True) if run.get("base_model") else "random initialisation"),
+            ("data", code_span(run["data"], True)),
             ("steps", f"{run['steps']:,}"),
             ("tokens", f"{run['tokens']:,} input positions"),
             ("training time", f"{run['train_seconds']:,.0f} s"),
-            ("compute dtype", run.get("dtype")),
-            ("machine", f"{run['machine']}; torch {run['torch']}"),
-            ("date", run.get("date"))]
+            ("compute dtype", plain_text(run["dtype"]) if run.get("dtype") else None),
+            ("machine", plain_text(f"{run['machine']}; torch {run['torch']}")),
+            ("date", plain_text(run["date"]) if run.get("date") else None)]
     if run.get("eval_loss") is not None:
-        rows.append(("held-out loss", f"{run['eval_loss']:.4f} nats/token on `{run['eval_data']}`"))
+        rows.append(("held-out loss", f"{run['eval_loss']:.4f} nats/token on {code_span(run['eval_data'], True)}"))
     if run.get("eval_bits_per_byte") is not None:
         rows.append(("held-out bits per byte", f"{run['eval_bits_per_byte']:.4f} (in windows of the training "
                                                "context; `eval_ppl.py` reports its own windows)"))
     lines = ["## Training", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows if v is not None]
-    lines += ["", "```bash", run["command"], "```", ""]
+    lines += ["", *code_block(run["command"], "bash"), ""]
     return lines
 
 
 def _evaluation_section(model_dir: Path, evaluation: dict | None, use: str) -> list[str]:
     lines = ["## Evaluation", ""]
     if evaluation is None:
-        return lines + [f"Not evaluated yet: `python eval_tasks.py {use}` adds its results here.", ""]
+        return lines + [f"Not evaluated yet: {code_span(f'python eval_tasks.py {use}')} adds its results here.", ""]
     if evaluation.get("weights_sha256") != sha256_file(weights_file(model_dir)):
         return lines + ["The last `eval_tasks.py` results are of earlier weights (the run went on since), so "
-                        f"they are not shown; `python eval_tasks.py {use}` measures these.", ""]
+                        f"they are not shown; {code_span(f'python eval_tasks.py {use}')} measures these.", ""]
     how = ("greedy answers" if not evaluation.get("temperature") else
            f"{evaluation['samples']} answers sampled per prompt at temperature {evaluation['temperature']:g}")
-    lines += [f"`python eval_tasks.py {use}` ({evaluation['date']}, {evaluation['dtype']}, {how}; held-out "
-              f"poems of `{evaluation['data']}`):", "", "| task | rate | n |", "|---|---|---|"]
+    lines += [f"{code_span(f'python eval_tasks.py {use}')} ({plain_text(evaluation['date'])}, "
+              f"{plain_text(evaluation['dtype'])}, {how}; held-out poems of {code_span(evaluation['data'])}):", "",
+              "| task | rate | n |", "|---|---|---|"]
     cloze = evaluation.get("cloze")
     if cloze:
         centered = (cloze["accuracy"] - 0.25) / 0.75
         lines.append(f"| poetry cloze (4 choices) | {cloze['accuracy']:.1%} (centered {centered:+.1%}) | {cloze['n']} |")
     for kind, rate in evaluation.get("requests", {}).get("kinds", {}).items():
-        lines.append(f"| {_KINDS.get(kind, kind)} | {rate['rate']:.1%} | {rate['n']} |")
+        lines.append(f"| {_KINDS.get(kind) or plain_text(kind)} | {rate['rate']:.1%} | {rate['n']} |")
     return lines + [""]
 
 
 def _use_section(model_dir: Path, run: dict, chat: bool) -> list[str]:
+    # Paths as literals of their language (json.dumps is a valid Python string literal; shlex.quote a shell word).
+    here = json.dumps(str(model_dir), ensure_ascii=False)
     if run.get("lora"):
         load = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                f"base = AutoModelForCausalLM.from_pretrained(\"{run['base_model']}\")\n"
-                f"model = PeftModel.from_pretrained(base, \"{model_dir}\")\n"
-                f"tokenizer = AutoTokenizer.from_pretrained(\"{model_dir}\")")
-        ours = f"--model {run['base_model']} --adapter {model_dir}"
+                f"base = AutoModelForCausalLM.from_pretrained({json.dumps(str(run['base_model']), ensure_ascii=False)})\n"
+                f"model = PeftModel.from_pretrained(base, {here})\n"
+                f"tokenizer = AutoTokenizer.from_pretrained({here})")
     else:
         load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                f"model = AutoModelForCausalLM.from_pretrained(\"{model_dir}\")\n"
-                f"tokenizer = AutoTokenizer.from_pretrained(\"{model_dir}\")")
-        ours = f"--model {model_dir}"
-    lines = ["## Use", "", "In transformers (and peft for an adapter):", "", "```python", load, "```", "",
-             "With minillm:", "", "```bash",
-             f"python generate.py {ours}    # an interactive chat" if chat else
-             f"python generate.py {ours} --raw --prompt \"TEXT\"    # continues TEXT",
-             f"python serve.py {ours}    # an OpenAI-compatible API and a chat page on 127.0.0.1"]
+                f"model = AutoModelForCausalLM.from_pretrained({here})\n"
+                f"tokenizer = AutoTokenizer.from_pretrained({here})")
+    ours = _model_flags(model_dir, run)
+    commands = [f"python generate.py {ours}    # an interactive chat" if chat else
+                f"python generate.py {ours} --raw --prompt \"TEXT\"    # continues TEXT",
+                f"python serve.py {ours}    # an OpenAI-compatible API and a chat page on 127.0.0.1"]
     if not run.get("lora"):
-        lines += [f"python export_gguf.py --model {model_dir} --out model.gguf    # llama.cpp; also writes an "
-                  "ollama Modelfile", "ollama create mymodel -f Modelfile"]
-    return lines + ["```", ""]
+        commands += [f"python export_gguf.py --model {shlex.quote(str(model_dir))} --out model.gguf    # llama.cpp; "
+                     "also writes an ollama Modelfile", "ollama create mymodel -f Modelfile"]
+    return ["## Use", "", "In transformers (and peft for an adapter):", "", *code_block(load, "python"), "",
+            "With minillm:", "", *code_block("\n".join(commands), "bash"), ""]
+
+
+def _model_flags(model_dir: Path, run: dict) -> str:
+    """--model DIR (and --adapter DIR for LoRA), quoted for the shell."""
+    if run.get("lora"):
+        return f"--model {shlex.quote(str(run['base_model']))} --adapter {shlex.quote(str(model_dir))}"
+    return f"--model {shlex.quote(str(model_dir))}"
 
 
 def render_card(model_dir: str | Path) -> str:
@@ -137,8 +172,8 @@ def render_card(model_dir: str | Path) -> str:
             "license": run.get("license"), "base_model": run.get("base_model"),
             "tags": ["minillm", run["stage"], *(["lora"] if run.get("lora") else []), *([arch_tag] if arch_tag else [])],
             "pipeline_tag": "text-generation"}
-    use = f"--model {run['base_model']} --adapter {model_dir}" if run.get("lora") else f"--model {model_dir}"
-    title = [f"# {model_dir.resolve().name}", "", _MARK, "",
+    use = _model_flags(model_dir, run)
+    title = [f"# {plain_text(model_dir.resolve().name)}", "", _MARK, "",
              f"A {'chat ' if chat else ''}language model trained with minillm ({_STAGES[run['stage']][0]}). "
              "The weights are safetensors in the Hugging Face layout, so transformers, peft and llama.cpp load "
              "them as they are.", ""]
