@@ -387,3 +387,58 @@ def test_two_processes_and_accumulation_match_one_process(tmp_path, tiny_sft_dir
             for key in ("loss", "grad_norm", *DPO_METRICS):
                 tol = 0.1 * 1e-5 * logps if key in ("rewards/chosen", "rewards/rejected", "rewards/margins") else 1e-6
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=tol), (name, key)
+
+
+# --- issue 44: numbers that cannot train, a reference of another vocabulary -----------------------------------
+
+@pytest.mark.parametrize("beta", ["inf", "nan", "0", "-1"])
+def test_a_beta_that_cannot_train_is_refused_as_the_flags_are_parsed(tmp_path, tiny_sft_dir, pairs, capsys, beta):
+    """Issue 44, item 6: --beta inf ran to the end with every loss nan and exited 0."""
+    code, _, err = dpo_cli(tmp_path, "o", tiny_sft_dir, pairs, "--max_steps", "2", "--beta", beta, capsys=capsys)
+    assert code == 2 and f"--beta must be a finite number > 0, got {float(beta)!r}" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_loss_that_goes_non_finite_stops_the_run_with_the_last_good_checkpoint(tmp_path, tiny_sft_dir, pairs,
+                                                                                 capsys, monkeypatch):
+    """Issue 44, item 6: a run whose DPO loss turns nan must stop with exit 1, its last checkpoint kept finite."""
+    from minillm.train import dpo
+
+    real = dpo.dpo_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):  # from the fourth micro-batch on, the loss is nan
+        calls.append(1)
+        loss, *rest = real(*args, **kwargs)
+        return (loss * float("nan") if len(calls) > 3 else loss, *rest)
+
+    monkeypatch.setattr(dpo, "dpo_loss", poisoned)
+    code, _, err = dpo_cli(tmp_path, "o", tiny_sft_dir, pairs, "--max_steps", "8", "--save_every", "2",
+                           "--max_bad_steps", "2", capsys=capsys)
+    assert code == 1 and "2 non-finite losses or gradient norms in a row" in err, err
+    kept = sorted((tmp_path / "o" / "checkpoints").iterdir())
+    # Step 4's nan gradient was not applied (its update is skipped), so its checkpoint holds step 3's weights.
+    assert [p.name for p in kept] == ["step_00000002", "step_00000004"]
+    for path in kept:
+        assert all(torch.isfinite(t).all() for t in MiniLLM.from_pretrained(path).state_dict().values())
+    assert not (tmp_path / "o" / "model.safetensors").exists()  # no final model from a diverged run
+
+
+def test_a_reference_with_another_tokenizer_is_refused_naming_both(tmp_path, tiny_sft_dir, pairs, capsys):
+    """Issue 44, item 7: --ref_model with another tokenizer was accepted and log-probs of other tokens compared."""
+    import shutil
+
+    from conftest import late_specials_backend
+
+    from minillm.data.tokenizer import Tokenizer
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_sft_dir, other)
+    backend = late_specials_backend(["白日依山尽", "黄河入海流"] * 20, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                    vocab_size=300)
+    Tokenizer(backend).save_pretrained(other)  # same vocabulary size class, other tokens
+    code, _, err = dpo_cli(tmp_path, "o", tiny_sft_dir, pairs, "--max_steps", "1", "--ref_model", other,
+                           capsys=capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"--ref_model {other} has another tokenizer" in err and str(tiny_sft_dir) in err
+    assert "6,400 tokens" in err and "tokens," in err.split("than")[0]

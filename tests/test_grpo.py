@@ -245,12 +245,35 @@ def test_cli_runs_and_refuses_bad_flags_in_one_line(tmp_path, tiny_sft_dir, prom
     code, _, err = run_train_cli("grpo", *common, "--init_from", start, "--out_dir", tmp_path / "ctx", capsys=capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "ctx" / "config.json").read_text())["minillm"]["trained_context"] == 96
-    for flags, message in ((["--temperature", "0"], "temperature must be > 0"),
+    # Issue 44, item 6: flag values are checked as the flags are parsed (exit 2, nothing loaded or written).
+    for flags, message in ((["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
+                           (["--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
                            (["--reward", "moon"], "unknown reward 'moon'"),
                            (["--group_size", "1"], "group_size must be >= 2"),
-                           (["--fsdp"], "--fsdp with GRPO is not supported")):
+                           (["--kl_beta", "nan"], "--kl_beta must be a finite number >= 0, got nan"),
+                           (["--kl_beta", "inf"], "--kl_beta must be a finite number >= 0, got inf"),
+                           (["--kl_beta", "-0.1"], "--kl_beta must be a finite number >= 0"),
+                           (["--epsilon", "inf"], "--epsilon must be a finite number > 0 and <= 1"),
+                           (["--reward", "request:nan"], "the weight of request must be a finite number"),
+                           (["--reward", "request:1,ended:-inf"], "the weight of ended must be a finite number"),
+                           (["--reward", "request:1,ended:1,request:2"], "request is named twice"),
+                           (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1")):
+        code, out, err = run_train_cli("grpo", *common, "--out_dir", tmp_path / "bad", *flags, capsys=capsys)
+        assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
+        assert not (tmp_path / "bad").exists()
+    for flags, message in ((["--fsdp"], "--fsdp with GRPO is not supported"),
+                           (["--max_new_tokens", "100000"], "--max_length 128 + --max_new_tokens 100000 exceeds the "
+                                                            "model's context of 256 tokens")):
         code, out, err = run_train_cli("grpo", *common, "--out_dir", tmp_path / "bad", *flags, capsys=capsys)
         assert code == 1 and message in err and "Traceback" not in err, err
+
+
+def test_an_empty_plain_text_prompt_is_refused_naming_its_line(tmp_path, tokenizer):
+    """Issue 44, item 9: a prompt of no tokens reached the sampler."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "春风"}\n{"prompt": ""}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"p\.jsonl:2: field \"prompt\" is empty"):
+        PromptDataset(path, tokenizer, max_length=64)
 
 
 def test_two_processes_roll_out_their_own_prompts(tmp_path, tiny_sft_dir, prompts):

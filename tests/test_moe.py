@@ -227,3 +227,26 @@ def test_moe_serving_batched_answers_equal_each_alone(tmp_path, tokenizer):
     ids = tokenizer.encode(prompts[2])
     out = generate(model, ids, max_new_tokens=22, temperature=0, eos_token_id=[tokenizer.eos_id, tokenizer.im_end_id])
     assert tokenizer.decode(out[0, len(ids):].tolist()).split("<|")[0] == alone[2]
+
+
+@pytest.mark.parametrize("script", ["generate.py", "serve.py", "eval_tasks.py"])
+def test_int8_of_a_moe_model_is_refused_in_one_line_at_load(tmp_path, tokenizer, script):
+    """Issue 44, item 5: --quantize int8 crashed a Mixture-of-Experts model (Int8Linear has no weight, which the
+    router reads): generate failed, serve answered 500 to every request, eval crashed. Refused at load instead."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from minillm.model.linear import quantize_int8
+
+    model = tiny_moe(tokenizer)
+    model.config.chat_trained = True
+    with pytest.raises(ValueError, match="--quantize int8 supports dense models only"):
+        quantize_int8(model)
+    model.save_pretrained(tmp_path / "moe", tokenizer=tokenizer)
+    extra = {"generate.py": ["--prompt", "春风"], "serve.py": ["--port", "0"], "eval_tasks.py": ["--limit", "1"]}
+    done = subprocess.run([sys.executable, str(REPO / script), "--model", str(tmp_path / "moe"), "--quantize", "int8",
+                           *extra[script]], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert "--quantize int8 supports dense models only" in done.stderr

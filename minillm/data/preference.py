@@ -42,6 +42,9 @@ def pair_messages(obj: dict, where: str | Where) -> tuple[list[dict] | str, list
         if not all(isinstance(obj.get(k), str) for k in ("prompt", "chosen", "rejected")):
             raise DataError(f'{where}: a plain-text pair needs "prompt", "chosen" and "rejected" all strings; '
                             f"expected {EXPECTED}")
+        for key in ("prompt", "chosen", "rejected"):
+            if not obj[key]:  # an empty prompt has nothing to condition on, an empty response nothing to score
+                raise DataError(f'{where}: field "{key}" is empty; a plain-text pair needs text in all three')
         return obj["prompt"], obj["chosen"], obj["rejected"]
     chosen, rejected = parse_messages(obj["chosen"], where, "chosen"), parse_messages(obj["rejected"], where, "rejected")
     if "prompt" in obj:

@@ -64,6 +64,8 @@ class PromptDataset(JsonlExamples):
         if "chosen" in obj or "rejected" in obj:
             return pair_messages(obj, where)[0]
         if isinstance(obj.get("prompt"), str):
+            if not obj["prompt"]:  # nothing to continue: sampling from no tokens at all is not a rollout
+                raise DataError(f'{where}: field "prompt" is empty; give the text to continue, or a message list')
             return obj["prompt"]
         if "prompt" not in obj:
             raise DataError(f'{where}: no "prompt" field; expected {{"prompt": [{{"role": "user", "content": "..."}}]}}'
