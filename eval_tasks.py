@@ -94,9 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         if not set(tasks) <= {"cloze", "requests"}:
             raise CliError(f"--tasks takes cloze and/or requests, got {args.tasks!r}")
         check_sampling(args.temperature)
-        if args.max_new_tokens >= model.config.max_position_embeddings:
-            raise CliError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
-                           f"context of {model.config.max_position_embeddings} tokens; use a smaller value")
         if args.samples < 1 or (args.samples > 1 and args.temperature == 0):
             raise CliError(f"--samples {args.samples}: give 1, or more than 1 with a --temperature > 0 (greedy "
                            "answers to one prompt are all the same)")
