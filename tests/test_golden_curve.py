@@ -7,9 +7,10 @@ one rewrites tests/golden/loss_curve.json in the same commit, with its reason:
 
 The run: train_pretrain.py on the first 200 poems of the shipped corpus (a 2-layer model of 64, float32, one
 thread, fixed seed), then train_sft.py from it on the first 64 SFT records. Every step's loss, gradient norm and
-learning rate is compared. The tolerance (TOLERANCE) was measured as the largest relative difference between
-runs that should agree: 1 and 2 threads, and MKL's code paths (MKL_ENABLE_INSTRUCTIONS=AVX2 against the
-machine's own) on the machines this project has seen; see the file's "measured" field.
+learning rate is compared. The tolerance (TOLERANCE) comes from the largest relative difference between runs
+that should agree, measured with --measure: 1 and 2 threads, and other kernels on the same CPU (ATen's scalar
+kernels through ATEN_CPU_CAPABILITY=default, MKL's SSE4.2 path), which stand in for the vector widths of other
+machines; the golden file's "measured" field records each machine's numbers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ COMMON = ["--eval_data", "", "--dtype", "float32", "--log_every", "1", "--save_e
 PRETRAIN = ["--max_length", "32", "--batch_size", "4", "--max_steps", "30", "--warmup_steps", "3",
             "--learning_rate", "3e-3", *TINY]
 SFT = ["--max_length", "96", "--batch_size", "2", "--max_steps", "12", "--warmup_steps", "2", "--learning_rate", "1e-3"]
-TOLERANCE = 2e-4  # relative, on each step's loss and gradient norm (the rates must match to 1e-12)
+TOLERANCE = 5e-4  # relative, on each step's loss and gradient norm: 7x the largest difference measured (7.2e-5)
 
 
 def head(source: Path, n: int, path: Path) -> Path:
@@ -40,6 +41,7 @@ def head(source: Path, n: int, path: Path) -> Path:
 
 def curve(work: Path, threads: int = 1, env: dict | None = None) -> dict[str, list[list[float]]]:
     """Run the two stages in `work`; {"pretrain": [[loss, grad_norm, lr], ...], "sft": [...]}."""
+    work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(env or {})}
     corpus = head(REPO / "dataset" / "pretrain.jsonl", 200, work / "pretrain.jsonl")
     sft = head(REPO / "dataset" / "sft.jsonl", 64, work / "sft.jsonl")
@@ -65,6 +67,18 @@ def largest_difference(a: dict, b: dict) -> float:
     return worst
 
 
+def dump(record: dict) -> str:
+    """The golden file's text: one line per field, and one per step ([loss, grad_norm, lr]), for readable diffs."""
+    lines = []
+    for key, value in record.items():
+        if isinstance(value, list):
+            rows = ",\n".join(f"  {json.dumps(row)}" for row in value)
+            lines.append(f"{json.dumps(key)}: [\n{rows}\n ]")
+        else:
+            lines.append(f"{json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}")
+    return "{\n " + ",\n ".join(lines) + "\n}\n"
+
+
 def test_the_golden_loss_curve(tmp_path):
     """Mutations caught (each moves some step past the tolerance): the data's order or masking, a model change
     (norm, RoPE, attention scale), AdamW's betas or weight decay, the warmup or the cosine floor, clipping."""
@@ -84,9 +98,9 @@ def main(argv: list[str]) -> None:
     import platform
 
     sys.path.insert(0, str(REPO))
-    from minillm.device import describe_machine
-
     import torch
+
+    from minillm.device import describe_machine
 
     with tempfile.TemporaryDirectory() as d:
         base = curve(Path(d) / "a")
@@ -96,11 +110,13 @@ def main(argv: list[str]) -> None:
             old = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
             record["measured"] = old.get("measured", {})
             GOLDEN.parent.mkdir(exist_ok=True)
-            GOLDEN.write_text(json.dumps(record, indent=1) + "\n")
+            GOLDEN.write_text(dump(record))
             print(f"wrote {GOLDEN}")
         elif argv[:1] == ["--measure"]:
             variants = {"2 threads": curve(Path(d) / "b", threads=2),
-                        "MKL_ENABLE_INSTRUCTIONS=AVX2": curve(Path(d) / "c", env={"MKL_ENABLE_INSTRUCTIONS": "AVX2"}),
+                        "ATEN_CPU_CAPABILITY=default": curve(Path(d) / "c", env={"ATEN_CPU_CAPABILITY": "default"}),
+                        "MKL_ENABLE_INSTRUCTIONS=SSE4_2": curve(Path(d) / "e",
+                                                                env={"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}),
                         "committed curve": json.loads(GOLDEN.read_text())}
             for name, other in variants.items():
                 print(f"{name}: largest relative difference {largest_difference(base, other):.2e}")
