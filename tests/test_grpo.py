@@ -287,3 +287,66 @@ def test_two_processes_roll_out_their_own_prompts(tmp_path, tiny_sft_dir, prompt
     r = rows(tmp_path / "two")
     assert [x["step"] for x in r] == [1, 2]  # rank 0 writes each step once
     assert all(0 <= x["frac_reward_zero_std"] <= 1 and x["completions/mean_length"] <= 8 for x in r)
+
+
+# --- issue 51: one whole GRPO step on fixed completions, its loss and gradient computed here -----------------
+
+@pytest.mark.parametrize("loss_type, kl_beta", [("grpo", 0.0), ("grpo", 0.3), ("dr_grpo", 0.3)])
+def test_a_step_on_stub_rollouts_equals_the_loss_and_gradient_computed_independently(
+        tiny_sft_dir, tokenizer, prompts, monkeypatch, loss_type, kl_beta):
+    """Fixed completions (no sampling) and fixed rewards through GRPO.__call__; the test recomputes, one sequence
+    at a time without padding, each completion token's log-prob, the unbiased group std, the k3 KL to a reference
+    and the mean, and compares the loss and every parameter's gradient. Mutations caught: the completion mask
+    shifted by one position, the population std (or none) in the advantages, the stop token left out of the loss,
+    the KL's sign, the grpo/dr_grpo normalisers swapped."""
+    from conftest import randomized
+
+    torch.manual_seed(0)
+    policy = MiniLLM.from_pretrained(tiny_sft_dir, dtype=torch.float32).train()
+    reference = randomized(MiniLLM.from_pretrained(tiny_sft_dir, dtype=torch.float32), scale=0.05).eval()
+    data = PromptDataset(prompts, tokenizer, max_length=64)
+    batch = [torch.stack(t) for t in zip(data[0], data[1])]
+    G, end = 4, tokenizer.im_end_id
+    rng = torch.Generator().manual_seed(3)
+    fixed = [[torch.randint(3, 400, (n,), generator=rng).tolist() + ([end] if n % 2 else []) for n in (3, 6, 1, 5)],
+             [torch.randint(3, 400, (n,), generator=rng).tolist() + ([end] if n % 3 else []) for n in (4, 2, 7, 5)]]
+    calls = iter(fixed)
+    monkeypatch.setattr(GRPO, "rollout", lambda self, prompt: next(calls))
+    scores = {}
+
+    def stub(request: str, answer: str) -> float:  # fixed rewards, by the answer's length
+        return scores.setdefault(answer, [0.0, 1.0, 0.25, 2.0, 0.5, 1.5, 3.0, 0.0][len(scores) % 8])
+
+    objective = GRPO({"stub": (stub, 1.0)}, tokenizer, group_size=G, max_new_tokens=8, loss_type=loss_type,
+                     kl_beta=kl_beta, reference=reference if kl_beta else None)
+    objective.prepare(policy, data, torch.device("cpu"), torch.float32)
+    out = objective(policy, batch)
+    got = torch.autograd.grad(out.loss, list(policy.parameters()))
+
+    prompts_ids = [row[mask > 0].tolist() for row, mask in zip(batch[0], batch[2])]
+    # The reward functions see the answer's text, and <|im_end|> after it when the completion ended its turn.
+    rewards = torch.tensor([[stub("", tokenizer.decode(c[:-1]) + "<|im_end|>" if c[-1:] == [end] else
+                                  tokenizer.decode(c)) for c in group] for group in fixed], dtype=torch.float64)
+    assert len(scores) == 8  # the same eight answers the step scored: no new ones
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = ((rewards - mean) ** 2).sum(dim=1, keepdim=True).div(G - 1).sqrt()
+    advantages = ((rewards - mean) / (std + 1e-4)).flatten()
+    terms = []
+    for i, (prompt, completion) in enumerate((p, c) for p, group in zip(prompts_ids, fixed) for c in group):
+        seq = torch.tensor([prompt + completion])
+        logp = torch.log_softmax(policy(seq[:, :-1]).logits.double(), -1)[0, len(prompt) - 1:]
+        logp = logp.gather(-1, torch.tensor(completion)[:, None])[:, 0]  # every completion token, stop included
+        per_token = -advantages[i] * torch.exp(logp - logp.detach())
+        if kl_beta:
+            with torch.no_grad():
+                ref = torch.log_softmax(reference(seq[:, :-1]).logits.double(), -1)[0, len(prompt) - 1:]
+                ref = ref.gather(-1, torch.tensor(completion)[:, None])[:, 0]
+            per_token = per_token + kl_beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+        terms.append(per_token.sum() / (len(completion) if loss_type == "grpo" else 8))
+    want_loss = torch.stack(terms).mean()
+    want = torch.autograd.grad(want_loss, list(policy.parameters()))
+    assert out.loss.item() == pytest.approx(want_loss.item(), rel=1e-5, abs=1e-7)
+    for (name, _), g, w in zip(policy.named_parameters(), got, want):
+        scale = w.abs().max().item()  # float32 sums in a padded batch against one sequence at a time
+        assert (g.double() - w.double()).abs().max().item() <= 1e-4 * scale + 1e-9, name
+    assert max(w.abs().max().item() for w in want) > 1e-3  # a real gradient, not zero on both sides

@@ -223,3 +223,34 @@ def test_card_metadata_flags_take_codes_only(corpus, tmp_path, capsys, flags, ne
                                  *TINY_ARGS, *flags, capsys=capsys)
     assert code == 2 and needle in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_every_number_in_the_card_is_the_one_in_its_file(pretrained, eval_docs, tmp_path):
+    """Issue 51: the card could report bits/byte from the wrong field and no test read it back. Each number of
+    the training table is read from the rendered markdown and compared with train_results.json, and bits per
+    byte also with an independent computation from the loss and the held-out text."""
+    import re
+
+    out = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(pretrained, out)
+    from minillm.export.model_card import write_card
+
+    run = json.loads((out / TRAIN_RESULTS).read_text())
+    # Distinct values in every field, so that any field shown in another's place is seen.
+    run.update(steps=1234, tokens=56789, train_seconds=4321.0, eval_loss=run["eval_loss"] + 0.1234)
+    texts = read_documents(eval_docs)
+    tokens = sum(len(d) + 1 for d in load_tokenizer(out).encode_batch(texts))
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    run["eval_bits_per_byte"] = run["eval_loss"] * tokens / (n_bytes * math.log(2))
+    (out / TRAIN_RESULTS).write_text(json.dumps(run))
+    card = write_card(out).read_text()
+    table = dict(re.findall(r"^\| ([^|]+?) \| (.+?) \|$", card, re.M))
+    assert table["steps"] == "1,234" and table["tokens"] == "56,789 input positions"
+    assert table["training time"] == "4,321 s"
+    assert float(table["held-out loss"].split()[0]) == pytest.approx(run["eval_loss"], abs=5e-5)
+    shown_bpb = float(table["held-out bits per byte"].split()[0])
+    assert shown_bpb == pytest.approx(run["eval_bits_per_byte"], abs=5e-5)
+    assert shown_bpb != pytest.approx(float(table["held-out loss"].split()[0]), abs=1e-3)
+    assert table["model"].startswith(f"{run['parameters'] / 1e6:.2f}M parameters")

@@ -101,9 +101,45 @@ def rows(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
+def by_hand(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> tuple[float, float, torch.Tensor]:
+    """(load-balancing loss, z loss, share of routing slots per expert) from the router logits of every sparse
+    layer, computed here as transformers' load_balancing_loss_func and ST-MoE define them, not with minillm's."""
+    logits = torch.cat(router_logits).double()  # pooled over the layers, as transformers concatenates them
+    probs = logits.softmax(dim=-1)
+    chosen = probs.topk(top_k, dim=-1).indices
+    one_hot = torch.nn.functional.one_hot(chosen, num_experts).double()  # [N, k, E]
+    aux = num_experts * (one_hot.mean(dim=0) * probs.mean(dim=0)[None]).sum()
+    z = (torch.logsumexp(logits, dim=-1) ** 2).mean()
+    share = one_hot.sum(dim=(0, 1)) / (logits.shape[0] * top_k)
+    return aux.item(), z.item(), share
+
+
+def test_aux_and_z_losses_equal_their_definitions(tokenizer, corpus):
+    """Issue 51: the aux loss was checked against minillm's own function; here against the definitions. Mutations
+    caught: counts not pooled over layers, probabilities averaged per layer, z loss without the square."""
+    from minillm.model.moe import router_z_loss
+
+    data = PretrainDataset(corpus, tokenizer, max_length=32)
+    x, y, m = (torch.stack(t) for t in zip(*(data[i] for i in range(3))))
+    model = randomized(tiny_moe(tokenizer, router_aux_loss_coef=0.3, router_z_loss_coef=0.01), scale=0.5)
+    with torch.no_grad():
+        out = model(x, labels=y, loss_mask=m)
+        stats = model.router_stats()
+        aux, z, share = by_hand([s.logits_NE for s in stats], 4, 2)
+        assert load_balancing_loss(stats, 4).item() == pytest.approx(aux, rel=1e-6)
+        assert router_z_loss(stats).item() == pytest.approx(z, rel=1e-6)
+        assert torch.allclose(expert_load(stats).double(), share, atol=1e-7)
+        ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).double(), y.flatten(), reduction="none")
+        ce = (ce * m.flatten()).sum() / m.sum()
+        assert out.loss.item() == pytest.approx(ce.item() + 0.3 * aux + 0.01 * z, rel=1e-5)
+    assert share.max() > share.min()  # a router that sends every token alike would not test the shares
+
+
 def test_aux_loss_is_added_once_per_step_whatever_the_accumulation(tmp_path, tokenizer, corpus):
     """Step 1 of --accumulation_steps 2: the logged loss is the token-mean cross-entropy plus coef x the
-    token-weighted mean of each micro-batch's aux loss (computed here by hand), not their sum."""
+    token-weighted mean of each micro-batch's aux loss, not their sum; the aux loss and the expert loads are
+    computed here from the router logits (by_hand), not by minillm's functions. Mutation caught (issue 51):
+    loads normalised by their own sum (they summed to 1 whatever they were)."""
     data = PretrainDataset(corpus, tokenizer, max_length=32)
     coef = 0.5
     run = train(tiny_moe(tokenizer, router_aux_loss_coef=coef), data,
@@ -113,18 +149,17 @@ def test_aux_loss_is_added_once_per_step_whatever_the_accumulation(tmp_path, tok
     from minillm.train.trainer import StepBatches
 
     micro = StepBatches(data, config(tmp_path / "x", batch_size=2, accumulation_steps=2), DistEnv()).get(0)
-    ce, aux, tokens = 0.0, 0.0, 0
+    ce, aux, tokens, loads = 0.0, 0.0, 0, torch.zeros(4, dtype=torch.float64)
     with torch.no_grad():
         for x, y, m in micro:
             out = model(x, labels=y, loss_mask=m)
-            a = load_balancing_loss(model.router_stats(), 4).item()
+            a, _, share = by_hand([s.logits_NE for s in model.router_stats()], 4, 2)
             n = int(m.sum())
-            ce, aux, tokens = ce + (out.loss.item() - coef * a) * n, aux + a * n, tokens + n
+            ce, aux, tokens, loads = ce + (out.loss.item() - coef * a) * n, aux + a * n, tokens + n, loads + share * n
     assert run.losses[0] == pytest.approx(ce / tokens + coef * aux / tokens, rel=1e-5)
     logged = rows(tmp_path / "acc")[0]
     assert logged["moe/aux_loss"] == pytest.approx(aux / tokens, rel=1e-5)
-    loads = [logged[f"moe/load_{e}"] for e in range(4)]
-    assert sum(loads) == pytest.approx(1.0) and all(0 <= x <= 1 for x in loads)
+    assert [logged[f"moe/load_{e}"] for e in range(4)] == pytest.approx((loads / tokens).tolist(), abs=1e-6)
 
 
 def test_moe_activation_checkpointing_same_gradients_and_exact_resume(tmp_path, tokenizer, corpus):
@@ -179,7 +214,8 @@ def test_moe_cli_pretrain_sft_lora_and_expert_load(tmp_path, corpus, capsys):
     assert code == 0, err
     config = json.loads((pre / "config.json").read_text())
     assert config["architectures"] == ["Qwen3MoeForCausalLM"] and config["num_experts"] == 4
-    assert all(abs(sum(r[f"moe/load_{e}"] for e in range(4)) - 1) < 1e-6 for r in rows(pre))
+    assert all(abs(sum(r[f"moe/load_{e}"] for e in range(4)) - 1) < 1e-6 for r in rows(pre))  # (shares)
+    assert any(max(r[f"moe/load_{e}"] for e in range(4)) > 0.25 + 1e-3 for r in rows(pre))  # and not uniform
     common = ["--eval_data", "", "--max_length", "64", "--batch_size", "2", "--max_steps", "2"]
     code, _, err = run_train_cli("sft", "--init_from", pre, "--out_dir", sft, *common, capsys=capsys)
     assert code == 0, err
@@ -192,7 +228,9 @@ def test_moe_cli_pretrain_sft_lora_and_expert_load(tmp_path, corpus, capsys):
     ids = torch.randint(0, merged.config.vocab_size, (1, 12))
     with torch.no_grad():
         assert (merged.eval()(ids).logits - hf(ids).logits).abs().max().item() <= 1e-5
-    assert expert_load(merged.router_stats()).sum().item() == pytest.approx(1.0)
+    stats = merged.router_stats()
+    _, _, share = by_hand([s.logits_NE for s in stats], 4, 2)
+    assert torch.allclose(expert_load(stats).double(), share, atol=1e-7)
 
 
 def test_moe_serving_batched_answers_equal_each_alone(tmp_path, tokenizer):
