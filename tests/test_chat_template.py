@@ -284,8 +284,11 @@ def test_a_template_syntax_error_is_one_line_naming_the_file_and_the_line(tmp_pa
     assert message.startswith(f"{directory / where}: ") and "line 4" in message and "\n" not in message
 
 
-def test_a_template_that_hangs_while_compiling_or_probing_fails_the_script_in_one_line(tmp_path, tiny_sft_dir):
-    """Issue 44, item 1: the same template hung generate.py at load. Run as a process, with a short bound."""
+@pytest.mark.parametrize("script", ["generate.py", "train_sft.py"])
+def test_a_template_that_hangs_while_compiling_or_probing_fails_the_script_in_one_line(tmp_path, tiny_sft_dir,
+                                                                                      script):
+    """Issue 44, item 1: the same template hung generate.py and train_sft.py at load. Run as a process, with a
+    short bound."""
     import os
     import shutil
     import subprocess
@@ -298,8 +301,9 @@ def test_a_template_that_hangs_while_compiling_or_probing_fails_the_script_in_on
     shutil.copytree(tiny_sft_dir, model)
     hostile_tokenizer_dir(model, HOSTILE.replace("'forever' in message['content']", "true"))
     begun = time.monotonic()
-    done = subprocess.run([sys.executable, str(REPO / "generate.py"), "--model", str(model), "--prompt", "hi"],
-                          capture_output=True, text=True, timeout=120,
+    flags = (["--model", str(model), "--prompt", "hi"] if script == "generate.py" else
+             ["--init_from", str(model), "--out_dir", str(tmp_path / "out"), "--max_steps", "1"])
+    done = subprocess.run([sys.executable, str(REPO / script), *flags], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "MINILLM_TEMPLATE_SECONDS": "2"})
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1 and str(model / "chat_template.jinja") in done.stderr

@@ -179,7 +179,7 @@ def test_hostile_flag_values_stay_code_in_the_card(corpus, tmp_path, capsys):
     HTML into the model's README.md. Mutations caught: the fixed ``` fence, unescaped table cells and title."""
     import shutil
 
-    hostile = "x```\n<script>alert(1)</script>\n# Injected | cell `y`"
+    hostile = "x```\n```\n<script>alert(1)</script>\n# Injected | cell `y`"  # a line of ``` closes a ``` fence
     data = tmp_path / "poems ``` <img src=x onerror=alert(1)> |.jsonl"
     shutil.copy(corpus, data)
     out = tmp_path / "run ``` <b>bold</b> # [link](http://evil)"
