@@ -109,6 +109,22 @@ def test_the_three_formats_render_alike(tmp_path, tokenizer):
     assert tokenizer.decode(x[0][:prompt_len].tolist()) == tokenizer.decode(x[1][:prompt_len].tolist()) == "天下"
 
 
+def test_a_multi_turn_prompt_learns_only_the_compared_reply(tmp_path, tokenizer):
+    """Issue 51: the prompt's own assistant turns were never checked to stay out of the DPO mask (single-turn
+    pairs only). Mutation caught: the whole conversation's SFT mask used for the pair."""
+    prompt = [{"role": "user", "content": "写一首关于月亮的诗"}, {"role": "assistant", "content": "明月照高楼"},
+              {"role": "user", "content": "再写一首春天的"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": "春风又绿江南岸"}],
+                                "rejected": [{"role": "assistant", "content": "秋"}]}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    x, y, m = PreferenceDataset(path, tokenizer, max_length=96)[0]
+    for row, reply in ((0, "春风又绿江南岸"), (1, "秋")):
+        assert tokenizer.decode(y[row][m[row] > 0].tolist()) == reply + "<|im_end|>"
+        start = len(tokenizer.render_conversation(prompt, add_generation_prompt=True)[0])  # the reply's first id
+        assert int(m[row].nonzero()[0]) == start - 1  # labels are shifted by one
+
+
 @pytest.mark.parametrize("line,message", [
     ({"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "assistant", "content": "b"}]},
      '"chosen" and "rejected" must both be given'),

@@ -112,6 +112,18 @@ def test_rewards_read_what_eval_tasks_checks():
     # What a GRPO run learned to write for the words request with the first poem check: repetition is no poem.
     assert poem_reward(words, "忆\n忆忆忆忆忆忆忆，忆忆忆忆忆忆忆。\n忆忆忆忆忆忆，忆忆忆忆忆。") == 0.0
     assert poem_reward(words, "春城路\n芳草路。\n芳草路。\n芳草路。") == 0.0
+    # A repeated line with enough distinct characters to pass the character check: the repeat alone refuses it.
+    once = "登楼\n白日依山尽，黄河入海流。\n欲穷千里目，更上一层楼。"
+    assert poem_reward(words, once) == 1.0
+    assert poem_reward(words, "登楼\n白日依山尽，黄河入海流。\n白日依山尽，黄河入海流。") == 0.0
+
+
+def test_the_step_reward_is_the_weighted_sum_of_its_parts(tokenizer):
+    """Issue 51: --reward weights were never checked to reach the total. Mutation caught: weights ignored."""
+    objective = GRPO({"a": (lambda q, a: 1.0, 2.0), "b": (lambda q, a: 0.5, -0.25), "c": (lambda q, a: 0.0, 7.0)},
+                     tokenizer, group_size=2)
+    total, values = objective.score("q", tokenizer.encode("答") + [tokenizer.im_end_id])
+    assert values == [1.0, 0.5, 0.0] and total == 2.0 * 1.0 - 0.25 * 0.5
 
 
 def test_composite_cannot_be_gamed_by_one_check(tmp_path):

@@ -204,6 +204,23 @@ def test_rmsnorm_matches_formula():
     assert torch.allclose(norm(x.bfloat16()).float(), expected, atol=0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rmsnorm_in_half_precision_equals_transformers_bit_for_bit(dtype):
+    """Issue 51: the half-precision path (its own code: float32 statistics, cast back, then scale) was checked
+    to 0.05 only. Against transformers' LlamaRMSNorm, bit for bit, with an eps large enough to matter.
+    Mutation caught: eps added outside the square root."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(1)
+    ours, theirs = RMSNorm(16, eps=1e-2).to(dtype), LlamaRMSNorm(16, eps=1e-2).to(dtype)
+    with torch.no_grad():
+        weight = torch.randn(16).to(dtype)
+        ours.weight.copy_(weight)
+        theirs.weight.copy_(weight)
+    x = (torch.randn(4, 7, 16) * 0.2).to(dtype)  # small values: eps is a real part of the mean square
+    assert torch.equal(ours(x), theirs(x))
+
+
 def test_rope_matches_complex_rotation():
     config = LMConfig(vocab_size=10, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
                       max_position_embeddings=40, rope_theta=1e4)

@@ -40,6 +40,11 @@ def test_checks_on_hand_written_answers():
     assert verse_form(answer_body(ANSWER)) == "五言绝句"
     assert check_form("五言绝句")(ANSWER) and not check_form("七言绝句")(ANSWER)
     assert not check_form("五言律诗")(ANSWER)  # 4 clauses, not 8
+    # Issue 51: only 4 and 8 clauses make a form; 6 (or 2, 12) is neither. Mutation caught: 6 counted as 律诗.
+    six = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。", "白日依山尽，黄河入海流。"]
+    assert [verse_form(six[:k]) for k in (1, 2, 3)] == ["", "五言绝句", ""]
+    assert verse_form(six * 2 + six[:1]) == "" and verse_form((six + six[:1])[:4]) == "五言律诗"
+    assert verse_form(["床前明月光，疑是地上霜啊。", "举头望明月，低头思故乡。"]) == ""  # one clause of 6
     assert check_line_length("五言")(ANSWER) and not check_line_length("七言")(ANSWER)
     assert not check_line_length("五言")("题\n床前明月光，疑是地上霜啊。")
     assert not check_line_length("五言")("只有标题")
