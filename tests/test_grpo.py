@@ -108,6 +108,8 @@ def test_rewards_read_what_eval_tasks_checks():
     assert request_reward(tune, "浣溪沙\n一曲新词酒一杯") == 1.0
     assert length_reward(form, poem5) == 1.0 and length_reward(form.replace("五", "七"), poem5) == 0.0
     assert ended_reward(words, poem5) == 1.0 and ended_reward(words, poem5.removesuffix("<|im_end|>")) == 0.0
+    # The marker's text written inside an answer that ran out of budget does not end it (issue 51 mutation).
+    assert ended_reward(words, poem5.replace("静夜", "静夜<|im_end|>").removesuffix("<|im_end|>")) == 0.0
     assert poem_reward(words, poem5) == 1.0 and poem_reward(words, "明月故乡") == 0.0
     # What a GRPO run learned to write for the words request with the first poem check: repetition is no poem.
     assert poem_reward(words, "忆\n忆忆忆忆忆忆忆，忆忆忆忆忆忆忆。\n忆忆忆忆忆忆，忆忆忆忆忆。") == 0.0
