@@ -24,12 +24,14 @@ from minillm.cli import (
 )
 from minillm.data.jsonl import iter_records
 from minillm.device import inference_dtype, resolve_device
+from minillm.eval.heldout import document_frequency
 from minillm.eval.perplexity import read_documents
 from minillm.eval.tasks import (
     Rate,
     answer_all,
     cloze_items,
     copies_training_text,
+    degeneration,
     known_tunes,
     parse_poem,
     requests,
@@ -122,25 +124,35 @@ def main(argv: list[str] | None = None) -> int:
         print(rate)
         results["cloze"] = {"correct": rate.passed, "n": rate.n, "accuracy": rate.rate}
     if "requests" in tasks:
-        todo = requests(poems, tunes, args.limit)
-        prompts = list(dict.fromkeys(r.prompt for r in todo))
+        # Twice: in the training distribution (the SFT set's wording and word list) and held out (wordings and
+        # words no training file holds, minillm/eval/heldout.py); a rate without its held-out twin overstates.
+        splits = {"train": requests(poems, tunes, args.limit),
+                  "heldout": requests(poems, tunes, args.limit, document_frequency(read_documents(args.train_data)))}
+        prompts = list(dict.fromkeys(r.prompt for todo in splits.values() for r in todo))
         with tqdm(total=len(prompts), desc="answers", unit="prompt", file=sys.stderr) as bar:
             answers = answer_all(model, tokenizer, prompts, args.max_new_tokens, progress=bar.update,
                                  temperature=args.temperature, samples=args.samples,
                                  generator=torch.Generator(device).manual_seed(args.seed))
-        per_kind = {}
-        for kind in KIND_NAMES:
-            mine = [(r, a) for r in todo if r.kind == kind for a in answers[r.prompt]]
-            rate = Rate(f"{kind}: {KIND_NAMES[kind]}", sum(r.check(a) for r, a in mine), len(mine))
-            copied = Rate(f"{kind}: copies a training poem verbatim",
-                          sum(copies_training_text(a, corpus) for _, a in mine), len(mine))
-            print(rate)
-            print(f"  {copied}")
-            per_kind[kind] = {"passed": rate.passed, "copied": copied.passed, "n": rate.n, "rate": rate.rate}
-            for r, a in mine[:args.show]:
-                print(f"  Q: {r.prompt}\n  A: " + a.replace("\n", " / "))
-        results["requests"] = {"kinds": per_kind, "answers": answers, "temperature": args.temperature,
-                               "samples": args.samples, "seed": args.seed}
+        results["requests"] = {"answers": answers, "temperature": args.temperature, "samples": args.samples,
+                               "seed": args.seed}
+        for split, todo in splits.items():
+            print(f"-- {'the training distribution' if split == 'train' else 'held out: new wordings, open words'}")
+            per_kind = {}
+            for kind in KIND_NAMES:
+                mine = [(r, a) for r in todo if r.kind == kind for a in answers[r.prompt]]
+                rate = Rate(f"{kind}: {KIND_NAMES[kind]}", sum(r.check(a) for r, a in mine), len(mine))
+                copied = Rate(f"{kind}: copies a training poem verbatim",
+                              sum(copies_training_text(a, corpus) for _, a in mine), len(mine))
+                print(rate)
+                print(f"  {copied}")
+                per_kind[kind] = {"passed": rate.passed, "copied": copied.passed, "n": rate.n, "rate": rate.rate}
+                for r, a in mine[:args.show]:
+                    print(f"  Q: {r.prompt}\n  A: " + a.replace("\n", " / "))
+            measured = degeneration([a for r in todo for a in answers[r.prompt]])
+            print(f"repetitive answers (a line twice or a phrase three times): {measured['repeats']:.1%} of "
+                  f"{measured['n']}; distinct-2 {measured['distinct_2']:.3f}")
+            results["requests"]["kinds" if split == "train" else "heldout"] = per_kind
+            results["requests"][f"degeneration_{split}"] = measured
     results["seconds"] = time.perf_counter() - start
     print(f"({results['seconds']:.0f} s)")
     if args.json:

@@ -20,6 +20,7 @@ from pathlib import Path
 from minillm.data.tokenizer import DEFAULT_ASSETS, train_tokenizer
 
 # The image words of "words" prompts, which eval_tasks.py asks for too, and its checks of a reply (DPO pairs).
+from minillm.eval.heldout import check_training_side
 from minillm.eval.tasks import IMAGERY, check_form, check_tune, check_words
 
 PACKAGE = "chinese-poetry"
@@ -476,6 +477,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip_tokenizer", action="store_true",
                         help="do not retrain minillm/assets (the default tokenizer)")
     args = parser.parse_args(argv)
+    try:  # the evaluation's held-out wordings must stay out of every training prompt
+        check_training_side(template for _, template in PROMPT_TEMPLATES)
+    except ValueError as e:
+        raise SystemExit(f"build.py: error: {e}") from None
 
     dist = fetch_source(args.cache, args.tarball)
     cleaned, dropped = make_poems(dist)

@@ -80,7 +80,8 @@ def test_eval_tasks_updates_the_card_until_the_weights_change(pretrained, tmp_pa
     cloze = result["cloze"]
     card = (out / CARD_NAME).read_text()
     centered = (cloze["accuracy"] - 0.25) / 0.75
-    assert f"| poetry cloze (4 choices) | {cloze['accuracy']:.1%} (centered {centered:+.1%}) | {cloze['n']} |" in card
+    assert (f"| poetry cloze (4 choices) | {cloze['accuracy']:.1%} (centered {centered:+.1%}) | (held-out poems) | "
+            f"{cloze['n']} |") in card
     assert (out / EVAL_RESULTS).is_file()
     # Other weights in the directory (a run continued since): the results are not shown as this model's.
     weights = out / "model.safetensors"

@@ -3,6 +3,7 @@ independent computation, and eval_tasks.py end to end on a tiny chat model."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -107,6 +108,22 @@ def test_requests_and_batched_answers(tiny_sft_dir, tokenizer):
     assert {k: kinds.count(k) for k in set(kinds)} == {"tune": 4, "form": 4, "length": 4, "words": 4}
     tune = next(r for r in todo if r.kind == "tune")
     assert tune.prompt.startswith("请以《") and tune.prompt.endswith("》为词牌，填一首词。")
+    # Held out (issue 45): the same poems, other wordings (each request its own), words from the poems' lines.
+    from minillm.eval.heldout import HELDOUT, document_frequency, fixed_text
+
+    frequency = document_frequency(read_documents(REPO / "dataset" / "pretrain.jsonl"))
+    held = requests(poems, tunes, limit=4, frequency=frequency)
+    assert [r.kind for r in held] == kinds
+    for kind in ("tune", "form", "words"):
+        mine = [r.prompt for r in held if r.kind == kind]
+        wordings = [fixed_text(w) for w in HELDOUT[kind][:4]]
+        assert all(all(c in p for c in w) for p, w in zip(mine, wordings)), (mine, wordings)  # in order, cycled
+        assert not set(mine) & {r.prompt for r in todo}
+    for r in (r for r in held if r.kind == "words"):
+        w1, w2 = re.findall(r"[\u4e00-\u9fff]{2}", r.prompt.replace("诗", "").replace("词", ""))[:2] or ("", "")
+        from minillm.eval.tasks import IMAGERY
+
+        assert not {w1, w2} & set(IMAGERY)
     model = MiniLLM.from_pretrained(tiny_sft_dir)
     prompts = [r.prompt for r in todo[:6]]
     answers = answer_all(model, tokenizer, prompts, max_new_tokens=12)
@@ -131,9 +148,15 @@ def test_eval_tasks_cli(tiny_sft_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     r = json.loads(out.read_text(encoding="utf-8"))
     assert r["cloze"]["n"] >= 150 and 0 <= r["cloze"]["correct"] <= r["cloze"]["n"]
-    assert set(r["requests"]["kinds"]) == {"tune", "form", "length", "words"}
-    assert all(k["n"] == 3 for k in r["requests"]["kinds"].values())
-    assert f"{r['cloze']['correct']}/{r['cloze']['n']}" in printed
+    assert set(r["requests"]["kinds"]) == set(r["requests"]["heldout"]) == {"tune", "form", "length", "words"}
+    assert all(k["n"] == 3 for k in [*r["requests"]["kinds"].values(), *r["requests"]["heldout"].values()])
+    assert f"{r['cloze']['correct']}/{r['cloze']['n']}" in printed and "held out: new wordings" in printed
+    for split in ("train", "heldout"):  # the degeneration measure, from the recorded answers
+        from minillm.eval.tasks import degeneration
+
+        measured = r["requests"][f"degeneration_{split}"]
+        assert measured["n"] == 12 and 0 <= measured["repeats"] <= 1 and 0 <= measured["distinct_2"] <= 1
+    assert degeneration(["题\n天涯芳草。\n天涯芳草。", "题\n白日依山尽，黄河入海流。"])["repeats"] == 0.5
     # The rates follow from the recorded answers by the stated checks.
     tune_prompts = [p for p in r["requests"]["answers"] if p.startswith("请以《")]
     passed = sum(check_tune(p[3:p.index("》")])(a) for p in tune_prompts for a in r["requests"]["answers"][p])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from minillm.data.jsonl import iter_records
 from minillm.data.tokenizer import Tokenizer
+from minillm.eval.heldout import distinct_2, heldout_wording, open_words, repeats
 from minillm.eval.perplexity import read_documents
 from minillm.infer.generation import generate
 from minillm.model.model import MiniLLM
@@ -247,27 +249,48 @@ def known_tunes(sft_records: list[dict]) -> set[str]:
     return tunes
 
 
-def requests(poems: list[Poem], tunes: set[str], limit: int) -> list[Request]:
-    """Up to `limit` prompts of each kind, from the held-out poems in file order (deterministic)."""
+def requests(poems: list[Poem], tunes: set[str], limit: int, frequency: Counter | None = None) -> list[Request]:
+    """Up to `limit` prompts of each kind, from the held-out poems in file order (deterministic).
+
+    frequency None: the training distribution (the SFT set's wording, words from IMAGERY). Given (the training
+    corpus's document frequencies, heldout.document_frequency): held out, in the wordings of eval/heldout.py
+    that no training file holds, cycled per request, and with words from each poem's own lines (open_words).
+    """
     out: dict[str, list[Request]] = {"tune": [], "form": [], "length": [], "words": []}
     seen: set[str] = set()
+    held = frequency is not None
+
+    def wording(kind: str, default: str) -> str:
+        return heldout_wording(kind, len(out[kind])) if held else default
+
     for poem in poems:
         tune = poem.title.split("·")[0]
         is_ci = tune in tunes
         if is_ci and tune not in seen and len(out["tune"]) < limit:
             seen.add(tune)
-            out["tune"].append(Request("tune", TUNE_PROMPT.format(tune=tune), check_tune(tune)))
+            out["tune"].append(Request("tune", wording("tune", TUNE_PROMPT).format(tune=tune), check_tune(tune)))
         form = verse_form(poem.lines)
         if form and not is_ci and len(out["form"]) < limit:
-            prompt = FORM_PROMPT.format(dynasty=poem.dynasty or "唐", form=form)
+            prompt = wording("form", FORM_PROMPT).format(dynasty=poem.dynasty or "唐", form=form)
             out["form"].append(Request("form", prompt, check_form(form)))
             out["length"].append(Request("length", prompt, check_line_length(form)))
-        found = [w for w in IMAGERY if w in "".join(poem.lines)]
-        if len(found) >= 2 and len(out["words"]) < limit:
-            w1, w2 = random.Random(cjk("".join(poem.lines))).sample(found, 2)
-            prompt = WORDS_PROMPT.format(kind="词" if is_ci else "诗", w1=w1, w2=w2)
+        if held:
+            pair = open_words(poem.lines, frequency, set(IMAGERY), seed=cjk("".join(poem.lines)))
+        else:
+            found = [w for w in IMAGERY if w in "".join(poem.lines)]
+            pair = tuple(random.Random(cjk("".join(poem.lines))).sample(found, 2)) if len(found) >= 2 else None
+        if pair and len(out["words"]) < limit:
+            w1, w2 = pair
+            prompt = wording("words", WORDS_PROMPT).format(kind="词" if is_ci else "诗", w1=w1, w2=w2)
             out["words"].append(Request("words", prompt, check_words(w1, w2)))
     return [r for kind in out.values() for r in kind]
+
+
+def degeneration(answers: list[str]) -> dict[str, float]:
+    """The share of answers that repeat a line or a phrase (heldout.repeats, on the verse body), and distinct-2."""
+    repetitive = sum(repeats(answer_body(a)) for a in answers)
+    return {"repeats": repetitive / len(answers) if answers else math.nan, "n": len(answers),
+            "distinct_2": distinct_2(answers)}
 
 
 @torch.inference_mode()

@@ -118,14 +118,26 @@ def _evaluation_section(model_dir: Path, evaluation: dict | None, use: str) -> l
     how = ("greedy answers" if not evaluation.get("temperature") else
            f"{evaluation['samples']} answers sampled per prompt at temperature {evaluation['temperature']:g}")
     lines += [f"{code_span(f'python eval_tasks.py {use}')} ({plain_text(evaluation['date'])}, "
-              f"{plain_text(evaluation['dtype'])}, {how}; held-out poems of {code_span(evaluation['data'])}):", "",
-              "| task | rate | n |", "|---|---|---|"]
+              f"{plain_text(evaluation['dtype'])}, {how}; held-out poems of {code_span(evaluation['data'])}). "
+              "Requests are asked twice: in the wordings and word list of the training data, and held out, in "
+              "wordings and with words no training file holds:", "",
+              "| task | training wordings | held out | n |", "|---|---|---|---|"]
     cloze = evaluation.get("cloze")
     if cloze:
         centered = (cloze["accuracy"] - 0.25) / 0.75
-        lines.append(f"| poetry cloze (4 choices) | {cloze['accuracy']:.1%} (centered {centered:+.1%}) | {cloze['n']} |")
-    for kind, rate in evaluation.get("requests", {}).get("kinds", {}).items():
-        lines.append(f"| {_KINDS.get(kind) or plain_text(kind)} | {rate['rate']:.1%} | {rate['n']} |")
+        lines.append(f"| poetry cloze (4 choices) | {cloze['accuracy']:.1%} (centered {centered:+.1%}) | "
+                     f"(held-out poems) | {cloze['n']} |")
+    requests = evaluation.get("requests", {})
+    held = requests.get("heldout", {})
+    for kind, rate in requests.get("kinds", {}).items():
+        other = f"{held[kind]['rate']:.1%}" if kind in held else "not measured"
+        lines.append(f"| {_KINDS.get(kind) or plain_text(kind)} | {rate['rate']:.1%} | {other} | {rate['n']} |")
+    train, heldout = requests.get("degeneration_train"), requests.get("degeneration_heldout")
+    if train and heldout:
+        lines.append(f"| repetitive answers (a line twice, or a phrase three times) | {train['repeats']:.1%} | "
+                     f"{heldout['repeats']:.1%} | {train['n']} |")
+        lines.append(f"| distinct-2 (distinct character bigrams) | {train['distinct_2']:.3f} | "
+                     f"{heldout['distinct_2']:.3f} | {train['n']} |")
     return lines + [""]
 
 
