@@ -120,6 +120,28 @@ def test_rewards_read_what_eval_tasks_checks():
     assert poem_reward(words, "登楼\n白日依山尽，黄河入海流。\n白日依山尽，黄河入海流。") == 0.0
 
 
+def test_a_repetitive_answer_that_uses_the_words_scores_below_a_plain_one(tmp_path):
+    """Issue 45, item 3: after GRPO 9 of 20 greedy answers repeated a line or a phrase, and the reward paid. A
+    repetitive answer (a phrase three times) or one that restates the request now earns nothing from
+    composite, even when it holds both requested words. Mutation caught: the phrase or restatement check off."""
+    from minillm.eval.rewards import restates
+
+    train, sft = tmp_path / "train.jsonl", tmp_path / "sft.jsonl"
+    train.write_text(json.dumps({"text": "旧\n某（唐）\n甲乙丙丁戊，己庚辛壬癸。"}, ensure_ascii=False) + "\n")
+    sft.write_text(json.dumps({"conversations": [{"role": "user", "content": "q"},
+                                                 {"role": "assistant", "content": "子丑寅卯"}]}) + "\n")
+    reward = build_rewards("composite", train, sft)["composite"][0]
+    words = "写一首诗，要用上“明月”和“故乡”这两个词。"
+    plain = "静夜\n床前明月光，疑是地上霜。\n举头望山月，低头思故乡。<|im_end|>"
+    # Distinct lines and characters enough for the older checks: only the phrase said three times refuses it.
+    looping = "静夜\n天涯芳草路，山高水长流。\n天涯芳草路长，江南春色好。\n天涯芳草路远，明月照故乡。<|im_end|>"
+    restating = "静夜\n写一首诗要用上明月，\n故乡这两个词何处寻。<|im_end|>"
+    assert request_reward(words, looping) == 1.0 and request_reward(words, restating) == 1.0  # the words are there
+    assert reward(words, plain) == 1.0 and reward(words, looping) == 0.0 and reward(words, restating) == 0.0
+    assert reward(words, looping.replace("天涯芳草路远", "秋风落叶深")) > 0  # said twice: a poem may do that
+    assert restates(words, restating) and not restates(words, plain)
+
+
 def test_the_step_reward_is_the_weighted_sum_of_its_parts(tokenizer):
     """Issue 51: --reward weights were never checked to reach the total. Mutation caught: weights ignored."""
     objective = GRPO({"a": (lambda q, a: 1.0, 2.0), "b": (lambda q, a: 0.5, -0.25), "c": (lambda q, a: 0.0, 7.0)},
@@ -248,6 +270,7 @@ def test_cli_runs_and_refuses_bad_flags_in_one_line(tmp_path, tiny_sft_dir, prom
         assert code == 0, err
         r = rows(tmp_path / name)
         assert len(r) == 2 and {"rewards/request", "rewards/ended", "rewards/poem", "kl"} <= set(r[0])
+        assert all(0 <= x["completions/repetitive"] <= 1 for x in r)  # issue 45: the degeneration measure logged
         assert r[0]["kl"] == 0.0 and r[1]["kl"] > 0  # the first rollout's policy is the reference
     assert (tmp_path / "o" / "model.safetensors").is_file() and (tmp_path / "lora" / "adapter_model.safetensors").is_file()
     # The chat model's training context stays (GRPO's --max_length caps the prompts, not the context).

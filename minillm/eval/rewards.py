@@ -11,7 +11,8 @@ rate eval_tasks.py reports:
     length    a form request: every clause has the requested 5 or 7 characters (eval's line length)
     ended     the model closed its turn with <|im_end|> within the budget
     poem      the answer is shaped as a poem: a title line, then two or more lines of Chinese verse, none
-              repeated, at least half of its characters distinct
+              repeated, no 4-character phrase three times (eval/heldout.py repeats), at least half of its
+              characters distinct, and no stretch of 6 characters of the request restated
     novel     the verse is not a verbatim copy (10+ characters) of the training poems or SFT answers
     composite poem x novel x (request + 0.25 ended) / 1.25: the request's check counts only in a new
               poem, so neither the words without a poem nor a memorised poem pays
@@ -24,6 +25,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from minillm.eval.heldout import repeats
 from minillm.eval.tasks import (
     FORM_PROMPT,
     TUNE_PROMPT,
@@ -92,7 +94,14 @@ def poem_reward(request: str, answer: str) -> float:
     body = answer_body(text)
     chars = cjk("".join(body))
     return float(bool(answer_title(text)) and len(body) >= 2 and all(_VERSE.fullmatch(line) for line in body)
-                 and len(set(body)) == len(body) and len(set(chars)) >= len(chars) / 2)
+                 and len(set(body)) == len(body) and len(set(chars)) >= len(chars) / 2 and not repeats(body)
+                 and not restates(request, text))
+
+
+def restates(request: str, answer: str, span: int = 6) -> bool:
+    """The answer copies `span` consecutive Chinese characters of the request (it restates it, not answers)."""
+    asked, said = cjk(request), cjk(answer)
+    return any(asked[i:i + span] in said for i in range(len(asked) - span + 1))
 
 
 class NovelReward:

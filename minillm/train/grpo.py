@@ -27,6 +27,8 @@ import torch
 
 from minillm.data.prompts import request_of
 from minillm.data.tokenizer import Tokenizer
+from minillm.eval.heldout import repeats
+from minillm.eval.tasks import answer_body
 from minillm.infer.generation import generate
 from minillm.model.model import MiniLLM
 from minillm.train.objective import ObjectiveOutput
@@ -95,7 +97,7 @@ class GRPO:
         self.policy: MiniLLM | None = None
         self.stops = [*tokenizer.turn_end_ids, tokenizer.eos_id]
         self.metric_names = ("reward", *(f"rewards/{name}" for name in rewards), "frac_reward_zero_std", "clip_ratio",
-                             "kl", "completions/mean_length", "completions/ended")
+                             "kl", "completions/mean_length", "completions/ended", "completions/repetitive")
 
     def prepare(self, model: MiniLLM, dataset: torch.utils.data.Dataset, device: torch.device,
                 amp_dtype: torch.dtype) -> None:
@@ -131,7 +133,7 @@ class GRPO:
         x_BT, _, m_BT = batch
         device, G = x_BT.device, self.group_size
         prompts = [row[mask > 0].tolist() for row, mask in zip(x_BT, m_BT)]
-        sequences, completions, totals, parts = [], [], [], []
+        sequences, completions, totals, parts, repetitive = [], [], [], [], 0
         rollout_seconds = 0.0
         for prompt in prompts:
             request = request_of(self.tokenizer.decode(prompt))
@@ -140,6 +142,7 @@ class GRPO:
             rollout_seconds += time.perf_counter() - start
             for completion in rollouts:
                 total, values = self.score(request, completion)
+                repetitive += repeats(answer_body(self.tokenizer.decode(completion)))  # eval_tasks' measure
                 sequences.append(prompt + completion)
                 completions.append((len(prompt), len(completion)))
                 totals.append(total)
@@ -165,6 +168,7 @@ class GRPO:
                    "frac_reward_zero_std": degenerate_BG.float().sum(), "clip_ratio": clip_N.sum(), "kl": kl_N.sum(),
                    "completions/mean_length": mask_NT.sum(),
                    "completions/ended": torch.tensor(float(sum(s[-1] in self.tokenizer.turn_end_ids for s in sequences)),
-                                                     device=device)}
+                                                     device=device),
+                   "completions/repetitive": torch.tensor(float(repetitive), device=device)}
         counters = {"rollout_seconds": rollout_seconds, "rollout_tokens": float(sum(n for _, n in completions))}
         return ObjectiveOutput(loss_N.mean(), metrics, tokens=inputs_NT.numel(), counters=counters)
