@@ -324,6 +324,12 @@ def test_two_processes_roll_out_their_own_prompts(tmp_path, tiny_sft_dir, prompt
     r = rows(tmp_path / "two")
     assert [x["step"] for x in r] == [1, 2]  # rank 0 writes each step once
     assert all(0 <= x["frac_reward_zero_std"] <= 1 and x["completions/mean_length"] <= 8 for x in r)
+    # Issue 51: the step's 4 prompts are split, 2 per process, each x 4 completions. rollout_tokens is rank 0's
+    # own count and mean_length the mean over all 16 completions, so both halves hold 8 completions of 1 to 8
+    # tokens: a process that sampled the whole batch (or none of it) breaks one bound or the other.
+    for x in r:
+        everyone = round(x["completions/mean_length"] * 16)
+        assert 8 <= x["rollout_tokens"] <= 64 and 8 <= everyone - x["rollout_tokens"] <= 64, x
 
 
 # --- issue 51: one whole GRPO step on fixed completions, its loss and gradient computed here -----------------
