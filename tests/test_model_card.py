@@ -255,3 +255,28 @@ def test_every_number_in_the_card_is_the_one_in_its_file(pretrained, eval_docs, 
     assert shown_bpb == pytest.approx(run["eval_bits_per_byte"], abs=5e-5)
     assert shown_bpb != pytest.approx(float(table["held-out loss"].split()[0]), abs=1e-3)
     assert table["model"].startswith(f"{run['parameters'] / 1e6:.2f}M parameters")
+
+
+def test_the_card_shows_each_request_rate_beside_its_held_out_twin(pretrained, tmp_path):
+    """Issue 45: a rate without its held-out column is not the model's ability; the card shows both, and the
+    degeneration measure of each split, from eval_results.json."""
+    import re
+    import shutil
+
+    from minillm.export.model_card import record_evaluation
+
+    out = tmp_path / "copy"
+    shutil.copytree(pretrained, out)
+    kinds = {"tune": {"rate": 0.75, "n": 4}, "words": {"rate": 0.5, "n": 4}}
+    held = {"tune": {"rate": 0.25, "n": 4}, "words": {"rate": 0.0, "n": 4}}
+    record_evaluation(out, {"date": "2026-12-06", "dtype": "float32", "data": "dataset/eval.jsonl",
+                            "requests": {"kinds": kinds, "heldout": held,
+                                         "degeneration_train": {"repeats": 0.125, "n": 8, "distinct_2": 0.875},
+                                         "degeneration_heldout": {"repeats": 0.5, "n": 8, "distinct_2": 0.625}}})
+    card = (out / CARD_NAME).read_text()
+    rows = dict((a, (b, c)) for a, b, c in re.findall(r"^\| ([^|]+?) \| ([^|]+?) \| ([^|]+?) \| \d+ \|$", card, re.M))
+    assert rows["names the requested tune"] == ("75.0%", "25.0%")
+    assert rows["uses both requested words"] == ("50.0%", "0.0%")
+    assert rows["repetitive answers (a line twice, or a phrase three times)"] == ("12.5%", "50.0%")
+    assert rows["distinct-2 (distinct character bigrams)"] == ("0.875", "0.625")
+    assert "| task | training wordings | held out | n |" in card
