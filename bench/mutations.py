@@ -5,7 +5,7 @@ missing escape) in a scratch copy of the repository, then runs the tests named f
 mutation is caught when those tests fail; one they pass is a hole in the suite, printed as MISSED. The script
 never touches the working tree.
 
-    python bench/mutations.py                 # all mutations; prints a table, writes --json
+    python bench/mutations.py                 # all mutations; prints a table (--json PATH: also as JSON)
     python bench/mutations.py --only grpo     # those whose name contains "grpo"
     python bench/mutations.py --list          # the mutations and their tests, without running them
 
@@ -102,7 +102,14 @@ MUTATIONS = [
              ("tests/test_evaluation.py", "tests/test_model_card.py")),
     # --- rewards --------------------------------------------------------------------------------------------
     Mutation("poem-reward-allows-repeats", "rewards", "minillm/eval/rewards.py",
-             "and len(set(body)) == len(body) and", "and", ("tests/test_grpo.py", "-k", "reward or composite")),
+             "and len(set(body)) == len(body) and len(set(chars)) >= len(chars) / 2 and not repeats(body)",
+             "and len(set(chars)) >= len(chars) / 2", ("tests/test_grpo.py", "-k", "reward or composite")),
+    Mutation("poem-reward-phrases-unchecked", "rewards", "minillm/eval/rewards.py",
+             "len(set(chars)) >= len(chars) / 2 and not repeats(body)", "len(set(chars)) >= len(chars) / 2",
+             ("tests/test_grpo.py", "-k", "reward or composite or repetitive")),
+    Mutation("poem-reward-restating-allowed", "rewards", "minillm/eval/rewards.py",
+             "\n                 and not restates(request, text))", ")",
+             ("tests/test_grpo.py", "-k", "reward or composite or repetitive")),
     Mutation("reward-weight-ignored", "rewards", "minillm/train/grpo.py",
              "return sum(v * w for v, (_, w) in zip(values, self.rewards.values())), values",
              "return sum(values), values", ("tests/test_grpo.py", "-k", "not processes")),
@@ -246,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="bench/mutations.py")
     p.add_argument("--only", default="", help="run the mutations whose name or concept contains this text")
     p.add_argument("--timeout", type=float, default=900, help="seconds per mutation's tests (default: %(default)s)")
-    p.add_argument("--json", default="bench/mutations.json", help="where to write the results (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--list", action="store_true", help="list the mutations and their tests, run nothing")
     args = p.parse_args(argv)
     chosen = [m for m in MUTATIONS if args.only in m.name or args.only in m.concept]
@@ -270,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     caught = sum(r["verdict"].startswith("caught") or r["verdict"] == "TIMEOUT" for r in results)
     ran = sum(r["verdict"] != "STALE" for r in results)
     print(f"caught {caught} of {ran} mutations" + (f" ({ran - caught} missed)" if caught < ran else ""))
-    Path(args.json).write_text(json.dumps({"caught": caught, "ran": ran, "results": results}, indent=1) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"caught": caught, "ran": ran, "results": results}, indent=1) + "\n")
     return 0 if caught == ran else 1
 
 
