@@ -363,6 +363,10 @@ def main(kind: str, defaults: dict, argv: list[str] | None = None) -> int:
         return 2
     try:
         result = _run(kind, args, cfg, env)
+        # Every process waits for the others (rank 0 writes the model and card after the last collective) before
+        # any destroys the process group: one that tore down gloo while the other still held it aborted with
+        # "terminate called without an active exception" (seen once in CI under load).
+        barrier()
     except (CliError, OSError, DataError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
