@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import socket
 import sys
 from pathlib import Path
@@ -106,10 +105,6 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.api_key is not None and any(c.isspace() or not c.isprintable() for c in args.api_key):
         raise CliError(f"{source} holds whitespace or control characters, which an Authorization header cannot "
                        "carry")
-    for name in args.allowed_host:
-        if not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:\d{1,5})?", name.strip()):
-            raise CliError(f"--allowed_host {name!r} is not a host name (letters, digits, '.', '-', '_', or an "
-                           "IPv6 address in brackets, with an optional :port)")
 
 
 def run_server(app, sock: socket.socket, on_exit=lambda: None, header_timeout: float = 10.0) -> None:
@@ -138,10 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import uvicorn  # noqa: F401  (the serve extra, checked before the model loads)
 
-            from minillm.infer.server import ServerConfig, allowed_hosts, create_app
+            from minillm.infer.server import ServerConfig, allowed_hosts, create_app, host_name
         except ImportError as e:
             raise CliError(f"the server needs the serve extra ({e.name} is missing): "
                            "pip install -e \".[serve]\"") from None
+        for name in args.allowed_host:  # parsed as the Host check parses headers: one name, an optional port
+            if not host_name(name):
+                raise CliError(f"--allowed_host {name!r} is not a host name (letters, digits, '.', '-', '_', or an "
+                               "IPv6 address in brackets, with an optional :port)")
         from minillm.infer.serving import Scheduler
 
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
