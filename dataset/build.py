@@ -13,6 +13,7 @@ import json
 import random
 import re
 import subprocess
+import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,11 @@ from pathlib import Path
 from minillm.data.tokenizer import DEFAULT_ASSETS, train_tokenizer
 
 # The image words of "words" prompts, which eval_tasks.py asks for too, and its checks of a reply (DPO pairs).
-from minillm.eval.heldout import check_training_side
-from minillm.eval.tasks import IMAGERY, check_form, check_tune, check_words
+from minillm.eval.heldout import check_training_side, document_frequency
+from minillm.eval.tasks import IMAGERY, check_form, check_tune, check_words, heldout_words, parse_poem
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # dataset/wordings.py, beside this script
+from wordings import Vocabulary, load_wordings, pick  # noqa: E402
 
 PACKAGE = "chinese-poetry"
 VERSION = "2.0.1"
@@ -68,10 +72,18 @@ ANSWER_LAYOUT = {
 # request gets three times the others' share: its answer turns on one character of the prompt (五 or 七), and
 # 480 examples were too few for the 4.6M default to learn it (bench/RESULTS.md, "Request following").
 PATTERN_QUOTA = {
-    "tune_fill": 540, "tune_write": 420, "tune_open": 1440, "title_recite": 540, "title_fulltext": 420,
-    "author_shi": 480, "author_ci": 360, "theme": 480, "words": 1440, "word_line": 2400, "form": 1440,
+    "tune_fill": 540, "tune_write": 900, "tune_open": 1440, "title_recite": 540, "title_fulltext": 420,
+    "author_shi": 480, "author_ci": 360, "theme": 480, "words": 1440, "word_line": 2000, "form": 1440,
     "continue": 540, "continue_title": 420, "qupai": 240, "shijing": 120,
 }
+# Patterns asked in composed wordings (dataset/wordings.json, its kind) and the share of their examples that keep
+# the template above: eval_tasks.py's training-distribution column asks in those, so they stay in the data, and
+# tune_fill keeps its template always (eval_tasks.py finds the known tunes by it). Words requests name an IMAGERY
+# word in IMAGERY_SHARE of the poems (that column's words), any corpus word otherwise (issue 45).
+VARIED = {"tune_write": ("tune", 0.0), "tune_open": ("tune_open", 0.5), "form": ("form", 1 / 3),
+          "words": ("words", 1 / 3), "word_line": ("word_line", 1 / 3)}
+DPO_VARIED = {"tune_fill": ("tune", 0.5), "form": ("form", 1 / 3), "words": ("words", 1 / 3)}
+IMAGERY_SHARE = 1 / 3
 THEMES = {  # word in the title -> how a user names the theme
     "春": "春天", "夏": "夏日", "秋": "秋天", "冬": "冬天", "月": "月亮", "雪": "雪", "雨": "雨",
     "梅": "梅花", "柳": "杨柳", "菊": "菊花", "送": "送别", "别": "离别", "怀古": "怀古", "寺": "寺庙",
@@ -285,7 +297,7 @@ def verse_form(poem: Poem) -> str:
 KIND = {"shi": "诗", "ci": "词", "qu": "曲", "shijing": "诗", "chuci": "辞"}
 
 
-def sft_candidates(poem: Poem) -> list[tuple[str, dict, str]]:
+def sft_candidates(poem: Poem, vocab: Vocabulary) -> list[tuple[str, dict, str]]:
     """Every (pattern, fields, answer) this poem can serve; the answer is laid out as ANSWER_LAYOUT says."""
     kind = KIND[poem.collection]
     out: list[tuple[str, dict, str]] = []
@@ -313,23 +325,30 @@ def sft_candidates(poem: Poem) -> list[tuple[str, dict, str]]:
             if word in poem.title and poem.title != poem.tune:
                 add("theme", {"theme": theme, "kind": kind})
                 break
-        # Words request: the title, then the lines from the first that holds an image word (w1) to the next that
-        # holds another (w2). The answer opens on a line using the first requested word and closes on the line
-        # using the second, so where each is copied is regular: the 4.6M default learns that, and whole poems
-        # with the words anywhere did not teach it (bench/RESULTS.md, "Post-training").
-        holds = [[w for w in IMAGERY if w in line] for line in poem.lines]
-        first = next((i for i, ws in enumerate(holds) if ws), None)
-        if first is not None:
-            last = next((i for i in range(first + 1, len(holds)) if set(holds[i]) - set(holds[first])), None)
-            if last is not None:
-                rng = random.Random(poem.key)  # seeded by the text: deterministic
-                w1 = rng.choice(holds[first])
-                w2 = rng.choice([w for w in holds[last] if w not in holds[first]])
-                add("words", {"kind": kind, "w1": w1, "w2": w2},
+        # Words request: the title, then the lines from one that holds a word (w1) to a later one that holds
+        # another (w2). The answer opens on a line using the first requested word and closes on the line using the
+        # second, so where each is copied is regular: the 4.6M default learns that, and whole poems with the words
+        # anywhere did not teach it (bench/RESULTS.md, "Post-training"). Image words in a third of the poems,
+        # corpus words otherwise: a model taught 46 words used those and no others (issue 45).
+        rng = random.Random(poem.key)  # seeded by the text: deterministic
+        image = [[w for w in IMAGERY if w in line] for line in poem.lines]
+        holds = image if rng.random() < IMAGERY_SHARE else [vocab.words_in(line) for line in poem.lines]
+        later = [[j for j in range(i + 1, len(holds)) if set(holds[j]) - set(holds[i])] for i in range(len(holds))]
+        starts = [i for i in range(len(holds)) if holds[i] and later[i]]
+        if starts:
+            first = rng.choice(starts)
+            last = rng.choice(later[first][:3])
+            w1 = rng.choice(holds[first])
+            seconds = [w for w in holds[last] if w not in holds[first] and not set(w) & set(w1)]
+            if seconds:
+                add("words", {"kind": kind, "w1": w1, "w2": rng.choice(seconds)},
                     "\n".join([poem.title, *poem.lines[first:last + 1]]))
-        for line, words in zip(poem.lines, holds):  # one line that holds the word: the copy, densely
+        for line, words in zip(poem.lines, image):  # one line that holds the word: the copy, densely
             for w in words:
                 add("word_line", {"w": w}, line)
+            others = [w for w in vocab.words_in(line) if w not in IMAGERY]
+            if others:
+                add("word_line", {"w": rng.choice(others)}, line)
     form = verse_form(poem) if poem.collection == "shi" else ""
     if form:
         add("form", {"dynasty": poem.dynasty, "form": form})
@@ -346,16 +365,18 @@ def sft_candidates(poem: Poem) -> list[tuple[str, dict, str]]:
     return out
 
 
-def build_sft(train: list[Poem], seed: int) -> tuple[list[dict], dict]:
-    """Sample up to PATTERN_QUOTA examples per pattern from training poems, deterministically."""
+def build_sft(train: list[Poem], seed: int, vocab: Vocabulary, wordings: dict[str, list[str]]
+              ) -> tuple[list[dict], dict]:
+    """Sample up to PATTERN_QUOTA examples per pattern from training poems, deterministically; VARIED patterns
+    are asked in a composed wording for all but their canonical share."""
     templates = dict(PROMPT_TEMPLATES)
     pools: dict[str, list[tuple[dict, str]]] = {name: [] for name in templates}
     for poem in train:
         if len(poem.body) > MAX_SFT_ANSWER:
             continue
-        for name, fields, answer in sft_candidates(poem):
+        for name, fields, answer in sft_candidates(poem, vocab):
             pools[name].append((fields, answer))
-    rng = random.Random(seed)
+    rng, wording_rng = random.Random(seed), random.Random(f"{seed}:wordings")
     examples: list[tuple[str, dict]] = []
     counts = {}
     for name, _ in PROMPT_TEMPLATES:
@@ -363,7 +384,11 @@ def build_sft(train: list[Poem], seed: int) -> tuple[list[dict], dict]:
         chosen = rng.sample(pool, min(PATTERN_QUOTA[name], len(pool)))
         counts[name] = len(chosen)
         for fields, answer in chosen:
-            prompt = templates[name].format(**fields)
+            template = templates[name]
+            if name in VARIED:
+                kind, share = VARIED[name]
+                template = pick(wording_rng, template, wordings[kind], share)
+            prompt = template.format(**fields)
             examples.append((name, {"conversations": [
                 {"role": "user", "content": prompt},
                 {"role": "assistant", "content": answer},
@@ -402,9 +427,20 @@ def request_check(name: str, fields: dict):
     return check_words(fields["w1"], fields["w2"])
 
 
-def build_dpo(train: list[Poem], sft: list[dict], seed: int) -> tuple[list[dict], dict]:
+def request_fields(name: str, fields: dict) -> dict:
+    """A DPO pattern's request as the rewards read it: {"kind": tune | form | words, and its fields}."""
+    if name == "tune_fill":
+        return {"kind": "tune", "tune": fields["tune"]}
+    if name == "form":
+        return {"kind": "form", "form": fields["form"]}
+    return {"kind": "words", "w1": fields["w1"], "w2": fields["w2"]}
+
+
+def build_dpo(train: list[Poem], sft: list[dict], seed: int, vocab: Vocabulary, wordings: dict[str, list[str]]
+              ) -> tuple[list[dict], dict]:
     """Sample DPO_QUOTA pairs per pattern from training poems, deterministically: chosen is the poem that does
-    what the prompt asks (as in SFT); rejected fails the check the same prompt is evaluated by."""
+    what the prompt asks (as in SFT); rejected fails the check the same prompt is evaluated by. Each pair carries
+    its request's fields ("request"), which GRPO's rewards read whatever the wording (eval/rewards.py)."""
     templates = dict(PROMPT_TEMPLATES)
     in_sft = {(r["conversations"][0]["content"], r["conversations"][1]["content"]) for r in sft}
     pools: dict[str, list[tuple[dict, str]]] = {name: [] for name in DPO_QUOTA}
@@ -413,7 +449,7 @@ def build_dpo(train: list[Poem], sft: list[dict], seed: int) -> tuple[list[dict]
     for poem in train:
         if len(poem.body) > MAX_SFT_ANSWER:
             continue
-        for name, fields, answer in sft_candidates(poem):
+        for name, fields, answer in sft_candidates(poem, vocab):
             if name == "form":
                 by_form.setdefault(fields["form"], []).append(answer)
             if name == "tune_fill":
@@ -421,7 +457,7 @@ def build_dpo(train: list[Poem], sft: list[dict], seed: int) -> tuple[list[dict]
             if name in pools and (templates[name].format(**fields), answer) not in in_sft:
                 pools[name].append((fields, answer))
     tune_list = sorted(tunes)
-    rng = random.Random(seed + 1)
+    rng, wording_rng = random.Random(seed + 1), random.Random(f"{seed}:dpo wordings")
     pairs: list[dict] = []
     counts = {}
     for name, quota in DPO_QUOTA.items():
@@ -439,9 +475,12 @@ def build_dpo(train: list[Poem], sft: list[dict], seed: int) -> tuple[list[dict]
             check = request_check(name, fields)
             if rejected is None or not check(answer) or check(rejected):  # e.g. a title "菩萨蛮 其九"
                 continue
-            pairs.append({"prompt": [{"role": "user", "content": templates[name].format(**fields)}],
+            kind, share = DPO_VARIED[name]
+            prompt = pick(wording_rng, templates[name], wordings[kind], share).format(**fields)
+            pairs.append({"prompt": [{"role": "user", "content": prompt}],
                           "chosen": [{"role": "assistant", "content": answer}],
-                          "rejected": [{"role": "assistant", "content": rejected}]})
+                          "rejected": [{"role": "assistant", "content": rejected}],
+                          "request": request_fields(name, fields)})
             made += 1
         counts[name] = made
     rng.shuffle(pairs)
@@ -476,10 +515,18 @@ def main(argv: list[str] | None = None) -> None:
                              "are subsampled by a stable hash to reach it (default: %(default)s)")
     parser.add_argument("--skip_tokenizer", action="store_true",
                         help="do not retrain minillm/assets (the default tokenizer)")
+    parser.add_argument("--wordings", type=Path, default=HERE / "wordings.json",
+                        help="the parts request wordings are composed from (default: %(default)s)")
+    parser.add_argument("--words", type=Path, default=None,
+                        help="a word list (one per line) for words requests instead of the corpus vocabulary")
     args = parser.parse_args(argv)
     try:  # the evaluation's held-out wordings must stay out of every training prompt
         check_training_side(template for _, template in PROMPT_TEMPLATES)
-    except ValueError as e:
+        wordings = load_wordings(args.wordings)
+        listed = None
+        if args.words is not None:
+            listed = [w.strip() for w in args.words.read_text(encoding="utf-8").splitlines() if w.strip()]
+    except (ValueError, OSError) as e:
         raise SystemExit(f"build.py: error: {e}") from None
 
     dist = fetch_source(args.cache, args.tarball)
@@ -489,8 +536,15 @@ def main(argv: list[str] | None = None) -> None:
     held_out = [p for p in poems if is_eval_key(p.key)]
     rng = random.Random(args.seed)
     rng.shuffle(train)  # mix collections so any prefix of the file is representative
-    sft, pattern_counts = build_sft(train, args.seed)
-    dpo, dpo_counts = build_dpo(train, sft, args.seed)
+    # Words requests name corpus words, never one the held-out evaluation asks for (eval/tasks.py heldout_words).
+    frequency = document_frequency(p.render() for p in train)
+    heldout = heldout_words([parse_poem(p.render()) for p in held_out], frequency)
+    try:
+        vocab = Vocabulary(frequency, heldout, listed=listed)
+    except ValueError as e:
+        raise SystemExit(f"build.py: error: {args.words}: {e}") from None
+    sft, pattern_counts = build_sft(train, args.seed, vocab, wordings)
+    dpo, dpo_counts = build_dpo(train, sft, args.seed, vocab, wordings)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stats = {
@@ -505,6 +559,8 @@ def main(argv: list[str] | None = None) -> None:
             "dpo.jsonl": write_jsonl(args.out / "dpo.jsonl", dpo),
         },
         "sft_patterns": pattern_counts,
+        "wordings": {kind: len(w) for kind, w in wordings.items()},
+        "vocabulary": {"words": len(vocab), "held_out": len(heldout)},
         "dpo_patterns": dpo_counts,
         # Poems per collection: kept (both splits) and available after cleaning and dedup.
         "collections": {c: sum(p.collection == c for p in poems) for c in KIND},

@@ -53,6 +53,14 @@ def sft() -> list[list[dict]]:
     return [r["conversations"] for r in _read_jsonl("sft.jsonl")]
 
 
+@pytest.fixture(scope="module")
+def heldout(pretrain, evals) -> set[str]:
+    """The words the held-out evaluation can ask for (eval_tasks.py computes them the same way)."""
+    from minillm.eval.heldout import document_frequency
+    from minillm.eval.tasks import heldout_words, parse_poem
+    return heldout_words([parse_poem(t) for t in evals], document_frequency(pretrain))
+
+
 def _body(text: str) -> str:
     """Poem body of a rendered record: everything after the title and attribution lines."""
     return "\n".join(text.split("\n")[2:])
@@ -113,10 +121,44 @@ def test_no_duplicates_and_disjoint_stable_split(pretrain, evals):
     assert 0.005 < len(evals) / (len(evals) + len(pretrain)) < 0.02
 
 
+# What a field can hold, where it is narrower than any text: a bare field of a composed wording would otherwise
+# match other patterns' prompts ("请来一首{form}" is a prefix of a words request).
+_FIELD_TEXT = {"form": "[五七]言(?:绝句|律诗)", "dynasty": "[\u4e00-\u9fff]{1,2}", "kind": "[诗词曲辞]",
+               "w": "[^\\s“”「」‘’\"]{2}", "w1": "[^\\s“”「」‘’\"]{2}", "w2": "[^\\s“”「」‘’\"]{2}"}
+
+
 def _template_regex(template: str) -> re.Pattern:
     parts = re.split(r"\{(\w+)\}", template)
-    pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.+?)" for i, p in enumerate(parts))
+    pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{_FIELD_TEXT.get(p, '.+?')})"
+                      for i, p in enumerate(parts))
     return re.compile(pattern, re.S)
+
+
+class _Wordings:
+    """Every wording a pattern's prompts take: its template, and for the patterns asked in composed wordings
+    (`varied`: pattern -> (kind, canonical share)) every wording build.py composes; matched by literal prefix."""
+
+    def __init__(self, names, varied: dict) -> None:
+        composed = build.load_wordings(DATASET / "wordings.json")
+        self.by_prefix: dict[str, list[tuple[str, str]]] = {}
+        for name, template in build.PROMPT_TEMPLATES:
+            if name in names:
+                for wording in [template, *(composed[varied[name][0]] if name in varied else [])]:
+                    self.by_prefix.setdefault(wording.split("{", 1)[0], []).append((name, wording))
+        self.compiled: dict[str, re.Pattern] = {}
+
+    def match(self, prompt: str) -> dict[str, re.Match]:
+        """The patterns whose wordings match the prompt, each with the match of shortest fields (a bare field
+        also matches a quoted value, quotes included)."""
+        found: dict[str, re.Match] = {}
+        for prefix, entries in self.by_prefix.items():
+            if prompt.startswith(prefix):
+                for name, wording in entries:
+                    rx = self.compiled.setdefault(wording, _template_regex(wording))
+                    if (m := rx.fullmatch(prompt)) and (name not in found or sum(map(len, m.groups())) < sum(
+                            map(len, found[name].groups()))):
+                        found[name] = m
+        return found
 
 
 def _bodies_by_title(pretrain: list[str]) -> dict[str, list[str]]:
@@ -133,22 +175,26 @@ def _is_excerpt(answer: str, bodies_by_title: dict[str, list[str]]) -> bool:
     return any(f"\n{excerpt}\n" in f"\n{body}\n" for body in bodies_by_title.get(title, []))
 
 
-def test_sft_shape_patterns_and_sources(stats, sft, pretrain, evals):
+def test_sft_shape_patterns_and_sources(stats, sft, pretrain, evals, heldout):
     assert len(sft) >= 5000
-    regexes = {name: _template_regex(t) for name, t in build.PROMPT_TEMPLATES}
+    wordings = _Wordings({name for name, _ in build.PROMPT_TEMPLATES}, build.VARIED)
     train_keys = {build.text_key(_body(t)) for t in pretrain}
     eval_keys = {build.text_key(_body(t)) for t in evals}
     bodies_by_title = _bodies_by_title(pretrain)
     train_lines = {line for t in pretrain for line in _body(t).split("\n")}
-    used = Counter()
+    used, forms, words_asked = Counter(), {}, set()
     for conv in sft:
         assert [m["role"] for m in conv] == ["user", "assistant"]
         prompt, answer = conv[0]["content"], conv[1]["content"]
         assert prompt and answer
-        matches = [(name, m) for name, rx in regexes.items() if (m := rx.fullmatch(prompt))]
+        matches = wordings.match(prompt)
         assert len(matches) == 1, f"prompt matches {len(matches)} patterns: {prompt!r}"
-        name, match = matches[0]
+        [(name, match)] = matches.items()
         used[name] += 1
+        forms.setdefault(name, set()).add(match.re.pattern)
+        asked_for = {match.groupdict().get(k) for k in ("w", "w1", "w2")} - {None}
+        words_asked |= asked_for
+        assert not asked_for & heldout, (prompt, asked_for & heldout)  # issue 45: held-out words stay held out
         # Rebuild the answer's whole poem body and find it among the training poems (never eval).
         lines = answer.split("\n")
         layout = build.ANSWER_LAYOUT[name]
@@ -173,13 +219,18 @@ def test_sft_shape_patterns_and_sources(stats, sft, pretrain, evals):
         assert key not in eval_keys
     assert dict(used) == {k: v for k, v in stats["sft_patterns"].items() if v}
     assert len(used) >= 10 and min(used.values()) >= 100
+    # Issue 45: hundreds of surface forms per varied kind, and open vocabulary beyond the IMAGERY list.
+    assert {name: len(forms[name]) for name in build.VARIED} == pytest.approx(
+        {"tune_write": 700, "tune_open": 300, "form": 300, "words": 600, "word_line": 600}, rel=0.3)
+    assert len(words_asked - set(build.IMAGERY)) >= 2000  # the corpus's words, not a 46-word list
+    assert len(heldout) >= 400 and stats["vocabulary"]["held_out"] == len(heldout)
 
 
-def test_dpo_pairs_pass_and_fail_the_checks_eval_tasks_uses(stats, sft, pretrain, evals):
+def test_dpo_pairs_pass_and_fail_the_checks_eval_tasks_uses(stats, sft, pretrain, evals, heldout):
     """Every chosen reply passes the request's check (eval/tasks.py), every rejected one fails it; all replies
     are training poems (rejected: the same poem retitled or with the words swapped, or another training poem);
     no prompt + reply is an SFT example."""
-    regexes = {name: _template_regex(t) for name, t in build.PROMPT_TEMPLATES if name in build.DPO_QUOTA}
+    wordings = _Wordings(set(build.DPO_QUOTA), build.DPO_VARIED)
     train_keys = {build.text_key(_body(t)) for t in pretrain}
     eval_keys = {build.text_key(_body(t)) for t in evals}
     in_sft = {(c[0]["content"], c[1]["content"]) for c in sft}
@@ -188,8 +239,10 @@ def test_dpo_pairs_pass_and_fail_the_checks_eval_tasks_uses(stats, sft, pretrain
     for pair in _read_jsonl("dpo.jsonl"):
         prompt, chosen, rejected = (pair[k][0]["content"] for k in ("prompt", "chosen", "rejected"))
         assert [len(pair[k]) for k in ("prompt", "chosen", "rejected")] == [1, 1, 1]
-        [(name, m)] = [(name, m) for name, rx in regexes.items() if (m := rx.fullmatch(prompt))]
+        [(name, m)] = wordings.match(prompt).items()
         used[name] += 1
+        assert pair["request"] == build.request_fields(name, m.groupdict())  # what GRPO's rewards read
+        assert not {pair["request"].get("w1"), pair["request"].get("w2")} & heldout
         check = build.request_check(name, m.groupdict())
         assert check(chosen) and not check(rejected), pair
         assert (prompt, chosen) not in in_sft

@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, run_train_cli
 
 from minillm.data.jsonl import DataError
-from minillm.data.prompts import PromptDataset, request_of
+from minillm.data.prompts import PromptDataset, prompt_requests, request_of
 from minillm.eval.rewards import (
     build_rewards,
     composite,
@@ -140,6 +140,9 @@ def test_a_repetitive_answer_that_uses_the_words_scores_below_a_plain_one(tmp_pa
     assert reward(words, plain) == 1.0 and reward(words, looping) == 0.0 and reward(words, restating) == 0.0
     assert reward(words, looping.replace("天涯芳草路远", "秋风落叶深")) > 0  # said twice: a poem may do that
     assert restates(words, restating) and not restates(words, plain)
+    # A title is due: an answer that opens on its verse (the first line is taken for the title) earns nothing.
+    untitled = "床前看月色，窗外听风声。\n举头望明月，低头思故乡。\n春风吹柳色，夜雨落花深。<|im_end|>"
+    assert request_reward(words, untitled) == 1.0 and reward(words, untitled) == 0.0
 
 
 def test_the_step_reward_is_the_weighted_sum_of_its_parts(tokenizer):
@@ -393,3 +396,32 @@ def test_a_step_on_stub_rollouts_equals_the_loss_and_gradient_computed_independe
         scale = w.abs().max().item()  # float32 sums in a padded batch against one sequence at a time
         assert (g.double() - w.double()).abs().max().item() <= 1e-4 * scale + 1e-9, name
     assert max(w.abs().max().item() for w in want) > 1e-3  # a real gradient, not zero on both sides
+
+
+def test_rewards_read_the_request_field_of_a_prompt_in_any_wording(tmp_path, tokenizer, capsys):
+    """Issue 45: GRPO's prompts come in composed wordings that no pattern parses back; each line's "request" field
+    says what it asks, and the rewards check that. A malformed field is refused, naming the file."""
+    asked = "帮我作一首诗，先写「明月」，再写「故乡」"
+    path = tmp_path / "p.jsonl"
+    lines = [{"prompt": [{"role": "user", "content": asked}], "request": {"kind": "words", "w1": "明月", "w2": "故乡"}},
+             {"prompt": [{"role": "user", "content": "五言绝句一首，唐代。"}], "request": {"kind": "form", "form": "五言绝句"}},
+             {"prompt": [{"role": "user", "content": "请以《浣溪沙》为词牌，填一首词。"}]}]  # eval's own wording: parsed
+    path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
+    dataset = PromptDataset(path, tokenizer, max_length=64)
+    known = prompt_requests(dataset)
+    assert known == {asked: lines[0]["request"], "五言绝句一首，唐代。": lines[1]["request"]}
+    rewards = build_rewards("request:1,length:1", None, None, known=known)
+    request, length = rewards["request"][0], rewards["length"][0]
+    poem5 = "静夜\n床前明月光，疑是地上霜。\n举头望山月，低头思故乡。<|im_end|>"
+    decoded = request_of(tokenizer.decode(dataset.prompts[0]))  # what the objective passes: the decoded prompt
+    assert decoded == asked and request(decoded, poem5) == 1.0 and request(asked, poem5.replace("故乡", "远方")) == 0.5
+    assert request_reward(asked, poem5) == 0.0  # without the field the wording says nothing to the parser
+    assert request("五言绝句一首，唐代。", poem5) == 1.0 and length("五言绝句一首，唐代。", poem5) == 1.0
+    assert request("五言绝句一首，唐代。", "春\n一曲新词酒一杯，去年天气旧亭台。") == 0.0
+    assert request("请以《浣溪沙》为词牌，填一首词。", "浣溪沙\n一曲新词酒一杯") == 1.0
+    for bad in ({"kind": "rhyme"}, {"kind": "words", "w1": "明月"}, {"kind": "tune", "tune": ""}):
+        with pytest.raises(ValueError, match='"request" must be'):
+            build_rewards("request", None, None, known={asked: bad})
+    path.write_text(json.dumps({"prompt": "春风", "request": "words"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r'p\.jsonl:1: "request" must be an object'):
+        prompt_requests(PromptDataset(path, tokenizer, max_length=64))

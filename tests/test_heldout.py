@@ -6,6 +6,7 @@ import difflib
 import json
 import re
 import sys
+from collections import Counter
 
 import pytest
 from conftest import REPO
@@ -115,3 +116,41 @@ def test_distinct_2_counts_character_bigrams():
     assert distinct_2(["白日依山尽"]) == 1.0
     assert distinct_2(["白白白白"]) == pytest.approx(1 / 3)
     assert distinct_2(["春风", "春风"]) == 0.5
+
+
+def test_the_build_refuses_a_wordings_file_or_word_list_that_holds_a_heldout_item(tmp_path, monkeypatch):
+    """Issue 45, bad input: a composed wording near a held-out one stops the build before any work, naming it;
+    a word list that holds a word the held-out evaluation asks for is refused, naming the word."""
+    sys.path.insert(0, str(REPO / "dataset"))
+    try:
+        import build
+        from wordings import Vocabulary, load_wordings
+    finally:
+        sys.path.pop(0)
+    spec = json.loads((REPO / "dataset" / "wordings.json").read_text(encoding="utf-8"))
+    spec["form"]["frames"].append([[HELDOUT["form"][4]]])  # one held-out wording, verbatim
+    bad = tmp_path / "wordings.json"
+    bad.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "out"
+    monkeypatch.setattr(build, "fetch_source", lambda *a: pytest.fail("the build went on"))
+    with pytest.raises(SystemExit) as raised:
+        build.main(["--out", str(out), "--wordings", str(bad)])
+    assert str(raised.value).startswith(f"build.py: error: {bad}: the training template")
+    assert repr(HELDOUT["form"][4]) in str(raised.value) and not out.exists()
+    spec["form"]["frames"][-1] = [["{form}"], ["，要有{dynasty}人的味道。"]]  # composed from parts: the same wording
+    bad.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(ValueError, match="作一首"):
+        load_wordings(bad)
+    spec["form"]["frames"][-1] = [["写{form}"], ["{w1}"]]  # a field another kind fills
+    bad.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"the form wording '写\{form\}\{w1\}' must hold the fields"):
+        load_wordings(bad)
+    # The shipped file composes hundreds of wordings per kind, every one clear of the held-out ones.
+    shipped = load_wordings(REPO / "dataset" / "wordings.json")
+    assert {k: len(v) for k, v in shipped.items()} == {"tune": 4800, "tune_open": 480, "form": 423, "words": 1580,
+                                                        "word_line": 896}
+    with pytest.raises(ValueError, match="the word list holds '不知'"):
+        Vocabulary(Counter(), {"不知", "人间"}, listed=["明月", "不知"])
+    vocab = Vocabulary(Counter({"明月": 30, "不知": 40, "月明": 5, "花花": 50}), {"不知"})
+    assert vocab.words == {"明月"}  # frequent enough, two distinct characters, not held out
+    assert vocab.words_in("明月几时有，明月") == ["明月"]

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from minillm.cli.loading import CliError, check_same_tokenizer, resolve_path
+from minillm.data.jsonl import DataError
+from minillm.data.prompts import PromptDataset, prompt_requests
 from minillm.data.tokenizer import Tokenizer
 from minillm.eval.rewards import REWARDS, build_rewards
 from minillm.model.model import MiniLLM
@@ -111,8 +113,10 @@ def _corpus(spec: str) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def build_objective(kind: str, args, cfg: TrainConfig, tokenizer: Tokenizer, is_main: bool) -> Objective:
-    """Language modelling for pretraining and SFT; DPO or GRPO for train_dpo.py / train_grpo.py."""
+def build_objective(kind: str, args, cfg: TrainConfig, tokenizer: Tokenizer, is_main: bool, dataset=None
+                    ) -> Objective:
+    """Language modelling for pretraining and SFT; DPO or GRPO for train_dpo.py / train_grpo.py (GRPO's rewards read
+    what each prompt asks for from the dataset's "request" fields)."""
     if kind not in ("dpo", "grpo"):
         return LanguageModeling()
     if cfg.loss_chunk:
@@ -123,7 +127,11 @@ def build_objective(kind: str, args, cfg: TrainConfig, tokenizer: Tokenizer, is_
     if kind == "dpo":
         return DPO(args.beta, _reference(args, tokenizer), precompute=args.precompute_ref_logps,
                    batch_size=cfg.batch_size, verbose=is_main)
-    rewards = build_rewards(args.reward, *_corpus(args.reward_corpus))
+    known = prompt_requests(dataset) if isinstance(dataset, PromptDataset) else None
+    try:
+        rewards = build_rewards(args.reward, *_corpus(args.reward_corpus), known=known)
+    except ValueError as e:
+        raise DataError(f"{cfg.data_path}: {e}") from None
     reference = _reference(args, tokenizer) if args.kl_beta else None
     return GRPO(rewards, tokenizer, group_size=args.group_size, temperature=args.temperature,
                 max_new_tokens=args.max_new_tokens, epsilon=args.epsilon, loss_type=args.loss_type,

@@ -300,7 +300,7 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
         print(f"compute dtype {dtype_reason(cfg.dtype, env.device)}, held-out loss in {cfg.eval_dtype}; "
               f"optimizer {cfg.optimizer}"
               + (f"; {cfg.max_minutes:g} minutes of training" if cfg.max_minutes else ""))
-    objective = build_objective(kind, args, cfg, tokenizer, env.is_main)
+    objective = build_objective(kind, args, cfg, tokenizer, env.is_main, dataset)
     result = train(model, dataset, cfg, eval_documents=eval_docs, tokenizer=tokenizer, env=env, objective=objective)
     if args.merge and env.is_main and not result.interrupted:
         merge_lora(model).save_pretrained(Path(cfg.out_dir) / "merged", tokenizer=tokenizer)

@@ -36,6 +36,21 @@ def request_of(prompt: str) -> str:
     return body[:body.find(END)] if END in body else body
 
 
+def prompt_requests(dataset: PromptDataset) -> dict[str, dict]:
+    """The "request" field of each line that has one, keyed by its request text (request_of): what the prompt asks
+    for, given by the data so that a reward can check it in any wording (eval/rewards.py)."""
+    known = {}
+    for i in range(len(dataset.lines)):
+        obj = dataset.lines.record(i)
+        if "request" in obj:
+            prompt = dataset.parse(i)
+            text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+            if not isinstance(obj["request"], dict):
+                raise DataError(f'{dataset.lines.where(i)}: "request" must be an object, got {obj["request"]!r}')
+            known[text] = obj["request"]
+    return known
+
+
 class PromptDataset(JsonlExamples):
     """Prompt lines -> (ids, ids, prompt mask) rows; prompts longer than max_length are dropped and counted."""
 

@@ -1,11 +1,12 @@
 """What training never saw: request wordings, open vocabulary, and the measures of degenerate answers.
 
-The SFT, DPO and GRPO data ask for tunes, forms and words in the wordings of dataset/build.py. A model can
-learn those sentences instead of the requests, so eval_tasks.py also asks in the wordings below, which no
-training file holds (tests/test_heldout.py checks every one, and its near-duplicates, against sft.jsonl,
-dpo.jsonl and build.py's templates), and for words taken from the held-out poems' own lines rather than from
-the IMAGERY list the SFT set draws from. dataset/build.py must never use these wordings: they are kept here,
-apart from it, and the build refuses a template that equals one of them.
+The SFT, DPO and GRPO data ask for tunes, forms and words in the wordings of dataset/build.py (its templates and
+the wordings it composes from dataset/wordings.json). A model can learn those sentences instead of the requests,
+so eval_tasks.py also asks in the wordings below, which no training file holds (tests/test_heldout.py checks every
+one, and its near-duplicates, against sft.jsonl, dpo.jsonl and build.py's templates), and for words taken from the
+held-out poems' own lines (open_words), which the build leaves out of every training request (eval/tasks.py
+heldout_words). dataset/build.py must never use these wordings: they are kept here, apart from it, and the build
+refuses a template or a composed wording equal or near to one of them.
 
 Degeneration is measured on every answer: a line written twice, or a 4-character phrase written three times,
 makes an answer repetitive; distinct-2 is the share of distinct character bigrams over all answers.
@@ -69,13 +70,14 @@ NEAR_DUPLICATE = 0.8  # difflib ratio of two wordings' fixed texts at or above w
 
 def check_training_side(templates: Iterable[str]) -> None:
     """ValueError naming the first training template that is a held-out wording or a near-duplicate of one
-    (dataset/build.py calls this before it writes anything). Held-out words need no such check: open_words
-    leaves out the training list by construction."""
+    (dataset/build.py calls this before it reads the corpus). Held-out words are checked by the build itself
+    (dataset/wordings.py Vocabulary)."""
+    matchers = [(held, difflib.SequenceMatcher(None, "", fixed_text(held))) for held in sum(HELDOUT.values(), [])]
     for template in templates:
-        for wordings in HELDOUT.values():
-            for held in wordings:
-                ratio = difflib.SequenceMatcher(None, fixed_text(template), fixed_text(held)).ratio()
-                if ratio >= NEAR_DUPLICATE:
+        for held, matcher in matchers:  # the held-out side's index is built once; the quick bounds skip most pairs
+            matcher.set_seq1(fixed_text(template))
+            if matcher.real_quick_ratio() >= NEAR_DUPLICATE and matcher.quick_ratio() >= NEAR_DUPLICATE and (
+                    ratio := matcher.ratio()) >= NEAR_DUPLICATE:
                     raise ValueError(f"the training template {template!r} is the held-out wording {held!r} (or "
                                      f"too close to it: similarity {ratio:.2f}); held-out wordings are for "
                                      "evaluation only (minillm/eval/heldout.py)")

@@ -1,6 +1,8 @@
 """Verifiable rewards for GRPO: eval_tasks.py's checks of a reply, as functions (request, answer) -> float.
 
-`request` is the user's message (data/prompts.py request_of); `answer` is the sampled completion decoded
+`request` is the user's message (data/prompts.py request_of); what it asks for is read from the prompt line's
+"request" field when the data gives one (dataset/dpo.jsonl does: its prompts come in many wordings), else from
+eval_tasks.py's own wording of the request. `answer` is the sampled completion decoded
 as text, ending with "<|im_end|>" when the model closed its turn within the token budget. Any Python
 function of that signature is a reward; these read what eval/tasks.py checks, so a reward that rises is a
 rate eval_tasks.py reports:
@@ -10,7 +12,8 @@ rate eval_tasks.py reports:
               0 for a request of another kind
     length    a form request: every clause has the requested 5 or 7 characters (eval's line length)
     ended     the model closed its turn with <|im_end|> within the budget
-    poem      the answer is shaped as a poem: a title line, then two or more lines of Chinese verse, none
+    poem      the answer is shaped as a poem: a title line (not a line of verse), then two or more lines of
+              Chinese verse, none
               repeated, no 4-character phrase three times (eval/heldout.py repeats), at least half of its
               characters distinct, and no stretch of 6 characters of the request restated
     novel     the verse is not a verbatim copy (10+ characters) of the training poems or SFT answers
@@ -57,28 +60,56 @@ def _words_used(w1: str, w2: str) -> Callable[[str], float]:
     return lambda answer: (check_words(w1, w1)(answer) + check_words(w2, w2)(answer)) / 2
 
 
-_REQUESTS = [(_pattern(TUNE_PROMPT), lambda f: check_tune(f["tune"])),
-             (_pattern(FORM_PROMPT), lambda f: check_form(f["form"])),
-             (_pattern(WORDS_PROMPT), lambda f: _words_used(f["w1"], f["w2"]))]
-_FORM = _pattern(FORM_PROMPT)
+_WORDINGS = {"tune": _pattern(TUNE_PROMPT), "form": _pattern(FORM_PROMPT), "words": _pattern(WORDS_PROMPT)}
+_CHECKS = {"tune": lambda f: check_tune(f["tune"]), "form": lambda f: check_form(f["form"]),
+           "words": lambda f: _words_used(f["w1"], f["w2"])}
+REQUEST_FIELDS = {"tune": {"tune"}, "form": {"form"}, "words": {"w1", "w2"}}
 
 
 def _text(answer: str) -> str:
     return answer.removesuffix(END)
 
 
-def request_reward(request: str, answer: str) -> float:
-    """1 when the answer passes the check of the request's kind (tune, form, words; one word of two: 0.5), else 0."""
-    for pattern, check in _REQUESTS:
-        if m := pattern.fullmatch(request):
-            return float(check(m.groupdict())(_text(answer)))
-    return 0.0
+def check_request_fields(fields: object, where: str) -> dict:
+    """A data line's "request" field, checked: {"kind": tune | form | words, and that kind's fields as strings}."""
+    kind = fields.get("kind") if isinstance(fields, dict) else None
+    if kind not in REQUEST_FIELDS or not REQUEST_FIELDS[kind] <= fields.keys() or not all(
+            isinstance(fields[k], str) and fields[k] for k in REQUEST_FIELDS[kind]):
+        raise ValueError(f'{where}: "request" must be {{"kind": "tune", "tune": ...}}, {{"kind": "form", "form": '
+                         f'...}} or {{"kind": "words", "w1": ..., "w2": ...}}; got {fields!r}')
+    return fields
 
 
-def length_reward(request: str, answer: str) -> float:
-    """For a 五言/七言 request: 1 when every clause has the requested length; 0 otherwise."""
-    m = _FORM.fullmatch(request)
-    return float(bool(m) and check_line_length(m["form"])(_text(answer)))
+class Requests:
+    """What each request asks for: the fields given with its prompt (`known`: request text -> fields), or read
+    from eval_tasks.py's wording of the three request kinds."""
+
+    def __init__(self, known: dict[str, dict] | None = None) -> None:
+        self.known = known or {}
+
+    def fields(self, request: str) -> dict | None:
+        """{"kind": ..., fields} of the request, or None when it asks for none of the checked kinds."""
+        if request in self.known:
+            return self.known[request]
+        for kind, pattern in _WORDINGS.items():
+            if m := pattern.fullmatch(request):
+                return {**m.groupdict(), "kind": kind}  # the words wording has a field "kind" (诗 or 词) too
+        return None
+
+    def request_reward(self, request: str, answer: str) -> float:
+        """1 when the answer passes the check of the request's kind (tune, form, words; one word of two: 0.5), else 0."""
+        fields = self.fields(request)
+        return float(_CHECKS[fields["kind"]](fields)(_text(answer))) if fields else 0.0
+
+    def length_reward(self, request: str, answer: str) -> float:
+        """For a 五言/七言 request: 1 when every clause has the requested length; 0 otherwise."""
+        fields = self.fields(request)
+        return float(bool(fields) and fields["kind"] == "form" and check_line_length(fields["form"])(_text(answer)))
+
+
+_EVAL_WORDING = Requests()
+request_reward = _EVAL_WORDING.request_reward  # the rewards for prompts in eval_tasks.py's own wording
+length_reward = _EVAL_WORDING.length_reward
 
 
 def ended_reward(request: str, answer: str) -> float:
@@ -93,9 +124,16 @@ def poem_reward(request: str, answer: str) -> float:
     text = _text(answer)
     body = answer_body(text)
     chars = cjk("".join(body))
-    return float(bool(answer_title(text)) and len(body) >= 2 and all(_VERSE.fullmatch(line) for line in body)
+    return float(has_title(text) and len(body) >= 2 and all(_VERSE.fullmatch(line) for line in body)
                  and len(set(body)) == len(body) and len(set(chars)) >= len(chars) / 2 and not repeats(body)
                  and not restates(request, text))
+
+
+def has_title(answer: str) -> bool:
+    """The answer opens with a title: a first line without the clause punctuation a line of verse has (an answer that
+    starts with its verse has no title, and its first line would be taken for one)."""
+    title = answer_title(answer)
+    return bool(title) and not any(ch in title for ch in "，。？！；")
 
 
 def restates(request: str, answer: str, span: int = 6) -> bool:
@@ -115,11 +153,11 @@ class NovelReward:
         return float(not copies_training_text(_text(answer), self.key))
 
 
-def composite(novel: RewardFn) -> RewardFn:
+def composite(novel: RewardFn, request: RewardFn = request_reward) -> RewardFn:
     """poem x novel x (request + 0.25 ended) / 1.25, in [0, 1]."""
-    def reward(request: str, answer: str) -> float:
-        gate = poem_reward(request, answer) * novel(request, answer)
-        return gate * (request_reward(request, answer) + 0.25 * ended_reward(request, answer)) / 1.25
+    def reward(prompt: str, answer: str) -> float:
+        gate = poem_reward(prompt, answer) * novel(prompt, answer)
+        return gate * (request(prompt, answer) + 0.25 * ended_reward(prompt, answer)) / 1.25
     return reward
 
 
@@ -127,9 +165,10 @@ REWARDS = ("request", "length", "ended", "poem", "novel", "composite")
 
 
 def build_rewards(spec: str, train_path: str | Path | None, sft_path: str | Path | None,
-                  parse_only: bool = False) -> dict[str, tuple[RewardFn, float]]:
+                  parse_only: bool = False, known: dict[str, dict] | None = None) -> dict[str, tuple[RewardFn, float]]:
     """Parse --reward ("composite", or "request:1,ended:0.25"): {name: (function, weight)}; parse_only checks the
-    spec without loading the corpus (the functions are then None)."""
+    spec without loading the corpus (the functions are then None). `known` maps request texts to the fields
+    their data lines give (data/prompts.py prompt_requests)."""
     parts = {}
     for item in filter(None, (p.strip() for p in spec.split(","))):
         name, _, weight = item.partition(":")
@@ -148,6 +187,7 @@ def build_rewards(spec: str, train_path: str | Path | None, sft_path: str | Path
     if parse_only:
         return {name: (None, weight) for name, weight in parts.items()}
     novel = NovelReward(train_path, sft_path) if {"novel", "composite"} & set(parts) else None
-    functions = {"request": request_reward, "length": length_reward, "ended": ended_reward, "poem": poem_reward,
-                 "novel": novel, "composite": composite(novel) if novel else None}
+    asked = Requests({text: check_request_fields(f, f"request {text!r}") for text, f in (known or {}).items()})
+    functions = {"request": asked.request_reward, "length": asked.length_reward, "ended": ended_reward,
+                 "poem": poem_reward, "novel": novel, "composite": composite(novel, asked.request_reward) if novel else None}
     return {name: (functions[name], weight) for name, weight in parts.items()}

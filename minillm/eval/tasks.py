@@ -249,6 +249,17 @@ def known_tunes(sft_records: list[dict]) -> set[str]:
     return tunes
 
 
+def poem_words(poem: Poem, frequency: Counter) -> tuple[str, str] | None:
+    """The two open-vocabulary words the held-out evaluation asks for with this poem (heldout.open_words)."""
+    return open_words(poem.lines, frequency, set(IMAGERY), seed=cjk("".join(poem.lines)))
+
+
+def heldout_words(poems: list[Poem], frequency: Counter) -> set[str]:
+    """Every word the held-out evaluation can ask for, whatever its --limit: dataset/build.py keeps them out of
+    every training request."""
+    return {w for poem in poems if (pair := poem_words(poem, frequency)) for w in pair}
+
+
 def requests(poems: list[Poem], tunes: set[str], limit: int, frequency: Counter | None = None) -> list[Request]:
     """Up to `limit` prompts of each kind, from the held-out poems in file order (deterministic).
 
@@ -275,7 +286,7 @@ def requests(poems: list[Poem], tunes: set[str], limit: int, frequency: Counter 
             out["form"].append(Request("form", prompt, check_form(form)))
             out["length"].append(Request("length", prompt, check_line_length(form)))
         if held:
-            pair = open_words(poem.lines, frequency, set(IMAGERY), seed=cjk("".join(poem.lines)))
+            pair = poem_words(poem, frequency)
         else:
             found = [w for w in IMAGERY if w in "".join(poem.lines)]
             pair = tuple(random.Random(cjk("".join(poem.lines))).sample(found, 2)) if len(found) >= 2 else None
