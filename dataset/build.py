@@ -477,6 +477,8 @@ def build_dpo(train: list[Poem], sft: list[dict], seed: int, vocab: Vocabulary, 
                 continue
             kind, share = DPO_VARIED[name]
             prompt = pick(wording_rng, templates[name], wordings[kind], share).format(**fields)
+            if (prompt, answer) in in_sft:  # the same poem in the same composed wording as an SFT example
+                continue
             pairs.append({"prompt": [{"role": "user", "content": prompt}],
                           "chosen": [{"role": "assistant", "content": answer}],
                           "rejected": [{"role": "assistant", "content": rejected}],

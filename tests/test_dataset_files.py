@@ -151,13 +151,14 @@ class _Wordings:
         """The patterns whose wordings match the prompt, each with the match of shortest fields (a bare field
         also matches a quoted value, quotes included)."""
         found: dict[str, re.Match] = {}
-        for prefix, entries in self.by_prefix.items():
-            if prompt.startswith(prefix):
-                for name, wording in entries:
-                    rx = self.compiled.setdefault(wording, _template_regex(wording))
-                    if (m := rx.fullmatch(prompt)) and (name not in found or sum(map(len, m.groups())) < sum(
-                            map(len, found[name].groups()))):
-                        found[name] = m
+        longest = max(map(len, self.by_prefix))
+        for k in range(min(longest, len(prompt)) + 1):  # every prefix of the prompt that some wording has
+            for name, wording in self.by_prefix.get(prompt[:k], []):
+                if wording not in self.compiled:
+                    self.compiled[wording] = _template_regex(wording)
+                if (m := self.compiled[wording].fullmatch(prompt)) and (
+                        name not in found or sum(map(len, m.groups())) < sum(map(len, found[name].groups()))):
+                    found[name] = m
         return found
 
 

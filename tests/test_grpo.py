@@ -265,7 +265,7 @@ def test_resume_is_exact_including_the_sampling(tmp_path, tiny_sft_dir, tokenize
 
 def test_cli_runs_and_refuses_bad_flags_in_one_line(tmp_path, tiny_sft_dir, prompts, capsys):
     common = ["--init_from", tiny_sft_dir, "--data_path", prompts, "--eval_data", "", "--max_steps", "2",
-              "--group_size", "4", "--max_new_tokens", "8", "--log_every", "1", "--batch_size", "2"]
+              "--group_size", "4", "--max_new_tokens", "24", "--log_every", "1", "--batch_size", "2"]
     for name, extra in (("o", []), ("lora", ["--lora"])):  # the reference: a second copy, or adapters off
         code, out, err = run_train_cli("grpo", *common, "--out_dir", tmp_path / name, "--kl_beta", "0.04",
                                        "--reward", "request:1,ended:0.5,poem:0.5", "--learning_rate", "1e-2", *extra,
