@@ -274,7 +274,9 @@ def test_cli_runs_and_refuses_bad_flags_in_one_line(tmp_path, tiny_sft_dir, prom
         r = rows(tmp_path / name)
         assert len(r) == 2 and {"rewards/request", "rewards/ended", "rewards/poem", "kl"} <= set(r[0])
         assert all(0 <= x["completions/repetitive"] <= 1 for x in r)  # issue 45: the degeneration measure logged
-        assert r[0]["kl"] == 0.0 and r[1]["kl"] > 0  # the first rollout's policy is the reference
+        assert r[0]["kl"] == 0.0  # the first rollout's policy is the reference
+        if name == "o" or r[0]["frac_reward_zero_std"] < 1:  # weight decay moves the full model; adapters start
+            assert r[1]["kl"] > 0                            # at B = 0 and move only on a reward that differs
     assert (tmp_path / "o" / "model.safetensors").is_file() and (tmp_path / "lora" / "adapter_model.safetensors").is_file()
     # The chat model's training context stays (GRPO's --max_length caps the prompts, not the context).
     start = tmp_path / "start"
