@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from minillm.eval.heldout import check_training_side
+from minillm.eval.heldout import check_training_side, clause_pairs
 
 KINDS = ("tune", "tune_open", "form", "words", "word_line")
 FIELDS = {"tune": {"tune"}, "tune_open": {"tune"}, "form": {"dynasty", "form"}, "words": {"kind", "w1", "w2"},
@@ -85,9 +85,4 @@ class Vocabulary:
 
     def words_in(self, line: str) -> list[str]:
         """The vocabulary's words in a line, in order of first occurrence."""
-        found: dict[str, None] = {}
-        for clause in re.split(r"[^\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+", line):
-            for i in range(len(clause) - 1):
-                if clause[i:i + 2] in self.words:
-                    found[clause[i:i + 2]] = None
-        return list(found)
+        return [w for w in dict.fromkeys(clause_pairs(line)) if w in self.words]

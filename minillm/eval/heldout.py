@@ -78,9 +78,9 @@ def check_training_side(templates: Iterable[str]) -> None:
             matcher.set_seq1(fixed_text(template))
             if matcher.real_quick_ratio() >= NEAR_DUPLICATE and matcher.quick_ratio() >= NEAR_DUPLICATE and (
                     ratio := matcher.ratio()) >= NEAR_DUPLICATE:
-                    raise ValueError(f"the training template {template!r} is the held-out wording {held!r} (or "
-                                     f"too close to it: similarity {ratio:.2f}); held-out wordings are for "
-                                     "evaluation only (minillm/eval/heldout.py)")
+                raise ValueError(f"the training template {template!r} is the held-out wording {held!r} (or too "
+                                 f"close to it: similarity {ratio:.2f}); held-out wordings are for evaluation only "
+                                 "(minillm/eval/heldout.py)")
 
 
 def heldout_wording(kind: str, i: int) -> str:
@@ -89,14 +89,18 @@ def heldout_wording(kind: str, i: int) -> str:
     return wordings[i % len(wordings)]
 
 
+def clause_pairs(text: str) -> list[str]:
+    """Every 2-character string inside a run of Chinese characters of `text`, in order (never across punctuation
+    or a line break): the candidate words of the corpus statistics, the evaluation and the build."""
+    return [clause[i:i + 2] for clause in re.split(r"[^\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+", text)
+            for i in range(len(clause) - 1)]
+
+
 def document_frequency(texts: Iterable[str]) -> Counter:
     """In how many texts each 2-character Chinese string occurs: corpus statistics that tell words from chance."""
     counts: Counter = Counter()
     for text in texts:
-        pairs = set()
-        for clause in re.split(r"[^\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+", text):
-            pairs.update(clause[i:i + 2] for i in range(len(clause) - 1))
-        counts.update(pairs)
+        counts.update(set(clause_pairs(text)))
     return counts
 
 
@@ -105,12 +109,8 @@ def open_words(lines: list[str], frequency: Counter, exclude: set[str], seed: st
     """Two words of a held-out poem's own lines: 2-character strings of one clause that at least min_documents
     training texts hold (so they are words of the language, not chance pairs), none in `exclude` (the training
     list), two distinct characters each; drawn deterministically from `seed`. None when fewer than two."""
-    found = []
-    for clause in re.split(r"[^\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+", "".join(lines)):
-        for i in range(len(clause) - 1):
-            word = clause[i:i + 2]
-            if word[0] != word[1] and word not in exclude and frequency[word] >= min_documents and word not in found:
-                found.append(word)
+    found = [w for w in dict.fromkeys(clause_pairs("".join(lines)))
+             if w[0] != w[1] and w not in exclude and frequency[w] >= min_documents]
     rng = random.Random(seed)
     for w1 in rng.sample(found, len(found)):
         others = [w for w in found if not set(w) & set(w1)]  # two words that share no character
