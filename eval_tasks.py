@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -38,10 +39,16 @@ from minillm.eval.tasks import (
     run_cloze,
     training_key,
 )
+from minillm.eval.tool_tasks import run_tool_requests, summarise, tool_requests
 from minillm.export.model_card import record_evaluation
 from minillm.files import write_json
 from minillm.infer.generation import check_sampling
+from minillm.infer.poem_tools import PoemIndex, poem_tools
 
+TOOL_KIND_NAMES = {"quote": "quotes the asked clause of a poem (needs search_poems)",
+                   "tone": "names a character's level/oblique tone (needs rhyme)",
+                   "none": "writing requests answered without a call",
+                   "quote_tools_off": "the quote requests with the tools off (from memory)"}
 KIND_NAMES = {"tune": "names the requested tune (请以《X》为词牌)",
               "form": "writes the requested form: 4/8 clauses of 5/7 characters (五言/七言 绝句/律诗)",
               "length": "writes the requested line length: every clause 5 or 7 characters (五言/七言)",
@@ -65,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train_data", default="dataset/pretrain.jsonl",
                    help="training poems a verbatim copy is looked for in, with the SFT answers (default: %(default)s)")
     p.add_argument("--tasks", default="auto",
-                   help="cloze, requests, or both comma-separated; auto: both for chat models, cloze otherwise")
+                   help="cloze, requests and tools, comma-separated; auto: all three for chat models whose tokenizer "
+                        "has the tool tokens (cloze and requests for older ones), cloze otherwise")
     p.add_argument("--limit", type=int, default=32,
                    help="prompts per request kind, from the held-out poems in file order (default: %(default)s)")
     p.add_argument("--max_new_tokens", type=int, default=160, help="tokens per answer (default: %(default)s)")
@@ -92,9 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         # The cloze scores in float32 whatever the weights; generation runs in the weights' dtype.
         model, tokenizer, _ = load_trained(args, device, dtype)
         chat = bool(getattr(model.config, "chat_trained", False))
-        tasks = (["cloze", "requests"] if chat else ["cloze"]) if args.tasks == "auto" else args.tasks.split(",")
-        if not set(tasks) <= {"cloze", "requests"}:
-            raise CliError(f"--tasks takes cloze and/or requests, got {args.tasks!r}")
+        auto = ["cloze", "requests"] + (["tools"] if tokenizer.tool_ids else []) if chat else ["cloze"]
+        tasks = auto if args.tasks == "auto" else args.tasks.split(",")
+        if not set(tasks) <= {"cloze", "requests", "tools"}:
+            raise CliError(f"--tasks takes cloze, requests and/or tools, got {args.tasks!r}")
+        if "tools" in tasks and not tokenizer.tool_ids:
+            raise CliError(f"--tasks tools: the tokenizer of {args.model} has no tool-call tokens (it was made "
+                           "before tool calling)")
         check_sampling(args.temperature)
         if args.samples < 1 or (args.samples > 1 and args.temperature == 0):
             raise CliError(f"--samples {args.samples}: give 1, or more than 1 with a --temperature > 0 (greedy "
@@ -153,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{measured['n']}; distinct-2 {measured['distinct_2']:.3f}")
             results["requests"]["kinds" if split == "train" else "heldout"] = per_kind
             results["requests"][f"degeneration_{split}"] = measured
+    if "tools" in tasks:
+        results["tools"] = evaluate_tools(model, tokenizer, poems, args)
     results["seconds"] = time.perf_counter() - start
     print(f"({results['seconds']:.0f} s)")
     if args.json:
@@ -160,6 +174,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.quantize == "none":  # the card describes the model as saved, not a quantized copy of it
         update_card(args.adapter or args.model, results, args.data)
     return 0
+
+
+def evaluate_tools(model, tokenizer, poems: list, args: argparse.Namespace) -> dict:
+    """Tool requests (minillm/eval/tool_tasks.py) in both columns, and the quote requests with the tools off."""
+    index = PoemIndex.load((Path(args.train_data), Path(args.data)))
+    tools = poem_tools(index)
+    train_poems = [p for p in (parse_poem(t) for t in read_documents(args.train_data)) if p is not None]
+    tunes = known_tunes([r for _, r in iter_records(args.sft_data)])
+    writing = {"train": [r.prompt for r in requests(poems, tunes, args.limit)],
+               "heldout": [r.prompt for r in requests(poems, tunes, args.limit,
+                                                      document_frequency(read_documents(args.train_data)))]}
+    context = model.config.max_position_embeddings
+    out: dict[str, object] = {}
+    for split, source in (("train", train_poems), ("heldout", poems)):
+        # A mix of writing kinds for the no-call requests: every third of tunes, forms and words.
+        todo = tool_requests(source, index, args.limit, split == "heldout", writing[split][::3])
+        with tqdm(total=len(todo), desc=f"tools ({split})", unit="request", file=sys.stderr) as bar:
+            scores = run_tool_requests(model, tokenizer, todo, tools, args.max_new_tokens, context, bar.update)
+        rates = summarise(scores, tools)
+        quotes = [s.request for s in scores if s.request.kind == "quote"]
+        bare = run_tool_requests(model, tokenizer, quotes, {}, args.max_new_tokens, context)
+        rates["quote_tools_off"] = {"n": len(bare), "correct": sum(s.correct for s in bare) / max(len(bare), 1)}
+        print(f"-- tools, {'the training distribution' if split == 'train' else 'held out: new wordings, titles'}")
+        for kind, r in rates.items():
+            what = TOOL_KIND_NAMES[kind]
+            calls = f"right tool, valid arguments {r['valid_call']:.1%}; " if "valid_call" in r else ""
+            print(f"{kind}: {what}: {calls}answer right {r['correct']:.1%} of {r['n']}")
+        for s in [s for s in scores if s.request.kind != "none"][:args.show]:
+            made = "; ".join(f"{c.name}({c.arguments})" for c in s.run.calls) or "no call"
+            print(f"  Q: {s.request.prompt}\n  calls: {made}\n  A: " + s.run.answer.replace("\n", " / "))
+        out[split] = rates
+    return out
 
 
 def update_card(model_dir: str, results: dict, data: str) -> None:

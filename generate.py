@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
@@ -17,6 +18,8 @@ from minillm.data.tokenizer import declares_chat_template
 from minillm.device import inference_dtype, resolve_device
 from minillm.infer.chat import ChatSession, ContextError, StreamingAnswer
 from minillm.infer.generation import check_sampling
+from minillm.infer.poem_tools import poem_tools
+from minillm.infer.tool_loop import MAX_TOOL_TURNS, run_with_tools
 from minillm.model.model import MiniLLM
 
 PROG = "generate.py"
@@ -57,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the sampling random generator: the same seed, model and flags give the same "
                         "text (default: a fresh random seed)")
+    p.add_argument("--tools", default=None, metavar="NAMES",
+                   help="offer these tools to the model, comma-separated, or all (search_poems: the shipped corpus "
+                        "by title, author or line; rhyme: pinyin, final, tone of characters). Its calls are run, "
+                        "their results fed back, up to --max_tool_turns times; calls and results go to stderr")
+    p.add_argument("--max_tool_turns", type=int, default=MAX_TOOL_TURNS,
+                   help="model turns per answer that may call tools (default: %(default)s)")
     add_inference_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="run the decode steps through torch.compile: the first answer waits for the "
@@ -85,6 +94,10 @@ def check_flags(args: argparse.Namespace) -> None:
             raise CliError(f"--{flag} is not valid UTF-8 text ({bad})")
     if args.raw and args.system is not None:
         raise CliError("--system needs the chat template; it cannot be combined with --raw")
+    if args.raw and args.tools:
+        raise CliError("--tools needs the chat template; it cannot be combined with --raw")
+    if args.max_tool_turns < 1:
+        raise CliError(f"--max_tool_turns must be >= 1, got {args.max_tool_turns}")
     if args.context is not None and args.context < 2:
         raise CliError(f"--context must be >= 2, got {args.context}")
 
@@ -116,6 +129,20 @@ class Console:
         print(f"\x1b[2m{text}\x1b[0m" if self.dim else text, file=sys.stderr, flush=True)
 
 
+def pick_tools(names: str | None, tokenizer) -> dict:
+    """The tools --tools names (all: every poetry tool); CliError for an unknown name or a tokenizer without them."""
+    if not names:
+        return {}
+    if not tokenizer.tool_ids and tokenizer.template is None:
+        raise CliError("--tools: this model's tokenizer has no tool-call tokens (it was made before tool calling)")
+    tools = poem_tools()
+    wanted = list(tools) if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in tools]
+    if unknown:
+        raise CliError(f"--tools: no tool named {unknown[0]!r}; the tools are {', '.join(tools)} (or all)")
+    return {n: tools[n] for n in wanted}
+
+
 def load(args: argparse.Namespace):
     """Model, tokenizer, device and tokenizer directory, with one clear error for each thing that is missing."""
     device = resolve_device(args.device)
@@ -140,6 +167,27 @@ class Generator:
         self.rng = None
         if args.seed is not None:
             self.rng = torch.Generator(device=device).manual_seed(args.seed)
+        self.tools = pick_tools(args.tools, tokenizer)
+        self.schemas = [t.schema() for t in self.tools.values()] or None
+
+    def session(self) -> ChatSession:
+        """A new chat history, with the system prompt and the tools offered."""
+        return ChatSession(self.tokenizer, self.budget, system=self.args.system, tools=self.schemas)
+
+    def answer_with_tools(self, history: list[dict]) -> list[dict]:
+        """Answer the last message with the tools on: calls and results noted on stderr, the answer on stdout;
+        returns the messages to add to the history."""
+        a = self.args
+        note = self.console.note
+        run = run_with_tools(self.model, self.tokenizer, history, self.tools, a.max_new_tokens, a.max_tool_turns,
+                             a.temperature, self.context, generator=self.rng, top_k=a.top_k or None,
+                             top_p=a.top_p if a.top_p < 1 else None, repetition_penalty=a.repetition_penalty,
+                             on_call=lambda call, result: note(f"[{call.name}({json.dumps(call.arguments, ensure_ascii=False)})"
+                                                               f" -> {result}]"))
+        self.console.write(run.answer + "\n")
+        if run.exhausted:
+            note(f"[still calling tools after --max_tool_turns {a.max_tool_turns}, or out of context: stopped]")
+        return run.messages
 
     def too_long(self, n: int) -> str:
         """The message for a prompt of n tokens that does not fit."""
@@ -186,10 +234,14 @@ def one_shot(gen: Generator, args: argparse.Namespace) -> None:
     if args.raw:
         ids = gen.raw_ids(args.prompt)
     else:
-        session = ChatSession(gen.tokenizer, gen.budget, system=args.system)
-        ids = session.encode(session.messages + [{"role": "user", "content": args.prompt}])
+        session = gen.session()
+        question = {"role": "user", "content": args.prompt}
+        ids = session.encode(session.messages + [question])
         if len(ids) > gen.budget:
             raise ContextError(gen.too_long(len(ids)))
+        if gen.tools:
+            gen.answer_with_tools(session.messages + [question])
+            return
     gen.answer(ids)
 
 
@@ -218,7 +270,7 @@ def chat(gen: Generator, args: argparse.Namespace) -> None:
             import readline  # noqa: F401  (arrow keys and history in input())
         except ImportError:
             pass
-    session = ChatSession(gen.tokenizer, gen.budget, system=args.system)
+    session = gen.session()
     mode = "each line is continued as plain text" if args.raw else "/reset clears the history"
     gen.console.note(f"chatting with {args.model} ({gen.context}-token context); {mode}; /exit or Ctrl-D quits")
     while True:
@@ -250,6 +302,9 @@ def chat(gen: Generator, args: argparse.Namespace) -> None:
         if dropped:
             gen.console.note(f"(dropped the oldest {dropped} turn{'s' if dropped > 1 else ''} "
                              f"to keep the conversation within the context)")
+        if gen.tools:
+            session.add_messages(gen.answer_with_tools(session.messages))
+            continue
         text = gen.answer(session.prompt_ids())
         session.add_assistant(text)
 

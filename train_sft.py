@@ -13,7 +13,7 @@ DEFAULTS = dict(
     warmup_steps=0,
     epochs=2,
     batch_size=16,
-    max_length=256,
+    max_length=768,  # tool conversations: the schemas, a call and its result take 400-750 tokens; grouped by length
     group_by_length=True,  # chat examples vary in length: batch alike ones, skip all-padding columns
 )
 

@@ -48,7 +48,8 @@ def test_at_least_twenty_wordings_per_kind_all_distinct():
     for kind, wordings in HELDOUT.items():
         assert len(wordings) >= 20, kind
         assert len({fixed_text(w) for w in wordings}) == len(wordings), kind
-        fields = {"tune": {"{tune}"}, "form": {"{form}", "{dynasty}"}, "words": {"{w1}", "{w2}", "{kind}"}}[kind]
+        fields = {"tune": {"{tune}"}, "form": {"{form}", "{dynasty}"}, "words": {"{w1}", "{w2}", "{kind}"},
+                  "quote": {"{title}", "{nth}"}, "tone": {"{char}"}}[kind]
         assert all(fields <= set(re.findall(r"\{\w+\}", w)) for w in wordings), kind
     assert heldout_wording("tune", 0) != heldout_wording("tune", 1) == heldout_wording("tune", 1 + len(HELDOUT["tune"]))
 
@@ -148,7 +149,8 @@ def test_the_build_refuses_a_wordings_file_or_word_list_that_holds_a_heldout_ite
     # The shipped file composes hundreds of wordings per kind, every one clear of the held-out ones.
     shipped = load_wordings(REPO / "dataset" / "wordings.json")
     assert {k: len(v) for k, v in shipped.items()} == {"tune": 4800, "tune_open": 480, "form": 423, "words": 1580,
-                                                        "word_line": 896}
+                                                        "word_line": 896, "tool_quote": 285, "tool_source": 102,
+                                                        "tool_tone": 102, "tool_chain": 64}
     with pytest.raises(ValueError, match="the word list holds '不知'"):
         Vocabulary(Counter(), {"不知", "人间"}, listed=["明月", "不知"])
     vocab = Vocabulary(Counter({"明月": 30, "不知": 40, "月明": 5, "花花": 50}), {"不知"})

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from conftest import late_specials_backend
 
+from minillm.data.conversation import TOOL_TOKENS
 from minillm.data.tokenizer import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,
@@ -44,9 +45,10 @@ def eval_texts() -> list[str]:
 
 
 def test_default_tokenizer_shape(tok):
-    assert tok.vocab_size == len(tok) == 6400
+    assert tok.vocab_size == len(tok) == 6404  # 6,400 learned (ChatML's 3 included), then the 4 tool tokens
     assert (tok.eos_id, tok.pad_id, tok.im_start_id, tok.im_end_id) == (0, 0, 1, 2)
     assert [tok.backend.id_to_token(i) for i in range(3)] == SPECIAL_TOKENS
+    assert [tok.backend.id_to_token(i) for i in range(6400, 6404)] == TOOL_TOKENS == list(tok.tool_ids)
 
 
 def test_round_trip_eval_split(tok, eval_texts):
@@ -107,7 +109,7 @@ def test_transformers_loads_saved_dir_identically(tok, eval_texts, tmp_path):
     assert config["chat_template"] == CHAT_TEMPLATE and config["add_bos_token"] is False
 
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
-    assert (hf.eos_token_id, hf.pad_token_id, len(hf)) == (0, 0, 6400)
+    assert (hf.eos_token_id, hf.pad_token_id, len(hf)) == (0, 0, 6404)
     assert hf(eval_texts)["input_ids"] == tok.encode_batch(eval_texts)
     for text in MIXED:
         # transformers' default turns special-token strings into control tokens (our allow_special=True);
@@ -138,7 +140,8 @@ def test_train_small_is_deterministic_and_exact(tmp_path):
                       encoding="utf-8")
     a, b = train_tokenizer([corpus], vocab_size=300), train_tokenizer([corpus], vocab_size=300)
     assert a.fingerprint() == b.fingerprint()
-    assert 259 < a.vocab_size <= 300 and a.encode("<|im_start|>", allow_special=True) == [1]
+    assert 263 < a.vocab_size <= 304 and a.encode("<|im_start|>", allow_special=True) == [1]
+    assert list(a.tool_ids.values()) == list(range(a.vocab_size - 4, a.vocab_size))  # after the learned ones
     for text in lines[:3] + MIXED:
         assert a.decode(a.encode(text)) == text
     assert len(a.encode(lines[0])) < len(lines[0].encode("utf-8"))  # merges were learned
@@ -167,7 +170,7 @@ def test_cli_help_and_train(tmp_path, capsys):
     corpus.write_text('{"text": "白日依山尽，黄河入海流。"}\n' * 20, encoding="utf-8")
     main(["--data", str(corpus), "--vocab_size", "280", "--out", str(tmp_path / "tok")])
     loaded = load_tokenizer(tmp_path / "tok")
-    assert loaded.vocab_size <= 280 and loaded.encode("<|im_end|>", allow_special=True) == [2]
+    assert loaded.vocab_size <= 284 and loaded.encode("<|im_end|>", allow_special=True) == [2]
 
 
 def test_special_ids_are_looked_up_not_assumed(tmp_path):

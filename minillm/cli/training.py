@@ -176,9 +176,29 @@ def _load_tokenizer(args) -> Tokenizer:
     return tokenizer
 
 
-def _check_tokenizer_fits(args, tokenizer: Tokenizer, model: MiniLLM) -> None:
-    """Refuse a tokenizer whose ids would index past the model's embedding table."""
+def _extends(tokenizer: Tokenizer, init_from: str | None, vocab_size: int) -> bool:
+    """Whether `tokenizer` is the one saved in init_from plus added tokens only (e.g. the tool-call tokens): the
+    same learned vocabulary and the same ids below the model's vocab_size."""
+    if not init_from or not (Path(init_from) / "tokenizer.json").is_file():
+        return False
+    old = Tokenizer.from_pretrained(init_from)
+    learned = (old.backend.get_vocab_size(with_added_tokens=False),
+               tokenizer.backend.get_vocab_size(with_added_tokens=False))
+    return (old.vocab_size == vocab_size and learned[0] == learned[1]
+            and all(old.backend.id_to_token(i) == tokenizer.backend.id_to_token(i) for i in range(vocab_size)))
+
+
+def _check_tokenizer_fits(args, tokenizer: Tokenizer, model: MiniLLM, is_main: bool = True) -> None:
+    """Refuse a tokenizer whose ids would index past the model's embedding table, unless it extends the model's
+    own with added tokens: then the table grows (new rows start at the mean row)."""
     if tokenizer.vocab_size <= model.config.vocab_size:
+        return
+    if not getattr(args, "lora", False) and _extends(tokenizer, args.init_from, model.config.vocab_size):
+        if is_main:
+            print(f"note: --tokenizer {args.tokenizer} extends the tokenizer of {args.init_from} with "
+                  f"{tokenizer.vocab_size - model.config.vocab_size} added tokens: the embedding grows to "
+                  f"{tokenizer.vocab_size} rows")
+        model.grow_vocab(tokenizer.vocab_size)
         return
     source = args.tokenizer or args.init_from or "minillm's shipped tokenizer"
     raise ValueError(f"the tokenizer ({source}) has {tokenizer.vocab_size} tokens but the model"
@@ -276,7 +296,7 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
     if kind in ("dpo", "grpo") and not args.init_from:
         raise CliError(f"{kind.upper()} starts from a trained chat model: pass --init_from DIR (train_sft.py's out_dir)")
     model = _build_model(args, tokenizer)
-    _check_tokenizer_fits(args, tokenizer, model)
+    _check_tokenizer_fits(args, tokenizer, model, env.is_main)
     check_stage_context(args, kind, model)
     # What eval_ppl.py and generate.py read back: the context trained on, and whether chat was learnt. DPO and
     # GRPO keep the chat model's own (GRPO's --max_length caps prompts, not the context).

@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from minillm.data.conversation import check_messages
+
 RENDER_SECONDS = float(os.environ.get("MINILLM_TEMPLATE_SECONDS", 5.0))
 RENDER_MEMORY = 1 << 30  # bytes of address space a worker may map, the interpreter's own included
 MAX_CHARS = 16 << 20  # characters of rendered text
@@ -161,27 +163,46 @@ class ChatTemplate:
             with self._lock:
                 self._idle.append(worker)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """The conversation as text, exactly as transformers' apply_chat_template(tokenize=False) renders it."""
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"message {i} must have 'role' and 'content' keys, got {m!r}")
-        return self._call("render", messages, add_generation_prompt)
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None
+               ) -> str:
+        """The conversation as text, exactly as transformers' apply_chat_template(tokenize=False, tools=...)."""
+        check_messages(messages, tools)
+        return self._call("render", messages, add_generation_prompt, tools)
 
-    def conversation(self, messages: list[dict], add_generation_prompt: bool, specials: list[str] | None
-                     ) -> tuple[list[tuple[str, bool]], list[tuple[int, int]]]:
+    def conversation(self, messages: list[dict], add_generation_prompt: bool, specials: list[str] | None,
+                     tools: list[dict] | None = None) -> tuple[list[tuple[str, bool]], list[tuple[int, int]]]:
         """([(piece, is_message_text)], learned character spans): the rendered conversation cut into the
         template's pieces and the messages' text, and (with `specials`, the control tokens' strings) the spans
         SFT learns: each assistant reply and its end marker. See template_render.Renderer."""
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"message {i} must have 'role' and 'content' keys, got {m!r}")
-        out = self._call("conversation", messages, add_generation_prompt, specials)
+        check_messages(messages, tools)
+        out = self._call("conversation", messages, add_generation_prompt, specials, tools)
         return [(p, bool(t)) for p, t in out["pieces"]], [(a, b) for a, b in out["spans"]]
 
     def turn(self, messages: list[dict], specials: list[str]) -> str:
         """The learned text of the one assistant turn in `messages`: its reply and the template's end marker."""
         return self._call("turn", messages, specials)
+
+
+def refuse_control_text(messages: list[dict], tools: list[dict] | None, specials: list[str]) -> None:
+    """Tool schemas and call arguments are rendered by the template itself, so they cannot be kept apart as
+    message text: one that spells a control token (\"<|im_start|>\") is refused, naming where."""
+    def walk(value: object, where: str) -> None:
+        if isinstance(value, str):
+            bad = [s for s in specials if s in value]
+            if bad:
+                raise ValueError(f"{where} holds the control token {bad[0]!r}: tool definitions and call arguments "
+                                 "may not spell control tokens")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(key, where)
+                walk(item, f"{where}.{key}")
+        elif isinstance(value, list):
+            for k, item in enumerate(value):
+                walk(item, f"{where}[{k}]")
+
+    walk(tools or [], "tools")
+    for i, m in enumerate(messages):
+        walk(m.get("tool_calls") or [], f"messages[{i}].tool_calls")
 
 
 def cut_at(pieces: list[tuple[str, bool]], cuts: set[int]) -> list[tuple[str, bool, int]]:

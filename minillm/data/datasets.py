@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from minillm.data.conversation import call_json, check_tools
 from minillm.data.jsonl import DataError, JsonLines, Where, get_str, text_expected
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ class PretrainDataset(JsonlExamples):
 # ---------------------------------------------------------------------------------------------
 # SFT: ChatML conversations with loss on the assistant replies only.
 
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool")
 _CONV_EXPECTED = (
     '{"conversations": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
 )
@@ -145,8 +146,32 @@ def parse_messages(turns: object, where: str | Where, key: str) -> list[dict[str
         role = get_str(turn, "role", at, 'a "role" string')
         if role not in _ROLES:
             raise DataError(f"{at}: unknown role {role!r}; expected one of {', '.join(_ROLES)}")
+        if role == "assistant" and turn.get("tool_calls"):  # calls, with or without text before them
+            calls = turn["tool_calls"]
+            try:
+                if not isinstance(calls, list):
+                    raise ValueError("tool_calls must be a list")
+                for c, call in enumerate(calls):
+                    call_json(call, f"tool_calls[{c}]")
+            except ValueError as e:
+                raise DataError(f"{at}: {e}") from None
+            content = turn.get("content") or ""
+            if not isinstance(content, str):
+                raise DataError(f'{at}: "content" must be a string or null beside tool_calls')
+            messages.append({"role": role, "content": content, "tool_calls": calls})
+            continue
         messages.append({"role": role, "content": get_str(turn, "content", at, 'a "content" string')})
     return messages
+
+
+def tools_from_record(obj: dict, where: str | Where) -> list[dict] | None:
+    """A record's "tools" field (OpenAI function tools the conversation may call), validated; None if absent."""
+    if obj.get("tools") is None:
+        return None
+    try:
+        return check_tools(obj["tools"])
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
 
 
 def messages_from_record(obj: dict, where: str | Where, system_prompt: str | None) -> list[dict[str, str]]:
@@ -180,8 +205,9 @@ def messages_from_record(obj: dict, where: str | Where, system_prompt: str | Non
 class SFTDataset(JsonlExamples):
     """Chat/instruction JSON lines -> (X, Y, loss_mask) with loss only on what the assistant says.
 
-    Accepted lines: {"conversations"|"messages": [{"role", "content"}, ...]},
-    {"instruct", "input", "label"} and {"instruction", "input", "output"} (optional "system" field;
+    Accepted lines: {"conversations"|"messages": [{"role", "content"}, ...]} (assistant turns may carry OpenAI
+    "tool_calls", "tool" turns the results; a "tools" field lists the functions offered, rendered in the system
+    turn), {"instruct", "input", "label"} and {"instruction", "input", "output"} (optional "system" field;
     user turn = instruction + "\\n" + input when both are non-empty). ``system_prompt`` is prepended
     to examples that have no system turn.
     """
@@ -195,13 +221,20 @@ class SFTDataset(JsonlExamples):
         """Example ``i`` as a list of {"role", "content"} messages."""
         return messages_from_record(self.lines.record(i), self.lines.where(i), self.system_prompt)
 
+    def tools(self, i: int) -> list[dict] | None:
+        """The tools example ``i`` offers (its "tools" field), or None."""
+        return tools_from_record(self.lines.record(i), self.lines.where(i))
+
+    def parse(self, i: int) -> list[dict[str, str]]:
+        """Example ``i``'s messages, its tools checked too (DataError naming the line)."""
+        self.tools(i)
+        return self.messages(i)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids, learn = self.tokenizer.render_conversation(self.messages(i))
+        ids, learn = self.tokenizer.render_conversation(self.messages(i), tools=self.tools(i))
         # Truncating ids and mask together keeps them aligned; a reply cut off entirely leaves an
         # all-zero mask, so the example adds no loss instead of a wrong one.
         return make_example(ids, learn, self.max_length, self.tokenizer.pad_id)
-
-    parse = messages
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,12 +69,12 @@ class Renderer:
         self.template = environment().from_string(source)
         self.special, self.max_chars = special, max_chars
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
         """The conversation as text, exactly as transformers' apply_chat_template(tokenize=False) renders it."""
         out, size = [], 0
         try:
-            for chunk in self.template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **self.special):
+            for chunk in self.template.generate(messages=messages, tools=tools,
+                                                add_generation_prompt=add_generation_prompt, **self.special):
                 size += len(chunk)
                 if size > self.max_chars:
                     raise TooLong(f"the chat template rendered more than {self.max_chars:,} characters")
@@ -85,11 +85,13 @@ class Renderer:
             raise Refused(f"the chat template refused the conversation: {e}") from None
         return "".join(out)
 
-    def pieces(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[str, bool]]]:
-        """(rendered text, [(piece, is_message_text)]): the text cut into the template's pieces and the messages'."""
-        text = self.render(messages, add_generation_prompt)
-        marked = self.render([{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)],
-                             add_generation_prompt)
+    def pieces(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None
+               ) -> tuple[str, list[tuple[str, bool]]]:
+        """(rendered text, [(piece, is_message_text)]): the text cut into the template's pieces and the messages'.
+        A null content (an assistant turn of tool calls only) stays null: the template decides what it shows."""
+        text = self.render(messages, add_generation_prompt, tools)
+        marked = self.render([{**m, "content": _MARK.format(i)} if m.get("content") is not None else m
+                              for i, m in enumerate(messages)], add_generation_prompt, tools)
         parts = _MARK_RE.split(marked)  # template, index, template, index, ..., template
         out, pos = [], 0
         for k in range(0, len(parts), 2):
@@ -116,15 +118,17 @@ class Renderer:
             raise Refused("the chat template's output could not be split into its pieces")
         return text, [(p, is_text) for p, is_text in out if p]
 
-    def learned_spans(self, messages: list[dict], specials: list[str]) -> list[tuple[int, int]]:
-        """Character spans of the rendered conversation that SFT learns: each assistant reply and its end marker."""
-        full = self.render(messages)
+    def learned_spans(self, messages: list[dict], specials: list[str], tools: list | None = None
+                      ) -> list[tuple[int, int]]:
+        """Character spans of the rendered conversation that SFT learns: each assistant reply (its tool calls too)
+        and its end marker; never a tool's result."""
+        full = self.render(messages, tools=tools)
         spans = []
         for k, m in enumerate(messages):
             if m.get("role") != "assistant":
                 continue
-            before = self.render(messages[:k], add_generation_prompt=True)
-            upto = self.render(messages[:k + 1])
+            before = self.render(messages[:k], True, tools)
+            upto = self.render(messages[:k + 1], tools=tools)
             if not (upto.startswith(before) and full.startswith(upto)):
                 raise Refused(f"the chat template renders assistant turn {k} differently once the conversation "
                               "goes on (or the generation prompt is not how the turn starts), so its loss mask "
@@ -134,10 +138,11 @@ class Renderer:
             spans.append((len(before), len(before) + (max(ends) if ends else len(turn))))
         return spans
 
-    def conversation(self, messages: list[dict], add_generation_prompt: bool, specials: list[str] | None) -> dict:
+    def conversation(self, messages: list[dict], add_generation_prompt: bool, specials: list[str] | None,
+                     tools: list | None = None) -> dict:
         """What Tokenizer.render_conversation needs in one round trip: the pieces, and the learned spans."""
-        _, pieces = self.pieces(messages, add_generation_prompt)
-        spans = [] if specials is None else self.learned_spans(messages, specials)
+        _, pieces = self.pieces(messages, add_generation_prompt, tools)
+        spans = [] if specials is None else self.learned_spans(messages, specials, tools)
         return {"pieces": pieces, "spans": spans}
 
 

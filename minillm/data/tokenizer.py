@@ -16,7 +16,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from minillm.data.chat_template import ChatTemplate, cut_at
+from minillm.data.chat_template import ChatTemplate, cut_at, refuse_control_text
+from minillm.data.conversation import CHAT_TEMPLATE, TOOL_TOKENS, pieces, render, uses_tools
 from minillm.data.jsonl import iter_texts
 from minillm.files import atomic_write, read_json, write_json
 
@@ -24,9 +25,10 @@ from minillm.files import atomic_write, read_json, write_json
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 DEFAULT_ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_MAX_LENGTH = 32768
+_FIXED_PIECES = ("\n", "assistant\n", "tool\n")
 
-# Jinja twin of Tokenizer.apply_chat_template; both must render byte-identical strings.
-CHAT_TEMPLATE = (
+# The template saved by tokenizers made before tool calling (ChatML without tools): still read as minillm's own.
+LEGACY_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
@@ -38,7 +40,8 @@ class Tokenizer:
     """Thin wrapper over a `tokenizers.Tokenizer` that has the ChatML special tokens of SPECIAL_TOKENS.
 
     Their ids are looked up, not assumed: the tokenizers trained here hold them at 0, 1, 2, Qwen2's at
-    151643-151645. <|endoftext|> ends documents and pads; <|im_start|>/<|im_end|> frame chat turns.
+    151643-151645. <|endoftext|> ends documents and pads; <|im_start|>/<|im_end|> frame chat turns; the tool
+    tokens (TOOL_TOKENS, after the learned vocabulary) frame calls and results.
     """
 
     def __init__(self, backend: BackendTokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
@@ -93,33 +96,35 @@ class Tokenizer:
         """Text of `ids`; exact inverse of `encode` for any string."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """Render a conversation as text: the tokenizer's own template, else ChatML
-        (`<|im_start|>{role}\\n{content}<|im_end|>\\n` per message)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tools: list[dict] | None = None) -> str:
+        """Render a conversation (and the tools it may call) as text: the tokenizer's own template, else ChatML
+        with tools (minillm/data/conversation.py)."""
         if self.template is not None:
-            return self.template.render(messages, add_generation_prompt)
-        parts = []
-        for i, message in enumerate(messages):
-            if "role" not in message or "content" not in message:
-                raise ValueError(f"message {i} must have 'role' and 'content' keys, got {sorted(message)}")
-            parts.append(f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n")
-        if add_generation_prompt:
-            parts.append("<|im_start|>assistant\n")
-        return "".join(parts)
+            return self.template.render(messages, add_generation_prompt, tools)
+        return render(messages, tools, add_generation_prompt)
+
+    @cached_property
+    def tool_ids(self) -> dict[str, int]:
+        """The ids of <tool_call>, </tool_call>, <tool_response>, </tool_response>; empty for a tokenizer made
+        before tool calling (it renders conversations without tools only)."""
+        ids = {token: self.backend.token_to_id(token) for token in TOOL_TOKENS}
+        return ids if all(i is not None for i in ids.values()) else {}
 
     def _piece(self, text: str) -> list[int]:
         if text not in self._pieces:
             self._pieces[text] = self.encode(text)
         return self._pieces[text]
 
-    def render_conversation(self, messages: list[dict[str, str]], add_generation_prompt: bool = False
-                            ) -> tuple[list[int], list[int]]:
-        """ChatML ids of `messages` and a 0/1 mask that is 1 on each assistant reply and its <|im_end|>.
+    def render_conversation(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+        """ChatML ids of `messages` (and `tools`) and a 0/1 mask that is 1 on each assistant turn: its reply, its
+        tool calls and its <|im_end|>; never a tool's result (minillm/data/conversation.py has the layout).
 
         The ids are those of ``encode(apply_chat_template(messages, ...), allow_special=True)`` except that
-        message contents are always plain text. System and user turns are encoded as one piece
-        "{role}\\n{content}"; an assistant turn as "assistant\\n" then its content, so the mask boundary
-        is exact and the prompt equals the one generation sees (add_generation_prompt). The one
+        message contents, tool schemas and call arguments are always plain text. System and user turns are
+        encoded as one piece "{role}\\n{content}"; an assistant turn as "assistant\\n" then its content, so the
+        mask boundary is exact and the prompt equals the one generation sees (add_generation_prompt). The one
         divergence from whole-string encoding: a reply starting with two or more whitespace characters,
         which BPE could merge with the header's "\\n"; the split used here is the one the model sees when
         it generates.
@@ -128,25 +133,22 @@ class Tokenizer:
         mask comes from prefix rendering (all zeros for a generation prompt); see minillm/data/chat_template.py.
         """
         if self.template is not None:
-            return self._render_template(messages, add_generation_prompt)
-        newline = self._piece("\n")
+            return self._render_template(messages, add_generation_prompt, tools)
+        if uses_tools(messages, tools) and not self.tool_ids:
+            raise ValueError("this tokenizer has no <tool_call>/<tool_response> tokens (it was made before tool "
+                             "calling): tools need minillm's current tokenizer or a chat template of your own")
+        control = {"<|im_start|>": self.im_start_id, "<|im_end|>": self.im_end_id, **self.tool_ids}
         ids: list[int] = []
         learn: list[int] = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"message {i} must have 'role' and 'content' keys, got {m!r}")
-            if m["role"] == "assistant":
-                header, reply = self._piece("assistant\n"), self.encode(m["content"])
-                ids += [self.im_start_id, *header, *reply, self.im_end_id, *newline]
-                learn += [0] * (1 + len(header)) + [1] * (len(reply) + 1) + [0] * len(newline)
+        for piece in pieces(messages, tools, add_generation_prompt):
+            if piece.control:
+                piece_ids = [control[piece.text]]
+            elif piece.text in _FIXED_PIECES:  # the template's own text, encoded once
+                piece_ids = self._piece(piece.text)
             else:
-                turn = self.encode(f"{m['role']}\n{m['content']}")
-                ids += [self.im_start_id, *turn, self.im_end_id, *newline]
-                learn += [0] * (len(turn) + 2 + len(newline))
-        if add_generation_prompt:
-            header = self._piece("assistant\n")
-            ids += [self.im_start_id, *header]
-            learn += [0] * (1 + len(header))
+                piece_ids = self.encode(piece.text)
+            ids += piece_ids
+            learn += [int(piece.learned)] * len(piece_ids)
         return ids, learn
 
     @cached_property
@@ -154,14 +156,16 @@ class Tokenizer:
         """The control tokens' strings (special added tokens)."""
         return [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special]
 
-    def _render_template(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+    def _render_template(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None
+                         ) -> tuple[list[int], list[int]]:
         # A prompt for generation learns nothing, and needs no mask: a template whose history renders differently
         # (refused for multi-turn training) still answers follow-up questions.
-        pieces, spans = self.template.conversation(messages, add_generation_prompt,
-                                                   None if add_generation_prompt else self.special_strings)
+        refuse_control_text(messages, tools, self.special_strings)
+        parts, spans = self.template.conversation(messages, add_generation_prompt,
+                                                  None if add_generation_prompt else self.special_strings, tools)
         ids: list[int] = []
         learn: list[int] = []
-        for piece, is_text, start in cut_at(pieces, {c for span in spans for c in span}):
+        for piece, is_text, start in cut_at(parts, {c for span in spans for c in span}):
             piece_ids = self.encode(piece, allow_special=not is_text)
             ids += piece_ids
             learn += [int(any(a <= start < b for a, b in spans))] * len(piece_ids)
@@ -219,12 +223,12 @@ class Tokenizer:
                 "single_word": False,
                 "special": True,
             }
-            for tok in SPECIAL_TOKENS
+            for tok in self.control_tokens
         }
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "added_tokens_decoder": added,
-            "additional_special_tokens": SPECIAL_TOKENS[1:],
+            "additional_special_tokens": self.control_tokens[1:],
             "bos_token": eos,
             "eos_token": eos,
             "pad_token": eos,
@@ -242,9 +246,14 @@ class Tokenizer:
             "eos_token": eos,
             "pad_token": eos,
             "unk_token": eos,
-            "additional_special_tokens": SPECIAL_TOKENS[1:],
+            "additional_special_tokens": self.control_tokens[1:],
         }
         write_json(directory / "special_tokens_map.json", special_map)
+
+    @property
+    def control_tokens(self) -> list[str]:
+        """The ChatML tokens, then the tool tokens where the tokenizer has them."""
+        return SPECIAL_TOKENS + (TOOL_TOKENS if self.tool_ids else [])
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Tokenizer:
@@ -268,7 +277,7 @@ class Tokenizer:
         if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
             raise ValueError(f"{config_path}: model_max_length must be a positive integer, got {max_len!r}")
         source = read_chat_template(path.parent)
-        if source is None or source == CHAT_TEMPLATE:
+        if source is None or source in (CHAT_TEMPLATE, LEGACY_CHAT_TEMPLATE):
             return cls(backend, model_max_length=max_len)
         special = {name: _token_string(config.get(name)) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
         origin = path.parent / ("chat_template.jinja" if (path.parent / "chat_template.jinja").is_file()
@@ -353,6 +362,9 @@ def train_tokenizer(
         show_progress=show_progress,
     )
     backend.train_from_iterator(iter_jsonl_texts(files, text_key), trainer=trainer)
+    # The tool markers come after the learned vocabulary (ids vocab_size ... vocab_size + 3), so a model trained
+    # with a tokenizer made before them keeps every id it knows.
+    backend.add_special_tokens(TOOL_TOKENS)
     return Tokenizer(backend)
 
 
@@ -365,7 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", nargs="+", default=["dataset/pretrain.jsonl"],
                         help="training files: JSONL with a text field, or plain text (default: %(default)s)")
     parser.add_argument("--vocab_size", type=int, default=6400,
-                        help="vocabulary size including the 3 special tokens (default: %(default)s)")
+                        help="vocabulary size including the 3 ChatML tokens; the 4 tool-call tokens are added "
+                             "after it (default: %(default)s)")
     parser.add_argument("--min_frequency", type=int, default=2,
                         help="minimum pair count for a merge (default: %(default)s)")
     parser.add_argument("--text_key", default="text", help="JSONL field holding the text (default: %(default)s)")

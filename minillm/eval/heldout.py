@@ -54,7 +54,27 @@ HELDOUT_WORDS = [
     "给你“{w1}”“{w2}”，来一首{kind}。", "请赋{kind}，{w1}和{w2}这两个词一个都不能少。",
     "把{w1}跟{w2}嵌进{kind}里吧。", "作一首{kind}，务必出现{w1}、{w2}。", "{kind}一首：须含“{w1}”，须含“{w2}”。",
 ]
-HELDOUT = {"tune": HELDOUT_TUNE, "form": HELDOUT_FORM, "words": HELDOUT_WORDS}
+# Tool requests (issue 46): {title} and {nth} (一 ... 四) of a held-out poem; {char}, one character.
+HELDOUT_QUOTE = [
+    "背一下《{title}》第{nth}句给我听。", "《{title}》这首作品，第{nth}句原文是？", "第{nth}句——《{title}》里写的是什么？",
+    "能引用《{title}》的第{nth}句吗？", "我记不清《{title}》第{nth}句了，提醒我一下。", "麻烦给出《{title}》中的第{nth}句原文。",
+    "引《{title}》第{nth}句。", "《{title}》开篇往后数第{nth}句，原句是？", "想核对《{title}》第{nth}句的原文。",
+    "谁能说出《{title}》第{nth}句？", "请准确写出《{title}》的第{nth}句。", "你知道《{title}》第{nth}句吗？写出来。",
+    "《{title}》——第{nth}句的原文。", "给我念念《{title}》第{nth}句。", "《{title}》一诗第{nth}句原文如何？",
+    "求《{title}》第{nth}句。", "翻一翻《{title}》，第{nth}句写的什么？", "抄录《{title}》第{nth}句。",
+    "《{title}》第{nth}句，原文照录。", "在《{title}》里，第{nth}句原文是哪几个字？", "默写《{title}》的第{nth}句。",
+]
+HELDOUT_TONE = [
+    "{char}这个字读第几声，平还是仄？", "按平仄分，{char}归哪一类？", "写诗时{char}当平声用还是仄声用？",
+    "{char}字的平仄如何？", "判断一下“{char}”的平仄。", "“{char}”在普通话里是平声字吗？",
+    "作格律诗，“{char}”算平还是算仄？", "给“{char}”标一下平仄。", "{char}：平声？仄声？",
+    "“{char}”读起来是平调还是仄调？", "请判定“{char}”字平仄。", "我想知道“{char}”是不是仄声字。",
+    "“{char}”在声律上归入哪一类，平或仄？", "说说“{char}”的平仄。", "帮我辨一下“{char}”是平是仄，谢谢。",
+    "“{char}”字什么声调？平仄呢？", "{char}的平仄告诉我。", "押韵时要用到“{char}”，它属于平声字吗？",
+    "考考你：“{char}”平声仄声？", "“{char}”这个字，平仄怎么分？", "平仄题：{char}。",
+]
+HELDOUT = {"tune": HELDOUT_TUNE, "form": HELDOUT_FORM, "words": HELDOUT_WORDS, "quote": HELDOUT_QUOTE,
+           "tone": HELDOUT_TONE}
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _FIELD = re.compile(r"\{\w+\}")

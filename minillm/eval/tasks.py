@@ -25,15 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from minillm.data.jsonl import iter_records
+from minillm.data.poems import _CJK, CLAUSE_END, Poem, cjk, clauses, parse_poem  # noqa: F401  (re-exported)
 from minillm.data.tokenizer import Tokenizer
 from minillm.eval.heldout import distinct_2, heldout_wording, open_words, repeats
 from minillm.eval.perplexity import read_documents
 from minillm.infer.generation import generate
 from minillm.model.model import MiniLLM
 
-# Clause separators inside a line of verse, and Chinese characters (what a copy check compares).
-CLAUSE_END = "，。？！；、："
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f〇]")
 # Image words a "words" request asks for (the SFT set draws its pairs from this list; dataset/build.py).
 IMAGERY = [
     "明月", "春风", "故乡", "黄昏", "杨柳", "落花", "斜阳", "秋风", "白云", "青山", "流水", "芳草",
@@ -48,32 +46,6 @@ WORDS_PROMPT = "写一首{kind}，要用上“{w1}”和“{w2}”这两个词�
 _TUNE_REQUEST = re.compile(r"^请以《(.+?)》为词牌")
 
 
-@dataclass
-class Poem:
-    """A rendered poem split into its parts."""
-
-    title: str
-    header: str  # author（dynasty）
-    lines: list[str]
-
-    @property
-    def dynasty(self) -> str:
-        """The dynasty in the header's brackets, or ''."""
-        m = re.search(r"（(.+?)）$", self.header)
-        return m.group(1) if m else ""
-
-
-def parse_poem(text: str) -> Poem | None:
-    """Title, header and body lines of a rendered poem; None when it has no body."""
-    parts = [line for line in text.split("\n") if line.strip()]
-    return Poem(parts[0], parts[1], parts[2:]) if len(parts) >= 3 else None
-
-
-def clauses(text: str) -> list[str]:
-    """The clauses of verse text: split at Chinese punctuation and newlines, empty ones dropped."""
-    return [c for c in re.split(f"[{CLAUSE_END}\n]", text) if c]
-
-
 def verse_form(lines: list[str]) -> str:
     """五言/七言 绝句/律诗 when the lines hold exactly 4 or 8 clauses of 5 or 7 characters each, else ''."""
     parts = clauses("\n".join(lines))
@@ -81,11 +53,6 @@ def verse_form(lines: list[str]) -> str:
     if len(sizes) != 1 or not sizes & {5, 7} or len(parts) not in (4, 8):
         return ""
     return ("五言" if 5 in sizes else "七言") + ("绝句" if len(parts) == 4 else "律诗")
-
-
-def cjk(text: str) -> str:
-    """The Chinese characters of text, in order (punctuation and layout ignored)."""
-    return "".join(_CJK.findall(text))
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -144,12 +144,14 @@ class ChatSession:
     it) are dropped, oldest first; the system message always stays.
     """
 
-    def __init__(self, tokenizer: Tokenizer, budget: int, system: str | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, budget: int, system: str | None = None,
+                 tools: list[dict] | None = None) -> None:
         if budget < 1:
             raise ValueError(f"the prompt budget must be >= 1 token, got {budget}")
         self.tokenizer = tokenizer
         self.budget = budget
         self.system = system
+        self.tools = tools or None  # the functions offered (OpenAI schemas), rendered in the system turn
         self.messages: list[dict[str, str]] = []
         self.reset()
 
@@ -176,7 +178,7 @@ class ChatSession:
         generation the same split it learnt from, and message contents are always plain text.
         """
         messages = self.messages if messages is None else messages
-        return self.tokenizer.render_conversation(messages, add_generation_prompt=True)[0]
+        return self.tokenizer.render_conversation(messages, add_generation_prompt=True, tools=self.tools)[0]
 
     def add_user(self, content: str) -> int:
         """Append a user message, dropping the oldest turns until the prompt fits; returns how many were dropped.
@@ -201,10 +203,15 @@ class ChatSession:
         """Append the model's answer."""
         self.messages.append({"role": "assistant", "content": content})
 
+    def add_messages(self, messages: list[dict]) -> None:
+        """Append what a tool loop added: the calls, their results and the answer."""
+        self.messages += messages
+
     def prompt_ids(self) -> list[int]:
         """The ids to generate the next answer from."""
         return self.encode()
 
     def render(self, add_generation_prompt: bool = False) -> str:
         """The history as ChatML text."""
-        return self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=add_generation_prompt,
+                                                  tools=self.tools)

@@ -218,6 +218,25 @@ class MiniLLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    @torch.no_grad()
+    def grow_vocab(self, vocab_size: int) -> None:
+        """Add rows for new tokens (a tokenizer's added control tokens), each the mean of the existing rows: a
+        start the softmax neither favours nor ignores. The ids the model knew keep their weights."""
+        old = self.config.vocab_size
+        if vocab_size <= old:
+            return
+        weight = self.embed_tokens.weight
+        rows = weight.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)
+        self.embed_tokens.weight = nn.Parameter(torch.cat([weight, rows]))
+        self.embed_tokens.num_embeddings = vocab_size
+        if not self.config.tie_word_embeddings:
+            head = self.lm_head.weight
+            self.lm_head.weight = nn.Parameter(torch.cat([head, head.mean(dim=0, keepdim=True).expand(
+                vocab_size - old, -1)]))
+        self.lm_head.out_features = vocab_size
+        self.config.vocab_size = vocab_size
+        self.tie_weights()
+
     def _set_rope_tables(self, device: torch.device | None = None) -> None:
         cos, sin = rope_tables(self.config, device)
         # Not persistent: derived from the config, so they stay out of the checkpoint.
