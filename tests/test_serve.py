@@ -334,7 +334,7 @@ def bad_bodies(live):
         ("stream not a bool", {"messages": q, "stream": "yes"}, 400, "stream"),
         ("stream_options without stream", {"messages": q, "stream_options": {"include_usage": True}}, 400,
          "stream_options"),
-        ("unsupported parameter", {"messages": q, "tools": []}, 400, "tools"),
+        ("unsupported parameter", {"messages": q, "functions": []}, 400, "functions"),
         ("logprobs asked for", {"messages": q, "logprobs": True}, 400, "logprobs"),
         ("penalty asked for", {"messages": q, "presence_penalty": 0.5}, 400, "presence_penalty"),
         ("unknown model", {"messages": q, "model": "gpt-4o"}, 404, "model"),
@@ -357,7 +357,7 @@ def test_every_bad_input_gets_an_openai_error_and_the_server_keeps_serving(live)
                                                                                      "echo")):
         r = post(live, "/v1/completions", body)
         assert (r.status_code, r.json()["error"]["param"]) == (400, param)
-    tools = post(live, "/v1/chat/completions", {"messages": QUESTION, "tools": []}).json()["error"]["message"]
+    tools = post(live, "/v1/chat/completions", {"messages": QUESTION, "functions": []}).json()["error"]["message"]
     implemented = tools.split("implements ")[1].split(" (")[0].split(", ")
     assert "temperature" in implemented and "presence_penalty" not in implemented and "logprobs" not in implemented
     assert "accepts frequency_penalty, logprobs, presence_penalty only at their off values" in tools

@@ -6,6 +6,7 @@ results into JSON, with an `ApiError` (status, message, field) for every body it
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -13,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from minillm.data.chat_template import TemplateError
+from minillm.data.conversation import TOOL_CALL, call_json, check_tools
 from minillm.data.tokenizer import Tokenizer
 from minillm.infer.generation import MIN_TEMPERATURE
 from minillm.infer.serving import Sampling
+from minillm.infer.tools import MalformedCall, split_calls
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_STOP = 4  # OpenAI's limit on stop strings
 MAX_N = 64
 MAX_PROMPTS = 64  # prompt strings per /v1/completions request
@@ -26,7 +29,7 @@ OFF_VALUES: dict[str, tuple] = {"frequency_penalty": (0, 0.0), "presence_penalty
                                 "logprobs": (False,), "echo": (False,), "best_of": (1,)}
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n",
           "user", "frequency_penalty", "presence_penalty"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "tools", "tool_choice", "parallel_tool_calls"}
 TEXT_FIELDS = COMMON | {"prompt", "echo", "logprobs", "best_of"}
 
 
@@ -64,6 +67,14 @@ class CompletionSpec:
     """Send server-sent events instead of one JSON reply."""
     include_usage: bool = False
     """With stream: a last chunk carrying the token counts."""
+    tools: list[str] = field(default_factory=list)
+    """The names of the functions offered; a reply's calls to them come back as tool_calls."""
+    parallel_tool_calls: bool = True
+    """False: at most one call per reply (the first)."""
+    forced: list[int] = field(default_factory=list)
+    """Ids every choice starts with (tool_choice "required" or a named function: the call's opening)."""
+    banned: list[int] = field(default_factory=list)
+    """Ids no choice may produce (tool_choice "none": the call marker)."""
 
     def choice_sampling(self, i: int) -> Sampling:
         """The sampling of choice i: the request's, with seed + i so that choices differ but repeat."""
@@ -117,33 +128,95 @@ def check_model(body: dict, served: str) -> None:
                        "model_not_found")
 
 
-def _messages(body: dict) -> list[dict[str, str]]:
+def _text(content: object, where: str) -> str:
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise ApiError(400, f"{where}.content parts must be {{\"type\": \"text\", \"text\": str}}; "
+                                "this model reads text only", f"{where}.content")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ApiError(400, f"{where}.content must be a string, got {type(content).__name__}", f"{where}.content")
+    return content
+
+
+def _tool_calls(calls: object, where: str) -> list[dict]:
+    if not isinstance(calls, list) or not calls:
+        raise ApiError(400, f"{where}.tool_calls must be a non-empty list", f"{where}.tool_calls")
+    for k, call in enumerate(calls):
+        at = f"{where}.tool_calls[{k}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(call, dict) or not isinstance(call.get("id"), str) or not isinstance(function, dict) \
+                or not isinstance(function.get("name"), str) or not isinstance(function.get("arguments"), str):
+            raise ApiError(400, f"{at} must be {{\"id\": str, \"type\": \"function\", \"function\": "
+                                "{\"name\": str, \"arguments\": str}}", at)
+        try:
+            json.loads(function["arguments"])
+        except json.JSONDecodeError:
+            raise ApiError(400, f"{at}.function.arguments must be a JSON string", f"{at}.function.arguments") from None
+    return calls
+
+
+def _messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects", "messages")
-    out = []
+    out: list[dict] = []
+    call_ids: set[str] = set()
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise ApiError(400, f"{where} must be an object, got {type(m).__name__}", where)
-        extra = set(m) - {"role", "content", "name"}
+        extra = set(m) - {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
         if extra:
             raise ApiError(400, f"{where} has unsupported field(s) {', '.join(sorted(extra))}", where)
         role = m.get("role")
         if not isinstance(role, str) or role not in ROLES:
             raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
-        content = m.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise ApiError(400, f"{where}.content parts must be {{\"type\": \"text\", \"text\": str}}; "
-                                    "this model reads text only", f"{where}.content")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ApiError(400, f"{where}.content must be a string, got {type(content).__name__}",
-                           f"{where}.content")
-        out.append({"role": ROLES[role], "content": content})
+        if role == "assistant" and m.get("tool_calls") is not None:
+            calls = _tool_calls(m["tool_calls"], where)
+            call_ids |= {c["id"] for c in calls}
+            text = "" if m.get("content") is None else _text(m["content"], where)
+            out.append({"role": "assistant", "content": text, "tool_calls": calls})
+            continue
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if call_id not in call_ids:
+                raise ApiError(400, f"{where}.tool_call_id {call_id!r} answers no tool call of an earlier assistant "
+                                    "message", f"{where}.tool_call_id")
+        elif "tool_call_id" in m:
+            raise ApiError(400, f"{where}.tool_call_id belongs to role 'tool' messages only", f"{where}.tool_call_id")
+        out.append({"role": ROLES[role], "content": _text(m.get("content"), where)})
     return out
+
+
+def _tools(body: dict, tokenizer: Tokenizer) -> tuple[list[dict] | None, str | None]:
+    """The validated tools and the function tool_choice forces ("" for "required", None for none forced)."""
+    tools, choice_ = body.get("tools"), body.get("tool_choice")
+    if tools is not None:
+        try:
+            check_tools(tools)
+        except ValueError as e:
+            raise ApiError(400, str(e), str(e).split(" ")[0]) from None
+        if not tokenizer.tool_ids and tokenizer.template is None:
+            raise ApiError(400, "this model's tokenizer has no tool-call tokens (it was made before tool calling)",
+                           "tools")
+    names = [t["function"]["name"] for t in tools or []]
+    if choice_ is None or choice_ == "auto" or choice_ == "none":
+        return tools or None, None
+    if not tools:
+        raise ApiError(400, "'tool_choice' needs 'tools'", "tool_choice")
+    if choice_ == "required":
+        return tools, ""
+    name = choice_.get("function", {}).get("name") if isinstance(choice_, dict) and \
+        choice_.get("type") == "function" and isinstance(choice_.get("function"), dict) else None
+    if not isinstance(name, str):
+        raise ApiError(400, "'tool_choice' must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", "
+                            "\"function\": {\"name\": ...}}", "tool_choice")
+    if name not in names:
+        raise ApiError(400, f"'tool_choice' names the function {name!r}, which is not in 'tools' "
+                            f"({', '.join(names)})", "tool_choice")
+    return tools, name
 
 
 def _prompt_texts(body: dict) -> list[str]:
@@ -217,13 +290,27 @@ def parse_request(body: Any, chat: bool, tokenizer: Tokenizer, context: int, ser
     """
     body = _check_fields(body, CHAT_FIELDS if chat else TEXT_FIELDS)
     check_model(body, served)
+    forced: list[int] = []
+    banned: list[int] = []
+    tools = None
     if chat:
         messages = _messages(body)
+        tools, must_call = _tools(body, tokenizer)
         n = _choice_count(body, 1, max_sequences)
         try:  # an outside template renders in a bounded worker (minillm/data/chat_template.py)
-            prompts = [tokenizer.render_conversation(messages, add_generation_prompt=True)[0]]
+            prompts = [tokenizer.render_conversation(messages, add_generation_prompt=True, tools=tools)[0]]
         except TemplateError as e:  # the client's conversation, refused or too costly to render: theirs to fix
             raise ApiError(400, str(e), "messages", "invalid_conversation") from None
+        except ValueError as e:  # a tool schema or call spelling a control token under an outside template
+            raise ApiError(400, str(e), "tools", "invalid_conversation") from None
+        opening = tokenizer.tool_ids.get(TOOL_CALL)
+        if must_call is not None and opening is None:
+            raise ApiError(400, "'tool_choice' can force a call only under minillm's own chat template", "tool_choice")
+        if must_call is not None:  # the reply starts with the call marker (and the named function's name)
+            forced = [opening] + (tokenizer.encode("\n" + call_json({"name": must_call}).split(', "arguments"')[0]
+                                                   + ', "arguments": ') if must_call else [])
+        if body.get("tool_choice") == "none" and opening is not None:
+            banned = [opening]
     else:
         texts = _prompt_texts(body)
         n = _choice_count(body, len(texts), max_sequences)
@@ -243,9 +330,12 @@ def parse_request(body: Any, chat: bool, tokenizer: Tokenizer, context: int, ser
                        "stream_options")
     include_usage = bool(_get(options, "include_usage", (bool,), "true or false"))
     max_tokens = min(_max_tokens(body, len(p), context) for p in prompts)
+    parallel = _get(body, "parallel_tool_calls", (bool,), "true or false")
     return CompletionSpec(chat=chat, prompts=prompts, n=n, max_tokens=max_tokens,
                           sampling=Sampling(temperature, top_p if top_p < 1 else None, seed),
-                          stop=_stop(body), stream=stream, include_usage=include_usage)
+                          stop=_stop(body), stream=stream, include_usage=include_usage,
+                          tools=[t["function"]["name"] for t in tools or []],
+                          parallel_tool_calls=parallel is not False, forced=forced, banned=banned)
 
 
 # --- replies -----------------------------------------------------------------------------------------
@@ -262,7 +352,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def choice(chat: bool, index: int, text: str, finish_reason: str | None, delta: bool = False,
-           first: bool = False) -> dict[str, Any]:
+           first: bool = False, tool_calls: list[dict] | None = None) -> dict[str, Any]:
     """One entry of "choices": a whole message, a streamed delta, or a text completion's text."""
     out: dict[str, Any] = {"index": index}
     if not chat:
@@ -270,8 +360,12 @@ def choice(chat: bool, index: int, text: str, finish_reason: str | None, delta: 
     elif delta:
         out["delta"] = ({"role": "assistant", "content": text} if first else {"content": text}) \
             if text or first else {}
+        if tool_calls:
+            out["delta"]["tool_calls"] = tool_calls
     else:
-        out["message"] = {"role": "assistant", "content": text}
+        out["message"] = {"role": "assistant", "content": text or None if tool_calls else text}
+        if tool_calls:
+            out["message"]["tool_calls"] = tool_calls
     out["logprobs"] = None
     out["finish_reason"] = finish_reason
     return out
@@ -286,6 +380,19 @@ def reply(spec: CompletionSpec, rid: str, model: str, choices: list[dict], usage
     if not chunk or spec.include_usage:
         out["usage"] = usage_
     return out
+
+
+def reply_calls(ids: list[int], tokenizer: Tokenizer, spec: CompletionSpec) -> tuple[str, list[dict]] | None:
+    """(text before the calls, OpenAI tool_calls) of a reply that calls offered functions; None when it makes no
+    call, or a malformed one or one to a function not offered (then the reply is plain text)."""
+    try:
+        content, calls = split_calls(ids, tokenizer)
+    except MalformedCall:
+        return None
+    if not calls or any(c.name not in spec.tools for c in calls):
+        return None
+    calls = calls if spec.parallel_tool_calls else calls[:1]
+    return content, [c.message("call_" + uuid.uuid4().hex[:24]) for c in calls]
 
 
 def model_list(name: str, created: int) -> dict[str, Any]:

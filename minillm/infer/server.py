@@ -17,7 +17,6 @@ import contextlib
 import hmac
 import json
 import re
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from minillm.data.tokenizer import Tokenizer
+from minillm.infer.choices import Choices, Mailbox
 from minillm.infer.openai_api import (
     ApiError,
     CompletionSpec,
@@ -39,9 +39,8 @@ from minillm.infer.openai_api import (
     new_id,
     parse_request,
     reply,
-    usage,
 )
-from minillm.infer.serving import GenerationRequest, QueueFull, Scheduler, ShuttingDown, TextStream
+from minillm.infer.serving import QueueFull, Scheduler, ShuttingDown
 
 PAGE = Path(__file__).resolve().parent.parent / "assets" / "chat.html"
 
@@ -131,91 +130,6 @@ class HostCheck:
                 await error_response(e)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-class Mailbox:
-    """Carries tokens from the scheduler thread to the event loop, waking the loop once per burst.
-
-    A decode step emits a token for every running sequence; one wake-up for all of them (instead of one
-    per token) leaves the scheduler thread more of the interpreter.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.items: list[tuple[asyncio.Queue, tuple]] = []
-        self.lock = threading.Lock()
-        self.scheduled = False
-
-    def post(self, queue: asyncio.Queue, item: tuple) -> None:
-        """Queue `item` for `queue` (any thread)."""
-        with self.lock:
-            self.items.append((queue, item))
-            if self.scheduled:
-                return
-            self.scheduled = True
-        self.loop.call_soon_threadsafe(self._deliver)
-
-    def _deliver(self) -> None:
-        with self.lock:
-            items, self.items, self.scheduled = self.items, [], False
-        for queue, item in items:
-            queue.put_nowait(item)
-
-
-class Choices:
-    """The choices of one request in flight: their scheduler requests, text streams and one event queue."""
-
-    def __init__(self, spec: CompletionSpec, tokenizer: Tokenizer, mailbox: Mailbox) -> None:
-        self.events: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
-        stop_ids = tuple(tokenizer.stop_ids)
-        self.requests, self.texts, self.prompt_len = [], [], []
-        for prompt in spec.prompts:
-            for _ in range(spec.n):
-                i = len(self.requests)
-
-                def emit(token: int | None, i: int = i) -> None:  # scheduler thread -> event loop
-                    mailbox.post(self.events, (i, token))
-
-                self.requests.append(GenerationRequest(prompt, spec.max_tokens, spec.choice_sampling(i % spec.n),
-                                                       stop_ids, emit))
-                self.texts.append(TextStream(tokenizer, spec.stop))
-                self.prompt_len.append(len(prompt))
-        self.open = len(self.requests)
-        self.counted = [0] * len(self.requests)  # tokens of each choice up to where its text ended
-
-    async def next(self) -> tuple[int, str, str | None]:
-        """(choice index, new text, finish reason or None) for the next event of any choice."""
-        i, token = await self.events.get()
-        text, r = self.texts[i], self.requests[i]
-        if token is not None:
-            if text.stopped:  # tokens decoded after the stop string, before the slot was freed
-                return i, "", None
-            self.counted[i] += 1
-            piece = text.push(token)
-            if text.stopped:
-                r.cancel()  # a stop string: the text is complete, free the slot at the next step
-                return i, piece + text.finish(), "stop"
-            return i, piece, None
-        self.open -= 1
-        self.counted[i] += r.finish_reason == "stop" and not text.stopped  # the end-of-turn id produced
-        if r.finish_reason == "error":
-            raise ApiError(500, f"generation failed: {r.error}", kind="server_error")
-        if text.stopped:  # already reported when the stop string was found
-            return i, "", None
-        return i, text.finish(), "stop" if r.finish_reason == "stop" else "length"
-
-    def usage(self, spec: CompletionSpec) -> dict[str, int]:
-        """Prompt tokens (each prompt once) and the tokens generated for the text of all choices.
-
-        A choice counts its tokens up to the end of its text: the end-of-turn id when it stopped on one,
-        the token that completed a stop string when it stopped on that.
-        """
-        return usage(sum(self.prompt_len[::spec.n]), sum(self.counted))
-
-    def cancel(self) -> None:
-        """Stop every choice (a client that went away)."""
-        for r in self.requests:
-            r.cancel()
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -329,7 +243,8 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig)
             return error_response(e)
         finally:
             watcher.cancel()
-        out = [choice(spec.chat, i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))]
+        out = [choice(spec.chat, i, choices.content(i, t), r, tool_calls=choices.calls[i])
+               for i, (t, r) in enumerate(zip(texts, reasons))]
         return JSONResponse(reply(spec, rid, config.model_name, out, choices.usage(spec)))
 
     async def stream(spec: CompletionSpec, choices: Choices, rid: str) -> AsyncIterator[str]:
@@ -343,6 +258,13 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, config: ServerConfig)
                 except ApiError as e:
                     yield sse(e.body())
                     return
+                if reason == "tool_calls":  # each call as the API streams it: id and name, then the arguments
+                    for k, call in enumerate(choices.calls[i]):
+                        head = {"index": k, "id": call["id"], "type": "function",
+                                "function": {"name": call["function"]["name"], "arguments": ""}}
+                        for delta in (head, {"index": k, "function": {"arguments": call["function"]["arguments"]}}):
+                            out = [choice(True, i, "", None, delta=True, tool_calls=[delta])]
+                            yield sse(reply(spec, rid, config.model_name, out, None, chunk=True))
                 if piece or reason:
                     out = [choice(spec.chat, i, piece, reason, delta=True)]
                     yield sse(reply(spec, rid, config.model_name, out, None, chunk=True))

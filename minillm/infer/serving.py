@@ -60,7 +60,8 @@ class GenerationRequest:
     """
 
     def __init__(self, prompt_ids: Sequence[int], max_tokens: int, sampling: Sampling,
-                 stop_ids: Sequence[int], emit: Callable[[int | None], None]) -> None:
+                 stop_ids: Sequence[int], emit: Callable[[int | None], None], forced: Sequence[int] = (),
+                 banned: Sequence[int] = ()) -> None:
         if not prompt_ids:
             raise ValueError("a request needs a prompt of at least one token")
         if max_tokens < 1:
@@ -70,6 +71,9 @@ class GenerationRequest:
         self.sampling = sampling
         self.stop_ids = frozenset(stop_ids)
         self.emit = emit
+        self.forced = list(forced)  # the first tokens, whatever the logits (a call tool_choice forces)
+        self.banned = list(banned)  # tokens never picked (the call marker under tool_choice "none")
+        self.picked = 0
         self.generator: torch.Generator | None = None
         if sampling.temperature > 0:
             self.generator = torch.Generator()
@@ -91,6 +95,12 @@ class GenerationRequest:
 
     def pick(self, logits_1V: torch.Tensor) -> int:
         """The next token from this sequence's logits, with its own sampling settings and generator."""
+        self.picked += 1
+        if self.picked <= len(self.forced):
+            return self.forced[self.picked - 1]
+        if self.banned:
+            logits_1V = logits_1V.clone()
+            logits_1V[:, self.banned] = float("-inf")
         s = self.sampling
         top_p = s.top_p if s.top_p is not None and s.top_p < 1 else None
         return int(next_token(logits_1V.float(), s.temperature, None, top_p, self.generator)[0])
