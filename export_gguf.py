@@ -76,7 +76,9 @@ def run(args: argparse.Namespace) -> str:
             f"architecture {summary['architecture']}, pre-tokenizer {summary['pre_tokenizer']}) and {modelfile} "
             f"({'raw-prompt' if not chat else 'ChatML' if tokenizer.template is None else 'the GGUF'} template)\n"
             f"  llama.cpp: llama-cli -m {out}" + (" -cnv" if chat else ' -p "..."') + "\n"
-            f"  ollama:    ollama create {name} -f {modelfile} && ollama run {name}")
+            f"  ollama:    ollama create {name} -f {modelfile} && ollama run {name}"
+            + (f"\n  tools:     not exported to ollama (the Modelfile's template renders messages only); serve.py "
+               f"--model {args.model} takes OpenAI tools" if chat and tokenizer.tool_ids else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -249,7 +249,7 @@ def test_round_trip_tensors_and_hyperparameters(which, tiny_sft_dir, hf_llama_di
     assert all(tokens[i] == f"[PAD{i}]" for i in range(len(tokens)) if i not in vocab)
     types = meta["tokenizer.ggml.token_type"]
     assert [i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL] == sorted(
-        [tok.eos_id, tok.im_start_id, tok.im_end_id])
+        [tok.eos_id, tok.im_start_id, tok.im_end_id, *tok.tool_ids.values()])  # the tool markers are control too
     merges = json.loads(tok.backend.to_str())["model"]["merges"]
     assert meta["tokenizer.ggml.merges"] == [" ".join(m) if isinstance(m, list) else m for m in merges]
     assert meta["tokenizer.ggml.model"] == "gpt2"
@@ -594,6 +594,8 @@ def test_help_and_default_output_name(tiny_sft_dir, tmp_path):
     modelfile = (tmp_path / "sft-bf16.Modelfile").read_text()
     assert modelfile.startswith("FROM ./sft-bf16.gguf\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n" in modelfile
+    # Issue 46, item 5: the export says, once, that tool calling does not go to ollama.
+    assert modelfile.count("# Tool calling is not exported") == 1 and out.count("tools:     not exported") == 1
 
 
 def test_base_plus_adapter_exports_the_merged_model(tiny_sft_dir, tokenizer, tmp_path):

@@ -242,6 +242,8 @@ def ollama_modelfile(gguf_file: str, chat: bool, stops: list[str] | None = None,
     elif stops is None:  # a pretrained-only model continues the prompt as plain text
         template, stops = "{{ .Prompt }}", ["<|endoftext|>"]
     lines = [f"FROM {source}"] + ([f'TEMPLATE """{template}"""'] if template else [])
+    if stops == ["<|im_end|>", "<|endoftext|>"]:  # minillm's ChatML: its tool calls are not carried over
+        lines.insert(1, "# Tool calling is not exported: this template renders messages only (serve.py takes tools).")
     for stop in stops:
         quoted = modelfile_value(stop)
         if quoted is None:
