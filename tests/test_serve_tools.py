@@ -97,7 +97,12 @@ def test_text_before_calls_parallel_calls_and_parallel_off(client, script):
     assert len(one.choices[0].message.tool_calls) == 1
 
 
-def test_forced_calls_open_with_the_marker_and_the_named_function(client, script):
+def test_without_the_grammar_library_forced_calls_open_with_the_marker_and_the_named_function(client, script,
+                                                                                                 monkeypatch):
+    """tests/test_constrain.py checks forced calls under the grammar; without llguidance they are forced openings."""
+    from minillm.infer import constrain
+
+    monkeypatch.setattr(constrain, "available", lambda: False)
     script('{"q": "春晓"}}\n</tool_call>')  # what follows the forced opening
     named = client.chat.completions.create(model="tiny", messages=QUESTION, tools=[SEARCH, RHYME],
                                            tool_choice={"type": "function", "function": {"name": "search"}})

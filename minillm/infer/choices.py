@@ -8,7 +8,9 @@ import threading
 
 from minillm.data.conversation import TOOL_CALL
 from minillm.data.tokenizer import Tokenizer
-from minillm.infer.openai_api import ApiError, CompletionSpec, reply_calls, usage
+from minillm.infer.constrain import Constraint
+from minillm.infer.openai_api import ApiError, CompletionSpec, usage
+from minillm.infer.openai_tools import reply_calls
 from minillm.infer.serving import GenerationRequest, TextStream
 
 
@@ -55,8 +57,9 @@ class Choices:
                 def emit(token: int | None, i: int = i) -> None:  # scheduler thread -> event loop
                     mailbox.post(self.events, (i, token))
 
+                constraint = Constraint(spec.grammar, tokenizer) if spec.grammar else None
                 self.requests.append(GenerationRequest(prompt, spec.max_tokens, spec.choice_sampling(i % spec.n),
-                                                       stop_ids, emit, spec.forced, spec.banned))
+                                                       stop_ids, emit, spec.forced, spec.banned, constraint))
                 self.texts.append(TextStream(tokenizer, spec.stop))
                 self.prompt_len.append(len(prompt))
         self.open = len(self.requests)
@@ -93,7 +96,7 @@ class Choices:
         if text.stopped:  # already reported when the stop string was found
             return i, "", None
         if self.marker is not None and self.marker in self.ids[i]:
-            found = reply_calls(self.ids[i], self.tokenizer, self.spec)
+            found = reply_calls(self.ids[i], self.tokenizer, self.spec.tools, self.spec.parallel_tool_calls)
             if found is not None and r.finish_reason == "stop":
                 self.calls[i] = found[1]
                 return i, "", "tool_calls"

@@ -6,7 +6,6 @@ results into JSON, with an `ApiError` (status, message, field) for every body it
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import uuid
@@ -14,11 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from minillm.data.chat_template import TemplateError
-from minillm.data.conversation import TOOL_CALL, call_json, check_tools
+from minillm.data.conversation import TOOL_CALL, call_json
 from minillm.data.tokenizer import Tokenizer
+from minillm.infer import constrain
+from minillm.infer.api_error import ApiError
 from minillm.infer.generation import MIN_TEMPERATURE
+from minillm.infer.openai_tools import compiled, parse_response_format, parse_tool_calls, parse_tools
 from minillm.infer.serving import Sampling
-from minillm.infer.tools import MalformedCall, split_calls
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -29,22 +30,9 @@ OFF_VALUES: dict[str, tuple] = {"frequency_penalty": (0, 0.0), "presence_penalty
                                 "logprobs": (False,), "echo": (False,), "best_of": (1,)}
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n",
           "user", "frequency_penalty", "presence_penalty"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "tools", "tool_choice", "parallel_tool_calls"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "tools", "tool_choice", "parallel_tool_calls",
+                        "response_format"}
 TEXT_FIELDS = COMMON | {"prompt", "echo", "logprobs", "best_of"}
-
-
-class ApiError(Exception):
-    """A refused request: HTTP status, message, and the body field at fault."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        """The error object as the OpenAI API returns it."""
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -75,6 +63,8 @@ class CompletionSpec:
     """Ids every choice starts with (tool_choice "required" or a named function: the call's opening)."""
     banned: list[int] = field(default_factory=list)
     """Ids no choice may produce (tool_choice "none": the call marker)."""
+    grammar: str | None = None
+    """A grammar every choice's output follows (a forced call, response_format), compiled per choice."""
 
     def choice_sampling(self, i: int) -> Sampling:
         """The sampling of choice i: the request's, with seed + i so that choices differ but repeat."""
@@ -140,23 +130,6 @@ def _text(content: object, where: str) -> str:
     return content
 
 
-def _tool_calls(calls: object, where: str) -> list[dict]:
-    if not isinstance(calls, list) or not calls:
-        raise ApiError(400, f"{where}.tool_calls must be a non-empty list", f"{where}.tool_calls")
-    for k, call in enumerate(calls):
-        at = f"{where}.tool_calls[{k}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(call, dict) or not isinstance(call.get("id"), str) or not isinstance(function, dict) \
-                or not isinstance(function.get("name"), str) or not isinstance(function.get("arguments"), str):
-            raise ApiError(400, f"{at} must be {{\"id\": str, \"type\": \"function\", \"function\": "
-                                "{\"name\": str, \"arguments\": str}}", at)
-        try:
-            json.loads(function["arguments"])
-        except json.JSONDecodeError:
-            raise ApiError(400, f"{at}.function.arguments must be a JSON string", f"{at}.function.arguments") from None
-    return calls
-
-
 def _messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -174,7 +147,7 @@ def _messages(body: dict) -> list[dict]:
         if not isinstance(role, str) or role not in ROLES:
             raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
         if role == "assistant" and m.get("tool_calls") is not None:
-            calls = _tool_calls(m["tool_calls"], where)
+            calls = parse_tool_calls(m["tool_calls"], where)
             call_ids |= {c["id"] for c in calls}
             text = "" if m.get("content") is None else _text(m["content"], where)
             out.append({"role": "assistant", "content": text, "tool_calls": calls})
@@ -188,35 +161,6 @@ def _messages(body: dict) -> list[dict]:
             raise ApiError(400, f"{where}.tool_call_id belongs to role 'tool' messages only", f"{where}.tool_call_id")
         out.append({"role": ROLES[role], "content": _text(m.get("content"), where)})
     return out
-
-
-def _tools(body: dict, tokenizer: Tokenizer) -> tuple[list[dict] | None, str | None]:
-    """The validated tools and the function tool_choice forces ("" for "required", None for none forced)."""
-    tools, choice_ = body.get("tools"), body.get("tool_choice")
-    if tools is not None:
-        try:
-            check_tools(tools)
-        except ValueError as e:
-            raise ApiError(400, str(e), str(e).split(" ")[0]) from None
-        if not tokenizer.tool_ids and tokenizer.template is None:
-            raise ApiError(400, "this model's tokenizer has no tool-call tokens (it was made before tool calling)",
-                           "tools")
-    names = [t["function"]["name"] for t in tools or []]
-    if choice_ is None or choice_ == "auto" or choice_ == "none":
-        return tools or None, None
-    if not tools:
-        raise ApiError(400, "'tool_choice' needs 'tools'", "tool_choice")
-    if choice_ == "required":
-        return tools, ""
-    name = choice_.get("function", {}).get("name") if isinstance(choice_, dict) and \
-        choice_.get("type") == "function" and isinstance(choice_.get("function"), dict) else None
-    if not isinstance(name, str):
-        raise ApiError(400, "'tool_choice' must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", "
-                            "\"function\": {\"name\": ...}}", "tool_choice")
-    if name not in names:
-        raise ApiError(400, f"'tool_choice' names the function {name!r}, which is not in 'tools' "
-                            f"({', '.join(names)})", "tool_choice")
-    return tools, name
 
 
 def _prompt_texts(body: dict) -> list[str]:
@@ -293,9 +237,10 @@ def parse_request(body: Any, chat: bool, tokenizer: Tokenizer, context: int, ser
     forced: list[int] = []
     banned: list[int] = []
     tools = None
+    grammar = None
     if chat:
         messages = _messages(body)
-        tools, must_call = _tools(body, tokenizer)
+        tools, must_call = parse_tools(body, tokenizer)
         n = _choice_count(body, 1, max_sequences)
         try:  # an outside template renders in a bounded worker (minillm/data/chat_template.py)
             prompts = [tokenizer.render_conversation(messages, add_generation_prompt=True, tools=tools)[0]]
@@ -306,9 +251,16 @@ def parse_request(body: Any, chat: bool, tokenizer: Tokenizer, context: int, ser
         opening = tokenizer.tool_ids.get(TOOL_CALL)
         if must_call is not None and opening is None:
             raise ApiError(400, "'tool_choice' can force a call only under minillm's own chat template", "tool_choice")
-        if must_call is not None:  # the reply starts with the call marker (and the named function's name)
+        if must_call is not None and constrain.available():  # the call is the grammar's: a valid one, always
+            offered = [t for t in tools if t["function"]["name"] == must_call] if must_call else tools
+            grammar = compiled(constrain.call_grammar(offered, tokenizer), tokenizer, "tools")
+        elif must_call is not None:  # no grammar library: the reply starts with the call's opening at least
             forced = [opening] + (tokenizer.encode("\n" + call_json({"name": must_call}).split(', "arguments"')[0]
                                                    + ', "arguments": ') if must_call else [])
+        if body.get("response_format") is not None:
+            if grammar is not None:
+                raise ApiError(400, "'response_format' cannot be combined with a forced tool call", "response_format")
+            grammar = parse_response_format(body["response_format"], tokenizer)
         if body.get("tool_choice") == "none" and opening is not None:
             banned = [opening]
     else:
@@ -335,7 +287,7 @@ def parse_request(body: Any, chat: bool, tokenizer: Tokenizer, context: int, ser
                           sampling=Sampling(temperature, top_p if top_p < 1 else None, seed),
                           stop=_stop(body), stream=stream, include_usage=include_usage,
                           tools=[t["function"]["name"] for t in tools or []],
-                          parallel_tool_calls=parallel is not False, forced=forced, banned=banned)
+                          parallel_tool_calls=parallel is not False, forced=forced, banned=banned, grammar=grammar)
 
 
 # --- replies -----------------------------------------------------------------------------------------
@@ -380,19 +332,6 @@ def reply(spec: CompletionSpec, rid: str, model: str, choices: list[dict], usage
     if not chunk or spec.include_usage:
         out["usage"] = usage_
     return out
-
-
-def reply_calls(ids: list[int], tokenizer: Tokenizer, spec: CompletionSpec) -> tuple[str, list[dict]] | None:
-    """(text before the calls, OpenAI tool_calls) of a reply that calls offered functions; None when it makes no
-    call, or a malformed one or one to a function not offered (then the reply is plain text)."""
-    try:
-        content, calls = split_calls(ids, tokenizer)
-    except MalformedCall:
-        return None
-    if not calls or any(c.name not in spec.tools for c in calls):
-        return None
-    calls = calls if spec.parallel_tool_calls else calls[:1]
-    return content, [c.message("call_" + uuid.uuid4().hex[:24]) for c in calls]
 
 
 def model_list(name: str, created: int) -> dict[str, Any]:

@@ -61,7 +61,7 @@ class GenerationRequest:
 
     def __init__(self, prompt_ids: Sequence[int], max_tokens: int, sampling: Sampling,
                  stop_ids: Sequence[int], emit: Callable[[int | None], None], forced: Sequence[int] = (),
-                 banned: Sequence[int] = ()) -> None:
+                 banned: Sequence[int] = (), constraint=None) -> None:
         if not prompt_ids:
             raise ValueError("a request needs a prompt of at least one token")
         if max_tokens < 1:
@@ -73,6 +73,7 @@ class GenerationRequest:
         self.emit = emit
         self.forced = list(forced)  # the first tokens, whatever the logits (a call tool_choice forces)
         self.banned = list(banned)  # tokens never picked (the call marker under tool_choice "none")
+        self.constraint = constraint  # a grammar's state (minillm/infer/constrain.py): masks, then advances
         self.picked = 0
         self.generator: torch.Generator | None = None
         if sampling.temperature > 0:
@@ -101,9 +102,14 @@ class GenerationRequest:
         if self.banned:
             logits_1V = logits_1V.clone()
             logits_1V[:, self.banned] = float("-inf")
+        if self.constraint is not None:
+            logits_1V = self.constraint.mask(logits_1V)
         s = self.sampling
         top_p = s.top_p if s.top_p is not None and s.top_p < 1 else None
-        return int(next_token(logits_1V.float(), s.temperature, None, top_p, self.generator)[0])
+        token = int(next_token(logits_1V.float(), s.temperature, None, top_p, self.generator)[0])
+        if self.constraint is not None:
+            self.constraint.advance(token)
+        return token
 
 
 class Scheduler:
