@@ -272,11 +272,18 @@ def test_the_card_shows_each_request_rate_beside_its_held_out_twin(pretrained, t
     record_evaluation(out, {"date": "2026-12-06", "dtype": "float32", "data": "dataset/eval.jsonl",
                             "requests": {"kinds": kinds, "heldout": held,
                                          "degeneration_train": {"repeats": 0.125, "n": 8, "distinct_2": 0.875},
-                                         "degeneration_heldout": {"repeats": 0.5, "n": 8, "distinct_2": 0.625}}})
+                                         "degeneration_heldout": {"repeats": 0.5, "n": 8, "distinct_2": 0.625}},
+                            "tools": {"train": {"quote": {"n": 4, "valid_call": 1.0, "correct": 0.75},
+                                                "quote_tools_off": {"n": 4, "correct": 0.0}},
+                                      "heldout": {"quote": {"n": 4, "valid_call": 0.5, "correct": 0.25},
+                                                  "quote_tools_off": {"n": 4, "correct": 0.25}}}})
     card = (out / CARD_NAME).read_text()
     rows = dict((a, (b, c)) for a, b, c in re.findall(r"^\| ([^|]+?) \| ([^|]+?) \| ([^|]+?) \| \d+ \|$", card, re.M))
     assert rows["names the requested tune"] == ("75.0%", "25.0%")
     assert rows["uses both requested words"] == ("50.0%", "0.0%")
     assert rows["repetitive answers (a line twice, or a phrase three times)"] == ("12.5%", "50.0%")
     assert rows["distinct-2 (distinct character bigrams)"] == ("0.875", "0.625")
+    assert rows["tools, quote a poem's clause (search): right tool, valid arguments"] == ("100.0%", "50.0%")
+    assert rows["tools, quote a poem's clause (search): answer right"] == ("75.0%", "25.0%")
+    assert rows["tools, quote with the tools off: answer right"] == ("0.0%", "25.0%")
     assert "| task | training wordings | held out | n |" in card

@@ -108,6 +108,10 @@ def _training_section(run: dict, config: dict | None) -> list[str]:
     return lines
 
 
+_TOOL_KINDS = {"quote": "quote a poem's clause (search)", "tone": "a character's tone (rhyme)",
+               "none": "no call when none is needed", "quote_tools_off": "quote with the tools off"}
+
+
 def _evaluation_section(model_dir: Path, evaluation: dict | None, use: str) -> list[str]:
     lines = ["## Evaluation", ""]
     if evaluation is None:
@@ -138,6 +142,14 @@ def _evaluation_section(model_dir: Path, evaluation: dict | None, use: str) -> l
                      f"{heldout['repeats']:.1%} | {train['n']} |")
         lines.append(f"| distinct-2 (distinct character bigrams) | {train['distinct_2']:.3f} | "
                      f"{heldout['distinct_2']:.3f} | {train['n']} |")
+    tools = evaluation.get("tools", {})
+    for kind, rate in tools.get("train", {}).items():  # eval/tool_tasks.py: tool use, the same two columns
+        held_rate = tools.get("heldout", {}).get(kind)
+        for key, what in (("valid_call", "right tool, valid arguments"), ("correct", "answer right")):
+            if key in rate:
+                other = f"{held_rate[key]:.1%}" if held_rate and key in held_rate else "not measured"
+                lines.append(f"| tools, {_TOOL_KINDS.get(kind, plain_text(kind))}: {what} | {rate[key]:.1%} | "
+                             f"{other} | {rate['n']} |")
     return lines + [""]
 
 
