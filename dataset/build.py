@@ -25,6 +25,7 @@ from minillm.eval.heldout import check_training_side, document_frequency
 from minillm.eval.tasks import IMAGERY, check_form, check_tune, check_words, heldout_words, parse_poem
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # dataset/wordings.py, beside this script
+from tool_chats import NO_TOOL_PATTERNS, ToolChats  # noqa: E402
 from wordings import Vocabulary, load_wordings, pick  # noqa: E402
 
 PACKAGE = "chinese-poetry"
@@ -68,12 +69,14 @@ ANSWER_LAYOUT = {
     "continue": "rest", "continue_title": "rest", "qupai": "full", "shijing": "full",
 }
 # How many examples each pattern contributes (upper bound; fewer if not enough candidate poems).
-# About 6,500 in all: enough variety for the chat format, small enough for one SFT epoch on a CPU. The form
-# request gets three times the others' share: its answer turns on one character of the prompt (五 or 七), and
-# 480 examples were too few for the 4.6M default to learn it (bench/RESULTS.md, "Request following").
+# About 19,000 in all, most of them one or two lines: enough variety for the chat format, small enough for two
+# SFT epochs on a CPU. The form request gets three times the others' share: its answer turns on one character of
+# the prompt (五 or 七), and 480 examples were too few for the 4.6M default to learn it (bench/RESULTS.md,
+# "Request following"). The words requests get the most: copying a word named in the prompt, any word of the
+# corpus, is what they teach (issue 45; 1,440 and 2,000 taught the 46 IMAGERY words only).
 PATTERN_QUOTA = {
     "tune_fill": 540, "tune_write": 900, "tune_open": 1440, "title_recite": 540, "title_fulltext": 420,
-    "author_shi": 480, "author_ci": 360, "theme": 480, "words": 1440, "word_line": 2000, "form": 1440,
+    "author_shi": 480, "author_ci": 360, "theme": 480, "words": 3000, "word_line": 8000, "form": 1440,
     "continue": 540, "continue_title": 420, "qupai": 240, "shijing": 120,
 }
 # Patterns asked in composed wordings (dataset/wordings.json, its kind) and the share of their examples that keep
@@ -83,7 +86,7 @@ PATTERN_QUOTA = {
 VARIED = {"tune_write": ("tune", 0.0), "tune_open": ("tune_open", 0.5), "form": ("form", 1 / 3),
           "words": ("words", 1 / 3), "word_line": ("word_line", 1 / 3)}
 DPO_VARIED = {"tune_fill": ("tune", 0.5), "form": ("form", 1 / 3), "words": ("words", 1 / 3)}
-IMAGERY_SHARE = 1 / 3
+IMAGERY_SHARE = 1 / 6
 THEMES = {  # word in the title -> how a user names the theme
     "春": "春天", "夏": "夏日", "秋": "秋天", "冬": "冬天", "月": "月亮", "雪": "雪", "雨": "雨",
     "梅": "梅花", "柳": "杨柳", "菊": "菊花", "送": "送别", "别": "离别", "怀古": "怀古", "寺": "寺庙",
@@ -325,30 +328,24 @@ def sft_candidates(poem: Poem, vocab: Vocabulary) -> list[tuple[str, dict, str]]
             if word in poem.title and poem.title != poem.tune:
                 add("theme", {"theme": theme, "kind": kind})
                 break
-        # Words request: the title, then the lines from one that holds a word (w1) to a later one that holds
-        # another (w2). The answer opens on a line using the first requested word and closes on the line using the
-        # second, so where each is copied is regular: the 4.6M default learns that, and whole poems with the words
-        # anywhere did not teach it (bench/RESULTS.md, "Post-training"). Image words in a third of the poems,
-        # corpus words otherwise: a model taught 46 words used those and no others (issue 45).
+        # Words request: the title, then a line that opens with a word (w1) and the next line, which opens with
+        # another (w2). Each requested word is the first thing of its line, so the copy sits where a small model
+        # finds it: the first word right after the title, the second right after the first line. Whole poems with the words anywhere taught the 4.6M default nothing
+        # (bench/RESULTS.md, "Post-training"), and words anywhere in a line taught the 25.8M model to use the 46
+        # image words it saw most and no others (issue 45). Image words in a third of the poems, corpus words else.
         rng = random.Random(poem.key)  # seeded by the text: deterministic
-        image = [[w for w in IMAGERY if w in line] for line in poem.lines]
-        holds = image if rng.random() < IMAGERY_SHARE else [vocab.words_in(line) for line in poem.lines]
-        later = [[j for j in range(i + 1, len(holds)) if set(holds[j]) - set(holds[i])] for i in range(len(holds))]
-        starts = [i for i in range(len(holds)) if holds[i] and later[i]]
-        if starts:
-            first = rng.choice(starts)
-            last = rng.choice(later[first][:3])
-            w1 = rng.choice(holds[first])
-            seconds = [w for w in holds[last] if w not in holds[first] and not set(w) & set(w1)]
-            if seconds:
-                add("words", {"kind": kind, "w1": w1, "w2": rng.choice(seconds)},
-                    "\n".join([poem.title, *poem.lines[first:last + 1]]))
-        for line, words in zip(poem.lines, image):  # one line that holds the word: the copy, densely
-            for w in words:
+        image = [[line[:2]] if line[:2] in IMAGERY else [] for line in poem.lines]
+        opening = [[line[:2]] if line[:2] in vocab.words else [] for line in poem.lines]
+        holds = image if rng.random() < IMAGERY_SHARE else opening
+        pairs = [i for i in range(len(holds) - 1)
+                 if holds[i] and holds[i + 1] and not set(holds[i][0]) & set(holds[i + 1][0])]
+        if pairs:
+            first = rng.choice(pairs)
+            add("words", {"kind": kind, "w1": holds[first][0], "w2": holds[first + 1][0]},
+                "\n".join([poem.title, *poem.lines[first:first + 2]]))
+        for line, words, opens in zip(poem.lines, image, opening):  # the copy, densely: a line opening on the word
+            for w in dict.fromkeys(words + opens):
                 add("word_line", {"w": w}, line)
-            others = [w for w in vocab.words_in(line) if w not in IMAGERY]
-            if others:
-                add("word_line", {"w": rng.choice(others)}, line)
     form = verse_form(poem) if poem.collection == "shi" else ""
     if form:
         add("form", {"dynasty": poem.dynasty, "form": form})
@@ -366,7 +363,7 @@ def sft_candidates(poem: Poem, vocab: Vocabulary) -> list[tuple[str, dict, str]]
 
 
 def build_sft(train: list[Poem], seed: int, vocab: Vocabulary, wordings: dict[str, list[str]]
-              ) -> tuple[list[dict], dict]:
+              ) -> tuple[list[tuple[str, dict]], dict]:
     """Sample up to PATTERN_QUOTA examples per pattern from training poems, deterministically; VARIED patterns
     are asked in a composed wording for all but their canonical share."""
     templates = dict(PROMPT_TEMPLATES)
@@ -394,7 +391,7 @@ def build_sft(train: list[Poem], seed: int, vocab: Vocabulary, wordings: dict[st
                 {"role": "assistant", "content": answer},
             ]}))
     rng.shuffle(examples)
-    return [ex for _, ex in examples], counts
+    return examples, counts
 
 
 # Preference pairs for DPO: the request kinds the SFT model follows least (README Results), each pair a minimal
@@ -545,8 +542,16 @@ def main(argv: list[str] | None = None) -> None:
         vocab = Vocabulary(frequency, heldout, listed=listed)
     except ValueError as e:
         raise SystemExit(f"build.py: error: {args.words}: {e}") from None
-    sft, pattern_counts = build_sft(train, args.seed, vocab, wordings)
+    named, pattern_counts = build_sft(train, args.seed, vocab, wordings)
+    sft = [ex for _, ex in named]
     dpo, dpo_counts = build_dpo(train, sft, args.seed, vocab, wordings)
+    # Tool-calling chats (dataset/tool_chats.py): the tools search the whole shipped corpus, as at run time.
+    corpus = [parse_poem(p.render()) for p in train + held_out]  # pretrain.jsonl, then eval.jsonl
+    chats = ToolChats(corpus[:len(train)], corpus, wordings, args.seed)
+    tool_chats, tool_counts = chats.build([ex for name, ex in named if name in NO_TOOL_PATTERNS])
+    sft += tool_chats
+    random.Random(f"{args.seed}:tools").shuffle(sft)
+    pattern_counts.update(tool_counts)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stats = {

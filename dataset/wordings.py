@@ -20,9 +20,10 @@ from pathlib import Path
 
 from minillm.eval.heldout import check_training_side, clause_pairs
 
-KINDS = ("tune", "tune_open", "form", "words", "word_line")
+KINDS = ("tune", "tune_open", "form", "words", "word_line", "tool_quote", "tool_source", "tool_tone", "tool_chain")
 FIELDS = {"tune": {"tune"}, "tune_open": {"tune"}, "form": {"dynasty", "form"}, "words": {"kind", "w1", "w2"},
-          "word_line": {"w"}}
+          "word_line": {"w"}, "tool_quote": {"title", "nth"}, "tool_source": {"line"}, "tool_tone": {"char"},
+          "tool_chain": {"title", "nth"}}
 
 
 def compose(spec: dict) -> list[str]:

@@ -127,8 +127,8 @@ def whole_poem_records() -> list[tuple[int, list[dict]]]:
     """(line index, conversation) of the shipped SFT records whose answer is a whole poem with its author line
     (the "full" layout), in file order: the records tiny_sft_dir is fitted to."""
     with open(REPO / "dataset" / "sft.jsonl", encoding="utf-8") as f:
-        rows = [(i, json.loads(line)["conversations"]) for i, line in enumerate(f)]
-    return [(i, c) for i, c in rows if "（" in c[1]["content"]]
+        rows = [(i, json.loads(line)) for i, line in enumerate(f)]
+    return [(i, r["conversations"]) for i, r in rows if "tools" not in r and "（" in r["conversations"][1]["content"]]
 
 
 @pytest.fixture(scope="session")
