@@ -131,3 +131,27 @@ def test_the_loop_stops_calling_after_max_turns_and_keeps_malformed_calls_as_tex
     monkeypatch.setattr(tool_loop, "reply_ids", lambda *a, **k: reply(tok, "<tool_call>\n{oops"))
     run = tool_loop.run_with_tools(None, tok, [{"role": "user", "content": "?"}], tools)
     assert run.answer == "<tool_call>\n{oops" and run.calls == []
+
+
+def test_generate_cli_runs_the_loop_and_refuses_bad_tool_flags(tiny_sft_dir, tmp_path, capsys, monkeypatch):
+    """generate.py --tools: the loop runs (calls to stderr, the answer to stdout); bad flags are one line."""
+    import shutil
+
+    from conftest import load_script
+
+    cli = load_script("generate.py")
+    model = tmp_path / "tiny"  # the schemas need more than the tiny model's 256 positions
+    shutil.copytree(tiny_sft_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    tok = load_tokenizer(model)
+    script = iter(['<tool_call>\n{"name": "rhyme", "arguments": {"text": "霜"}}\n</tool_call>', "平声。"])
+    monkeypatch.setattr(tool_loop, "reply_ids", lambda *a, **k: reply(tok, next(script)))
+    assert cli.main(["--model", str(model), "--tools", "rhyme", "--prompt", "霜？", "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "平声。\n" and f'[rhyme({{"text": "霜"}}) -> {rhyme("霜")}]' in err
+    for flags, message in [(["--tools", "nope"], "no tool named 'nope'"),
+                           (["--tools", "all", "--raw"], "cannot be combined with --raw"),
+                           (["--tools", "all", "--max_tool_turns", "0"], "--max_tool_turns must be >= 1")]:
+        assert cli.main(["--model", str(model), "--prompt", "x", *flags]) == 1
+        assert message in capsys.readouterr().err
