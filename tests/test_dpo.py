@@ -461,4 +461,4 @@ def test_a_reference_with_another_tokenizer_is_refused_naming_both(tmp_path, tin
                            capsys=capsys)
     assert code == 1 and err.count("\n") == 1, err
     assert f"--ref_model {other} has another tokenizer" in err and str(tiny_sft_dir) in err
-    assert "6,400 tokens" in err and "tokens," in err.split("than")[0]
+    assert "6,404 tokens" in err and "tokens," in err.split("than")[0]

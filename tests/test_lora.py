@@ -367,7 +367,7 @@ def test_cli_refuses_tokenizer_that_does_not_fit(tmp_path, hf_checkpoint, capsys
     code, _, err = run_cli("pretrain", "--init_from", base, "--tokenizer", REPO / "minillm" / "assets", *common,
                            capsys=capsys)
     assert code == 1
-    assert f"has 6400 tokens but the model in {base} has vocab_size {tok.vocab_size}" in err
+    assert f"has 6404 tokens but the model in {base} has vocab_size {tok.vocab_size}" in err
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
