@@ -306,11 +306,11 @@ def test_cli_bad_inputs(cli_setup, small_tokenizer, tiny_model, capsys):
     bad_line = root / "bad.jsonl"
     bad_line.write_text('{"text": "a"}\n{"text": "b"\n', encoding="utf-8")
     small_vocab = root / "small_vocab"
-    tiny_model.save_pretrained(small_vocab, tokenizer=small_tokenizer)  # 97 ids, tokenizer has 400
+    tiny_model.save_pretrained(small_vocab, tokenizer=small_tokenizer)  # 97 ids, tokenizer has 404 (400 + tools)
     cases = [
         (["--model", root / "missing", *common], f"model directory {root / 'missing'} does not exist"),
         (["--model", good, "--tokenizer", root / "missing"], "no tokenizer at"),
-        (["--model", small_vocab, *common], "tokenizer has 400 tokens but the model's vocab_size is 97"),
+        (["--model", small_vocab, *common], "tokenizer has 404 tokens but the model's vocab_size is 97"),
         (["--model", good, "--data", empty], f"{empty}:2: reached the end after only blank lines"),
         (["--model", good, "--data", bad_line], f"{bad_line}:2: malformed JSON"),
         (["--model", good, "--data", root / "nope.jsonl"], "nope.jsonl: no such data file"),
