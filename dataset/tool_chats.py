@@ -98,7 +98,7 @@ class ToolChats:
 
     def tone(self, poem: Poem) -> dict | None:
         """tool_tone: one character of the poem, looked up."""
-        chars = [c for c in "".join(clauses("\n".join(poem.lines)))]
+        chars = "".join(clauses("\n".join(poem.lines)))
         if not chars:
             return None
         char = self.rng.choice(chars)

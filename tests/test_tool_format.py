@@ -59,18 +59,23 @@ def hf(tok, tmp_path_factory):
     return transformers.AutoTokenizer.from_pretrained(str(directory))
 
 
+def assert_renders_as_transformers(ours, hf, msgs: list[dict], tools: list[dict] | None) -> None:
+    """Text and ids equal transformers' apply_chat_template(tools=...), with and without the generation prompt."""
+    for gen in (False, True):
+        text = hf.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen)
+        assert ours.apply_chat_template(msgs, add_generation_prompt=gen, tools=tools) == text
+        ids, _ = ours.render_conversation(msgs, add_generation_prompt=gen, tools=tools)
+        assert ids == hf.apply_chat_template(msgs, tools=tools, tokenize=True, add_generation_prompt=gen,
+                                             return_dict=False)
+
+
 @pytest.mark.parametrize("as_string", [True, False])
 def test_own_template_renders_tools_as_transformers_does(tok, hf, as_string):
     messages = conversation(as_string)
     cases = [(messages, TOOLS), (messages[1:], TOOLS), (messages[1:4], [SEARCH]), (messages[:2], None),
              ([{"role": "user", "content": "hi"}], [])]
     for msgs, tools in cases:
-        for gen in (False, True):
-            text = hf.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen)
-            assert tok.apply_chat_template(msgs, add_generation_prompt=gen, tools=tools) == text
-            ids, _ = tok.render_conversation(msgs, add_generation_prompt=gen, tools=tools)
-            assert ids == hf.apply_chat_template(msgs, tools=tools, tokenize=True, add_generation_prompt=gen,
-                                                 return_dict=False)
+        assert_renders_as_transformers(tok, hf, msgs, tools)
     text = tok.apply_chat_template(messages, tools=TOOLS)
     # The call is written once, in one form, whether the history gave its arguments as a string or an object.
     assert '<tool_call>\n{"name": "search_poems", "arguments": {"query": "静夜思"}}\n</tool_call><|im_end|>' in text
@@ -227,12 +232,7 @@ def test_outside_templates_render_tools_identically_and_mask_calls_not_results(s
     ours, hf, end = save_outside(style, tmp_path)
     messages = conversation(as_string=False)  # outside templates take transformers' dict arguments
     for msgs in (messages, messages[1:], messages[:4]):
-        for gen in (False, True):
-            text = hf.apply_chat_template(msgs, tools=TOOLS, tokenize=False, add_generation_prompt=gen)
-            assert ours.apply_chat_template(msgs, add_generation_prompt=gen, tools=TOOLS) == text
-            ids, _ = ours.render_conversation(msgs, add_generation_prompt=gen, tools=TOOLS)
-            assert ids == hf.apply_chat_template(msgs, tools=TOOLS, tokenize=True, add_generation_prompt=gen,
-                                                 return_dict=False)
+        assert_renders_as_transformers(ours, hf, msgs, TOOLS)
     ids, learn = ours.render_conversation(messages, tools=TOOLS)
     learned = ours.decode([i for i, m in zip(ids, learn) if m])
     assert learned.count(end) == 3 and '"静夜思"' in learned and "疑是地上霜。" in learned

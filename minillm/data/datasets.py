@@ -221,17 +221,18 @@ class SFTDataset(JsonlExamples):
         """Example ``i`` as a list of {"role", "content"} messages."""
         return messages_from_record(self.lines.record(i), self.lines.where(i), self.system_prompt)
 
-    def tools(self, i: int) -> list[dict] | None:
-        """The tools example ``i`` offers (its "tools" field), or None."""
-        return tools_from_record(self.lines.record(i), self.lines.where(i))
+    def conversation(self, i: int) -> tuple[list[dict[str, str]], list[dict] | None]:
+        """Example ``i``'s messages and tools, from one read of its line (DataError naming the line)."""
+        record, where = self.lines.record(i), self.lines.where(i)
+        return messages_from_record(record, where, self.system_prompt), tools_from_record(record, where)
 
     def parse(self, i: int) -> list[dict[str, str]]:
         """Example ``i``'s messages, its tools checked too (DataError naming the line)."""
-        self.tools(i)
-        return self.messages(i)
+        return self.conversation(i)[0]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids, learn = self.tokenizer.render_conversation(self.messages(i), tools=self.tools(i))
+        messages, tools = self.conversation(i)
+        ids, learn = self.tokenizer.render_conversation(messages, tools=tools)
         # Truncating ids and mask together keeps them aligned; a reply cut off entirely leaves an
         # all-zero mask, so the example adds no loss instead of a wrong one.
         return make_example(ids, learn, self.max_length, self.tokenizer.pad_id)
