@@ -37,38 +37,77 @@ def rows(out_dir) -> list[dict]:
 
 # --- the objective ----------------------------------------------------------------------------------------------
 
-def transcribed(logp, old, ref, adv, mask, eps, beta, loss_type, L):
-    """The GRPO objective written out token by token, in float64."""
-    per_seq = []
+def transcribed(logp, old, ref, adv, mask, eps, beta, loss_type, L, eps_high=None):
+    """The GRPO objective of each loss type written out token by token, in float64."""
+    high = eps_high if eps_high is not None else eps
+    per_seq, all_terms = [], []
     for i in range(len(adv)):
-        total, n = 0.0, 0
+        terms = []
         for t in range(len(mask[i])):
             if not mask[i][t]:
                 continue
             ratio = math.exp(logp[i][t] - old[i][t])
-            term = -min(ratio * adv[i], min(max(ratio, 1 - eps), 1 + eps) * adv[i])
+            if loss_type == "cispo":
+                term = -min(ratio, high) * adv[i] * logp[i][t]
+            else:
+                term = -min(ratio * adv[i], min(max(ratio, 1 - eps), 1 + high) * adv[i])
             if beta:
                 d = ref[i][t] - logp[i][t]
                 term += beta * (math.exp(d) - d - 1)
-            total, n = total + term, n + 1
-        per_seq.append(total / n if loss_type == "grpo" else total / L)
+            terms.append(term)
+        all_terms += terms
+        per_seq.append(sum(terms) / len(terms) if loss_type == "grpo" else sum(terms) / L)
+    if loss_type in ("bnpo", "dapo", "cispo"):  # one micro-batch: the step's tokens are these
+        return sum(all_terms) / len(all_terms)
     return sum(per_seq) / len(per_seq)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type,eps_high", [("grpo", None), ("dr_grpo", None), ("grpo", 0.28), ("bnpo", 0.28),
+                                                ("dapo", 0.28), ("cispo", 1.1)])
 @pytest.mark.parametrize("kl_beta", [0.0, 0.04])
-def test_loss_equals_the_objective_transcribed(loss_type, kl_beta):
+def test_loss_equals_the_objective_transcribed(loss_type, eps_high, kl_beta):
     g = torch.Generator().manual_seed(0)
     logp = -torch.rand(4, 6, generator=g, dtype=torch.float64) * 3
     old = logp + torch.randn(4, 6, generator=g, dtype=torch.float64) * 0.3  # ratios inside and outside the clip
     ref = logp + torch.randn(4, 6, generator=g, dtype=torch.float64) * 0.5
     adv = torch.tensor([1.5, -0.7, 0.0, 2.0], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6, [0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.float64)
-    loss_N, _, clip_N = sequence_losses(logp, old, adv, mask, 0.2, loss_type, 8, ref, kl_beta)
+    loss_N, _, clip_N = sequence_losses(logp, old, adv, mask, 0.2, loss_type, 8, ref, kl_beta, eps_high)
     want = transcribed(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.2, kl_beta,
-                       loss_type, 8)
+                       loss_type, 8, eps_high)
     assert loss_N.mean().item() == pytest.approx(want, rel=1e-12)
     assert clip_N.max().item() > 0  # the clip was exercised
+
+
+def test_the_step_token_mean_does_not_depend_on_how_the_step_is_split():
+    """dapo over two micro-batches (each weighted by its completions, as the loop does) with the step's tokens per
+    completion equals dapo over one; bnpo's micro-batch means differ when their token counts do."""
+    g = torch.Generator().manual_seed(2)
+    logp = -torch.rand(4, 5, generator=g, dtype=torch.float64)
+    adv = torch.tensor([1.0, -0.5, 0.3, 2.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.float64)
+    whole = sequence_losses(logp, logp.detach(), adv, mask, 0.2, "dapo", 8)[0].mean()
+    mean_tokens = mask.sum().item() / 4
+    halves = [sequence_losses(logp[k], logp[k].detach(), adv[k], mask[k], 0.2, "dapo", 8, mean_tokens=mean_tokens)[0]
+              .mean() * 0.5 for k in (slice(0, 2), slice(2, 4))]
+    assert (halves[0] + halves[1]).item() == pytest.approx(whole.item(), rel=1e-12)
+    assert whole.item() == pytest.approx(-(adv[:, None] * mask).sum().item() / mask.sum().item(), rel=1e-12)
+    bnpo = [sequence_losses(logp[k], logp[k].detach(), adv[k], mask[k], 0.2, "bnpo", 8)[0].mean() * 0.5
+            for k in (slice(0, 2), slice(2, 4))]
+    assert abs((bnpo[0] + bnpo[1]).item() - whole.item()) > 1e-3
+
+
+def test_scale_rewards_group_batch_and_none():
+    r = torch.tensor([[1.0, 0.0, 0.5], [2.0, 2.0, 5.0]])
+    centred = r - r.mean(dim=1, keepdim=True)
+    assert torch.equal(group_advantages(r, "none"), centred)
+    flat = r.flatten().tolist()
+    mean = sum(flat) / 6
+    std = math.sqrt(sum((x - mean) ** 2 for x in flat) / 5)  # unbiased, over the whole batch (TRL's nanstd)
+    assert torch.allclose(group_advantages(r, "batch"), centred / (std + 1e-4))
+    assert torch.allclose(group_advantages(r, "batch", torch.tensor(2.0)), centred / (2.0 + 1e-4))
+    with pytest.raises(ValueError, match="scale_rewards"):
+        group_advantages(r, "global")
 
 
 def test_at_ratio_one_the_gradient_is_reinforce():
@@ -266,7 +305,11 @@ def test_resume_is_exact_including_the_sampling(tmp_path, tiny_sft_dir, tokenize
 def test_cli_runs_and_refuses_bad_flags_in_one_line(tmp_path, tiny_sft_dir, prompts, capsys):
     common = ["--init_from", tiny_sft_dir, "--data_path", prompts, "--eval_data", "", "--max_steps", "2",
               "--group_size", "4", "--max_new_tokens", "24", "--log_every", "1", "--batch_size", "2"]
-    for name, extra in (("o", []), ("lora", ["--lora"])):  # the reference: a second copy, or adapters off
+    # The reference: a second copy, or adapters off; the second run also takes TRL's other options and two
+    # micro-batches a step (sampled together before the first backward: cispo divides by the step's tokens).
+    for name, extra in (("o", []), ("lora", ["--lora", "--loss_type", "cispo", "--epsilon_high", "4",
+                                              "--scale_rewards", "batch", "--kl_correction", "--accumulation_steps",
+                                              "2", "--batch_size", "1"])):
         code, out, err = run_train_cli("grpo", *common, "--out_dir", tmp_path / name, "--kl_beta", "0.04",
                                        "--reward", "request:1,ended:0.5,poem:0.5", "--learning_rate", "1e-2", *extra,
                                        capsys=capsys)
@@ -296,6 +339,8 @@ def test_cli_runs_and_refuses_bad_flags_in_one_line(tmp_path, tiny_sft_dir, prom
                            (["--kl_beta", "inf"], "--kl_beta must be a finite number >= 0, got inf"),
                            (["--kl_beta", "-0.1"], "--kl_beta must be a finite number >= 0"),
                            (["--epsilon", "inf"], "--epsilon must be a finite number > 0 and <= 1"),
+                           (["--epsilon_high", "0"], "--epsilon_high must be a finite number > 0, got 0.0"),
+                           (["--epsilon_high", "inf"], "--epsilon_high must be a finite number > 0, got inf"),
                            (["--reward", "request:nan"], "the weight of request must be a finite number"),
                            (["--reward", "request:1,ended:-inf"], "the weight of ended must be a finite number"),
                            (["--reward", "request:1,ended:1,request:2"], "request is named twice"),
@@ -427,3 +472,67 @@ def test_rewards_read_the_request_field_of_a_prompt_in_any_wording(tmp_path, tok
     path.write_text(json.dumps({"prompt": "春风", "request": "words"}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r'p\.jsonl:1: "request" must be an object'):
         prompt_requests(PromptDataset(path, tokenizer, max_length=64))
+
+
+@pytest.mark.parametrize("loss_type,kl_correction", [("grpo", False), ("dr_grpo", False), ("bnpo", False),
+                                                     ("dapo", True), ("cispo", True), ("grpo", True)])
+def test_each_loss_type_equals_trl_on_the_same_completions(tmp_path, tokenizer, loss_type, kl_correction):
+    """TRL's GRPOTrainer._compute_loss and ours on one batch of fixed completions, advantages, old-policy and
+    reference log-probs (ratios away from 1, clip-higher, a KL): the same loss and the same gradient."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.1, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model_dir = tmp_path / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    high = 1.5 if loss_type == "cispo" else 0.28
+    args = GRPOConfig(output_dir=str(tmp_path / "trl"), loss_type=loss_type, epsilon=0.2, epsilon_high=high, beta=0.04,
+                      max_completion_length=8, num_generations=4, per_device_train_batch_size=4, report_to=[],
+                      use_cpu=True, bf16=False, fp16=False, save_strategy="no", temperature=1.0,
+                      use_bias_correction_kl=kl_correction)
+    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    trainer = GRPOTrainer(model=hf, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)], args=args,
+                          train_dataset=Dataset.from_list([{"prompt": "诗"}] * 4),
+                          processing_class=AutoTokenizer.from_pretrained(model_dir))
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+
+    g = torch.Generator().manual_seed(4)
+    prompt_ids = torch.randint(3, 400, (4, 5), generator=g)
+    lengths = [3, 8, 1, 6]
+    completion_ids = torch.randint(3, 400, (4, 8), generator=g)
+    completion_mask = torch.tensor([[1] * n + [0] * (8 - n) for n in lengths])
+    advantages = torch.tensor([1.2, -0.8, 0.4, -1.5])
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    with torch.no_grad():
+        logp = token_logps(hf(ids[:, :-1]).logits, ids[:, 1:], 1.0)[:, 4:]
+    old = logp + torch.randn(logp.shape, generator=g) * 0.4
+    ref = logp + torch.randn(logp.shape, generator=g) * 0.3
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": advantages, "old_per_token_logps": old,
+              "ref_per_token_logps": ref, "num_items_in_batch": completion_mask.sum()}
+    trl_loss = trainer._compute_loss(trainer.model, inputs)
+    trl_grad = torch.autograd.grad(trl_loss, list(trainer.model.parameters()))
+
+    policy = MiniLLM.from_pretrained(model_dir, dtype=torch.float32).train()
+    mine = token_logps(policy(ids[:, :-1]).logits, ids[:, 1:], 1.0)[:, 4:]
+    loss_N, _, _ = sequence_losses(mine, old, advantages, completion_mask, 0.2, loss_type, 8, ref, 0.04, high,
+                                   kl_correction=kl_correction)
+    loss = loss_N.mean()
+    grad = torch.autograd.grad(loss, list(policy.parameters()))
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-7)
+    assert abs(loss.item()) > 1e-3
+    # Our fused q|k|v and gate|up projections hold TRL's separate ones: compare the gradients as hf.py splits them.
+    from minillm.model.hf import to_hf_state_dict
+
+    ours = to_hf_state_dict(dict(zip([n for n, _ in policy.named_parameters()], grad)), policy.config)
+    theirs = dict(zip([n for n, _ in trainer.model.named_parameters()], trl_grad))
+    for name, w in theirs.items():
+        key = name if name in ours else name.replace("model.embed_tokens", "lm_head")
+        assert torch.allclose(ours[key], w, rtol=1e-4, atol=1e-6 * w.abs().max().item() + 1e-9), name

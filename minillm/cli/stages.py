@@ -16,7 +16,7 @@ from minillm.eval.rewards import REWARDS, build_rewards
 from minillm.model.model import MiniLLM
 from minillm.train.config import TrainConfig
 from minillm.train.dpo import DPO
-from minillm.train.grpo import GRPO, LOSS_TYPES
+from minillm.train.grpo import CISPO_EPSILON_HIGH, GRPO, LOSS_TYPES, SCALE_REWARDS
 from minillm.train.objective import LanguageModeling, Objective
 
 
@@ -43,9 +43,20 @@ def add_stage_flags(p: argparse.ArgumentParser, kind: str) -> None:
                        help="Token budget of a completion (default: %(default)s)")
         g.add_argument("--epsilon", type=float, default=0.2,
                        help="Clipping range of the probability ratio (default: %(default)s)")
+        g.add_argument("--epsilon_high", type=float, default=None,
+                       help="Upper clipping range (clip-higher; DAPO uses 0.28); with cispo, the cap on the importance "
+                            f"weight (default: --epsilon; cispo: {CISPO_EPSILON_HIGH:g})")
         g.add_argument("--loss_type", choices=LOSS_TYPES, default="grpo",
-                       help="grpo: mean over each completion's tokens, then over completions; dr_grpo: each "
-                            "completion's token sum / max_new_tokens (default: %(default)s)")
+                       help="TRL's names. grpo: mean over each completion's tokens, then over completions; dr_grpo: "
+                            "each completion's token sum / max_new_tokens; bnpo: token mean over the micro-batch; "
+                            "dapo: token mean over the optimizer step; cispo: dapo's mean of the clipped importance "
+                            "weight (no gradient) x advantage x log-prob (default: %(default)s)")
+        g.add_argument("--kl_correction", action="store_true",
+                       help="Multiply the KL term by the probability ratio (TRL's use_bias_correction_kl, its default): "
+                            "the unbiased reverse-KL gradient; off, the plain k3 estimator's gradient")
+        g.add_argument("--scale_rewards", choices=SCALE_REWARDS, default="group",
+                       help="Divide each advantage (reward - group mean) by the std of its group's rewards, of the "
+                            "step's rewards (batch), or by nothing (none) (default: %(default)s)")
         g.add_argument("--kl_beta", type=float, default=0.0,
                        help="Weight of the k3 KL penalty to the frozen reference; 0 needs no reference "
                             "(default: %(default)s)")
@@ -75,6 +86,8 @@ def check_stage_flags(args, kind: str) -> None:
         _finite(args.kl_beta, "--kl_beta", 0, low_open=False)
         _finite(args.temperature, "--temperature", 0, low_open=True)
         _finite(args.epsilon, "--epsilon", 0, low_open=True, high=1)
+        if args.epsilon_high is not None:
+            _finite(args.epsilon_high, "--epsilon_high", 0, low_open=True)
         if args.group_size < 2:
             raise ValueError(f"--group_size must be >= 2 (advantages compare completions), got {args.group_size}")
         if args.max_new_tokens < 1:
@@ -135,4 +148,5 @@ def build_objective(kind: str, args, cfg: TrainConfig, tokenizer: Tokenizer, is_
     reference = _reference(args, tokenizer) if args.kl_beta else None
     return GRPO(rewards, tokenizer, group_size=args.group_size, temperature=args.temperature,
                 max_new_tokens=args.max_new_tokens, epsilon=args.epsilon, loss_type=args.loss_type,
-                kl_beta=args.kl_beta, reference=reference)
+                kl_beta=args.kl_beta, reference=reference, epsilon_high=args.epsilon_high,
+                scale_rewards=args.scale_rewards, kl_correction=args.kl_correction)

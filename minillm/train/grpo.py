@@ -1,27 +1,36 @@
 """GRPO (Shao et al., 2024) with verifiable rewards, as an objective of the one training loop.
 
-Per micro-batch of prompts: G completions per prompt are sampled from the current policy (KV cache, batched
-per prompt, at `temperature`), scored by reward functions (request, answer) -> float (eval/rewards.py), and
-each completion's advantage is its reward standardised within its group, A = (r - mean) / (std + 1e-4),
-with the unbiased std of the G rewards (TRL's default); a group whose rewards are all equal has A = 0 and
-gives no gradient (counted in frac_reward_zero_std). The loss per completion token t of completion i is
+Per optimizer step, G completions per prompt are sampled from the current policy (KV cache, batched per prompt,
+at `temperature`), all of the step's micro-batches before the first backward (begin_step), and scored by reward
+functions (request, answer) -> float (eval/rewards.py). A completion's advantage is its reward minus its group's
+mean, divided by (std + 1e-4): the unbiased std of its group's G rewards (scale_rewards "group", TRL's default),
+of the whole step's rewards ("batch"), or not divided ("none"); a group whose rewards are all equal has A = 0 and
+gives no gradient (counted in frac_reward_zero_std). Per completion token t of completion i, with
+ratio = pi(o_t) / pi_old(o_t) and KL_t = exp(ref - logp) - (ref - logp) - 1 (the k3 estimator):
 
-    -min(ratio * A_i, clip(ratio, 1 - epsilon, 1 + epsilon) * A_i) + kl_beta * KL_t,
-    ratio = pi(o_t) / pi_old(o_t),  KL_t = exp(ref - logp) - (ref - logp) - 1   (the k3 estimator)
+    clipped types:  -min(ratio * A_i, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A_i) + kl_beta * KL_t
+    cispo:          -stopgrad(min(ratio, epsilon_high)) * A_i * log pi(o_t)             + kl_beta * KL_t
+
+(with kl_correction, TRL's default use_bias_correction_kl, the KL term is ratio * KL_t)
 
 over the completion up to and including its <|im_end|>, with log-probs of the logits / temperature in float32.
+The loss types are TRL's, named as there; they differ in how the token terms are summed:
+- grpo: mean over each completion's tokens, then over completions (the paper's);
+- dr_grpo: each completion's sum / max_new_tokens, mean over completions (Dr. GRPO);
+- bnpo: sum over the micro-batch's tokens / its token count;
+- dapo and cispo: sum over the step's tokens / the step's token count (all micro-batches and processes).
 One update per rollout: pi_old is the same forward detached, so the ratio is exactly 1 and the gradient is
-REINFORCE's with advantage A_i / |o_i| (loss_type grpo) or A_i / max_new_tokens (dr_grpo). loss_type grpo
-averages each completion's tokens, then the completions (the paper's); dr_grpo sums each completion's tokens
-and divides by max_new_tokens (Dr. GRPO), so long and short completions weigh by their tokens. Either way
-the step's loss is a mean over its completions, whatever the accumulation or process count; sampling draws
-from the run's RNG, which checkpoints save, so a resumed run samples the same completions.
+REINFORCE's. The step's loss is the same whatever the accumulation or process count (bnpo: for equal micro-batch
+token counts, as in TRL); sampling draws from the run's RNG, which checkpoints save, so a resumed run samples the
+same completions.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -31,42 +40,70 @@ from minillm.eval.heldout import repeats
 from minillm.eval.tasks import answer_body
 from minillm.infer.generation import generate
 from minillm.model.model import MiniLLM
+from minillm.train.distributed import all_reduce_sum
 from minillm.train.objective import ObjectiveOutput
 from minillm.train.reference import Reference
 
-LOSS_TYPES = ("grpo", "dr_grpo")
+LOSS_TYPES = ("grpo", "dr_grpo", "bnpo", "dapo", "cispo")
+SCALE_REWARDS = ("group", "batch", "none")
+CISPO_EPSILON_HIGH = 5.0  # cispo's cap on the importance weight when none is given (ScaleRL's eps_max; TRL's advice)
 RewardFn = Callable[[str, str], float]
 
 
-def group_advantages(rewards_BG: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """(r - group mean) / (group std + eps), std unbiased over the G completions of a prompt. [B, G]"""
-    return (rewards_BG - rewards_BG.mean(dim=1, keepdim=True)) / (rewards_BG.std(dim=1, keepdim=True) + eps)
+def group_advantages(rewards_BG: torch.Tensor, scale: str = "group", batch_std: torch.Tensor | None = None,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """r - group mean, divided by (std + eps): the group's unbiased std ("group"), `batch_std` or the unbiased std
+    of all of `rewards_BG` ("batch"), or nothing ("none"). [B, G]"""
+    centred_BG = rewards_BG - rewards_BG.mean(dim=1, keepdim=True)
+    if scale == "none":
+        return centred_BG
+    if scale == "group":
+        return centred_BG / (rewards_BG.std(dim=1, keepdim=True) + eps)
+    if scale == "batch":
+        return centred_BG / ((rewards_BG.std() if batch_std is None else batch_std) + eps)
+    raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}, got {scale!r}")
 
 
 def sequence_losses(logp_NT: torch.Tensor, old_logp_NT: torch.Tensor, advantages_N: torch.Tensor,
                     mask_NT: torch.Tensor, epsilon: float, loss_type: str, max_new_tokens: int,
-                    ref_logp_NT: torch.Tensor | None = None, kl_beta: float = 0.0
+                    ref_logp_NT: torch.Tensor | None = None, kl_beta: float = 0.0, epsilon_high: float | None = None,
+                    mean_tokens: float | None = None, kl_correction: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per completion: (its loss, its mean token KL, the fraction of its tokens where clipping bit); [N] each."""
+    """Per completion: (its loss, its mean token KL, the fraction of its tokens where clipping bit); [N] each.
+
+    The mean of the losses is the loss of `loss_type` over these completions. `mean_tokens`: dapo's and cispo's
+    tokens per completion over the whole step (None: over these completions), so that micro-batches weighted by
+    their completions add up to the step's token mean. `kl_correction`: the KL term times the ratio (TRL's
+    use_bias_correction_kl; the ratio's gradient then reaches the KL term even where the ratio is 1)."""
+    high = epsilon_high if epsilon_high is not None else (CISPO_EPSILON_HIGH if loss_type == "cispo" else epsilon)
     ratio_NT = torch.exp(logp_NT - old_logp_NT)
     adv_N1 = advantages_N[:, None]
-    clipped_NT = torch.clamp(ratio_NT, 1 - epsilon, 1 + epsilon)
-    per_token_NT = -torch.min(ratio_NT * adv_N1, clipped_NT * adv_N1)
+    if loss_type == "cispo":  # the clipped importance weight scales a REINFORCE term; its gradient flows in log pi
+        per_token_NT = -torch.clamp(ratio_NT, max=high).detach() * adv_N1 * logp_NT
+        bit_NT = (ratio_NT > high) & (adv_N1 > 0)
+    else:
+        clipped_NT = torch.clamp(ratio_NT, 1 - epsilon, 1 + high)
+        per_token_NT = -torch.min(ratio_NT * adv_N1, clipped_NT * adv_N1)
+        bit_NT = clipped_NT * adv_N1 < ratio_NT * adv_N1  # the clipped term is the smaller: clipping bit
     kl_NT = torch.zeros_like(logp_NT)
     if kl_beta:
         delta_NT = ref_logp_NT - logp_NT
         kl_NT = torch.exp(delta_NT) - delta_NT - 1
-        per_token_NT = per_token_NT + kl_beta * kl_NT
+        per_token_NT = per_token_NT + kl_beta * (kl_NT * ratio_NT if kl_correction else kl_NT)
     mask_NT = mask_NT.to(per_token_NT.dtype)
-    tokens_N = mask_NT.sum(dim=1).clamp(min=1)
+    raw_N = mask_NT.sum(dim=1)
+    tokens_N = raw_N.clamp(min=1)
     summed_N = (per_token_NT * mask_NT).sum(dim=1)
     if loss_type == "grpo":
         loss_N = summed_N / tokens_N
     elif loss_type == "dr_grpo":
         loss_N = summed_N / max_new_tokens
+    elif loss_type == "bnpo" or (loss_type in ("dapo", "cispo") and mean_tokens is None):
+        loss_N = summed_N / (raw_N.sum().clamp(min=1) / len(raw_N))
+    elif loss_type in ("dapo", "cispo"):
+        loss_N = summed_N / max(mean_tokens, 1 / len(raw_N))
     else:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
-    bit_NT = clipped_NT * adv_N1 < ratio_NT * adv_N1  # the clipped term is the smaller: clipping bit
     clip_N = (bit_NT.float() * mask_NT).sum(dim=1) / tokens_N
     return loss_N, (kl_NT.detach() * mask_NT).sum(dim=1) / tokens_N, clip_N
 
@@ -77,12 +114,25 @@ def token_logps(logits_NTV: torch.Tensor, targets_NT: torch.Tensor, temperature:
     return logp_NTV.gather(-1, targets_NT[..., None])[..., 0]
 
 
+@dataclass
+class Rollouts:
+    """One micro-batch's sampled completions and their rewards."""
+
+    sequences: list[list[int]]  # prompt + completion, per completion
+    spans: list[tuple[int, int]]  # (prompt length, completion length)
+    totals: list[float]  # weighted reward
+    parts: list[list[float]]  # each reward function's value
+    repetitive: int  # completions that repeat a line or phrase (eval_tasks' measure)
+    seconds: float  # spent sampling
+
+
 class GRPO:
     """The GRPO objective on prompt batches (data/prompts.py): rollouts, rewards, advantages, clipped loss."""
 
     def __init__(self, rewards: dict[str, tuple[RewardFn, float]], tokenizer: Tokenizer, group_size: int = 8,
                  temperature: float = 1.0, max_new_tokens: int = 128, epsilon: float = 0.2, loss_type: str = "grpo",
-                 kl_beta: float = 0.0, reference: MiniLLM | None = None) -> None:
+                 kl_beta: float = 0.0, reference: MiniLLM | None = None, epsilon_high: float | None = None,
+                 scale_rewards: str = "group", kl_correction: bool = False) -> None:
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages compare completions of one prompt), got {group_size}")
         if not temperature > 0:
@@ -90,6 +140,12 @@ class GRPO:
         if max_new_tokens < 1 or not 0 < epsilon < 1 or kl_beta < 0 or loss_type not in LOSS_TYPES:
             raise ValueError(f"need max_new_tokens >= 1, 0 < epsilon < 1, kl_beta >= 0 and loss_type in {LOSS_TYPES}; "
                              f"got {max_new_tokens}, {epsilon}, {kl_beta}, {loss_type!r}")
+        if epsilon_high is not None and not 0 < epsilon_high < math.inf or scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"need epsilon_high > 0 (finite) and scale_rewards in {SCALE_REWARDS}; got {epsilon_high}, "
+                             f"{scale_rewards!r}")
+        self.epsilon_high, self.scale_rewards, self.kl_correction = epsilon_high, scale_rewards, kl_correction
+        self._pending: list[Rollouts] = []  # the step's rollouts, sampled by begin_step, in micro-batch order
+        self._step_stats: tuple[float, float | None] | None = None  # (mean tokens, batch std) over the step
         self.rewards, self.tokenizer = rewards, tokenizer
         self.group_size, self.temperature, self.max_new_tokens = group_size, temperature, max_new_tokens
         self.epsilon, self.loss_type, self.kl_beta = epsilon, loss_type, kl_beta
@@ -127,48 +183,71 @@ class GRPO:
         values = [fn(request, answer + ("<|im_end|>" if ended else "")) for fn, _ in self.rewards.values()]
         return sum(v * w for v, (_, w) in zip(values, self.rewards.values())), values
 
-    def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...], loss_chunk: int = 0
-                 ) -> ObjectiveOutput:
-        """Sample, score and take the clipped policy-gradient loss of a micro-batch of prompts."""
+    def sample(self, batch: tuple[torch.Tensor, ...]) -> Rollouts:
+        """Roll out and score every prompt of a micro-batch."""
         x_BT, _, m_BT = batch
-        device, G = x_BT.device, self.group_size
-        prompts = [row[mask > 0].tolist() for row, mask in zip(x_BT, m_BT)]
-        sequences, completions, totals, parts, repetitive = [], [], [], [], 0
-        rollout_seconds = 0.0
-        for prompt in prompts:
+        out = Rollouts([], [], [], [], 0, 0.0)
+        for prompt in (row[mask > 0].tolist() for row, mask in zip(x_BT, m_BT)):
             request = request_of(self.tokenizer.decode(prompt))
             start = time.perf_counter()
             rollouts = self.rollout(prompt)
-            rollout_seconds += time.perf_counter() - start
+            out.seconds += time.perf_counter() - start
             for completion in rollouts:
                 total, values = self.score(request, completion)
-                repetitive += repeats(answer_body(self.tokenizer.decode(completion)))  # eval_tasks' measure
-                sequences.append(prompt + completion)
-                completions.append((len(prompt), len(completion)))
-                totals.append(total)
-                parts.append(values)
-        rewards_BG = torch.tensor(totals, dtype=torch.float32, device=device).view(-1, G)
-        advantages_N = group_advantages(rewards_BG).flatten()
+                out.repetitive += repeats(answer_body(self.tokenizer.decode(completion)))
+                out.sequences.append(prompt + completion)
+                out.spans.append((len(prompt), len(completion)))
+                out.totals.append(total)
+                out.parts.append(values)
+        return out
+
+    def begin_step(self, micro: list[tuple[torch.Tensor, ...]]) -> None:
+        """Sample the whole step before its first backward: dapo and cispo divide by the step's completion tokens,
+        scale_rewards "batch" by the std of the step's rewards (both over every process)."""
+        self._pending = [self.sample(batch) for batch in micro]
+        device = micro[0][0].device
+        rewards = torch.tensor([r for out in self._pending for r in out.totals], dtype=torch.float64, device=device)
+        tokens = float(sum(n for out in self._pending for _, n in out.spans))
+        sums = all_reduce_sum(torch.stack([torch.tensor(float(len(rewards)), dtype=torch.float64, device=device),
+                                           torch.tensor(tokens, dtype=torch.float64, device=device),
+                                           rewards.sum(), (rewards ** 2).sum()])).tolist()
+        n, tokens, total, squares = sums
+        std = math.sqrt(max(squares - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
+        self._step_stats = (tokens / n, std)
+
+    def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...], loss_chunk: int = 0
+                 ) -> ObjectiveOutput:
+        """The clipped policy-gradient loss of a micro-batch's rollouts (sampled now unless begin_step did)."""
+        device, G = batch[0].device, self.group_size
+        if self._pending:
+            out, (mean_tokens, batch_std) = self._pending.pop(0), self._step_stats
+        else:
+            out, mean_tokens, batch_std = self.sample(batch), None, None
+        rewards_BG = torch.tensor(out.totals, dtype=torch.float32, device=device).view(-1, G)
+        std = None if batch_std is None else torch.tensor(batch_std, dtype=torch.float32, device=device)
+        advantages_N = group_advantages(rewards_BG, self.scale_rewards, std).flatten()
         # Prompt + completion, right-padded; learned: the completion's tokens (its stop token included).
+        sequences = out.sequences
         T = max(map(len, sequences))
         ids_NT = torch.full((len(sequences), T), self.tokenizer.pad_id, dtype=torch.long, device=device)
         mask_NT = torch.zeros(len(sequences), T - 1, device=device)
-        for i, (seq, (start, n)) in enumerate(zip(sequences, completions)):
+        for i, (seq, (start, n)) in enumerate(zip(sequences, out.spans)):
             ids_NT[i, :len(seq)] = torch.tensor(seq, device=device)
             mask_NT[i, start - 1:start - 1 + n] = 1.0
         inputs_NT, targets_NT = ids_NT[:, :-1], ids_NT[:, 1:]
         logp_NT = token_logps(model(inputs_NT).logits, targets_NT, self.temperature)
         ref_NT = token_logps(self.reference.logits(inputs_NT), targets_NT, self.temperature) if self.kl_beta else None
         loss_N, kl_N, clip_N = sequence_losses(logp_NT, logp_NT.detach(), advantages_N, mask_NT, self.epsilon,
-                                               self.loss_type, self.max_new_tokens, ref_NT, self.kl_beta)
-        parts_NK = torch.tensor(parts, dtype=torch.float32, device=device)
+                                               self.loss_type, self.max_new_tokens, ref_NT, self.kl_beta,
+                                               self.epsilon_high, mean_tokens, self.kl_correction)
+        parts_NK = torch.tensor(out.parts, dtype=torch.float32, device=device)
         degenerate_BG = (rewards_BG == rewards_BG[:, :1]).all(dim=1, keepdim=True).expand(-1, G)
+        ended = float(sum(s[-1] in self.tokenizer.turn_end_ids for s in sequences))
         metrics = {"reward": rewards_BG.sum(), **{f"rewards/{name}": parts_NK[:, k].sum()
                                                    for k, name in enumerate(self.rewards)},
                    "frac_reward_zero_std": degenerate_BG.float().sum(), "clip_ratio": clip_N.sum(), "kl": kl_N.sum(),
                    "completions/mean_length": mask_NT.sum(),
-                   "completions/ended": torch.tensor(float(sum(s[-1] in self.tokenizer.turn_end_ids for s in sequences)),
-                                                     device=device),
-                   "completions/repetitive": torch.tensor(float(repetitive), device=device)}
-        counters = {"rollout_seconds": rollout_seconds, "rollout_tokens": float(sum(n for _, n in completions))}
+                   "completions/ended": torch.tensor(ended, device=device),
+                   "completions/repetitive": torch.tensor(float(out.repetitive), device=device)}
+        counters = {"rollout_seconds": out.seconds, "rollout_tokens": float(sum(n for _, n in out.spans))}
         return ObjectiveOutput(loss_N.mean(), metrics, tokens=inputs_NT.numel(), counters=counters)

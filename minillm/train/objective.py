@@ -31,7 +31,8 @@ class ObjectiveOutput(NamedTuple):
 
 
 class Objective(Protocol):
-    """The loss of a stage; the loop calls prepare once, then units and __call__ per micro-batch."""
+    """The loss of a stage; the loop calls prepare once, then units and __call__ per micro-batch. An objective may
+    also have begin_step(micro): called with the step's micro-batches before any of them (GRPO samples them all)."""
 
     metric_names: tuple[str, ...]
     """The metrics __call__ returns (sums over units), in the order they are logged."""

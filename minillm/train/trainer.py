@@ -158,6 +158,10 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimiz
     """
     objective = objective or LanguageModeling()
     world, names = env.world_size, objective.metric_names
+    begin = getattr(objective, "begin_step", None)
+    if begin is not None:  # an objective that needs the whole step first (GRPO samples every micro-batch's rollouts)
+        with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            begin(micro)
     n_global = all_reduce_sum(sum(objective.units(batch) for batch in micro).double())
     loss_sum = torch.zeros((), device=env.device)
     metric_sums = torch.zeros(len(names), device=env.device)
