@@ -269,8 +269,8 @@ def moon_rate(model, data, tokenizer) -> float:
 
 def grpo_run(out_dir, start, data, tokenizer, **kw):
     stop = kw.pop("stop_at", None)
-    cfg = TrainConfig(out_dir=str(out_dir), batch_size=4, learning_rate=1e-2, dtype="float32", log_every=1,
-                      eval_every=0, save_every=0, **kw)
+    cfg = TrainConfig(out_dir=str(out_dir), batch_size=4, learning_rate=1e-2, dtype="float32", log_every=10,
+                      eval_every=0, save_every=0, **kw)  # log_every 10: GRPO writes a row every step all the same
     objective = GRPO({"moon": (moon, 1.0)}, tokenizer, group_size=8, max_new_tokens=12)
     return train(MiniLLM.from_pretrained(start, dtype=torch.float32).train(), data, cfg, objective=objective,
                  should_stop=(lambda step: step == stop) if stop else None)
@@ -283,6 +283,7 @@ def test_a_tiny_model_learns_a_verifiable_reward(tmp_path, tiny_sft_dir, tokeniz
     after = moon_rate(MiniLLM.from_pretrained(tmp_path / "o", dtype=torch.float32), data, tokenizer)
     assert after >= before + 0.4, (before, after)  # 32 steps since the fixture fits whole poems (2026-12-04)
     r = rows(tmp_path / "o")
+    assert [x["step"] for x in r] == list(range(1, 33))  # every step's rewards, not one step in --log_every
     assert sum(x["reward"] for x in r[-4:]) > sum(x["reward"] for x in r[:4]) + 0.8
     assert all(x["clip_ratio"] == 0.0 for x in r)  # one update per rollout: the ratio is exactly 1
     assert all(x["rollout_seconds"] > 0 and 0 < x["rollout_tokens"] <= 4 * 8 * 12 for x in r)

@@ -129,6 +129,8 @@ class Rollouts:
 class GRPO:
     """The GRPO objective on prompt batches (data/prompts.py): rollouts, rewards, advantages, clipped loss."""
 
+    log_each_step = True  # metrics.jsonl gets every step's rewards, whatever --log_every (a noisy one-in-ten otherwise)
+
     def __init__(self, rewards: dict[str, tuple[RewardFn, float]], tokenizer: Tokenizer, group_size: int = 8,
                  temperature: float = 1.0, max_new_tokens: int = 128, epsilon: float = 0.2, loss_type: str = "grpo",
                  kl_beta: float = 0.0, reference: MiniLLM | None = None, epsilon_high: float | None = None,

@@ -277,7 +277,9 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
     identity = {"data": dataset_identity(dataset), "model": model.config.shape()}
     checkpointer = Checkpointer(cfg.out_dir, model, optimizer, scaler, asdict(cfg), env.rank, env.world_size,
                                 cfg.keep_checkpoints, tokenizer, identity, sharded=cfg.fsdp)
-    progress = Progress(Path(cfg.out_dir), cfg.log_every, env.is_main)
+    # A row per step for an objective whose steps differ (GRPO's rewards), every log_every steps otherwise.
+    every = 1 if getattr(objective, "log_each_step", False) else cfg.log_every
+    progress = Progress(Path(cfg.out_dir), every, env.is_main)
     with claim_out_dir(cfg, env), StopSignal() as stop, progress:
         start_step, clock, seen = _resume(checkpointer, cfg, env, schedule)
         set_peak_lr(optimizer, cfg.learning_rate, cfg.matrix_lr)  # a resume restored the saved groups' rates
