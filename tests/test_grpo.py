@@ -485,6 +485,8 @@ def test_each_loss_type_equals_trl_on_the_same_completions(tmp_path, tokenizer, 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
+    from minillm.model.hf import to_hf_state_dict
+
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -530,8 +532,6 @@ def test_each_loss_type_equals_trl_on_the_same_completions(tmp_path, tokenizer, 
     assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-7)
     assert abs(loss.item()) > 1e-3
     # Our fused q|k|v and gate|up projections hold TRL's separate ones: compare the gradients as hf.py splits them.
-    from minillm.model.hf import to_hf_state_dict
-
     ours = to_hf_state_dict(dict(zip([n for n, _ in policy.named_parameters()], grad)), policy.config)
     theirs = dict(zip([n for n, _ in trainer.model.named_parameters()], trl_grad))
     for name, w in theirs.items():

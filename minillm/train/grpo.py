@@ -98,10 +98,9 @@ def sequence_losses(logp_NT: torch.Tensor, old_logp_NT: torch.Tensor, advantages
         loss_N = summed_N / tokens_N
     elif loss_type == "dr_grpo":
         loss_N = summed_N / max_new_tokens
-    elif loss_type == "bnpo" or (loss_type in ("dapo", "cispo") and mean_tokens is None):
-        loss_N = summed_N / (raw_N.sum().clamp(min=1) / len(raw_N))
-    elif loss_type in ("dapo", "cispo"):
-        loss_N = summed_N / max(mean_tokens, 1 / len(raw_N))
+    elif loss_type in ("bnpo", "dapo", "cispo"):  # a token mean: these completions' (bnpo) or the step's
+        step = mean_tokens is not None and loss_type != "bnpo"
+        loss_N = summed_N / (max(mean_tokens, 1 / len(raw_N)) if step else raw_N.sum().clamp(min=1) / len(raw_N))
     else:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
     clip_N = (bit_NT.float() * mask_NT).sum(dim=1) / tokens_N
@@ -142,7 +141,7 @@ class GRPO:
         if max_new_tokens < 1 or not 0 < epsilon < 1 or kl_beta < 0 or loss_type not in LOSS_TYPES:
             raise ValueError(f"need max_new_tokens >= 1, 0 < epsilon < 1, kl_beta >= 0 and loss_type in {LOSS_TYPES}; "
                              f"got {max_new_tokens}, {epsilon}, {kl_beta}, {loss_type!r}")
-        if epsilon_high is not None and not 0 < epsilon_high < math.inf or scale_rewards not in SCALE_REWARDS:
+        if (epsilon_high is not None and not 0 < epsilon_high < math.inf) or scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"need epsilon_high > 0 (finite) and scale_rewards in {SCALE_REWARDS}; got {epsilon_high}, "
                              f"{scale_rewards!r}")
         self.epsilon_high, self.scale_rewards, self.kl_correction = epsilon_high, scale_rewards, kl_correction
@@ -207,13 +206,11 @@ class GRPO:
         """Sample the whole step before its first backward: dapo and cispo divide by the step's completion tokens,
         scale_rewards "batch" by the std of the step's rewards (both over every process)."""
         self._pending = [self.sample(batch) for batch in micro]
-        device = micro[0][0].device
-        rewards = torch.tensor([r for out in self._pending for r in out.totals], dtype=torch.float64, device=device)
-        tokens = float(sum(n for out in self._pending for _, n in out.spans))
-        sums = all_reduce_sum(torch.stack([torch.tensor(float(len(rewards)), dtype=torch.float64, device=device),
-                                           torch.tensor(tokens, dtype=torch.float64, device=device),
-                                           rewards.sum(), (rewards ** 2).sum()])).tolist()
-        n, tokens, total, squares = sums
+        rewards = [r for out in self._pending for r in out.totals]
+        tokens = sum(n for out in self._pending for _, n in out.spans)
+        local = [len(rewards), tokens, sum(rewards), sum(r * r for r in rewards)]
+        n, tokens, total, squares = all_reduce_sum(torch.tensor(local, dtype=torch.float64,
+                                                                device=micro[0][0].device)).tolist()
         std = math.sqrt(max(squares - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
         self._step_stats = (tokens / n, std)
 

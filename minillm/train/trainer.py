@@ -158,9 +158,10 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimiz
     """
     objective = objective or LanguageModeling()
     world, names = env.world_size, objective.metric_names
+    amp = lambda: torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)  # noqa: E731
     begin = getattr(objective, "begin_step", None)
     if begin is not None:  # an objective that needs the whole step first (GRPO samples every micro-batch's rollouts)
-        with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+        with amp():
             begin(micro)
     n_global = all_reduce_sum(sum(objective.units(batch) for batch in micro).double())
     loss_sum = torch.zeros((), device=env.device)
@@ -169,7 +170,7 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimiz
     for i, batch in enumerate(micro):
         last = i == len(micro) - 1
         with gradient_sync(model, env, last):
-            with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            with amp():
                 out = objective(model, batch, loss_chunk)
             # out.loss is this micro-batch's mean over its units (tokens, pairs); weight it by its share of the
             # global batch's units (x world: DDP and FSDP average gradients over processes).
