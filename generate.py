@@ -13,7 +13,15 @@ import sys
 
 import torch
 
-from minillm.cli import BAD_INPUT, CliError, add_inference_flags, add_model_flags, load_trained, report
+from minillm.cli import (
+    BAD_INPUT,
+    CliError,
+    add_inference_flags,
+    add_model_flags,
+    default_context,
+    load_trained,
+    report,
+)
 from minillm.data.tokenizer import declares_chat_template
 from minillm.device import inference_dtype, resolve_device
 from minillm.infer.chat import ChatSession, ContextError, StreamingAnswer
@@ -23,6 +31,7 @@ from minillm.infer.tool_loop import MAX_TOOL_TURNS, run_with_tools
 from minillm.model.model import MiniLLM
 
 PROG = "generate.py"
+MAX_NEW_TOKENS = 256
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,12 +50,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue the prompt as plain text instead of rendering it with the chat template "
                         "(for pretrained-only models). Interactively, each line is continued on its own")
     p.add_argument("--system", default=None, help="system prompt put before the conversation (chat mode only)")
-    p.add_argument("--max_new_tokens", type=int, default=256,
+    p.add_argument("--max_new_tokens", type=int, default=None,
                    help="most tokens per answer; also reserved in the context, so the prompt (and in chat the "
-                        "history) may use the context minus this (default: %(default)s)")
+                        f"history) may use the context minus this (default: {MAX_NEW_TOKENS}, or half the context "
+                        "when that is less)")
     p.add_argument("--context", type=int, default=None,
-                   help="tokens of context to use, at most the model's max_position_embeddings (the default). "
-                        "A model trained on shorter sequences may do better with its training length")
+                   help="tokens of context to use, at most the model's max_position_embeddings (default: the "
+                        "context the model was trained on, as train_*.py record it, else max_position_embeddings; "
+                        "serve.py's rule)")
     p.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature; 0 is greedy (always the most likely token) (default: %(default)s)")
     p.add_argument("--top_k", type=int, default=0,
@@ -67,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_tool_turns", type=int, default=MAX_TOOL_TURNS,
                    help="model turns per answer that may call tools (default: %(default)s)")
     add_inference_flags(p)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, one per core); beside other work on a small machine "
+                        "fewer threads can be several times faster")
     p.add_argument("--compile", action="store_true",
                    help="run the decode steps through torch.compile: the first answer waits for the "
                         "compilation (10-30 s on a CPU), later tokens come 3x faster on a 2-core CPU "
@@ -76,7 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Reject flag values that make no sense, before anything is loaded."""
-    if args.max_new_tokens < 1:
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads must be >= 1, got {args.threads}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise CliError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.top_k < 0:
         raise CliError(f"--top_k must be >= 0 (0 = off), got {args.top_k}")
@@ -157,9 +173,11 @@ class Generator:
                  console: Console) -> None:
         self.args, self.model, self.tokenizer, self.console = args, model, tokenizer, console
         limit = model.config.max_position_embeddings
-        self.context = limit if args.context is None else args.context
+        self.context = default_context(model.config)[0] if args.context is None else args.context
         if self.context > limit:
             raise CliError(f"--context {self.context} exceeds the model's max_position_embeddings ({limit})")
+        if args.max_new_tokens is None:
+            args.max_new_tokens = min(MAX_NEW_TOKENS, self.context // 2)
         self.budget = self.context - args.max_new_tokens
         if self.budget < 1:
             raise CliError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in the "
@@ -315,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         check_flags(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         model, tokenizer, device, tokenizer_dir = load(args)
         if not args.raw and not declares_chat_template(tokenizer_dir):
             console.note(f"note: the tokenizer of {args.model} declares no chat template; for a "

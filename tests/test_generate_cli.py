@@ -1,6 +1,7 @@
 """generate.py and minillm.infer.chat on a tiny model trained for a few steps on the shipped SFT data."""
 
 import io
+import json
 import os
 import re
 import shutil
@@ -309,6 +310,22 @@ def test_cli_bad_input(model_dir, tmp_path, capsys):
     assert "--max_new_tokens 256 leaves no room for a prompt in the context of 256 tokens" in err
     err = _error(capsys, ["--model", str(model_dir), "--raw", "--system", "x", "--prompt", "hi"])
     assert "--system needs the chat template" in err
+
+
+def test_context_defaults_to_the_trained_one_and_the_answer_to_half_of_it(model_dir, tmp_path, capsys):
+    short = tmp_path / "short"
+    shutil.copytree(model_dir, short)
+    config = json.loads((short / "config.json").read_text())
+    config.setdefault("minillm", {})["trained_context"] = 64  # serve.py's rule: the context it was trained on
+    (short / "config.json").write_text(json.dumps(config))
+    n = len(chat_ids(load_tokenizer(), "长" * 40))
+    err = _error(capsys, ["--model", str(short), "--prompt", "长" * 40])
+    assert (f"the prompt is {n} tokens, but the context of 64 tokens leaves 32 for it after reserving "
+            "--max_new_tokens 32") in err
+    assert cli.main(["--model", str(short), "--prompt", "长" * 40, "--context", "256", "--temperature", "0"]) == 0
+    assert SPEED_LINE.search(capsys.readouterr().err)
+    err = _error(capsys, ["--model", str(short), "--prompt", "hi", "--threads", "0"])
+    assert "--threads must be >= 1, got 0" in err
 
 
 def test_cli_help_explains_the_flags(capsys):

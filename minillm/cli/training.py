@@ -102,6 +102,10 @@ def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
                           help="Processes that tokenize the packed cache; > 1 (or a directory, glob, .gz or .txt "
                                "--data_path) builds a sharded cache: shards of ~64 MB, resumable, read through "
                                "memory maps (default: %(default)s)")
+        data.add_argument("--copy_share", type=float, default=d.get("copy_share", 0.0),
+                          help="Share of the packed examples that are copy blocks: a block's tokens shuffled into "
+                               "spans each written twice, only the copies learned, so that the model learns to "
+                               "copy from its context (minillm/data/copying.py; default: %(default)s)")
     model = p.add_argument_group("model")
     model.add_argument("--init_from", default=d.get("init_from"),
                        help="Start from this model directory (minillm or Hugging Face Llama/Qwen2/Qwen3/Qwen3-MoE safetensors) "
@@ -252,6 +256,8 @@ def _build_model(args, tokenizer: Tokenizer) -> MiniLLM:
 
 def _build_dataset(kind: str, args, tokenizer: Tokenizer, is_main: bool):
     data_path = resolve_path(args.data_path)
+    if kind == "pretrain" and args.copy_share and not args.packed:
+        raise CliError("--copy_share needs the packed token cache: drop --no-packed")
     if kind == "pretrain" and args.packed and (args.num_proc > 1 or data_path is None or not data_path.is_file()
                                                or not data_path.name.endswith(".jsonl")):
         if args.num_proc < 1:
@@ -260,7 +266,7 @@ def _build_dataset(kind: str, args, tokenizer: Tokenizer, is_main: bool):
         if is_main:  # rank 0 builds (or finishes) the shards while the others wait, then all read them
             build_shards(spec, tokenizer, num_proc=args.num_proc)
         barrier()
-        return PackedDataset(shard_index_path(spec), max_length=args.max_length)
+        return PackedDataset(shard_index_path(spec), max_length=args.max_length, copy_share=args.copy_share)
     if data_path is None or not data_path.is_file():
         raise FileNotFoundError(f"--data_path {args.data_path}: no such file")
     if kind == "sft":
@@ -280,7 +286,8 @@ def _build_dataset(kind: str, args, tokenizer: Tokenizer, is_main: bool):
         if is_main:  # rank 0 builds (or reuses) the cache while the others wait, then all read it
             packed_cache(data_path, tokenizer)
         barrier()
-        return PackedDataset(packed_cache(data_path, tokenizer, progress=False), max_length=args.max_length)
+        return PackedDataset(packed_cache(data_path, tokenizer, progress=False), max_length=args.max_length,
+                             copy_share=args.copy_share)
     dataset = PretrainDataset(data_path, tokenizer, max_length=args.max_length)
     dataset.validate()
     return dataset

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from minillm.data.copying import copy_block
 from minillm.data.datasets import check_max_length
 from minillm.data.jsonl import DataError, file_key, get_str, iter_records, text_expected
 from minillm.data.shards import INDEX_NAME, TokenShards, token_dtype, write_documents
@@ -164,16 +165,20 @@ def packed_cache(
 
 
 class PackedDataset(Dataset):
-    all_learned = True  # every position is a label: nothing to count up front
-
     """Contiguous, non-overlapping blocks of a packed token cache; every position is learned.
 
     Block i covers tokens [i*(L-1), i*(L-1) + L) with L = max_length: X is its first L-1 tokens and Y
-    the last L-1, so the X blocks tile the token stream and each Y continues it by one token.
+    the last L-1, so the X blocks tile the token stream and each Y continues it by one token. With
+    copy_share > 0, copy blocks (copying.py) follow the corpus's blocks, so that they make that share of
+    the examples; copy block k is built from corpus block k mod (corpus blocks).
     """
 
-    def __init__(self, bin_path: str | os.PathLike, max_length: int = 512):
+    all_learned = True  # every corpus position is a label, and every copy block has some: nothing to count
+
+    def __init__(self, bin_path: str | os.PathLike, max_length: int = 512, copy_share: float = 0.0):
         check_max_length(max_length)
+        if not 0.0 <= copy_share < 1.0:
+            raise ValueError(f"copy_share must be in [0, 1), got {copy_share}")
         self.bin_path = Path(bin_path)
         # A shard index (shards.py) or a single-file cache: one token stream either way.
         self.shards = TokenShards(self.bin_path) if self.bin_path.name == INDEX_NAME else None
@@ -181,10 +186,13 @@ class PackedDataset(Dataset):
         self.max_length = max_length
         self.n_tokens = int(self.header["n_tokens"])
         self.dtype = self.shards.dtype if self.shards else np.dtype(self.header["dtype"])
-        self._len = (self.n_tokens - 1) // (max_length - 1)
-        if self._len <= 0:
+        self.blocks = (self.n_tokens - 1) // (max_length - 1)
+        if self.blocks <= 0:
             raise DataError(f"{self.bin_path}: {self.n_tokens} tokens are too few for one block of "
                             f"max_length={max_length}: nothing to learn (are the data files empty?)")
+        self.copy_share = copy_share
+        self.copy_blocks = round(self.blocks * copy_share / (1.0 - copy_share))
+        self._len = self.blocks + self.copy_blocks
         self._tokens = None
         self._pid = None
 
@@ -214,16 +222,21 @@ class PackedDataset(Dataset):
         if not 0 <= i < self._len:
             raise IndexError(f"block {i} out of range for {self._len} blocks")
         step = self.max_length - 1
-        a, b = i * step, i * step + self.max_length
-        block = self.shards.slice(a, b) if self.shards else self.tokens[a:b]
+        a = (i % self.blocks) * step
+        block = self.shards.slice(a, a + self.max_length) if self.shards else self.tokens[a:a + self.max_length]
+        if i >= self.blocks:
+            ids, mask = copy_block(block, i - self.blocks)
+            block_T = torch.from_numpy(ids.astype(np.int64))
+            return block_T[:-1], block_T[1:], torch.from_numpy(mask[1:])
         block_T = torch.from_numpy(block.astype(np.int64))
         return block_T[:-1], block_T[1:], torch.ones(step, dtype=torch.float32)
 
     def identity(self) -> dict[str, Any]:
         """What a resumed run must train on again: the same token stream, cut into the same blocks."""
         sha = self.header["sha256"] if self.shards else self.header["source"]["sha256"]
-        return {"kind": type(self).__name__, "examples": len(self), "max_length": self.max_length,
-                "sha256": sha, "tokens": self.n_tokens}
+        identity = {"kind": type(self).__name__, "examples": len(self), "max_length": self.max_length,
+                    "sha256": sha, "tokens": self.n_tokens}
+        return {**identity, "copy_share": self.copy_share} if self.copy_share else identity
 
     def max_token_id(self) -> int:
         """Largest token id in the cache (a full scan of the memory maps)."""
