@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from conftest import late_specials_backend
+from conftest import late_specials_backend, run_train_cli
 
 from minillm.data.chat_template import TemplateError
-from minillm.data.tokenizer import load_tokenizer
+from minillm.data.tokenizer import Tokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("jinja2")
@@ -308,3 +308,14 @@ def test_a_template_that_hangs_while_compiling_or_probing_fails_the_script_in_on
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1 and str(model / "chat_template.jinja") in done.stderr
     assert "took longer than 2 s" in done.stderr and time.monotonic() - begun < 60
+
+
+def test_sft_names_the_template_it_renders(tiny_sft_dir, tmp_path, capsys):
+    """Issue 50: SFT's log says which chat template its conversations are rendered with."""
+    outside = hostile_tokenizer_dir(tmp_path / "tok")
+    assert Tokenizer.from_pretrained(outside).template_name() == (
+        f"the outside Jinja template of {outside / 'chat_template.jinja'}")
+    code, out, err = run_train_cli("sft", "--init_from", tiny_sft_dir, "--out_dir", tmp_path / "sft", "--max_steps",
+                                   "1", "--eval_data", "", capsys=capsys)
+    assert code == 0, err
+    assert "chat template: minillm's ChatML with tool calls (minillm/data/conversation.py)\n" in out

@@ -28,14 +28,28 @@ def eval_docs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, corpus, eval_docs):
-    """A 6-step tiny pretraining run with held-out documents: its out_dir."""
+    """A 6-step tiny pretraining run with held-out documents: its out_dir (what it printed: ../stdout.txt)."""
+    import contextlib
+    import io
+
     from minillm.cli import main
 
     out = tmp_path_factory.mktemp("card") / "pretrain"
     flags = ["--data_path", corpus, "--eval_data", eval_docs, "--out_dir", out, "--max_length", "32",
              "--batch_size", "2", "--max_steps", "6", "--save_every", "0", "--license", "apache-2.0", *TINY_ARGS]
-    assert main("pretrain", stage_defaults("pretrain"), [str(a) for a in flags]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main("pretrain", stage_defaults("pretrain"), [str(a) for a in flags]) == 0
+    (out.parent / "stdout.txt").write_text(printed.getvalue())
     return out
+
+
+def test_the_done_line_gives_the_held_out_loss_in_nats_and_bits_per_byte(pretrained):
+    run = json.loads((pretrained / TRAIN_RESULTS).read_text())
+    done = (pretrained.parent / "stdout.txt").read_text().strip().splitlines()[-1]
+    assert done.startswith("done: 6 steps")
+    assert (f", held-out loss {run['eval_loss']:.4f} ({run['eval_bits_per_byte']:.3f} bits/byte); model in "
+            f"{pretrained}") in done
 
 
 def test_pretraining_card_metadata_and_recipe(pretrained):

@@ -327,22 +327,22 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
         print(f"compute dtype {dtype_reason(cfg.dtype, env.device)}, held-out loss in {cfg.eval_dtype}; "
               f"optimizer {cfg.optimizer}"
               + (f"; {cfg.max_minutes:g} minutes of training" if cfg.max_minutes else ""))
+        if kind != "pretrain":
+            print(f"chat template: {tokenizer.template_name()}")
     objective = build_objective(kind, args, cfg, tokenizer, env.is_main, dataset)
     result = train(model, dataset, cfg, eval_documents=eval_docs, tokenizer=tokenizer, env=env, objective=objective)
     if args.merge and env.is_main and not result.interrupted:
         merge_lora(model).save_pretrained(Path(cfg.out_dir) / "merged", tokenizer=tokenizer)
+    size = scored_size(eval_texts, eval_docs) if eval_docs else None
+    if result.eval_loss is not None and size and size[1]:
+        result.eval_bits_per_byte = bits_per_byte(result.eval_loss, *size)
     if env.is_main and not result.interrupted and weights_file(Path(cfg.out_dir)).is_file():
-        size = scored_size(eval_texts, eval_docs) if eval_docs else None
-        record_training(cfg.out_dir, run_facts(kind, args, cfg, env, model, result, size))
+        record_training(cfg.out_dir, run_facts(kind, args, cfg, env, model, result))
     return result
 
 
-def run_facts(kind: str, args, cfg: TrainConfig, env, model: MiniLLM, result: TrainResult,
-              eval_size: tuple[int, int] | None) -> dict:
+def run_facts(kind: str, args, cfg: TrainConfig, env, model: MiniLLM, result: TrainResult) -> dict:
     """What the model card says about a finished run (train_results.json)."""
-    bpb = None
-    if result.eval_loss is not None and eval_size and eval_size[1]:
-        bpb = bits_per_byte(result.eval_loss, *eval_size)
     launcher = ["torchrun", f"--nproc_per_node={env.world_size}"] if env.world_size > 1 else ["python"]
     data = resolve_path(args.data_path)
     shipped = data is not None and data.resolve().parent == REPO_ROOT / "dataset"
@@ -350,7 +350,7 @@ def run_facts(kind: str, args, cfg: TrainConfig, env, model: MiniLLM, result: Tr
             "data": args.data_path, "eval_data": args.eval_data or None, "base_model": args.init_from,
             "lora": bool(args.lora), "parameters": model.num_parameters(), "model_config": model.config.to_hf_dict(),
             "steps": result.steps, "tokens": result.total_tokens, "train_seconds": round(result.train_seconds, 1),
-            "eval_loss": result.eval_loss, "eval_bits_per_byte": bpb,
+            "eval_loss": result.eval_loss, "eval_bits_per_byte": result.eval_bits_per_byte,
             "dtype": str(resolve_dtype(cfg.dtype, env.device)).removeprefix("torch."),
             "machine": describe_machine(env.device) + (f", {env.world_size} processes" if env.world_size > 1 else ""),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -371,6 +371,8 @@ def summary(args, cfg: TrainConfig, result: TrainResult) -> str:
         return (f"interrupted after {done}.\nCheckpoint: {ckpt} (usable as it is: {use}).\n"
                 "Continue with the same command plus --resume.")
     held = f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    if result.eval_bits_per_byte is not None:
+        held += f" ({result.eval_bits_per_byte:.3f} bits/byte)"
     merged = f", merged model in {Path(cfg.out_dir) / 'merged'}" if args.merge else ""
     return f"done: {done}{held}; {'adapter' if args.lora else 'model'} in {cfg.out_dir}{merged}"
 

@@ -104,6 +104,12 @@ class Tokenizer:
             return self.template.render(messages, add_generation_prompt, tools)
         return render(messages, tools, add_generation_prompt)
 
+    def template_name(self) -> str:
+        """Which chat template renders conversations, in words (training logs name it)."""
+        if self.template is not None:
+            return f"the outside Jinja template of {self.template.origin}"
+        return "minillm's ChatML" + (" with tool calls" if self.tool_ids else "") + " (minillm/data/conversation.py)"
+
     @cached_property
     def tool_ids(self) -> dict[str, int]:
         """The ids of <tool_call>, </tool_call>, <tool_response>, </tool_response>; empty for a tokenizer made

@@ -104,6 +104,8 @@ class TrainResult:
     """Training loss of every optimizer step run in this call (token-weighted over the global batch)."""
     eval_loss: float | None = None
     """Final held-out loss (mean NLL per token), if eval documents were given."""
+    eval_bits_per_byte: float | None = None
+    """The same loss in bits per UTF-8 byte of the held-out text (set by the CLI, which has the text)."""
     steps: int = 0
     """Optimizer steps completed in total (including those before a resume)."""
     start_step: int = 0
