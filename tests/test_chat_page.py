@@ -60,6 +60,9 @@ def test_chat_page_streams_stops_and_starts_over(slow_server, browser):
     browser.get(live.url + "/")
     wait = WebDriverWait(browser, 30, poll_frequency=0.05)
     wait.until(lambda d: d.find_element(By.ID, "model").text == "tiny")  # /v1/models answered
+    # The page carries its icon: the browser asks for no /favicon.ico, which the server would answer with 404.
+    icon = browser.execute_script("const l = document.querySelector('link[rel=icon]'); return l && l.href;")
+    assert icon and icon.startswith("data:image/svg+xml,")
     # Greedy, so that the page must show exactly the answer the API gives.
     browser.execute_script("const t = document.getElementById('temperature'); t.value = 0;"
                            "t.dispatchEvent(new Event('input'));")

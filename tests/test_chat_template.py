@@ -181,6 +181,8 @@ def test_llama3_style_chat_model_exports_its_template_and_stops(tmp_path):
     fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
     assert fields["tokenizer.chat_template"].contents() == LLAMA3
     assert fields["tokenizer.ggml.eot_token_id"].contents() == eot
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == hf.convert_tokens_to_ids("<|begin_of_text|>")
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == eos
     modelfile = (tmp_path / "m.Modelfile").read_text()
     assert "TEMPLATE" not in modelfile
     assert 'PARAMETER stop "<|end_of_text|>"' in modelfile and 'PARAMETER stop "<|eot_id|>"' in modelfile
@@ -319,3 +321,24 @@ def test_sft_names_the_template_it_renders(tiny_sft_dir, tmp_path, capsys):
                                    "1", "--eval_data", "", capsys=capsys)
     assert code == 0, err
     assert "chat template: minillm's ChatML with tool calls (minillm/data/conversation.py)\n" in out
+
+
+def test_a_trained_outside_model_keeps_every_end_id_in_its_generation_config(tmp_path):
+    """Issue 50: after SFT of a Llama 3-style model whose config names <|eot_id|>, generation_config.json lost
+    <|end_of_text|> (and the base model's <|eom_id|>): a training stage now keeps the text's end and the
+    init_from model's own end ids."""
+    from argparse import Namespace
+
+    from minillm.cli.training import _load_tokenizer
+    from minillm.model.config import LMConfig
+    from minillm.model.model import MiniLLM
+
+    ours, hf = save_style("llama3", tmp_path / "tok")
+    eos, eot, eom = (hf.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"))
+    config = LMConfig(vocab_size=ours.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, bos_token_id=eos, eos_token_id=eot, pad_token_id=eos, chat_trained=True)
+    MiniLLM(config).save_pretrained(tmp_path / "base", tokenizer=ours)
+    (tmp_path / "base" / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, eot, eom]}))
+    tokenizer = _load_tokenizer(Namespace(tokenizer=None, init_from=str(tmp_path / "base")))
+    MiniLLM(config).save_pretrained(tmp_path / "sft", tokenizer=tokenizer)  # what train_sft.py writes
+    assert json.loads((tmp_path / "sft" / "generation_config.json").read_text())["eos_token_id"] == [eot, eos, eom]

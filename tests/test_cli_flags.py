@@ -47,6 +47,18 @@ def test_max_minutes_ends_the_run_by_time(tmp_path, corpus, capsys):
     assert 1 <= len(steps) < 100000 and (out / "model.safetensors").is_file()
 
 
+def test_a_time_budget_gives_the_bar_its_total_once_the_horizon_is_fixed(tmp_path, corpus, capsys):
+    """Issue 50: under --max_minutes alone the bar had no total, so no ETA."""
+    import re
+
+    code, _, err = tiny_pretrain(tmp_path / "timed", corpus, "--max_minutes", "0.1", "--warmup_steps", "1",
+                                 capsys=capsys)
+    assert code == 0, err
+    horizon = int(re.search(r"budget holds about (\d+) steps", err).group(1))
+    totals = {int(t) for t in re.findall(r"\| *\d+/(\d+) \[", err)}
+    assert totals == {horizon}
+
+
 def test_matrix_lr_and_lora_flags_reach_what_is_saved(tmp_path, corpus, capsys):
     muon = tmp_path / "muon"
     code, _, err = tiny_pretrain(muon, corpus, "--max_steps", "1", "--optimizer", "muon", "--learning_rate", "1e-3",

@@ -88,6 +88,15 @@ def check_output_file(path: str | None, flag: str) -> None:
     check_writable(Path(path).parent, f"{flag}'s folder")
 
 
+def add_model_end_ids(tokenizer: Tokenizer, model_dir: Path) -> None:
+    """Under an outside template, the model's own generation_config end ids end a turn too (Llama 3.1's
+    <|eom_id|>), for generation and for the generation_config a training stage writes."""
+    generation = model_dir / "generation_config.json"
+    if tokenizer.template is not None and generation.is_file():
+        eos = read_json(generation).get("eos_token_id")
+        tokenizer.add_end_ids(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+
+
 def default_context(config: LMConfig) -> tuple[int, str]:
     """The context a model was trained on (train_*.py record it in config.json), else its
     max_position_embeddings; and where that number came from. Longer windows would measure extrapolation."""
@@ -128,10 +137,7 @@ def load_trained(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         tokenizer_dir = None if args.tokenizer == "default" else Path(args.tokenizer)
     tokenizer = load_tokenizer(tokenizer_dir)
     tokenizer.check_template()  # a broken or hostile template fails now, in one line naming its file
-    generation = model_dir / "generation_config.json"
-    if tokenizer.template is not None and generation.is_file():  # an outside model's own end ids stop it too
-        eos = read_json(generation).get("eos_token_id")
-        tokenizer.add_end_ids(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    add_model_end_ids(tokenizer, model_dir)
     model = MiniLLM.from_pretrained(model_dir, dtype=dtype, device=device)
     if args.adapter:
         model = merge_lora(load_adapter(model, args.adapter))  # folded in: the same function, no per-token cost

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import torch
 
-from minillm.cli.loading import EXIT_ERROR, EXIT_INTERRUPTED, REPO_ROOT, CliError, resolve_path
+from minillm.cli.loading import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    REPO_ROOT,
+    CliError,
+    add_model_end_ids,
+    resolve_path,
+)
 from minillm.cli.stages import add_stage_flags, build_objective, check_stage_context, check_stage_flags
 from minillm.data.datasets import DataError, PretrainDataset, SFTDataset
 from minillm.data.packed import PackedDataset, packed_cache
@@ -177,6 +184,8 @@ def _load_tokenizer(args) -> Tokenizer:
     else:
         tokenizer = load_tokenizer()
     tokenizer.check_template()  # a broken or hostile template fails now, in one line naming its file
+    if args.init_from:
+        add_model_end_ids(tokenizer, Path(args.init_from))
     return tokenizer
 
 

@@ -192,7 +192,11 @@ def _add_metadata(w, config: LMConfig, vocab: Vocab, tokenizer: Tokenizer, name:
     w.add_token_list(vocab.tokens)
     w.add_token_types(vocab.types)
     w.add_token_merges(vocab.merges)
-    w.add_bos_token_id(tokenizer.eos_id)  # minillm has no BOS of its own, and none is added
+    # minillm's ChatML has no BOS of its own; an outside template names its own (Llama 3's <|begin_of_text|>),
+    # which the template writes itself, so neither is added when tokenizing.
+    bos = tokenizer.template.special.get("bos_token") if tokenizer.template is not None else None
+    bos_id = tokenizer.backend.token_to_id(bos) if isinstance(bos, str) else None
+    w.add_bos_token_id(tokenizer.eos_id if bos_id is None else bos_id)
     w.add_eos_token_id(tokenizer.eos_id)
     w.add_eot_token_id(tokenizer.turn_end_ids[0])
     w.add_pad_token_id(tokenizer.pad_id)

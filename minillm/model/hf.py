@@ -142,8 +142,8 @@ def end_ids(config: LMConfig, tokenizer=None) -> int | list[int]:
     transformers' generate (and servers that read generation_config.json, such as vLLM) stop only at
     these ids, so a chat model that listed only <|endoftext|> would run past the end of its answer.
     """
-    if config.chat_trained and tokenizer is not None:
-        return list(dict.fromkeys([config.eos_token_id, *tokenizer.turn_end_ids]))
+    if config.chat_trained and tokenizer is not None:  # the text's end too: a Llama 3 config may name <|eot_id|>
+        return list(dict.fromkeys([config.eos_token_id, *tokenizer.stop_ids]))
     return config.eos_token_id
 
 

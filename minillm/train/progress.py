@@ -97,6 +97,12 @@ class Progress:
                         desc="train", unit="step")
         self._t0 = self._t_window = time.perf_counter()
 
+    def set_total(self, total_steps: int) -> None:
+        """Give the bar its total once it is known (a time budget's horizon), so that it shows an ETA."""
+        if self.bar is not None and total_steps and self.bar.total != total_steps:
+            self.bar.total = total_steps
+            self.bar.refresh()
+
     def log(self, row: dict) -> None:
         """Append one row to metrics.jsonl."""
         if self.enabled:

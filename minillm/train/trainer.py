@@ -285,7 +285,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
         start_step, clock, seen = _resume(checkpointer, cfg, env, schedule)
         set_peak_lr(optimizer, cfg.learning_rate, cfg.matrix_lr)  # a resume restored the saved groups' rates
         running = clock
-        progress.begin(schedule.total_steps or None, start_step, seen)
+        progress.begin(schedule.horizon or None, start_step, seen)  # a budget's horizon: once fixed
         model.activation_checkpointing = cfg.activation_checkpointing
         wrapped = torch.compile(model) if cfg.compile else model
         if env.distributed and not cfg.fsdp:
@@ -308,6 +308,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
             running += time.perf_counter() - t_start
             step, clock, seen = step + 1, out.clock, seen + out.tokens
             schedule.observe(step, clock)  # a time budget without --max_steps fixes its horizon once
+            progress.set_total(schedule.horizon)
             result.losses.append(out.loss)
             result.skipped_steps += not (math.isfinite(out.loss) and math.isfinite(out.grad_norm))
             # Overflow under float16 loss scaling is routine (the scaler lowers its scale); a non-finite loss,
