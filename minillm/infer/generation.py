@@ -35,13 +35,18 @@ def _filter_top_k_top_p(logits_BV: torch.Tensor, top_k: int | None, top_p: float
     return logits_BV
 
 
+def sampling_probs(logits_BV: torch.Tensor, temperature: float, top_k: int | None = None,
+                   top_p: float | None = None) -> torch.Tensor:
+    """The distribution a sampled token is drawn from (temperature > 0): filtered, scaled, normalised."""
+    return _filter_top_k_top_p(logits_BV.float() / temperature, top_k, top_p).softmax(-1)
+
+
 def next_token(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row: argmax when temperature is 0, else sample from the filtered distribution."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
-    logits_BV = _filter_top_k_top_p(logits_BV.float() / temperature, top_k, top_p)
-    return torch.multinomial(logits_BV.softmax(-1), 1, generator=generator).squeeze(-1)
+    return torch.multinomial(sampling_probs(logits_BV, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
 
 
 # Below this, logits / temperature overflow float32 for ordinary logits: sampling would be greedy at best.

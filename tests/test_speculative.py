@@ -1,0 +1,138 @@
+"""Speculative decoding (minillm/infer/speculative.py): greedy output identical to the target's own, token for token;
+sampled output distributed as the target's (chi-square over many seeds, against the exact distribution)."""
+
+import math
+
+import pytest
+import torch
+from conftest import randomized
+
+from minillm.infer.generation import generate, sampling_probs
+from minillm.infer.speculative import (
+    DraftModel,
+    PromptLookup,
+    Sampler,
+    SpeculationStats,
+    speculative_stream,
+)
+from minillm.model.config import LMConfig
+from minillm.model.model import MiniLLM
+
+
+def model_of(vocab: int, layers: int, seed: int, scale: float = 0.1, hidden: int = 64) -> MiniLLM:
+    torch.manual_seed(seed)
+    config = LMConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128)
+    return randomized(MiniLLM(config), scale=scale, seed=seed).eval()
+
+
+def speculate(target, drafter, prompt, new, k, sampler, eos=()) -> tuple[list[int], SpeculationStats]:
+    stats = SpeculationStats()
+    return list(speculative_stream(target, drafter, prompt, new, k, sampler, eos, stats)), stats
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("kind", ["draft", "self", "lookup"])
+def test_greedy_output_is_the_targets_token_for_token(k, kind):
+    target = model_of(97, 2, seed=0, scale=0.3)
+    prompt = [5, 17, 33, 5, 17, 60, 2, 5, 17]
+    expected = generate(target, prompt, max_new_tokens=40, temperature=0)[0, len(prompt):].tolist()
+    sampler = Sampler(0.0)
+    drafter = {"draft": lambda: DraftModel(model_of(97, 1, seed=1, scale=0.3), 128, sampler),
+               "self": lambda: DraftModel(target, 128, sampler), "lookup": lambda: PromptLookup(3)}[kind]()
+    got, stats = speculate(target, drafter, prompt, 40, k, sampler)
+    assert got == expected
+    assert stats.accepted + stats.rounds == 40 and stats.accepted <= stats.proposed
+    if kind == "self":  # the target drafting for itself: every draft kept, K + 1 tokens a round
+        assert stats.acceptance == 1.0 and stats.rounds == math.ceil(40 / (k + 1))
+
+
+def test_generation_stops_at_eos_and_at_the_budget():
+    target = model_of(97, 2, seed=0, scale=0.3)
+    prompt = [3, 4, 5]
+    free = generate(target, prompt, max_new_tokens=30, temperature=0)[0, 3:].tolist()
+    eos = free[10]
+    got, _ = speculate(target, DraftModel(target, 128, Sampler(0.0)), prompt, 30, 4, Sampler(0.0), eos=[eos])
+    assert got == free[:free.index(eos) + 1]
+    got, _ = speculate(target, PromptLookup(), prompt, 7, 4, Sampler(0.0))
+    assert got == free[:7]
+    with pytest.raises(ValueError, match="num_draft_tokens must be >= 1"):
+        speculate(target, PromptLookup(), prompt, 7, 0, Sampler(0.0))
+
+
+def test_prompt_lookup_proposes_what_followed_the_longest_matching_tail():
+    lookup = PromptLookup(max_ngram=3)
+    assert lookup.propose([5, 1, 2, 3, 4, 1, 2], 3).tokens == [3, 4, 1]  # "1 2" occurred before: what followed
+    assert lookup.propose([1, 2, 9, 7, 2, 9, 1, 2, 9], 2).tokens == [7, 2]  # "1 2 9" beats the later "2 9"
+    assert lookup.propose([1, 2, 3], 4).tokens == []
+    assert lookup.propose([4, 4], 5).tokens == [4]
+
+
+def exact_distribution(target, prompt, sampler, n_new) -> dict[tuple[int, ...], float]:
+    """P(first n_new tokens) under the target's own sampling, by enumerating every prefix."""
+    dist = {(): 1.0}
+    for _ in range(n_new):
+        nxt = {}
+        for prefix, p in dist.items():
+            with torch.inference_mode():
+                logits = target(torch.tensor([prompt + list(prefix)])).logits[:, -1].float()
+            for t, q in enumerate(sampler.probs(logits)[0].tolist()):
+                if q > 0:
+                    nxt[prefix + (t,)] = p * q
+        dist = nxt
+    return dist
+
+
+def chi_square_critical(df: int, z: float = 3.719) -> float:
+    """The chi-square value exceeded with probability ~1e-4 (Wilson-Hilferty)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi_square(kind: str, temperature: float, top_k=None, top_p=None, runs: int = 3000):
+    """(statistic, critical value at p ~1e-4, stats): `runs` seeds, two new tokens each (K = 2: a round's accepts,
+    rejections and bonus tokens), against the exact joint distribution of the target's own two tokens; cells
+    expected < 5 pooled."""
+    target, draft = model_of(8, 2, seed=0, scale=0.25, hidden=32), model_of(8, 1, seed=5, scale=0.25, hidden=32)
+    prompt = [1, 2, 3, 1, 2]
+    counts: dict[tuple[int, ...], int] = {}
+    stats = SpeculationStats()
+    for seed in range(runs):
+        sampler = Sampler(temperature, top_k, top_p, torch.Generator().manual_seed(seed))
+        drafter = DraftModel(draft, 16, sampler) if kind == "draft" else PromptLookup(2)
+        out = tuple(speculative_stream(target, drafter, prompt, 2, 2, sampler, stats=stats))
+        counts[out] = counts.get(out, 0) + 1
+    exact = exact_distribution(target, prompt, Sampler(temperature, top_k, top_p), 2)
+    cells, pooled_e, pooled_o = [], 0.0, 0
+    for cell, p in exact.items():
+        if p * runs >= 5:
+            cells.append((counts.get(cell, 0), p * runs))
+        else:
+            pooled_e, pooled_o = pooled_e + p * runs, pooled_o + counts.get(cell, 0)
+    if pooled_e > 0:
+        cells.append((pooled_o, pooled_e))
+    pooled_o += sum(n for cell, n in counts.items() if cell not in exact)  # a token the target can never draw
+    return sum((o - e) ** 2 / e for o, e in cells), chi_square_critical(len(cells) - 1), stats
+
+
+@pytest.mark.parametrize("kind, temperature, top_k, top_p", [
+    ("draft", 1.0, None, None), ("draft", 0.7, 5, 0.9), ("lookup", 1.0, None, None)])
+def test_sampled_output_is_distributed_as_the_targets(kind, temperature, top_k, top_p):
+    statistic, critical, stats = chi_square(kind, temperature, top_k, top_p)
+    assert 0.02 < stats.acceptance < 0.98  # both branches (keep, reject) were taken many times
+    assert statistic < critical
+
+
+def test_the_chi_square_check_sees_a_rule_that_keeps_every_draft(monkeypatch):
+    """Without the rejection rule the tokens follow the draft model: the same check fails."""
+    import minillm.infer.speculative as speculative
+
+    monkeypatch.setattr(speculative, "judge", lambda logits_TV, proposal, sampler: (
+        len(proposal.tokens), sampler.draw(sampler.probs(logits_TV)[len(proposal.tokens)])))
+    statistic, critical, _ = chi_square("draft", 1.0)
+    assert statistic > critical
+
+
+def test_sampling_probs_is_what_generate_samples_from():
+    logits = torch.tensor([[1.0, 2.0, 0.5, -1.0]])
+    probs = sampling_probs(logits, 0.5, top_k=3, top_p=None)
+    assert probs[0, 3] == 0 and torch.allclose(probs[0, :3], (logits[0, :3] / 0.5).softmax(-1))
