@@ -366,3 +366,50 @@ def test_cli_default_dtype_is_float32_on_any_cpu(model_dir, model, tok, capsys, 
                      "--max_new_tokens", "30"]) == 0
     out, _ = capsys.readouterr()
     assert out == reference_answer(model, tok, chat_ids(tok, prompt), 30, temperature=0) + "\n"
+
+
+@pytest.fixture(scope="module")
+def draft_dir(model, tok, tmp_path_factory):
+    """A smaller random model with the shipped tokenizer: a draft for model_dir."""
+    from minillm.model.config import LMConfig
+
+    config = LMConfig(vocab_size=model.config.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=model.config.max_position_embeddings)
+    torch.manual_seed(3)
+    directory = tmp_path_factory.mktemp("draft")
+    MiniLLM(config).save_pretrained(directory, tokenizer=tok)
+    return directory
+
+
+@pytest.mark.parametrize("drafter", ["draft", "self", "lookup"])
+def test_speculative_decoding_gives_the_models_own_greedy_answer(model_dir, model, tok, draft_dir, capsys, drafter):
+    """Issue 49: --draft_model and --prompt_lookup change the speed, never the greedy text."""
+    flags = {"draft": ["--draft_model", draft_dir], "self": ["--draft_model", model_dir],
+             "lookup": ["--prompt_lookup"]}[drafter]
+    prompt = "请以《浣溪沙》为词牌写一首词"
+    assert cli.main(["--model", str(model_dir), "--prompt", prompt, "--temperature", "0", "--max_new_tokens", "30",
+                     "--num_draft_tokens", "3", *map(str, flags)]) == 0
+    out, err = capsys.readouterr()
+    assert out == reference_answer(model, tok, chat_ids(tok, prompt), 30, temperature=0) + "\n"
+    kept = re.search(r", (\d+)% of (\d+) drafted tokens kept\]$", err, re.M)
+    assert kept and int(kept.group(2)) > 0
+    if drafter == "self":  # the model drafting for itself: every draft kept, and a warning that it is no faster
+        assert kept.group(1) == "100" and "warning: the draft" in err
+
+
+def test_speculative_decoding_bad_input(model_dir, draft_dir, tmp_path, capsys):
+    from minillm.data.tokenizer import train_tokenizer
+
+    other = tmp_path / "other"
+    shutil.copytree(draft_dir, other)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"别的词表 {i}"}, ensure_ascii=False) + "\n" for i in range(50)))
+    train_tokenizer([corpus], vocab_size=300).save_pretrained(other)
+    base = ["--model", str(model_dir), "--prompt", "hi"]
+    err = _error(capsys, [*base, "--draft_model", str(other)])
+    assert f"--draft_model {other} has another tokenizer (" in err and f"than {model_dir} (" in err
+    assert "--num_draft_tokens must be >= 1, got 0" in _error(capsys, [*base, "--prompt_lookup", "--num_draft_tokens", "0"])
+    assert "choose one" in _error(capsys, [*base, "--prompt_lookup", "--draft_model", str(draft_dir)])
+    assert "no such model directory" in _error(capsys, [*base, "--draft_model", str(tmp_path / "none")])
+    assert "must be less than the context" in _error(capsys, [*base, "--prompt_lookup", "--num_draft_tokens", "999"])
+    assert "does not combine with --tools" in _error(capsys, [*base, "--prompt_lookup", "--tools", "all"])

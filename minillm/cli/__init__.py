@@ -9,6 +9,7 @@ from minillm.cli.loading import (
     add_inference_flags,
     add_model_flags,
     check_output_file,
+    check_same_tokenizer,
     default_context,
     load_trained,
     report,
@@ -16,5 +17,5 @@ from minillm.cli.loading import (
 from minillm.cli.training import build_parser, field_docs, main, summary
 
 __all__ = ["BAD_INPUT", "EXIT_ERROR", "EXIT_INTERRUPTED", "CliError", "add_inference_flags", "add_model_flags",
-           "build_parser", "check_output_file", "default_context", "field_docs", "load_trained", "main", "report",
+           "build_parser", "check_output_file", "check_same_tokenizer", "default_context", "field_docs", "load_trained", "main", "report",
            "summary"]

@@ -8,7 +8,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from minillm.data.tokenizer import Tokenizer
-from minillm.infer.generation import generate
+from minillm.infer.generation import check_sampling, generate
+from minillm.infer.speculative import Sampler, Speculation
 from minillm.model.model import MiniLLM
 
 REPLACEMENT = "\ufffd"  # what a lossy UTF-8 decode writes for bytes that are not (yet) a whole character
@@ -91,12 +92,21 @@ class StreamingAnswer:
     def __init__(self, model: MiniLLM, tokenizer: Tokenizer, prompt_ids: Sequence[int], max_new_tokens: int,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float = 1.0, stop_ids: Sequence[int] | None = None,
-                 generator: torch.Generator | None = None, compile: bool = False) -> None:
+                 generator: torch.Generator | None = None, compile: bool = False,
+                 speculation: Speculation | None = None) -> None:
         self.stop_ids = list(tokenizer.stop_ids if stop_ids is None else stop_ids)
-        self._steps = generate(model, list(prompt_ids), max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                               eos_token_id=self.stop_ids, stream=True, generator=generator,
-                               compile=compile)
+        if speculation is not None:  # a draft proposes, the model checks (speculative.py); never compiled
+            if repetition_penalty != 1.0:
+                raise ValueError("a repetition penalty does not combine with speculative decoding")
+            check_sampling(temperature, top_p)
+            sampler = Sampler(temperature, top_k, top_p, generator)
+            self._steps = (torch.tensor([t]) for t in speculation.stream(model, list(prompt_ids), max_new_tokens,
+                                                                          sampler, self.stop_ids))
+        else:
+            self._steps = generate(model, list(prompt_ids), max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                   eos_token_id=self.stop_ids, stream=True, generator=generator,
+                                   compile=compile)
         self._decoder = StreamDecoder(tokenizer)
         self.generated = 0  # tokens the model produced, the stop token included
         self.stopped = False

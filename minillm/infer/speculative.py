@@ -188,3 +188,22 @@ def speculative_stream(target: MiniLLM, drafter: DraftModel | PromptLookup, prom
             yield token
             if token in eos_ids:
                 return
+
+
+@dataclass
+class Speculation:
+    """How a generation speculates: with a draft model, or by prompt lookup when draft is None."""
+
+    draft: MiniLLM | None = None
+    num_draft_tokens: int = 4
+    max_ngram: int = 3
+    stats: SpeculationStats = field(default_factory=SpeculationStats)
+    """Summed over every generation run with this object."""
+
+    def stream(self, target: MiniLLM, prompt_ids: Sequence[int], max_new_tokens: int, sampler: Sampler,
+               eos_ids: Sequence[int] = ()) -> Iterator[int]:
+        """speculative_stream with this drafter."""
+        max_len = min(len(prompt_ids) + max_new_tokens, target.config.max_position_embeddings)
+        drafter = DraftModel(self.draft, max_len, sampler) if self.draft is not None else PromptLookup(self.max_ngram)
+        return speculative_stream(target, drafter, prompt_ids, max_new_tokens, self.num_draft_tokens, sampler,
+                                  eos_ids, self.stats)
