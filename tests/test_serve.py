@@ -240,8 +240,41 @@ def test_scheduler_tokens_do_not_depend_on_the_batch(tiny_sft_dir, temperature):
             generate(model, p, 40, temperature=0)[0, len(p):].tolist() for p in prompts]
 
 
+def test_a_lone_sequence_decodes_at_batch_one_whatever_max_batch(tiny_sft_dir):
+    """Issue 49, item 3: decode steps cover the active slots only, so one request in a --max_batch 16 server
+    pays for one row, not 16."""
+    from minillm.model.kv_cache import SlotKVCache
+    from minillm.model.model import MiniLLM
+
+    model = MiniLLM.from_pretrained(tiny_sft_dir).eval()
+    rows: list[int] = []
+    forward = model.forward
+
+    def spy(input_ids, *a, **kw):
+        if isinstance(kw.get("kv_cache"), SlotKVCache):
+            rows.append(input_ids.shape[0])
+        return forward(input_ids, *a, **kw)
+
+    model.forward = spy
+    done = threading.Semaphore(0)
+    scheduler = Scheduler(model, max_batch=16, context=128).start()
+    try:
+        scheduler.submit([GenerationRequest([5, 6, 7], 20, Sampling(0.0), [], lambda t: t is None and done.release())])
+        done.acquire()
+        lone, rows[:] = list(rows), []
+        scheduler.submit([GenerationRequest([5, 6, 7 + i], 20, Sampling(0.0), [], lambda t: t is None and done.release())
+                          for i in range(3)])
+        for _ in range(3):
+            done.acquire()
+    finally:
+        scheduler.stop()
+    assert lone == [1] * 19  # the first token comes from the prefill
+    assert max(rows) == 3 and set(rows) <= {1, 2, 3}
+
+
 def test_a_long_prompt_is_read_in_chunks_between_decode_steps(tiny_sft_dir):
     """Chunked prefill: a running stream gets tokens while a long prompt is read; both answers stay exact."""
+    from minillm.model.kv_cache import SlotKVCache
     from minillm.model.model import MiniLLM
 
     model = MiniLLM.from_pretrained(tiny_sft_dir).eval()
@@ -251,8 +284,8 @@ def test_a_long_prompt_is_read_in_chunks_between_decode_steps(tiny_sft_dir):
     events: list[str] = []  # "prefill T" or "decode", in the order the model ran them
     forward = model.forward
 
-    def spy(input_ids, *a, **kw):
-        events.append("decode" if input_ids.shape[0] > 1 else f"prefill {input_ids.shape[1]}")
+    def spy(input_ids, *a, **kw):  # decode steps run over the slots' cache; prefill over one slot's own
+        events.append("decode" if isinstance(kw.get("kv_cache"), SlotKVCache) else f"prefill {input_ids.shape[1]}")
         return forward(input_ids, *a, **kw)
 
     model.forward = spy

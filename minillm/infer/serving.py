@@ -221,14 +221,15 @@ class Scheduler:
                 self._confined(b, r, lambda b=b, r=r, n=n: self._prefill(b, r, n))
         if not any(self.cache.active):
             return
-        self.max_running = max(self.max_running, sum(self.cache.active))
-        # Idle and still-prefilling slots feed token 0; their outputs are ignored (see SlotKVCache).
-        tokens_B1 = torch.tensor([[r.last_token if on else 0] for r, on in zip(self.slots, self.cache.active)],
-                                 device=self.device)
+        # The step covers the active slots only: a lone sequence costs a batch-1 step, whatever --max_batch.
+        rows = [b for b, on in enumerate(self.cache.active) if on]
+        self.max_running = max(self.max_running, len(rows))
+        self.cache.cover(rows)
+        tokens_B1 = torch.tensor([[self.slots[b].last_token] for b in rows], device=self.device)
         logits_BV = self.model(tokens_B1, kv_cache=self.cache).logits[:, -1]
-        for b, r in enumerate(self.slots):
-            if r is not None and self.cache.active[b]:
-                self._confined(b, r, lambda b=b, r=r: self._deliver(b, r.pick(logits_BV[b:b + 1])))
+        for i, b in enumerate(rows):
+            r = self.slots[b]
+            self._confined(b, r, lambda b=b, r=r, i=i: self._deliver(b, r.pick(logits_BV[i:i + 1])))
 
     def _confined(self, b: int, r: GenerationRequest, work: Callable[[], None]) -> None:
         """Run one sequence's own work (prefill, sampling, delivery); if it fails, only that sequence ends."""
@@ -258,8 +259,7 @@ class Scheduler:
         chunk_1T = torch.tensor([r.prompt_ids[r.prefilled:r.prefilled + n]], device=self.device)
         logits_1V = self.model(chunk_1T, kv_cache=r.prefill_cache, logits_to_keep=1).logits[:, -1]
         r.prefilled += n
-        # Until it is active the slot is idle in decode steps, which write their dummy key at the slot's
-        # length: here the next prompt position, which the next chunk overwrites.
+        # Until it is active, decode steps leave the slot out (SlotKVCache.cover).
         self.cache.lengths[b] = r.prefilled
         if r.prefilled == len(r.prompt_ids):
             r.prefill_cache = None

@@ -57,7 +57,8 @@ class KVCache:
 class SlotKVCache:
     """KV buffers for a server's batch: B slots, each holding one sequence at its own length.
 
-    A decode step feeds one token per slot. Each slot writes at its own position and attends over its own
+    A decode step feeds one token for each slot it covers (`rows`: all slots, or only the active ones, so that
+    a lone sequence decodes at batch-1 cost). Each slot writes at its own position and attends over its own
     length only, row by row, so a sequence's arithmetic is the same whatever shares the batch; idle slots
     (`active` False) compute nothing in attention and their outputs are ignored.
     """
@@ -67,6 +68,11 @@ class SlotKVCache:
         self.cache = KVCache(config, slots, max_len, device=device, dtype=dtype)
         self.lengths = [0] * slots  # filled positions per slot
         self.active = [False] * slots
+        self.rows = list(range(slots))  # the slots the next forward pass covers: batch row i is slot rows[i]
+
+    def cover(self, rows: list[int]) -> None:
+        """Run the next forward passes over these slots only, in this order."""
+        self.rows = list(rows)
 
     def slot(self, b: int) -> KVCache:
         """A batch-of-one cache over slot b's buffers, empty, for prefilling a new sequence there."""
@@ -77,21 +83,24 @@ class SlotKVCache:
         """Each slot's position for its one new token, [B, 1]."""
         if T != 1:
             raise ValueError(f"a SlotKVCache decodes one token per slot, got {T}")
-        return torch.tensor(self.lengths, device=self.cache.k[0].device)[:, None]
+        return torch.tensor([self.lengths[b] for b in self.rows], device=self.cache.k[0].device)[:, None]
 
     def advance(self, T: int) -> None:
-        """Count the token each active slot has just written."""
-        for b, on in enumerate(self.active):
-            self.lengths[b] += on
+        """Count the token each covered active slot has just written."""
+        for b in self.rows:
+            self.lengths[b] += self.active[b]
 
     def attend(self, layer: int, q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> torch.Tensor:
         """Write each slot's new key/value at its position; attention output [B, H, 1, D] row by row."""
         B = q_BHTD.shape[0]
-        if max(self.lengths) >= self.cache.max_len:
-            raise ValueError(f"KV cache is full: a slot needs position {max(self.lengths)}, "
+        if B != len(self.rows):
+            raise ValueError(f"a batch of {B} rows for a cache that covers {len(self.rows)} slots")
+        lengths = [self.lengths[b] for b in self.rows]
+        if max(lengths) >= self.cache.max_len:
+            raise ValueError(f"KV cache is full: a slot needs position {max(lengths)}, "
                              f"{self.cache.max_len} allocated")
-        rows = torch.arange(B, device=q_BHTD.device)
-        pos_B = torch.tensor(self.lengths, device=q_BHTD.device)
+        rows = torch.tensor(self.rows, device=q_BHTD.device)
+        pos_B = torch.tensor(lengths, device=q_BHTD.device)
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         k_cache[rows, :, pos_B] = k_BKTD[:, :, 0]
         v_cache[rows, :, pos_B] = v_BKTD[:, :, 0]
@@ -101,9 +110,9 @@ class SlotKVCache:
         # is applied once for all rows (elementwise, so row-invariant).
         q_BKGD = (q_BHTD * D**-0.5).reshape(B, K, H // K, D)
         y_BHTD = torch.zeros_like(q_BHTD)
-        for b in range(B):
+        for i, b in enumerate(self.rows):
             if self.active[b]:
                 S = self.lengths[b] + 1
-                probs_KGS = (q_BKGD[b] @ k_cache[b, :, :S].transpose(-1, -2)).softmax(-1, dtype=torch.float32)
-                y_BHTD[b] = (probs_KGS.to(v_cache.dtype) @ v_cache[b, :, :S]).reshape(H, 1, D)
+                probs_KGS = (q_BKGD[i] @ k_cache[b, :, :S].transpose(-1, -2)).softmax(-1, dtype=torch.float32)
+                y_BHTD[i] = (probs_KGS.to(v_cache.dtype) @ v_cache[b, :, :S]).reshape(H, 1, D)
         return y_BHTD
