@@ -25,11 +25,8 @@ from minillm.cli.loading import (
     resolve_path,
 )
 from minillm.cli.stages import add_stage_flags, build_objective, check_stage_context, check_stage_flags
-from minillm.data.datasets import DataError, PretrainDataset, SFTDataset
-from minillm.data.packed import PackedDataset, packed_cache
-from minillm.data.preference import PreferenceDataset
-from minillm.data.prompts import PromptDataset
-from minillm.data.shards import build_shards, shard_index_path
+from minillm.cli.training_data import build_dataset
+from minillm.data.datasets import DataError
 from minillm.data.tokenizer import Tokenizer, load_tokenizer
 from minillm.device import describe_machine, dtype_reason, resolve_dtype
 from minillm.eval.perplexity import bits_per_byte, read_documents, scored_size
@@ -263,45 +260,6 @@ def _build_model(args, tokenizer: Tokenizer) -> MiniLLM:
     return MiniLLM(config)
 
 
-def _build_dataset(kind: str, args, tokenizer: Tokenizer, is_main: bool):
-    data_path = resolve_path(args.data_path)
-    if kind == "pretrain" and args.copy_share and not args.packed:
-        raise CliError("--copy_share needs the packed token cache: drop --no-packed")
-    if kind == "pretrain" and args.packed and (args.num_proc > 1 or data_path is None or not data_path.is_file()
-                                               or not data_path.name.endswith(".jsonl")):
-        if args.num_proc < 1:
-            raise CliError(f"--num_proc must be >= 1, got {args.num_proc}")
-        spec = data_path or args.data_path
-        if is_main:  # rank 0 builds (or finishes) the shards while the others wait, then all read them
-            build_shards(spec, tokenizer, num_proc=args.num_proc)
-        barrier()
-        return PackedDataset(shard_index_path(spec), max_length=args.max_length, copy_share=args.copy_share)
-    if data_path is None or not data_path.is_file():
-        raise FileNotFoundError(f"--data_path {args.data_path}: no such file")
-    if kind == "sft":
-        dataset = SFTDataset(data_path, tokenizer, max_length=args.max_length)
-        dataset.validate()  # a bad line fails now, not hours into an epoch
-        return dataset
-    if kind in ("dpo", "grpo"):  # every line is parsed now
-        if kind == "dpo":
-            dataset, what = PreferenceDataset(data_path, tokenizer, max_length=args.max_length), "pairs"
-        else:
-            dataset, what = PromptDataset(data_path, tokenizer, max_length=args.max_length), "prompts"
-        if dataset.dropped and is_main:
-            print(f"note: dropped {dataset.dropped:,} of {dataset.dropped + len(dataset):,} {what} whose prompt "
-                  f"leaves no room within --max_length {args.max_length}")
-        return dataset
-    if args.packed:
-        if is_main:  # rank 0 builds (or reuses) the cache while the others wait, then all read it
-            packed_cache(data_path, tokenizer)
-        barrier()
-        return PackedDataset(packed_cache(data_path, tokenizer, progress=False), max_length=args.max_length,
-                             copy_share=args.copy_share)
-    dataset = PretrainDataset(data_path, tokenizer, max_length=args.max_length)
-    dataset.validate()
-    return dataset
-
-
 def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
     # An unwritable out_dir fails now, before minutes of loading and tokenizing (train() checks again).
     check_writable(Path(cfg.out_dir), "out_dir")
@@ -324,7 +282,7 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
         model.config.chat_trained = False
     if args.lora:
         _add_lora(args, model, env.is_main)
-    dataset = _build_dataset(kind, args, tokenizer, env.is_main)
+    dataset = build_dataset(kind, args, tokenizer, env.is_main)
     eval_path = resolve_path(args.eval_data)
     eval_texts = read_documents(eval_path) if eval_path is not None else []
     eval_docs = tokenizer.encode_batch(eval_texts) if eval_path is not None else None
