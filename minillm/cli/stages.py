@@ -1,4 +1,5 @@
-"""What each post-training stage adds to the training scripts: its flags and its objective (DPO, GRPO)."""
+"""What each stage after pretraining adds to the training scripts: its flags and its objective (DPO, GRPO,
+distillation)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,29 @@ from minillm.data.tokenizer import Tokenizer
 from minillm.eval.rewards import REWARDS, build_rewards
 from minillm.model.model import MiniLLM
 from minillm.train.config import TrainConfig
+from minillm.train.distill import Distillation
 from minillm.train.dpo import DPO
 from minillm.train.grpo import CISPO_EPSILON_HIGH, GRPO, LOSS_TYPES, SCALE_REWARDS
 from minillm.train.objective import LanguageModeling, Objective
 
 
 def add_stage_flags(p: argparse.ArgumentParser, kind: str) -> None:
-    """The flags of train_dpo.py (kind 'dpo') or train_grpo.py (kind 'grpo'); none for pretraining and SFT."""
+    """The flags of train_dpo.py, train_grpo.py or train_distill.py (kind 'dpo', 'grpo', 'distill'); none for
+    pretraining and SFT."""
+    if kind == "distill":
+        g = p.add_argument_group("distillation (a frozen teacher's distribution; TRL GKDConfig's names)")
+        g.add_argument("--teacher_model", required=True, metavar="DIR",
+                       help="The teacher: a model directory in the Hugging Face Llama/Qwen2/Qwen3/Qwen3-MoE layout "
+                            "with this tokenizer, frozen, never saved with the student")
+        g.add_argument("--alpha", type=float, default=0.5,
+                       help="loss = alpha x divergence + (1 - alpha) x cross-entropy; 1 is TRL's GKD loss alone "
+                            "(default: %(default)s)")
+        g.add_argument("--beta", type=float, default=0.5,
+                       help="The generalized JSD's interpolation: 0 the forward KL(teacher || student), 1 the reverse "
+                            "KL(student || teacher) (default: %(default)s)")
+        g.add_argument("--temperature", type=float, default=0.9,
+                       help="Both distributions at this temperature (default: %(default)s)")
+        return
     if kind not in ("dpo", "grpo"):
         return
     if kind == "dpo":
@@ -82,6 +99,10 @@ def check_stage_flags(args, kind: str) -> None:
     """Refuse a post-training flag value that cannot train (nan, inf, out of range) before anything loads."""
     if kind == "dpo":
         _finite(args.beta, "--beta", 0, low_open=True)
+    elif kind == "distill":
+        _finite(args.alpha, "--alpha", 0, low_open=False, high=1)
+        _finite(args.beta, "--beta", 0, low_open=False, high=1)
+        _finite(args.temperature, "--temperature", 0, low_open=True)
     elif kind == "grpo":
         _finite(args.kl_beta, "--kl_beta", 0, low_open=False)
         _finite(args.temperature, "--temperature", 0, low_open=True)
@@ -103,19 +124,23 @@ def check_stage_context(args, kind: str, model: MiniLLM) -> None:
                        "(max_position_embeddings); lower one of them")
 
 
+def _frozen_model(directory: Path, flag: str, args, tokenizer: Tokenizer) -> MiniLLM:
+    """A second model (a reference, a teacher) that must share the tokenizer, loaded in float32."""
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{flag} {directory}: no model there (no config.json)")
+    check_same_tokenizer(tokenizer, args.tokenizer or args.init_from or "the tokenizer", directory, flag)
+    model = MiniLLM.from_pretrained(directory, dtype=torch.float32)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"{flag} {directory} has vocab_size {model.config.vocab_size}, fewer than the "
+                         f"tokenizer's {tokenizer.vocab_size} tokens; use a model trained with this tokenizer")
+    return model
+
+
 def _reference(args, tokenizer: Tokenizer) -> MiniLLM | None:
     """The reference model --ref_model (or --init_from) names; None with --lora and no --ref_model."""
     if args.lora and not args.ref_model:
         return None
-    ref_dir = Path(args.ref_model or args.init_from)
-    if not (ref_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--ref_model {ref_dir}: no model there (no config.json)")
-    check_same_tokenizer(tokenizer, args.tokenizer or args.init_from, ref_dir, "--ref_model")
-    reference = MiniLLM.from_pretrained(ref_dir, dtype=torch.float32)
-    if reference.config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"--ref_model {ref_dir} has vocab_size {reference.config.vocab_size}, fewer than the "
-                         f"tokenizer's {tokenizer.vocab_size} tokens; use a reference trained with this tokenizer")
-    return reference
+    return _frozen_model(Path(args.ref_model or args.init_from), "--ref_model", args, tokenizer)
 
 
 def _corpus(spec: str) -> tuple[Path, Path]:
@@ -128,15 +153,18 @@ def _corpus(spec: str) -> tuple[Path, Path]:
 
 def build_objective(kind: str, args, cfg: TrainConfig, tokenizer: Tokenizer, is_main: bool, dataset=None
                     ) -> Objective:
-    """Language modelling for pretraining and SFT; DPO or GRPO for train_dpo.py / train_grpo.py (GRPO's rewards read
+    """Language modelling for pretraining and SFT; DPO, GRPO or distillation for their scripts (GRPO's rewards read
     what each prompt asks for from the dataset's "request" fields)."""
-    if kind not in ("dpo", "grpo"):
+    if kind not in ("dpo", "grpo", "distill"):
         return LanguageModeling()
     if cfg.loss_chunk:
         raise CliError(f"--loss_chunk applies to the language-modelling loss; {kind.upper()} needs the whole logits")
     if kind == "grpo" and cfg.fsdp:
         raise CliError("--fsdp with GRPO is not supported: each process decodes its rollouts for as many steps as its "
                        "own completions need, and a sharded model would wait on the others; use DDP (no --fsdp)")
+    if kind == "distill":
+        teacher = _frozen_model(Path(args.teacher_model), "--teacher_model", args, tokenizer)
+        return Distillation(teacher, alpha=args.alpha, beta=args.beta, temperature=args.temperature)
     if kind == "dpo":
         return DPO(args.beta, _reference(args, tokenizer), precompute=args.precompute_ref_logps,
                    batch_size=cfg.batch_size, verbose=is_main)

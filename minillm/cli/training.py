@@ -25,7 +25,7 @@ from minillm.cli.loading import (
     resolve_path,
 )
 from minillm.cli.stages import add_stage_flags, build_objective, check_stage_context, check_stage_flags
-from minillm.cli.training_data import build_dataset
+from minillm.cli.training_data import build_dataset, data_kind
 from minillm.data.datasets import DataError
 from minillm.data.tokenizer import Tokenizer, load_tokenizer
 from minillm.device import describe_machine, dtype_reason, resolve_dtype
@@ -74,18 +74,21 @@ def _add_dataclass_flags(group, cls: type, names, defaults: dict) -> None:
 
 
 def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
-    """The flags of train_pretrain.py, train_sft.py or train_dpo.py (kind 'pretrain', 'sft', 'dpo'), with the
-    stage's defaults `d`."""
+    """The flags of a training script (kind 'pretrain', 'sft', 'dpo', 'grpo', 'distill'), with the stage's
+    defaults `d`."""
     what = {"pretrain": "Pretrain a language model", "sft": "Fine-tune a pretrained model on chat data",
             "dpo": "Align a chat model to preference pairs with DPO",
-            "grpo": "Reinforce a chat model's verifiable behaviour with GRPO"}[kind]
+            "grpo": "Reinforce a chat model's verifiable behaviour with GRPO",
+            "distill": "Distil a frozen teacher's distribution into a student"}[kind]
     records = {"pretrain": '; records {"text": ...}. Also a directory or a glob of .jsonl, .jsonl.gz and .txt files (one '
                            "document per line), tokenized into a sharded cache",
                "sft": '; chat {"conversations": [...]} or {"instruction", "input", "output"} records',
                "dpo": '; pairs {"prompt": [messages], "chosen": [reply], "rejected": [reply]} (TRL), {"chosen": '
                       '[messages], "rejected": [messages]} sharing the prompt turns (minimind), or plain-text '
                       '{"prompt", "chosen", "rejected"} strings',
-               "grpo": '; prompts {"prompt": [messages]} or {"prompt": "..."}, or any DPO pair line (its prompt)'}[kind]
+               "grpo": '; prompts {"prompt": [messages]} or {"prompt": "..."}, or any DPO pair line (its prompt)',
+               "distill": '; documents {"text": ...} (packed, as in pretraining) or chats {"conversations": [...]} '
+                          "(their assistant turns learned, as in SFT), told apart by the first record"}[kind]
     p = argparse.ArgumentParser(
         description=f"{what} with minillm. Runs as one process, or on several GPUs/nodes under torchrun.")
     data = p.add_argument_group("data")
@@ -97,7 +100,7 @@ def build_parser(kind: str, d: dict) -> argparse.ArgumentParser:
                       help="Tokens per training sequence (default: %(default)s)")
     data.add_argument("--tokenizer", default=None,
                       help="Tokenizer directory (default: the one beside --init_from, else minillm's shipped one)")
-    if kind == "pretrain":
+    if kind in ("pretrain", "distill"):
         data.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
                           help="Train on contiguous max_length blocks of a packed token cache (built once beside "
                                "the data, rebuilt when data or tokenizer change), so no compute goes to padding; "
@@ -274,9 +277,9 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
     check_stage_context(args, kind, model)
     # What eval_ppl.py and generate.py read back: the context trained on, and whether chat was learnt. DPO and
     # GRPO keep the chat model's own (GRPO's --max_length caps prompts, not the context).
-    if kind in ("pretrain", "sft") or not model.config.trained_context:
+    if kind in ("pretrain", "sft", "distill") or not model.config.trained_context:
         model.config.trained_context = args.max_length
-    if kind == "sft":
+    if kind == "sft" or (kind == "distill" and data_kind(kind, args) == "sft"):
         model.config.chat_trained = True
     elif not args.init_from:
         model.config.chat_trained = False
@@ -294,7 +297,7 @@ def _run(kind: str, args, cfg: TrainConfig, env) -> TrainResult:
         print(f"compute dtype {dtype_reason(cfg.dtype, env.device)}, held-out loss in {cfg.eval_dtype}; "
               f"optimizer {cfg.optimizer}"
               + (f"; {cfg.max_minutes:g} minutes of training" if cfg.max_minutes else ""))
-        if kind != "pretrain":
+        if data_kind(kind, args) != "pretrain":
             print(f"chat template: {tokenizer.template_name()}")
     objective = build_objective(kind, args, cfg, tokenizer, env.is_main, dataset)
     result = train(model, dataset, cfg, eval_documents=eval_docs, tokenizer=tokenizer, env=env, objective=objective)
@@ -322,7 +325,7 @@ def run_facts(kind: str, args, cfg: TrainConfig, env, model: MiniLLM, result: Tr
             "machine": describe_machine(env.device) + (f", {env.world_size} processes" if env.world_size > 1 else ""),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "language": args.language if args.language != "auto" else (["zh"] if shipped else []),
-            "license": args.license}
+            "license": args.license, **({"teacher": args.teacher_model} if kind == "distill" else {})}
 
 
 def summary(args, cfg: TrainConfig, result: TrainResult) -> str:

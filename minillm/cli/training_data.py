@@ -4,6 +4,7 @@ SFT, pairs for DPO, prompts for GRPO; every line checked before the run starts."
 from __future__ import annotations
 
 import argparse
+import json
 
 from torch.utils.data import Dataset
 
@@ -17,8 +18,26 @@ from minillm.data.tokenizer import Tokenizer
 from minillm.train.distributed import barrier
 
 
+def data_kind(kind: str, args: argparse.Namespace) -> str:
+    """The data a stage reads: its own, or for distillation documents ("pretrain") or chats ("sft"), by the first
+    record of --data_path (a directory or glob of documents is documents)."""
+    if kind != "distill":
+        return kind
+    path = resolve_path(args.data_path)
+    if path is None or not path.is_file() or not path.name.endswith(".jsonl"):
+        return "pretrain"
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return "pretrain"  # the documents' own reader names the bad line
+    return "sft" if isinstance(record, dict) and "text" not in record else "pretrain"
+
+
 def build_dataset(kind: str, args: argparse.Namespace, tokenizer: Tokenizer, is_main: bool) -> Dataset:
     """The dataset of a stage, from its data flags; rank 0 builds a token cache while the others wait."""
+    kind = data_kind(kind, args)
     data_path = resolve_path(args.data_path)
     if kind == "pretrain" and args.copy_share and not args.packed:
         raise CliError("--copy_share needs the packed token cache: drop --no-packed")

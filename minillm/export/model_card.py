@@ -21,7 +21,8 @@ TRAIN_RESULTS = "train_results.json"
 EVAL_RESULTS = "eval_results.json"
 _MARK = "<!-- written by minillm: rewritten from train_results.json and eval_results.json -->"
 _STAGES = {"pretrain": ("pretraining", "train_pretrain.py"), "sft": ("supervised fine-tuning", "train_sft.py"),
-           "dpo": ("DPO", "train_dpo.py"), "grpo": ("GRPO", "train_grpo.py")}
+           "dpo": ("DPO", "train_dpo.py"), "grpo": ("GRPO", "train_grpo.py"),
+           "distill": ("distillation", "train_distill.py")}
 _KINDS = {"tune": "names the requested tune", "form": "writes the requested form (4/8 clauses of 5/7)",
           "length": "writes the requested line length (5/7)", "words": "uses both requested words"}
 
@@ -91,6 +92,7 @@ def _training_section(run: dict, config: dict | None) -> list[str]:
             ("model", f"{run['parameters'] / 1e6:.2f}M parameters; {plain_text(describe_model(config))}"
              if config else None),
             ("started from", code_span(run["base_model"], True) if run.get("base_model") else "random initialisation"),
+            ("teacher", code_span(run["teacher"], True) if run.get("teacher") else None),
             ("data", code_span(run["data"], True)),
             ("steps", f"{run['steps']:,}"),
             ("tokens", f"{run['tokens']:,} input positions"),

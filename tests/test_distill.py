@@ -1,0 +1,135 @@
+"""Distillation (minillm/train/distill.py, train_distill.py): the loss equals TRL GKDTrainer's generalized JSD on
+the same logits and labels, and a student trained against a teacher moves toward it."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, TINY_ARGS, head_lines, randomized, run_train_cli
+from safetensors.torch import load_file
+
+from minillm.model.config import LMConfig
+from minillm.model.model import MiniLLM
+from minillm.train.distill import Distillation, generalized_jsd
+
+gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+
+
+def logits_and_labels(seed: int = 0, V: int = 50):
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(3, 7, V, generator=g) * 2).requires_grad_(True)
+    teacher = torch.randn(3, 7, V, generator=g) * 2
+    labels = torch.randint(0, V, (3, 7), generator=g)
+    labels[0, :3] = -100  # a prompt
+    labels[2, 5:] = -100  # padding
+    return student, teacher, labels
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 0.2])
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 2.0])
+def test_generalized_jsd_equals_trls_loss_and_gradient(beta, temperature):
+    student, teacher, labels = logits_and_labels()
+    theirs = gkd.GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta, temperature=temperature)
+    (grad_theirs,) = torch.autograd.grad(theirs, student)
+    learned = labels != -100
+    ours = generalized_jsd(student[learned], teacher[learned], beta, temperature).mean()
+    (grad_ours,) = torch.autograd.grad(ours, student)
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5) and ours.item() > 0.01
+    torch.testing.assert_close(grad_ours, grad_theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_the_divergence_is_zero_for_the_same_distribution_and_the_kls_at_the_ends():
+    student, teacher, _ = logits_and_labels(1)
+    s, t = student.detach().flatten(0, 1), teacher.flatten(0, 1)
+    assert generalized_jsd(t, t, 0.5, 1.3).abs().max() < 1e-6
+    p, q = t.softmax(-1), s.softmax(-1)  # an independent computation of KL(p || q) and KL(q || p)
+    torch.testing.assert_close(generalized_jsd(s, t, 0.0, 1.0), (p * (p.log() - q.log())).sum(-1))
+    torch.testing.assert_close(generalized_jsd(s, t, 1.0, 1.0), (q * (q.log() - p.log())).sum(-1))
+
+
+def tiny(seed: int, hidden: int, layers: int) -> MiniLLM:
+    torch.manual_seed(seed)
+    config = LMConfig(vocab_size=60, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    return randomized(MiniLLM(config), scale=0.2, seed=seed).eval()
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_the_objectives_loss_is_trls_gkd_loss_mixed_with_cross_entropy(alpha):
+    """The first step's loss: alpha x TRL's generalized_jsd_loss on the same logits and labels + (1 - alpha) x CE."""
+    student, teacher = tiny(0, 32, 1), tiny(1, 64, 2)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 60, (2, 12), generator=g)
+    y = torch.randint(0, 60, (2, 12), generator=g)
+    m = torch.ones(2, 12)
+    m[0, :4] = 0
+    objective = Distillation(teacher, alpha=alpha, beta=0.5, temperature=0.8)
+    objective.prepare(student, None, torch.device("cpu"), torch.float32)
+    out = objective(student, (x, y, m))
+    labels = y.masked_fill(m == 0, -100)
+    s_logits, t_logits = student(x).logits, teacher(x).logits.detach()
+    trl_loss = gkd.GKDTrainer.generalized_jsd_loss(s_logits, t_logits, labels=labels, beta=0.5, temperature=0.8)
+    ce = F.cross_entropy(s_logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    assert out.loss.item() == pytest.approx((alpha * trl_loss + (1 - alpha) * ce).item(), abs=1e-5)
+    n = int(m.sum())
+    assert out.metrics["distill/divergence"].item() / n == pytest.approx(trl_loss.item(), abs=1e-5)
+    assert out.metrics["distill/ce"].item() / n == pytest.approx(ce.item(), abs=1e-5)
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_train_distill_moves_the_student_toward_the_teacher_and_saves_only_the_student(tmp_path, tokenizer, capsys):
+    teacher_dir, corpus = tmp_path / "teacher", tmp_path / "c.jsonl"
+    torch.manual_seed(0)
+    config = LMConfig(vocab_size=tokenizer.vocab_size, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    randomized(MiniLLM(config), scale=0.05).save_pretrained(teacher_dir, tokenizer=tokenizer)
+    corpus.write_text("".join(json.dumps({"text": f"第{k}首：春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"},
+                                         ensure_ascii=False) + "\n" for k in range(60)), encoding="utf-8")
+    out = tmp_path / "student"
+    code, stdout, err = run_train_cli(
+        "distill", "--teacher_model", teacher_dir, "--data_path", corpus, "--eval_data", "", "--out_dir", out,
+        "--max_length", "32", "--batch_size", "4", "--max_steps", "40", "--log_every", "1", "--alpha", "1",
+        "--learning_rate", "3e-3", *TINY_ARGS, capsys=capsys)
+    assert code == 0, err
+    assert "chat template" not in stdout  # documents: no conversations rendered
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8")]
+    divergence = [r["distill/divergence"] for r in rows if "distill/divergence" in r]
+    assert len(divergence) == 40
+    assert sum(divergence[-5:]) < 0.75 * sum(divergence[:5])  # the student moved toward the teacher
+    student = load_file(out / "model.safetensors")
+    assert student["model.embed_tokens.weight"].shape[1] == 64  # the student's width (TINY_ARGS), not the teacher's
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["stage"] == "distill" and results["teacher"] == str(teacher_dir)
+    assert f"| teacher | `{teacher_dir}` |" in (out / "README.md").read_text()
+
+
+def test_a_teacher_with_another_tokenizer_or_bad_flags_is_refused_in_one_line(tmp_path, tokenizer, capsys):
+    from minillm.data.tokenizer import train_tokenizer
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"别的词表 {i}"}, ensure_ascii=False) + "\n" for i in range(50)))
+    other_tok = train_tokenizer([corpus], vocab_size=300)
+    config = LMConfig(vocab_size=other_tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64)
+    MiniLLM(config).save_pretrained(tmp_path / "teacher", tokenizer=other_tok)
+    base = ["--data_path", corpus, "--eval_data", "", "--out_dir", tmp_path / "o", "--max_steps", "1", *TINY_ARGS]
+    code, _, err = run_train_cli("distill", "--teacher_model", tmp_path / "teacher", *base, capsys=capsys)
+    assert code != 0 and "--teacher_model" in err and "has another tokenizer" in err and "Traceback" not in err
+    code, _, err = run_train_cli("distill", "--teacher_model", tmp_path / "teacher", "--beta", "1.5", *base,
+                                 capsys=capsys)
+    assert code == 2 and "--beta must be a finite number >= 0 and <= 1, got 1.5" in err
+
+
+def test_chats_are_distilled_on_their_assistant_turns(tiny_sft_dir, tmp_path, capsys):
+    """A chat file (told apart from documents by its first record) trains like SFT: the student becomes a chat
+    model, and the loss covers the assistant turns only (the SFT mask)."""
+    data = head_lines(REPO / "dataset" / "sft.jsonl", 24, tmp_path / "chats.jsonl")
+    out = tmp_path / "chat_student"
+    code, stdout, err = run_train_cli("distill", "--teacher_model", tiny_sft_dir, "--data_path", data, "--eval_data", "",
+                                      "--out_dir", out, "--max_length", "96", "--batch_size", "4", "--max_steps", "2",
+                                      *TINY_ARGS, capsys=capsys)
+    assert code == 0, err
+    assert "chat template: minillm's ChatML" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["minillm"]["chat_trained"] is True and config["minillm"]["trained_context"] == 96
