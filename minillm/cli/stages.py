@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from minillm.cli.loading import CliError, check_same_tokenizer, resolve_path
+from minillm.cli.training_data import data_kind
 from minillm.data.jsonl import DataError
 from minillm.data.prompts import PromptDataset, prompt_requests
 from minillm.data.tokenizer import Tokenizer
@@ -37,7 +38,13 @@ def add_stage_flags(p: argparse.ArgumentParser, kind: str) -> None:
                        help="The generalized JSD's interpolation: 0 the forward KL(teacher || student), 1 the reverse "
                             "KL(student || teacher) (default: %(default)s)")
         g.add_argument("--temperature", type=float, default=0.9,
-                       help="Both distributions at this temperature (default: %(default)s)")
+                       help="Both distributions at this temperature, and the on-policy samples' (default: %(default)s)")
+        g.add_argument("--lmbda", type=float, default=0.0,
+                       help="Share of the micro-batches of chats whose answers the student samples itself, on the "
+                            "batched engine, for the teacher to score (on-policy GKD; TRL's default 0.5) "
+                            "(default: %(default)s)")
+        g.add_argument("--max_new_tokens", type=int, default=128,
+                       help="Token budget of an on-policy answer (default: %(default)s)")
         return
     if kind not in ("dpo", "grpo"):
         return
@@ -103,6 +110,12 @@ def check_stage_flags(args, kind: str) -> None:
         _finite(args.alpha, "--alpha", 0, low_open=False, high=1)
         _finite(args.beta, "--beta", 0, low_open=False, high=1)
         _finite(args.temperature, "--temperature", 0, low_open=True)
+        _finite(args.lmbda, "--lmbda", 0, low_open=False, high=1)
+        if args.lmbda and data_kind("distill", args) != "sft":
+            raise ValueError(f"--lmbda {args.lmbda:g}: on-policy distillation samples answers to prompts, and "
+                             f"{args.data_path} holds documents; give chats, or --lmbda 0")
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     elif kind == "grpo":
         _finite(args.kl_beta, "--kl_beta", 0, low_open=False)
         _finite(args.temperature, "--temperature", 0, low_open=True)
@@ -164,7 +177,8 @@ def build_objective(kind: str, args, cfg: TrainConfig, tokenizer: Tokenizer, is_
                        "own completions need, and a sharded model would wait on the others; use DDP (no --fsdp)")
     if kind == "distill":
         teacher = _frozen_model(Path(args.teacher_model), "--teacher_model", args, tokenizer)
-        return Distillation(teacher, alpha=args.alpha, beta=args.beta, temperature=args.temperature)
+        return Distillation(teacher, alpha=args.alpha, beta=args.beta, temperature=args.temperature,
+                            lmbda=args.lmbda, max_new_tokens=args.max_new_tokens, stop_ids=tokenizer.stop_ids)
     if kind == "dpo":
         return DPO(args.beta, _reference(args, tokenizer), precompute=args.precompute_ref_logps,
                    batch_size=cfg.batch_size, verbose=is_main)

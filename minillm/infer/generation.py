@@ -41,12 +41,25 @@ def sampling_probs(logits_BV: torch.Tensor, temperature: float, top_k: int | Non
     return _filter_top_k_top_p(logits_BV.float() / temperature, top_k, top_p).softmax(-1)
 
 
+def draw(probs_BV: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row, drawn from each row's distribution: one uniform per row against the cumulative sum.
+
+    torch.multinomial draws an exponential variate for every entry of the row (6,400 per token here), which cost
+    31% of a batched decode step on a 2-core CPU (bench/RESULTS.md, "Rollouts"); the inverse CDF needs one. A token
+    of probability 0 (filtered by top-k or top-p) is never drawn: with side="right" the first cumulative sum above
+    the uniform is taken, and a zero adds nothing to it.
+    """
+    cdf_BV = probs_BV.float().cumsum(-1)
+    u_B1 = torch.rand(cdf_BV.shape[0], 1, generator=generator, device=cdf_BV.device) * cdf_BV[:, -1:]
+    return torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(-1).clamp_(max=cdf_BV.shape[-1] - 1)
+
+
 def next_token(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row: argmax when temperature is 0, else sample from the filtered distribution."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
-    return torch.multinomial(sampling_probs(logits_BV, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+    return draw(sampling_probs(logits_BV, temperature, top_k, top_p), generator)
 
 
 # Below this, logits / temperature overflow float32 for ordinary logits: sampling would be greedy at best.

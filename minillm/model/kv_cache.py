@@ -64,8 +64,11 @@ class SlotKVCache:
     """
 
     def __init__(self, config: LMConfig, slots: int, max_len: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, exact: bool = True):
         self.cache = KVCache(config, slots, max_len, device=device, dtype=dtype)
+        # exact: attention row by row, each over its own length (a row's bits never depend on its neighbours, as a
+        # server promises its clients); else one masked product over the covered rows' longest length (rollouts).
+        self.exact = exact
         self.lengths = [0] * slots  # filled positions per slot
         self.active = [False] * slots
         self.rows = list(range(slots))  # the slots the next forward pass covers: batch row i is slot rows[i]
@@ -106,6 +109,8 @@ class SlotKVCache:
         v_cache[rows, :, pos_B] = v_BKTD[:, :, 0]
         H, D = q_BHTD.shape[1], q_BHTD.shape[3]
         K = k_BKTD.shape[1]
+        if not self.exact:
+            return self._attend_masked(layer, q_BHTD, pos_B)
         # The loop below is the cost of exactness: a few small kernels per active row and layer. The scale
         # is applied once for all rows (elementwise, so row-invariant).
         q_BKGD = (q_BHTD * D**-0.5).reshape(B, K, H // K, D)
@@ -116,3 +121,21 @@ class SlotKVCache:
                 probs_KGS = (q_BKGD[i] @ k_cache[b, :, :S].transpose(-1, -2)).softmax(-1, dtype=torch.float32)
                 y_BHTD[i] = (probs_KGS.to(v_cache.dtype) @ v_cache[b, :, :S]).reshape(H, 1, D)
         return y_BHTD
+
+    def _attend_masked(self, layer: int, q_BHTD: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+        """Every covered row at once over the longest covered length, the positions past a row's own masked."""
+        B, H, _, D = q_BHTD.shape
+        S = int(pos_B.max()) + 1
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        if self.rows == list(range(len(self.rows))):  # the first rows, in order: views, no copy
+            k_BKSD, v_BKSD = k_cache[:B, :, :S], v_cache[:B, :, :S]
+        else:
+            index = torch.tensor(self.rows, device=q_BHTD.device)
+            k_BKSD, v_BKSD = k_cache[index, :, :S], v_cache[index, :, :S]
+        K = k_BKSD.shape[1]
+        q_BKGD = q_BHTD.reshape(B, K, H // K, D)
+        scores_BKGS = q_BKGD @ k_BKSD.transpose(-1, -2) * D**-0.5
+        past_BS = torch.arange(S, device=q_BHTD.device)[None, :] > pos_B[:, None]
+        scores_BKGS = scores_BKGS.masked_fill(past_BS[:, None, None, :], float("-inf"))
+        probs_BKGS = scores_BKGS.softmax(-1, dtype=torch.float32).to(v_BKSD.dtype)
+        return (probs_BKGS @ v_BKSD).reshape(B, H, 1, D)

@@ -13,15 +13,22 @@ m = beta * p + (1 - beta) * q:
 averaged over the learned tokens (the loss mask), as TRL's GKDTrainer.generalized_jsd_loss does (tested equal).
 The teacher shares the student's tokenizer, runs under no_grad in eval mode, and is never in the optimizer or the
 checkpoint.
+
+On-policy (GKD's lmbda): with probability lmbda a micro-batch of chats has its answers replaced by the student's
+own, sampled on the batched engine (infer/engine.py) from each row's prompt (the tokens before its first learned
+one); the teacher scores them and the loss is the divergence alone over the sampled tokens (they have no reference
+answer for a cross-entropy). The draw uses torch's RNG, which checkpoints save, so a resumed run draws the same.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from minillm.infer.engine import sample_groups
 from minillm.model.model import MiniLLM
 from minillm.train.objective import ObjectiveOutput
 from minillm.train.reference import Reference
@@ -50,32 +57,71 @@ class Distillation:
 
     metric_names = ("distill/divergence", "distill/ce")
 
-    def __init__(self, teacher: MiniLLM, alpha: float = 0.5, beta: float = 0.5, temperature: float = 1.0) -> None:
-        if not (0 <= alpha <= 1 and 0 <= beta <= 1 and 0 < temperature < math.inf):
-            raise ValueError(f"need 0 <= alpha <= 1, 0 <= beta <= 1 and temperature > 0; got {alpha}, {beta}, "
-                             f"{temperature}")
+    def __init__(self, teacher: MiniLLM, alpha: float = 0.5, beta: float = 0.5, temperature: float = 1.0,
+                 lmbda: float = 0.0, max_new_tokens: int = 128, stop_ids: Sequence[int] = ()) -> None:
+        if not (0 <= alpha <= 1 and 0 <= beta <= 1 and 0 < temperature < math.inf and 0 <= lmbda <= 1
+                and max_new_tokens >= 1):
+            raise ValueError(f"need 0 <= alpha, beta, lmbda <= 1, temperature > 0 and max_new_tokens >= 1; got {alpha}, "
+                             f"{beta}, {lmbda}, {temperature}, {max_new_tokens}")
         self.teacher = Reference(teacher)
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
+        self.lmbda, self.max_new_tokens, self.stop_ids = lmbda, max_new_tokens, list(stop_ids)
+        self.student: MiniLLM | None = None
+        self._replaced: dict[int, tuple[torch.Tensor, ...]] = {}  # this step's on-policy micro-batches, by id
 
     def prepare(self, model: MiniLLM, dataset: torch.utils.data.Dataset, device: torch.device,
                 amp_dtype: torch.dtype) -> None:
-        """Freeze the teacher on the device."""
+        """Freeze the teacher on the device; keep the (unwrapped) student, which samples on-policy batches."""
         self.teacher.attach(model, device)
+        self.student = model
+
+    def on_policy(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The batch with each row's answer replaced by the student's sample from the row's prompt: (x, y, mask)
+        right-padded, the mask over the sampled tokens."""
+        x_BT, _, m_BT = batch
+        prompts = []
+        for x_T, m_T in zip(x_BT.tolist(), m_BT.tolist()):
+            first = next((t for t, m in enumerate(m_T) if m > 0), len(m_T) - 1)  # x[first] predicts the answer
+            prompts.append(x_T[:first + 1])
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            answers = sample_groups(self.student, prompts, 1, self.max_new_tokens, self.temperature, self.stop_ids)
+        finally:
+            self.student.train(was_training)
+        rows = [p + a for p, a in zip(prompts, answers)]
+        T = max(map(len, rows))
+        ids_BT = torch.zeros(len(rows), T, dtype=torch.long, device=x_BT.device)
+        mask_BT = torch.zeros(len(rows), T - 1, device=x_BT.device)
+        for i, (prompt, row) in enumerate(zip(prompts, rows)):
+            ids_BT[i, :len(row)] = torch.tensor(row, device=x_BT.device)
+            mask_BT[i, len(prompt) - 1:len(row) - 1] = 1.0
+        return ids_BT[:, :-1], ids_BT[:, 1:], mask_BT
+
+    def begin_step(self, micro: list[tuple[torch.Tensor, ...]]) -> None:
+        """Draw which micro-batches go on-policy and sample their answers now, so that the step weighs every
+        micro-batch by the tokens it really learns (units)."""
+        self._replaced = {}
+        for batch in micro:
+            if self.lmbda > 0 and float(torch.rand(())) < self.lmbda:
+                self._replaced[id(batch)] = self.on_policy(batch)
 
     def units(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The learned tokens (loss_mask ones)."""
-        return batch[2].sum()
+        """The learned tokens (loss_mask ones; of the sampled answers for an on-policy micro-batch)."""
+        return self._replaced.get(id(batch), batch)[2].sum()
 
     def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...], loss_chunk: int = 0
                  ) -> ObjectiveOutput:
         """The micro-batch's token mean of the mixed loss, and the sums of its two parts."""
-        x_BT, y_BT, m_BT = batch
+        on_policy = id(batch) in self._replaced
+        x_BT, y_BT, m_BT = self._replaced.get(id(batch), batch)
         learned = m_BT > 0
         student_NV = model(x_BT).logits[learned]
         V = student_NV.shape[-1]
         teacher_NV = self.teacher.logits(x_BT)[learned][:, :V]  # a teacher may pad its vocabulary
         divergence_N = generalized_jsd(student_NV, teacher_NV, self.beta, self.temperature)
         ce_N = F.cross_entropy(student_NV.float(), y_BT[learned], reduction="none")
-        loss = (self.alpha * divergence_N + (1 - self.alpha) * ce_N).sum() / max(int(learned.sum()), 1)
+        alpha = 1.0 if on_policy else self.alpha  # the student's own tokens have no reference answer
+        loss = (alpha * divergence_N + (1 - alpha) * ce_N).sum() / max(int(learned.sum()), 1)
         metrics = {"distill/divergence": divergence_N.detach().sum(), "distill/ce": ce_N.detach().sum()}
-        return ObjectiveOutput(loss, metrics)
+        return ObjectiveOutput(loss, metrics, tokens=x_BT.numel(), counters={"on_policy_batches": float(on_policy)})

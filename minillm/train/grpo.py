@@ -1,7 +1,8 @@
 """GRPO (Shao et al., 2024) with verifiable rewards, as an objective of the one training loop.
 
-Per optimizer step, G completions per prompt are sampled from the current policy (KV cache, batched per prompt,
-at `temperature`), all of the step's micro-batches before the first backward (begin_step), and scored by reward
+Per optimizer step, G completions per prompt are sampled from the current policy at `temperature`, every prompt of
+every micro-batch of the step in flight together on the batched engine (infer/engine.py: each prompt read once,
+its KV copied to its G rows) before the first backward (begin_step), and scored by reward
 functions (request, answer) -> float (eval/rewards.py). A completion's advantage is its reward minus its group's
 mean, divided by (std + 1e-4): the unbiased std of its group's G rewards (scale_rewards "group", TRL's default),
 of the whole step's rewards ("batch"), or not divided ("none"); a group whose rewards are all equal has A = 0 and
@@ -38,7 +39,7 @@ from minillm.data.prompts import request_of
 from minillm.data.tokenizer import Tokenizer
 from minillm.eval.heldout import repeats
 from minillm.eval.tasks import answer_body
-from minillm.infer.generation import generate
+from minillm.infer.engine import sample_groups
 from minillm.model.model import MiniLLM
 from minillm.train.distributed import all_reduce_sum
 from minillm.train.objective import ObjectiveOutput
@@ -167,15 +168,18 @@ class GRPO:
         """The completions of the micro-batch: prompts x group_size."""
         return torch.tensor(float(batch[0].shape[0] * self.group_size), device=batch[0].device)
 
-    def rollout(self, prompt: list[int]) -> list[list[int]]:
-        """group_size completions of one prompt, each cut after its first stop token (which it keeps)."""
-        out = generate(self.policy, [prompt] * self.group_size, max_new_tokens=self.max_new_tokens,
-                       temperature=self.temperature, eos_token_id=self.stops)
-        completions = []
-        for row in out[:, len(prompt):].tolist():
-            end = next((i + 1 for i, t in enumerate(row) if t in self.stops), len(row))
-            completions.append(row[:end])
-        return completions
+    def rollouts(self, prompts: list[list[int]]) -> list[list[list[int]]]:
+        """group_size completions of each prompt, all in flight together on the batched engine (infer/engine.py),
+        each cut after its first stop token (which it keeps)."""
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            rows = sample_groups(self.policy, prompts, self.group_size, self.max_new_tokens, self.temperature,
+                                 self.stops)
+        finally:
+            self.policy.train(was_training)
+        G = self.group_size
+        return [rows[i * G:(i + 1) * G] for i in range(len(prompts))]
 
     def score(self, request: str, completion: list[int]) -> tuple[float, list[float]]:
         """The weighted reward and each component's value for one completion."""
@@ -184,28 +188,32 @@ class GRPO:
         values = [fn(request, answer + ("<|im_end|>" if ended else "")) for fn, _ in self.rewards.values()]
         return sum(v * w for v, (_, w) in zip(values, self.rewards.values())), values
 
-    def sample(self, batch: tuple[torch.Tensor, ...]) -> Rollouts:
-        """Roll out and score every prompt of a micro-batch."""
-        x_BT, _, m_BT = batch
-        out = Rollouts([], [], [], [], 0, 0.0)
-        for prompt in (row[mask > 0].tolist() for row, mask in zip(x_BT, m_BT)):
-            request = request_of(self.tokenizer.decode(prompt))
-            start = time.perf_counter()
-            rollouts = self.rollout(prompt)
-            out.seconds += time.perf_counter() - start
-            for completion in rollouts:
-                total, values = self.score(request, completion)
-                out.repetitive += repeats(answer_body(self.tokenizer.decode(completion)))
-                out.sequences.append(prompt + completion)
-                out.spans.append((len(prompt), len(completion)))
-                out.totals.append(total)
-                out.parts.append(values)
-        return out
+    def sample(self, micro: list[tuple[torch.Tensor, ...]]) -> list[Rollouts]:
+        """Roll out the prompts of these micro-batches together, and score every completion; one Rollouts per
+        micro-batch (the sampling time is counted in the first)."""
+        prompts = [[row[mask > 0].tolist() for row, mask in zip(x_BT, m_BT)] for x_BT, _, m_BT in micro]
+        start = time.perf_counter()
+        groups = iter(self.rollouts([prompt for batch in prompts for prompt in batch]))
+        seconds = time.perf_counter() - start
+        outs = []
+        for batch in prompts:
+            out = Rollouts([], [], [], [], 0, 0.0 if outs else seconds)
+            for prompt in batch:
+                request = request_of(self.tokenizer.decode(prompt))
+                for completion in next(groups):
+                    total, values = self.score(request, completion)
+                    out.repetitive += repeats(answer_body(self.tokenizer.decode(completion)))
+                    out.sequences.append(prompt + completion)
+                    out.spans.append((len(prompt), len(completion)))
+                    out.totals.append(total)
+                    out.parts.append(values)
+            outs.append(out)
+        return outs
 
     def begin_step(self, micro: list[tuple[torch.Tensor, ...]]) -> None:
         """Sample the whole step before its first backward: dapo and cispo divide by the step's completion tokens,
         scale_rewards "batch" by the std of the step's rewards (both over every process)."""
-        self._pending = [self.sample(batch) for batch in micro]
+        self._pending = self.sample(micro)
         rewards = [r for out in self._pending for r in out.totals]
         tokens = sum(n for out in self._pending for _, n in out.spans)
         local = [len(rewards), tokens, sum(rewards), sum(r * r for r in rewards)]
@@ -221,7 +229,7 @@ class GRPO:
         if self._pending:
             out, (mean_tokens, batch_std) = self._pending.pop(0), self._step_stats
         else:
-            out, mean_tokens, batch_std = self.sample(batch), None, None
+            out, mean_tokens, batch_std = self.sample([batch])[0], None, None
         rewards_BG = torch.tensor(out.totals, dtype=torch.float32, device=device).view(-1, G)
         std = None if batch_std is None else torch.tensor(batch_std, dtype=torch.float32, device=device)
         advantages_N = group_advantages(rewards_BG, self.scale_rewards, std).flatten()
