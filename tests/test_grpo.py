@@ -271,7 +271,7 @@ def grpo_run(out_dir, start, data, tokenizer, **kw):
     stop = kw.pop("stop_at", None)
     cfg = TrainConfig(out_dir=str(out_dir), batch_size=4, learning_rate=1e-2, dtype="float32", log_every=10,
                       eval_every=0, save_every=0, **kw)  # log_every 10: GRPO writes a row every step all the same
-    objective = GRPO({"moon": (moon, 1.0)}, tokenizer, group_size=8, max_new_tokens=12)
+    objective = GRPO({"moon": (moon, 1.0)}, tokenizer, group_size=8, max_new_tokens=12, log_completions=True)
     return train(MiniLLM.from_pretrained(start, dtype=torch.float32).train(), data, cfg, objective=objective,
                  should_stop=(lambda step: step == stop) if stop else None)
 
@@ -300,6 +300,12 @@ def test_resume_is_exact_including_the_sampling(tmp_path, tiny_sft_dir, tokenize
     resumed = grpo_run(tmp_path / "b", tmp_path / "a", data, tokenizer, epochs=3, resume=True)
     assert cut.losses + resumed.losses == straight.losses
     assert [x["reward"] for x in rows(tmp_path / "b")] == [x["reward"] for x in rows(tmp_path / "a")]
+    # completions.jsonl: the resumed run's file is the straight run's (the cut run's rows past its checkpoint trimmed)
+    logged = (tmp_path / "a" / "completions.jsonl").read_text(encoding="utf-8")
+    assert (tmp_path / "b" / "completions.jsonl").read_text(encoding="utf-8") == logged
+    samples = [json.loads(line) for line in logged.splitlines()]
+    assert [r["step"] for r in samples] == [s for s in range(1, 7) for _ in range(4 * 8)]
+    assert all(r["reward"] == float("月" in r["completion"]) == r["rewards"]["moon"] for r in samples)
     a = MiniLLM.from_pretrained(tmp_path / "a").state_dict()
     b = MiniLLM.from_pretrained(tmp_path / "b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -312,7 +318,7 @@ def test_cli_runs_and_refuses_bad_flags_in_one_line(tmp_path, tiny_sft_dir, prom
     # micro-batches a step (sampled together before the first backward: cispo divides by the step's tokens).
     for name, extra in (("o", []), ("lora", ["--lora", "--loss_type", "cispo", "--epsilon_high", "4",
                                               "--scale_rewards", "batch", "--kl_correction", "--accumulation_steps",
-                                              "2", "--batch_size", "1"])):
+                                              "2", "--batch_size", "1", "--log_completions"])):
         code, out, err = run_train_cli("grpo", *common, "--out_dir", tmp_path / name, "--kl_beta", "0.04",
                                        "--reward", "request:1,ended:0.5,poem:0.5", "--learning_rate", "1e-2", *extra,
                                        capsys=capsys)
@@ -324,6 +330,9 @@ def test_cli_runs_and_refuses_bad_flags_in_one_line(tmp_path, tiny_sft_dir, prom
         if name == "o" or r[0]["frac_reward_zero_std"] < 1:  # weight decay moves the full model; adapters start
             assert r[1]["kl"] > 0                            # at B = 0 and move only on a reward that differs
     assert (tmp_path / "o" / "model.safetensors").is_file() and (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    logged = [json.loads(line) for line in (tmp_path / "lora" / "completions.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logged] == [1] * 8 + [2] * 8 and not (tmp_path / "o" / "completions.jsonl").exists()
+    assert {"request", "completion", "reward", "rewards", "advantage"} <= set(logged[0])
     # The chat model's training context stays (GRPO's --max_length caps the prompts, not the context).
     start = tmp_path / "start"
     shutil.copytree(tiny_sft_dir, start)

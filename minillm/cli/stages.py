@@ -87,6 +87,9 @@ def add_stage_flags(p: argparse.ArgumentParser, kind: str) -> None:
         g.add_argument("--reward", default="composite",
                        help=f"Rewards and weights, e.g. composite or request:1,ended:0.25; from {', '.join(REWARDS)} "
                             "(minillm/eval/rewards.py) (default: %(default)s)")
+        g.add_argument("--log_completions", action="store_true",
+                       help="Write every sampled completion to out_dir/completions.jsonl with its step, request, "
+                            "rewards and advantage (rank 0's; trimmed on --resume like metrics.jsonl)")
         g.add_argument("--reward_corpus", default="dataset/pretrain.jsonl,dataset/sft.jsonl",
                        help="Training poems and SFT set whose verbatim copies the novel reward refuses "
                             "(default: %(default)s)")
@@ -191,4 +194,5 @@ def build_objective(kind: str, args, cfg: TrainConfig, tokenizer: Tokenizer, is_
     return GRPO(rewards, tokenizer, group_size=args.group_size, temperature=args.temperature,
                 max_new_tokens=args.max_new_tokens, epsilon=args.epsilon, loss_type=args.loss_type,
                 kl_beta=args.kl_beta, reference=reference, epsilon_high=args.epsilon_high,
-                scale_rewards=args.scale_rewards, kl_correction=args.kl_correction)
+                scale_rewards=args.scale_rewards, kl_correction=args.kl_correction,
+                log_completions=args.log_completions)

@@ -50,7 +50,10 @@ def draw(probs_BV: torch.Tensor, generator: torch.Generator | None = None) -> to
     the uniform is taken, and a zero adds nothing to it.
     """
     cdf_BV = probs_BV.float().cumsum(-1)
-    u_B1 = torch.rand(cdf_BV.shape[0], 1, generator=generator, device=cdf_BV.device) * cdf_BV[:, -1:]
+    total_B1 = cdf_BV[:, -1:]
+    if not bool(((total_B1 > 0) & torch.isfinite(total_B1)).all()):  # as torch.multinomial refuses it
+        raise RuntimeError("invalid sampling distribution: probabilities that are not finite or sum to 0")
+    u_B1 = torch.rand(cdf_BV.shape[0], 1, generator=generator, device=cdf_BV.device) * total_B1
     return torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(-1).clamp_(max=cdf_BV.shape[-1] - 1)
 
 

@@ -134,7 +134,7 @@ class GRPO:
     def __init__(self, rewards: dict[str, tuple[RewardFn, float]], tokenizer: Tokenizer, group_size: int = 8,
                  temperature: float = 1.0, max_new_tokens: int = 128, epsilon: float = 0.2, loss_type: str = "grpo",
                  kl_beta: float = 0.0, reference: MiniLLM | None = None, epsilon_high: float | None = None,
-                 scale_rewards: str = "group", kl_correction: bool = False) -> None:
+                 scale_rewards: str = "group", kl_correction: bool = False, log_completions: bool = False) -> None:
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages compare completions of one prompt), got {group_size}")
         if not temperature > 0:
@@ -146,6 +146,7 @@ class GRPO:
             raise ValueError(f"need epsilon_high > 0 (finite) and scale_rewards in {SCALE_REWARDS}; got {epsilon_high}, "
                              f"{scale_rewards!r}")
         self.epsilon_high, self.scale_rewards, self.kl_correction = epsilon_high, scale_rewards, kl_correction
+        self.log_completions = log_completions
         self._pending: list[Rollouts] = []  # the step's rollouts, sampled by begin_step, in micro-batch order
         self._step_stats: tuple[float, float | None] | None = None  # (mean tokens, batch std) over the step
         self.rewards, self.tokenizer = rewards, tokenizer
@@ -257,4 +258,15 @@ class GRPO:
                    "completions/ended": torch.tensor(ended, device=device),
                    "completions/repetitive": torch.tensor(float(out.repetitive), device=device)}
         counters = {"rollout_seconds": out.seconds, "rollout_tokens": float(sum(n for _, n in out.spans))}
-        return ObjectiveOutput(loss_N.mean(), metrics, tokens=inputs_NT.numel(), counters=counters)
+        samples = self.samples(out, advantages_N.tolist()) if self.log_completions else None
+        return ObjectiveOutput(loss_N.mean(), metrics, tokens=inputs_NT.numel(), counters=counters, samples=samples)
+
+    def samples(self, out: Rollouts, advantages: list[float]) -> list[dict]:
+        """completions.jsonl's rows for these rollouts: the request, the completion's text, its rewards."""
+        rows = []
+        for seq, (start, n), total, parts, advantage in zip(out.sequences, out.spans, out.totals, out.parts,
+                                                            advantages):
+            rows.append({"request": request_of(self.tokenizer.decode(seq[:start])),
+                         "completion": self.tokenizer.decode(seq[start:start + n]), "reward": total,
+                         "rewards": dict(zip(self.rewards, parts)), "advantage": advantage})
+        return rows

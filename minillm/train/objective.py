@@ -28,6 +28,9 @@ class ObjectiveOutput(NamedTuple):
     counters: dict[str, float] | None = None
     """Amounts summed over the step's micro-batches on this process and logged as they are (GRPO: rollout
     seconds and tokens)."""
+    samples: list[dict] | None = None
+    """Rows for completions.jsonl (GRPO --log_completions: each prompt, completion and reward); rank 0's are
+    written with the step."""
 
 
 class Objective(Protocol):

@@ -11,6 +11,8 @@ from tqdm import tqdm
 from minillm.files import atomic_write
 
 METRICS_NAME = "metrics.jsonl"
+COMPLETIONS_NAME = "completions.jsonl"  # what GRPO sampled, with --log_completions
+RUN_FILES = (METRICS_NAME, COMPLETIONS_NAME, "loss.png")  # a run's records, besides checkpoints and the model
 
 
 def read_metrics(path: Path) -> tuple[list[dict], int]:
@@ -34,10 +36,24 @@ def read_metrics(path: Path) -> tuple[list[dict], int]:
 
 
 def trim_metrics(path: Path, last_step: int) -> int:
-    """On resume, keep only rows up to the checkpoint's step (0 when there is none); returns the torn lines dropped."""
-    rows, torn = read_metrics(path)
-    if path.is_file():
-        atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= last_step))
+    """On resume, keep only rows up to the checkpoint's step (0 when there is none), each line as it was written;
+    returns the torn lines dropped."""
+    if not path.is_file():
+        return 0
+    kept, torn = [], 0
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if not isinstance(row, dict):
+            torn += 1
+        elif row.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    atomic_write(path, "".join(kept))
     return torn
 
 
@@ -133,6 +149,12 @@ class Progress:
             self.log({"step": step, "loss": loss, **metrics, "lr": lr, **fields, "tokens": self.start_tokens + self.tokens,
                       "tokens_per_s": tok_s})
             self._window_tokens, self._t_window = 0, now
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        """Append the step's sampled completions to completions.jsonl."""
+        if self.enabled and rows:
+            with open(self.path.with_name(COMPLETIONS_NAME), "a", encoding="utf-8") as f:
+                f.writelines(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n" for row in rows)
 
     def held_out(self, step: int, loss: float | None, seconds: float | None = None) -> None:
         """Record a held-out loss (with the training seconds spent so far, when given)."""

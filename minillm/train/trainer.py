@@ -50,7 +50,14 @@ from minillm.train.config import TrainConfig, TrainResult
 from minillm.train.distributed import DistEnv, all_reduce_sum, barrier
 from minillm.train.objective import LanguageModeling, Objective
 from minillm.train.optim import build_optimizer, set_peak_lr
-from minillm.train.progress import METRICS_NAME, Progress, plot_metrics, trim_metrics
+from minillm.train.progress import (
+    COMPLETIONS_NAME,
+    METRICS_NAME,
+    RUN_FILES,
+    Progress,
+    plot_metrics,
+    trim_metrics,
+)
 from minillm.train.schedule import RunSchedule
 from minillm.train.sharding import apply_fsdp, fsdp_policy, gathered_model, gradient_sync, is_sharded
 
@@ -145,6 +152,8 @@ class StepOutcome(NamedTuple):
     """Training seconds at the end of the step, averaged over the processes (one clock for the schedule)."""
     metrics: dict[str, float]
     """The objective's metrics, averaged over the units of the global batch, and its counters (this process's)."""
+    samples: list[dict] | None = None
+    """This process's rows for completions.jsonl, when the objective logs what it sampled."""
 
 
 def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
@@ -166,7 +175,7 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimiz
     n_global = all_reduce_sum(sum(objective.units(batch) for batch in micro).double())
     loss_sum = torch.zeros((), device=env.device)
     metric_sums = torch.zeros(len(names), device=env.device)
-    tokens, counters = 0, {}
+    tokens, counters, samples = 0, {}, []
     for i, batch in enumerate(micro):
         last = i == len(micro) - 1
         with gradient_sync(model, env, last):
@@ -180,6 +189,7 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimiz
         tokens += batch[0].numel() if out.tokens is None else out.tokens
         for name, value in (out.counters or {}).items():
             counters[name] = counters.get(name, 0.0) + value
+        samples += out.samples or []
         if names:
             metric_sums += torch.stack([out.metrics[name].float() for name in names])
     clock = 0.0 if clock_base is None else clock_base + time.perf_counter()
@@ -193,7 +203,8 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimiz
         scaler.step(optimizer)  # with a scaler, a step with inf/nan gradients is skipped inside
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(loss_value, grad_norm, tokens * world, stop_any > 0, seconds, {**metrics, **counters})
+    return StepOutcome(loss_value, grad_norm, tokens * world, stop_any > 0, seconds, {**metrics, **counters},
+                       samples or None)
 
 
 @contextmanager
@@ -213,7 +224,7 @@ def claim_out_dir(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
             if env.is_main:
                 print(f"note: {out_dir} holds {METRICS_NAME} but no checkpoint or model (a run stopped before its "
                       "first checkpoint); starting over")
-                for name in (METRICS_NAME, "loss.png"):
+                for name in RUN_FILES:
                     remove(out_dir / name)
                 remove_card(out_dir)
         elif not cfg.resume and (earlier or (out_dir / METRICS_NAME).exists()):
@@ -222,7 +233,7 @@ def claim_out_dir(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
                 raise ValueError(f"{out_dir} already holds a run ({what}); continue it with --resume, or start "
                                  "over with --overwrite (deletes its checkpoints and metrics)")
             if env.is_main:
-                for name in (CHECKPOINT_DIR, METRICS_NAME, "loss.png"):
+                for name in (CHECKPOINT_DIR, *RUN_FILES):
                     remove(out_dir / name)
                 remove_card(out_dir)
         if env.is_main:
@@ -319,6 +330,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
                 raise RuntimeError(f"step {step}: {bad_in_row} non-finite losses or gradient norms in a row; "
                                    "stopping. Lower --learning_rate or use --dtype bfloat16/float32; the last "
                                    "checkpoint holds finite weights.")
+            progress.samples(step, out.samples or [])
             progress.step(step, out.tokens, out.loss, cfg.learning_rate * factor,
                           epoch=(step - 1) // batches.steps_per_epoch, grad_norm=out.grad_norm,
                           skipped_steps=result.skipped_steps, seconds=clock, metrics=out.metrics)
@@ -365,6 +377,7 @@ def _resume(checkpointer: Checkpointer, cfg: TrainConfig, env: DistEnv, schedule
         print(f"resumed from {path} at step {start_step}" if path else
               f"--resume: no intact checkpoint in {Path(cfg.out_dir) / CHECKPOINT_DIR}, starting from scratch")
         torn = trim_metrics(Path(cfg.out_dir) / METRICS_NAME, start_step)
+        trim_metrics(Path(cfg.out_dir) / COMPLETIONS_NAME, start_step)  # what the resumed steps sample again
         if torn:
             print(f"note: dropped {torn} unreadable line{'s' * (torn > 1)} of {METRICS_NAME} (cut short by a crash "
                   "or a full disk)")
