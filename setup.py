@@ -20,8 +20,10 @@ setup(
         "dev": ["pytest", "transformers>=4.45", "peft", "trl>=1.0", "ruff", "matplotlib",
                 "starlette>=0.40", "uvicorn>=0.30", "openai>=1.40", "httpx", "selenium>=4.20",
                 "gguf>=0.17", "llama-cpp-python==0.3.36", "jinja2>=3.1",
-                "lm_eval>=0.4.9", "pypinyin>=0.50", "llguidance>=1.0", "jsonschema>=4.0"],
+                "lm_eval>=0.4.9", "pypinyin>=0.50", "llguidance>=1.0", "jsonschema>=4.0", "tensorboard"],
         "plot": ["matplotlib"],
+        # --report_to tensorboard: the training scalars for TensorBoard, beside metrics.jsonl.
+        "tensorboard": ["tensorboard"],
         # The rhyme tool (minillm/infer/poem_tools.py): pinyin, finals and tones of Chinese characters.
         "tools": ["pypinyin>=0.50"],
         # Constrained decoding (minillm/infer/constrain.py): forced tool calls and response_format in serve.py.

@@ -59,6 +59,28 @@ def test_a_time_budget_gives_the_bar_its_total_once_the_horizon_is_fixed(tmp_pat
     assert totals == {horizon}
 
 
+def test_report_to_tensorboard_writes_every_metrics_row_as_scalars(tmp_path, corpus, capsys):
+    """Issue 50, item 4: --report_to tensorboard sends metrics.jsonl's rows to TensorBoard (train/<name>, eval/loss);
+    metrics.jsonl stays as it was."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    code, _, err = tiny_pretrain(out, corpus, "--max_steps", "4", "--report_to", "tensorboard", "--eval_data", corpus,
+                                 "--eval_every", "2", capsys=capsys)
+    assert code == 0, err
+    events = EventAccumulator(str(out / "runs"))
+    events.Reload()
+    logged = rows(out)
+    for name in ("loss", "lr", "grad_norm", "tokens_per_s"):
+        got = [(e.step, e.value) for e in events.Scalars(f"train/{name}")]
+        assert got == [(r["step"], pytest.approx(r[name], rel=1e-6)) for r in logged if name in r] and len(got) == 4
+    held = [(r["step"], r["eval_loss"]) for r in logged if "eval_loss" in r]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("eval/loss")] == held and len(held) == 2
+    code, _, err = tiny_pretrain(tmp_path / "x", corpus, "--report_to", "wandb", capsys=capsys)
+    assert code == 2 and "report_to must be one of none, tensorboard, got 'wandb'" in err
+
+
 def test_matrix_lr_and_lora_flags_reach_what_is_saved(tmp_path, corpus, capsys):
     muon = tmp_path / "muon"
     code, _, err = tiny_pretrain(muon, corpus, "--max_steps", "1", "--optimizer", "muon", "--learning_rate", "1e-3",

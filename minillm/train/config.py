@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from minillm.device import DTYPES
 from minillm.train.optim import OPTIMIZERS
+
+REPORT_TO = ("none", "tensorboard")
 
 
 @dataclass
@@ -60,6 +63,8 @@ class TrainConfig:
     """Batch examples of similar length together and drop all-padding columns (less compute on padding)."""
     log_every: int = 10
     """Write a line to metrics.jsonl every this many steps."""
+    report_to: str = "none"
+    """Also send every metrics.jsonl row to: none, or tensorboard (scalars in out_dir/runs; pip install -e ".[tensorboard]"). metrics.jsonl stays the record."""
     eval_every: int = 200
     """Measure the held-out loss every this many steps (0: only at the end)."""
     save_every: int = 500
@@ -92,6 +97,10 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
+        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("report_to tensorboard needs the tensorboard package: pip install -e \".[tensorboard]\"")
         if self.eval_dtype not in DTYPES:
             raise ValueError(f"eval_dtype must be one of {', '.join(DTYPES)}, got {self.eval_dtype!r}")
 

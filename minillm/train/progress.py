@@ -12,7 +12,8 @@ from minillm.files import atomic_write
 
 METRICS_NAME = "metrics.jsonl"
 COMPLETIONS_NAME = "completions.jsonl"  # what GRPO sampled, with --log_completions
-RUN_FILES = (METRICS_NAME, COMPLETIONS_NAME, "loss.png")  # a run's records, besides checkpoints and the model
+TENSORBOARD_DIR = "runs"  # --report_to tensorboard's event files
+RUN_FILES = (METRICS_NAME, COMPLETIONS_NAME, "loss.png", TENSORBOARD_DIR)  # a run's records, besides checkpoints and the model
 
 
 def read_metrics(path: Path) -> tuple[list[dict], int]:
@@ -90,9 +91,14 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> str | None:
 class Progress:
     """The bar, the metrics rows and the token throughput of one run; silent on processes other than rank 0."""
 
-    def __init__(self, out_dir: Path, log_every: int, enabled: bool) -> None:
+    def __init__(self, out_dir: Path, log_every: int, enabled: bool, report_to: str = "none") -> None:
         self.path = Path(out_dir) / METRICS_NAME
         self.log_every, self.enabled = log_every, enabled
+        self.writer = None  # TensorBoard's, when --report_to tensorboard: every row again, as scalars
+        if enabled and report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(out_dir) / TENSORBOARD_DIR))
         self.bar: tqdm | None = None
         self.tokens = 0  # input positions in the rows logged so far, this session
         self.start_tokens = 0  # input positions before this session (a resumed run's checkpoint)
@@ -120,10 +126,15 @@ class Progress:
             self.bar.refresh()
 
     def log(self, row: dict) -> None:
-        """Append one row to metrics.jsonl."""
+        """Append one row to metrics.jsonl (and its numbers to TensorBoard: train/<name>, eval/loss)."""
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            prefix = "eval" if "eval_loss" in row else "train"
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{prefix}/{'loss' if key == 'eval_loss' else key}", value, row["step"])
 
     def note(self, message: str) -> None:
         """A line above the bar."""
@@ -166,6 +177,8 @@ class Progress:
         """Close the bar (again: a no-op); (tokens, seconds) of this session."""
         if self.bar is not None:
             self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
         self.tokens += self._window_tokens
         self._window_tokens = 0
         return self.tokens, time.perf_counter() - self._t0

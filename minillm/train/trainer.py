@@ -291,7 +291,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
                                 cfg.keep_checkpoints, tokenizer, identity, sharded=cfg.fsdp)
     # A row per step for an objective whose steps differ (GRPO's rewards), every log_every steps otherwise.
     every = 1 if getattr(objective, "log_each_step", False) else cfg.log_every
-    progress = Progress(Path(cfg.out_dir), every, env.is_main)
+    progress = Progress(Path(cfg.out_dir), every, env.is_main, cfg.report_to)
     with claim_out_dir(cfg, env), StopSignal() as stop, progress:
         start_step, clock, seen = _resume(checkpointer, cfg, env, schedule)
         set_peak_lr(optimizer, cfg.learning_rate, cfg.matrix_lr)  # a resume restored the saved groups' rates
