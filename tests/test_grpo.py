@@ -548,3 +548,22 @@ def test_each_loss_type_equals_trl_on_the_same_completions(tmp_path, tokenizer, 
     for name, w in theirs.items():
         key = name if name in ours else name.replace("model.embed_tokens", "lm_head")
         assert torch.allclose(ours[key], w, rtol=1e-4, atol=1e-6 * w.abs().max().item() + 1e-9), name
+
+
+def test_loss_png_shows_the_reward_per_step_below_the_loss():
+    """Issue 47: a GRPO run's loss.png has a reward panel, the reward of every step in metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from minillm.train.progress import metrics_figure
+
+    rows = [{"step": s, "loss": 0.1 * s, "reward": 0.5 + 0.01 * s} for s in range(1, 6)] + [{"step": 5, "eval_loss": 3.0}]
+    fig = metrics_figure(rows, plt)
+    top, bottom = fig.axes
+    assert [list(line.get_xydata()[:, 1]) for line in top.get_lines()] == [pytest.approx([0.1 * s for s in range(1, 6)]),
+                                                                             [3.0]]
+    assert list(bottom.get_lines()[0].get_xydata()[:, 1]) == pytest.approx([0.5 + 0.01 * s for s in range(1, 6)])
+    assert len(metrics_figure([{"step": 1, "loss": 1.0}], plt).axes) == 1  # no reward: one panel
+    plt.close("all")

@@ -59,11 +59,10 @@ def trim_metrics(path: Path, last_step: int) -> int:
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> str | None:
-    """Draw the loss curve (and held-out loss) to a PNG; None when drawn, else why not (one line)."""
+    """Draw the loss curve (and held-out loss; GRPO's reward in a second panel) to a PNG; None when drawn, else
+    why not (one line)."""
     rows, _ = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    if not train and not held:
+    if not any("loss" in r or "eval_loss" in r for r in rows):
         return (f"no loss.png: {metrics_path.name} holds no loss yet (the run took fewer steps than --log_every "
                 "and measured no held-out loss)")
     try:
@@ -73,19 +72,35 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "no loss.png: matplotlib is not installed (pip install matplotlib, or minillm's [plot] extra)"
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = metrics_figure(rows, plt)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def metrics_figure(rows: list[dict], plt):
+    """The figure of loss.png: training and held-out loss; below it the reward per step when the rows have one."""
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    reward = [(r["step"], r["reward"]) for r in rows if "reward" in r]
+    fig, axes = plt.subplots(2 if reward else 1, 1, figsize=(7, 6.5 if reward else 4), sharex=True, squeeze=False)
+    ax = axes[0, 0]
     if train:
         ax.plot(*zip(*train), label="train loss")
     if held:
         ax.plot(*zip(*held), "o-", label="held-out loss")
-    ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
     ax.grid(alpha=0.3)
+    if reward:
+        low = axes[1, 0]
+        low.plot(*zip(*reward), color="tab:green", label="mean reward per step")
+        low.set_ylabel("reward")
+        low.legend()
+        low.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return None
+    return fig
 
 
 class Progress:
