@@ -3,6 +3,7 @@
     pip install -e ".[gguf]"
     python export_gguf.py --model out/sft                       # out/sft-f16.gguf + out/sft-f16.Modelfile
     python export_gguf.py --model out/sft --dtype q8_0 --out model.gguf
+    python export_gguf.py --model out/sft --dtype q4_k_m        # llama.cpp's own quantizer (llama-cpp-python)
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from minillm.cli import BAD_INPUT, CliError, add_model_flags, load_trained, report
 from minillm.data.tokenizer import declares_chat_template
 from minillm.export.gguf import DTYPES, export_gguf, modelfile_value, write_modelfile
-from minillm.files import remove_stale_temporaries
+from minillm.export.gguf_quant import KQUANTS, quantize_gguf
+from minillm.files import atomic_path, remove_stale_temporaries
 
 PROG = "export_gguf.py"
 
@@ -32,9 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, metavar="FILE.gguf",
                    help="output file (default: the model directory's path with -DTYPE.gguf appended, e.g. "
                         "out/sft-f16.gguf); the Modelfile goes beside it with the suffix .Modelfile")
-    p.add_argument("--dtype", default="f16", choices=DTYPES,
-                   help="type of the weight matrices: f32 (exact), f16 and bf16 (half the size), or q8_0 "
-                        "(8-bit blocks, about a quarter); norms and biases stay f32 (default: %(default)s)")
+    p.add_argument("--dtype", default="f16", choices=(*DTYPES, *KQUANTS),
+                   help="type of the weight matrices: f32 (exact), f16 and bf16 (half the size), q8_0 (8-bit "
+                        "blocks, about a quarter), or q5_k_m / q4_k_m (llama.cpp's k-quants, made by its own "
+                        "quantizer from the f32 file; needs llama-cpp-python); norms and biases stay f32 "
+                        "(default: %(default)s)")
     p.add_argument("--name", default=None,
                    help="general.name in the file (default: the model directory's name)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file and Modelfile")
@@ -67,7 +71,17 @@ def run(args: argparse.Namespace) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out.parent, out.name)  # what an export killed with -9 left behind
     name = args.name or Path(args.model).resolve().name
-    summary = export_gguf(model, tokenizer, out, args.dtype, name=name)
+    if args.dtype in KQUANTS:  # an exact f32 file first, then llama.cpp's quantizer, both under temporary names
+        with atomic_path(out) as tmp:
+            f32 = tmp.with_name(tmp.name + ".f32")
+            try:
+                summary = export_gguf(model, tokenizer, f32, "f32", name=name)
+                quantize_gguf(f32, tmp, args.dtype)
+            finally:
+                f32.unlink(missing_ok=True)
+        summary["bytes"] = out.stat().st_size
+    else:
+        summary = export_gguf(model, tokenizer, out, args.dtype, name=name)
     # minillm records whether SFT ran; an outside checkpoint (None) is a chat model when its tokenizer has a template.
     chat = (model.config.chat_trained if model.config.chat_trained is not None
             else declares_chat_template(tokenizer_dir))
