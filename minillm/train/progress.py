@@ -16,45 +16,37 @@ TENSORBOARD_DIR = "runs"  # --report_to tensorboard's event files
 RUN_FILES = (METRICS_NAME, COMPLETIONS_NAME, "loss.png", TENSORBOARD_DIR)  # a run's records, besides checkpoints and the model
 
 
-def read_metrics(path: Path) -> tuple[list[dict], int]:
-    """The rows of a metrics file and how many unreadable lines were dropped (e.g. one torn by a crash)."""
-    rows, dropped = [], 0
+def _lines(path: Path) -> tuple[list[tuple[str, dict]], int]:
+    """A JSON-lines file's (line, row) pairs and how many lines were unreadable (e.g. one torn by a crash)."""
+    pairs, torn = [], 0
     if not path.is_file():
-        return rows, dropped
+        return pairs, torn
     for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            dropped += 1
-            continue
+            row = None
         if isinstance(row, dict):
-            rows.append(row)
+            pairs.append((line, row))
         else:
-            dropped += 1
-    return rows, dropped
+            torn += 1
+    return pairs, torn
+
+
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """The rows of a metrics file and how many unreadable lines were dropped (e.g. one torn by a crash)."""
+    pairs, torn = _lines(path)
+    return [row for _, row in pairs], torn
 
 
 def trim_metrics(path: Path, last_step: int) -> int:
     """On resume, keep only rows up to the checkpoint's step (0 when there is none), each line as it was written;
     returns the torn lines dropped."""
-    if not path.is_file():
-        return 0
-    kept, torn = [], 0
-    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            torn += 1
-            continue
-        if not isinstance(row, dict):
-            torn += 1
-        elif row.get("step", 0) <= last_step:
-            kept.append(line + "\n")
-    atomic_write(path, "".join(kept))
+    pairs, torn = _lines(path)
+    if path.is_file():
+        atomic_write(path, "".join(line + "\n" for line, row in pairs if row.get("step", 0) <= last_step))
     return torn
 
 
