@@ -89,3 +89,18 @@ def test_a_stale_flag_is_caught(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse("generate.py", ["--model", "out/sft", "--no_such_flag"])
     assert "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
+
+
+def test_every_file_and_results_section_the_documents_name_exists():
+    """The paths README names (minillm/..., bench/..., dataset/..., tests/..., evals/...) exist, and each
+    `bench/RESULTS.md, "Section"` it cites is a heading there."""
+    headings = [line.lower() for line in (REPO / "bench" / "RESULTS.md").read_text(encoding="utf-8").splitlines()
+                if line.startswith("#")]
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        paths = set(re.findall(r"(?<![\w/.-])((?:minillm|bench|dataset|tests|evals)/[\w/.-]*\w)", text))
+        missing = sorted(p for p in paths if not (REPO / p).exists() and "*" not in p)
+        assert not missing, f"{doc.name} names files that do not exist: {missing}"
+        cited = set(re.findall(r'RESULTS\.md, "([^"]+)"', text))
+        assert cited and all(any(name.lower() in h for h in headings) for name in cited), [
+            name for name in cited if not any(name.lower() in h for h in headings)]
