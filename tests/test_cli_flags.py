@@ -132,7 +132,8 @@ def test_every_loop_flag_reaches_train_config(tmp_path, corpus, capsys, monkeypa
              "optimizer": "muon", "matrix_lr": 0.02, "grad_clip": 0.5, "dtype": "float16", "eval_dtype": "bfloat16",
              "device": "cpu", "compile": True, "fsdp": True, "activation_checkpointing": True, "loss_chunk": 16,
              "seed": 7, "num_workers": 2, "group_by_length": True, "log_every": 3, "eval_every": 9,
-             "save_every": 11, "keep_checkpoints": 4, "resume": True, "overwrite": True, "max_bad_steps": 2}
+             "save_every": 11, "keep_checkpoints": 4, "resume": True, "overwrite": True, "max_bad_steps": 2,
+             "report_to": "tensorboard"}
     assert set(typed) == {f.name for f in fields(TrainConfig)}
     assert all(typed[f.name] != f.default for f in fields(TrainConfig))
     seen = {}
