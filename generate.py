@@ -277,7 +277,8 @@ class Generator:
         drafted = ""
         if self.speculation is not None:
             stats = self.speculation.stats
-            drafted = f", {stats.acceptance:.0%} of {stats.proposed} drafted tokens kept"
+            drafted = (f", {stats.acceptance:.0%} of {stats.proposed} drafted tokens kept" if stats.proposed
+                       else ", nothing drafted")
         self.console.note(f"[{answer.generated} tokens in {answer.seconds:.2f} s, "
                           f"{answer.tokens_per_second:.1f} tokens/s{end}{drafted}]")
         return answer.text
