@@ -2,8 +2,10 @@
 
 Each prompt is read once, into the first of its n rows of a SlotKVCache, and its keys and values are copied into
 the other n - 1 rows, so that a group's prefill costs one prompt, not n. Then one decode step samples a token for
-every unfinished row of every prompt at once; rows that end (a stop id, their token budget) drop out of the batch
-once half of the rows it covers are done, so that the last long completions do not carry the finished ones.
+every unfinished row of every prompt at once; rows that end (a stop id, their token budget) leave the batch once a
+quarter of the rows it covers are done (the live rows' caches move to the first slots, so that every step reads
+contiguous buffers), and the last long completions do not carry the finished ones. The model samples in eval mode
+(no dropout) and gets its own mode back.
 Attention is one masked product over the rows (SlotKVCache(exact=False)): a row's tokens may differ in the last
 bits from decoding it alone, which sampling does not care about; serve.py keeps the exact row-by-row path.
 """
@@ -19,12 +21,23 @@ from minillm.model.kv_cache import SlotKVCache
 from minillm.model.model import MiniLLM
 
 
-@torch.inference_mode()
 def sample_groups(model: MiniLLM, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: int,
                   temperature: float = 1.0, stop_ids: Sequence[int] = (), top_k: int | None = None,
                   top_p: float | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
     """n completions of each prompt, prompt by prompt (row i * n + j is prompt i's j-th), each cut after its first
     stop id, which it keeps; at most max_new_tokens each, and never past the model's context."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _sample(model, prompts, n, max_new_tokens, temperature, stop_ids, top_k, top_p, generator)
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def _sample(model: MiniLLM, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: int, temperature: float,
+            stop_ids: Sequence[int], top_k: int | None, top_p: float | None,
+            generator: torch.Generator | None) -> list[list[int]]:
     if not prompts or n < 1 or max_new_tokens < 1 or any(len(p) == 0 for p in prompts):
         raise ValueError("sample_groups needs prompts of at least one token, n >= 1 and max_new_tokens >= 1")
     limit = model.config.max_position_embeddings

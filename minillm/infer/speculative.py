@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minillm.infer.generation import sampling_probs
+from minillm.infer.generation import draw, sampling_probs
 from minillm.model.kv_cache import KVCache
 from minillm.model.model import MiniLLM
 
@@ -35,7 +35,7 @@ class Sampler:
 
     def draw(self, probs_V: torch.Tensor) -> int:
         """One token from a distribution."""
-        return int(torch.multinomial(probs_V, 1, generator=self.generator))
+        return int(draw(probs_V[None], self.generator)[0])
 
 
 @dataclass
@@ -53,7 +53,6 @@ class SpeculationStats:
     rounds: int = 0
     proposed: int = 0
     accepted: int = 0
-    per_round: list[int] = field(default_factory=list)  # tokens accepted in each round
 
     @property
     def acceptance(self) -> float:
@@ -181,7 +180,6 @@ def speculative_stream(target: MiniLLM, drafter: DraftModel | PromptLookup, prom
         stats.rounds += 1
         stats.proposed += len(proposal.tokens)
         stats.accepted += kept
-        stats.per_round.append(kept)
         for token in [*proposal.tokens[:kept], following]:
             ids.append(token)
             left -= 1

@@ -107,10 +107,10 @@ class SlotKVCache:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         k_cache[rows, :, pos_B] = k_BKTD[:, :, 0]
         v_cache[rows, :, pos_B] = v_BKTD[:, :, 0]
-        H, D = q_BHTD.shape[1], q_BHTD.shape[3]
-        K = k_BKTD.shape[1]
         if not self.exact:
             return self._attend_masked(layer, q_BHTD, pos_B)
+        H, D = q_BHTD.shape[1], q_BHTD.shape[3]
+        K = k_BKTD.shape[1]
         # The loop below is the cost of exactness: a few small kernels per active row and layer. The scale
         # is applied once for all rows (elementwise, so row-invariant).
         q_BKGD = (q_BHTD * D**-0.5).reshape(B, K, H // K, D)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from minillm.infer.engine import sample_groups
 from minillm.model.model import MiniLLM
-from minillm.train.objective import ObjectiveOutput
+from minillm.train.objective import ObjectiveOutput, completion_batch
 from minillm.train.reference import Reference
 
 
@@ -83,20 +83,9 @@ class Distillation:
         for x_T, m_T in zip(x_BT.tolist(), m_BT.tolist()):
             first = next((t for t, m in enumerate(m_T) if m > 0), len(m_T) - 1)  # x[first] predicts the answer
             prompts.append(x_T[:first + 1])
-        was_training = self.student.training
-        self.student.eval()
-        try:
-            answers = sample_groups(self.student, prompts, 1, self.max_new_tokens, self.temperature, self.stop_ids)
-        finally:
-            self.student.train(was_training)
-        rows = [p + a for p, a in zip(prompts, answers)]
-        T = max(map(len, rows))
-        ids_BT = torch.zeros(len(rows), T, dtype=torch.long, device=x_BT.device)
-        mask_BT = torch.zeros(len(rows), T - 1, device=x_BT.device)
-        for i, (prompt, row) in enumerate(zip(prompts, rows)):
-            ids_BT[i, :len(row)] = torch.tensor(row, device=x_BT.device)
-            mask_BT[i, len(prompt) - 1:len(row) - 1] = 1.0
-        return ids_BT[:, :-1], ids_BT[:, 1:], mask_BT
+        answers = sample_groups(self.student, prompts, 1, self.max_new_tokens, self.temperature, self.stop_ids)
+        # Padding is never learned nor attended to by a learned position (causal), so any id pads.
+        return completion_batch([p + a for p, a in zip(prompts, answers)], list(map(len, prompts)), 0, x_BT.device)
 
     def begin_step(self, micro: list[tuple[torch.Tensor, ...]]) -> None:
         """Draw which micro-batches go on-policy and sample their answers now, so that the step weighs every

@@ -42,7 +42,7 @@ from minillm.eval.tasks import answer_body
 from minillm.infer.engine import sample_groups
 from minillm.model.model import MiniLLM
 from minillm.train.distributed import all_reduce_sum
-from minillm.train.objective import ObjectiveOutput
+from minillm.train.objective import ObjectiveOutput, completion_batch
 from minillm.train.reference import Reference
 
 LOSS_TYPES = ("grpo", "dr_grpo", "bnpo", "dapo", "cispo")
@@ -172,13 +172,7 @@ class GRPO:
     def rollouts(self, prompts: list[list[int]]) -> list[list[list[int]]]:
         """group_size completions of each prompt, all in flight together on the batched engine (infer/engine.py),
         each cut after its first stop token (which it keeps)."""
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            rows = sample_groups(self.policy, prompts, self.group_size, self.max_new_tokens, self.temperature,
-                                 self.stops)
-        finally:
-            self.policy.train(was_training)
+        rows = sample_groups(self.policy, prompts, self.group_size, self.max_new_tokens, self.temperature, self.stops)
         G = self.group_size
         return [rows[i * G:(i + 1) * G] for i in range(len(prompts))]
 
@@ -234,15 +228,10 @@ class GRPO:
         rewards_BG = torch.tensor(out.totals, dtype=torch.float32, device=device).view(-1, G)
         std = None if batch_std is None else torch.tensor(batch_std, dtype=torch.float32, device=device)
         advantages_N = group_advantages(rewards_BG, self.scale_rewards, std).flatten()
-        # Prompt + completion, right-padded; learned: the completion's tokens (its stop token included).
+        # Learned: the completion's tokens (its stop token included).
         sequences = out.sequences
-        T = max(map(len, sequences))
-        ids_NT = torch.full((len(sequences), T), self.tokenizer.pad_id, dtype=torch.long, device=device)
-        mask_NT = torch.zeros(len(sequences), T - 1, device=device)
-        for i, (seq, (start, n)) in enumerate(zip(sequences, out.spans)):
-            ids_NT[i, :len(seq)] = torch.tensor(seq, device=device)
-            mask_NT[i, start - 1:start - 1 + n] = 1.0
-        inputs_NT, targets_NT = ids_NT[:, :-1], ids_NT[:, 1:]
+        inputs_NT, targets_NT, mask_NT = completion_batch(sequences, [start for start, _ in out.spans],
+                                                          self.tokenizer.pad_id, device)
         logp_NT = token_logps(model(inputs_NT).logits, targets_NT, self.temperature)
         ref_NT = token_logps(self.reference.logits(inputs_NT), targets_NT, self.temperature) if self.kl_beta else None
         loss_N, kl_N, clip_N = sequence_losses(logp_NT, logp_NT.detach(), advantages_N, mask_NT, self.epsilon,

@@ -33,6 +33,19 @@ class ObjectiveOutput(NamedTuple):
     written with the step."""
 
 
+def completion_batch(sequences: list[list[int]], prompt_lengths: list[int], pad_id: int, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt + completion rows, right-padded, as (inputs, targets, mask): the mask learns each completion's tokens,
+    none of its prompt's nor the padding's (GRPO's rollouts, distillation's on-policy answers)."""
+    T = max(map(len, sequences))
+    ids_NT = torch.full((len(sequences), T), pad_id, dtype=torch.long, device=device)
+    mask_NT = torch.zeros(len(sequences), T - 1, device=device)
+    for i, (seq, start) in enumerate(zip(sequences, prompt_lengths)):
+        ids_NT[i, :len(seq)] = torch.tensor(seq, device=device)
+        mask_NT[i, start - 1:len(seq) - 1] = 1.0
+    return ids_NT[:, :-1], ids_NT[:, 1:], mask_NT
+
+
 class Objective(Protocol):
     """The loss of a stage; the loop calls prepare once, then units and __call__ per micro-batch. An objective may
     also have begin_step(micro): called with the step's micro-batches before any of them (GRPO samples them all)."""

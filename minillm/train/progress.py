@@ -117,6 +117,9 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()  # a message printed after an error starts on a line of its own
+        if self.writer is not None:  # the event file's handle, released once the run has logged everything
+            self.writer.close()
+            self.writer = None
 
     def begin(self, total_steps: int | None, start_step: int, start_tokens: int = 0) -> None:
         """Show the bar, at start_step of total_steps (None: unknown, a time budget); the clock starts now.
@@ -185,7 +188,7 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
-            self.writer.flush()
+            self.writer.flush()  # the run's last held-out loss comes after the bar closes
         self.tokens += self._window_tokens
         self._window_tokens = 0
         return self.tokens, time.perf_counter() - self._t0
