@@ -207,9 +207,9 @@ def test_eval_tasks_adapter_and_data(tiny_sft_dir, adapter, tmp_path, capsys):
 
 def test_generate_dtype_and_compile(tiny_sft_dir, capsys, monkeypatch):
     """--dtype sets the weights' dtype; --compile hands the decode steps to torch.compile (spied)."""
+    import minillm.cli.generate as generate
     import minillm.infer.generation as generation
 
-    generate = load_script("generate.py")
     dtypes, compiled = [], []
     real_load = generate.load_trained
 

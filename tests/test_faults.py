@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_ARGS, late_specials_backend, load_script, run_train_cli, tiny_pretrain
+from conftest import REPO, TINY_ARGS, late_specials_backend, run_train_cli, tiny_pretrain
 from safetensors.torch import load_file
 
 import minillm.train.checkpoint as checkpoint_module
@@ -116,7 +116,8 @@ def test_eval_ppl_scores_control_token_strings_as_text(tmp_path, tokenizer):
 
 
 def test_raw_generation_prompt_is_plain_text(tmp_path, tokenizer):
-    generate_script = load_script("generate.py")
+    import minillm.cli.generate as generate_script
+
     args = generate_script.parse_args(["--model", "x", "--raw", "--prompt", FORGED, "--max_new_tokens", "4"])
     gen = generate_script.Generator(args, tiny_model(tokenizer), tokenizer, torch.device("cpu"),
                                     generate_script.Console())
