@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.device import cpu_flags, describe_machine  # noqa: F401 (cpu_flags: for the bench scripts)
+from minillm.device import cpu_flags, describe_machine
 from minillm.model.config import LMConfig
 from minillm.model.model import MiniLLM
 
@@ -256,8 +256,34 @@ def environment(device: torch.device) -> str:
             f"{time.strftime('%Y-%m-%d %H:%M')}")
 
 
+TABLES: list[dict] = []  # every table print_table printed in this run, for write_json
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    """The --json flag every benchmark takes: its tables, the machine and the command as one JSON file."""
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the results (every table printed), the machine, the command and the date "
+                             "to FILE as JSON")
+
+
+def write_json(path: str | None, **results: object) -> None:
+    """Write the run's tables and `results` to `path` (nothing when None), atomically, with the machine's flags."""
+    if path is None:
+        return
+    import sys
+
+    from minillm.files import atomic_write
+
+    record = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M"),
+              "machine": describe_machine(torch.device("cpu")), "cpu_flags": cpu_flags(),
+              "tables": TABLES, **results}
+    atomic_write(Path(path), json.dumps(record, ensure_ascii=False, indent=1, default=str) + "\n")
+    print(f"wrote {path}")
+
+
 def print_table(header: list[str], rows: list[list[str]]) -> None:
-    """A Markdown table."""
+    """A Markdown table (also kept for write_json)."""
+    TABLES.append({"header": list(header), "rows": [list(map(str, row)) for row in rows]})
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:

@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from common import CONFIGS, describe_machine
+from common import CONFIGS, add_json_flag, describe_machine, write_json
 
 from minillm.data.tokenizer import load_tokenizer
 from minillm.infer import constrain
@@ -85,6 +85,7 @@ def outlines_seconds(guide, ids: list[int], logits: torch.Tensor) -> float:
 def main() -> None:
     """Run the rounds and print the medians and ratios."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_json_flag(p)
     p.add_argument("--config", choices=sorted(CONFIGS), default="default")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--prompt", type=int, default=300, help="prompt tokens before the decode steps (a tool prompt)")
@@ -114,6 +115,8 @@ def main() -> None:
         if values:
             median = statistics.median(values)
             print(f"{name:14s} {median * 1e3:8.3f} ms/token   {median / step:6.1%} of a decode step")
+    write_json(args.json, ms_per_token={k: statistics.median(v) * 1e3 for k, v in rows.items() if v},
+               config=args.config, prompt_tokens=args.prompt)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import add_json_flag, write_json
 
 from minillm.data.tokenizer import Tokenizer, load_tokenizer
 from minillm.model.config import LMConfig
@@ -53,8 +54,12 @@ def probe(model: MiniLLM, tokenizer: Tokenizer, poems: list[str], seed: int = 0)
     return {"random_first": r1, "random_second": r2, "poem_first": p1, "poem_second": p2}
 
 
+PROBED: list[dict] = []  # every probe shown, for --json
+
+
 def show(name: str, r: dict[str, float]) -> None:
     """One line of a table."""
+    PROBED.append({"model": name, **r})
     print(f"{name:<28} {r['random_first']:7.2f} {r['random_second']:7.2f} {r['random_second'] / r['random_first']:6.2f}"
           f" {r['poem_first']:7.2f} {r['poem_second']:7.2f} {r['poem_second'] / r['poem_first']:6.2f}", flush=True)
 
@@ -81,6 +86,7 @@ def learn(tokenizer: Tokenizer, poems: list[str], steps: int) -> None:
 def main() -> None:
     """Probe each model; optionally train one on copying."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_flag(p)
     p.add_argument("--model", nargs="*", default=[], help="model directories to probe")
     p.add_argument("--data", default=str(REPO / "dataset" / "eval.jsonl"), help="held-out poems (default: %(default)s)")
     p.add_argument("--learn_steps", type=int, default=0, help="train a fresh model on copying for this many steps")
@@ -95,6 +101,7 @@ def main() -> None:
                                          Tokenizer.from_pretrained(directory), poems))
     if args.learn_steps:
         learn(load_tokenizer(), poems, args.learn_steps)
+    write_json(args.json, probes=PROBED)
 
 
 if __name__ == "__main__":

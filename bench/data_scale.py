@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import print_table
+from common import add_json_flag, print_table, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,6 +61,7 @@ def make_corpus(path: Path, size_mb: int) -> int:
 def main() -> None:
     """Run the measurements and print a Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_flag(parser)
     parser.add_argument("--sizes_mb", type=int, nargs="+", default=[100, 1000], help="corpus sizes in MB")
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="tokenizer process counts")
     args = parser.parse_args()
@@ -96,6 +97,7 @@ def main() -> None:
     header = ["corpus MB", "processes", "tokens", "build s", "MB/s", "peak RSS main MiB", "peak RSS worker MiB",
               "launch to first step s"]
     print_table(header, rows)
+    write_json(args.json)
 
 
 if __name__ == "__main__":

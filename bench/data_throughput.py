@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import add_json_flag, write_json
 
 from minillm.data.datasets import PretrainDataset, SFTDataset
 from minillm.data.jsonl import index_lines
@@ -42,6 +43,7 @@ def time_examples(dataset, n: int, seed: int = 0) -> tuple[int, float]:
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print a Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_flag(parser)
     parser.add_argument("--pretrain", default=str(ROOT / "dataset/pretrain.jsonl"), help="pretraining jsonl")
     parser.add_argument("--sft", default=str(ROOT / "dataset/sft.jsonl"), help="SFT jsonl")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the shipped one)")
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---:|---|")
     for stage, work, sec, rate in rows:
         print(f"| {stage} | {work} | {sec:.2f} | {rate} |")
+    write_json(args.json, rows=[dict(zip(("stage", "work", "seconds", "throughput"), r)) for r in rows])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,17 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import CONFIGS, environment, median, print_table, resolve_device, setup, time_alternating
+from common import (
+    CONFIGS,
+    add_json_flag,
+    environment,
+    median,
+    print_table,
+    resolve_device,
+    setup,
+    time_alternating,
+    write_json,
+)
 from train_throughput import make_train_step
 
 from minillm.device import dtype_reason
@@ -25,6 +35,7 @@ SIDES = ("float32", "bfloat16")
 def main(argv: list[str] | None = None) -> None:
     """Run both sides and print a Markdown table and the ratio."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_flag(parser)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="pretrain", help="model size preset")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per step")
     parser.add_argument("--seq_len", type=int, default=128, help="tokens per sequence")
@@ -51,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(["dtype", "median step s", "tokens/s"],
                 [[side, f"{median(times[side]):.3f}", f"{tps[side]:,.0f}"] for side in SIDES])
     print(f"\nbfloat16 / float32: {tps['bfloat16'] / tps['float32']:.2f}x tokens/s")
+    write_json(args.json)
 
 
 if __name__ == "__main__":

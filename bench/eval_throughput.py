@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from common import (
     SIDES,
     add_common_args,
+    add_json_flag,
     environment,
     load_side,
     median,
@@ -31,6 +32,7 @@ from common import (
     setup,
     time_alternating,
     write_checkpoint,
+    write_json,
 )
 
 from minillm.data.tokenizer import load_tokenizer
@@ -72,6 +74,7 @@ def eval_memory_workload(side, model, device, **kwargs):
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print a Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_flag(parser)
     add_common_args(parser)
     parser.add_argument("--data", default=str(ROOT / "dataset/eval.jsonl"), help="jsonl of {'text': ...}")
     parser.add_argument("--docs", type=int, default=64, help="score the first this many documents")
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
     print_table(header, rows)
     print_ratio(tps, times)
+    write_json(args.json)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import argparse
 import math
 
 import torch
+from common import add_json_flag, write_json
 
 from minillm.data.jsonl import iter_records
 from minillm.data.tokenizer import load_tokenizer
@@ -88,6 +89,7 @@ def comma_probabilities(model_dir: str, data: str, limit: int) -> dict[str, floa
 def main(argv: list[str] | None = None) -> None:
     """Print, per model and form prompt, the first-clause lengths of sampled answers."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_json_flag(p)
     p.add_argument("--model", action="append", required=True,
                    help="a chat model directory (repeat to compare models in one run)")
     p.add_argument("--samples", type=int, default=48, help="answers sampled per prompt (default: 48)")
@@ -96,11 +98,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="instead: P(comma after five characters) on N 七言 SFT examples, asked as 七言 and as 五言")
     p.add_argument("--data", default="dataset/sft.jsonl", help="SFT set of --teacher_forced (default: %(default)s)")
     args = p.parse_args(argv)
+    results = []
     if args.teacher_forced:
         print("| model | 七言 examples | P(comma) asked 七言 | asked 五言 |\n|---|---|---|---|")
         for model_dir in args.model:
             r = comma_probabilities(model_dir, args.data, args.teacher_forced)
             print(f"| {model_dir} | {r['examples']} | {r['七言']:.3f} | {r['五言']:.3f} |")
+            results.append({"model": model_dir, **r})
+        write_json(args.json, teacher_forced=results)
         return
     print("| model | asked | first clause 5 | 7 | other |\n|---|---|---|---|---|")
     for model_dir in args.model:
@@ -108,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         for size in "五七":
             total = {k: sum(counts[f][k] for f in FORMS if f.startswith(size)) for k in SIZES}
             print(f"| {model_dir} | {size}言 | {total['5']} | {total['7']} | {total['other']} |")
+            results.append({"model": model_dir, "asked": f"{size}言", **total})
+    write_json(args.json, first_clause=results)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import add_json_flag, write_json
 
 MODES = {"ddp": [], "fsdp": ["--fsdp"], "fsdp + activation checkpointing": ["--fsdp", "--ac"],
          "fsdp + activation checkpointing + loss_chunk 64": ["--fsdp", "--ac", "--loss_chunk", "64"]}
@@ -79,6 +80,7 @@ def worker(args: argparse.Namespace) -> None:
 def main() -> None:
     """Run every mode and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_flag(parser)
     parser.add_argument("--config", default="124m", help="model preset from bench/common.py (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=4, help="sequences per process per step")
     parser.add_argument("--seq_len", type=int, default=256, help="tokens per sequence")
@@ -116,6 +118,7 @@ def main() -> None:
     header = ["mode", "rank", "params MiB", "grads MiB", "AdamW MiB", "state MiB", "peak RSS MiB",
               "peak above setup MiB", "s/step"]
     print_table(header, rows)
+    write_json(args.json)
 
 
 if __name__ == "__main__":

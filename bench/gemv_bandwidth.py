@@ -18,7 +18,7 @@ import argparse
 import time
 
 import torch
-from common import CONFIGS, cpu_flags, median, print_table
+from common import CONFIGS, add_json_flag, cpu_flags, median, print_table, write_json
 
 from minillm.model.linear import row_product
 from minillm.model.model import MiniLLM
@@ -45,6 +45,7 @@ def seconds(fn, rounds: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     """Print GB/s of the decode GEMVs and of a sum over the same bytes, at each thread count."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_flag(p)
     p.add_argument("--config", action="append", choices=sorted(CONFIGS), help="model shape(s) (default: default)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to compare")
     p.add_argument("--rounds", type=int, default=20, help="timed passes per measurement (median)")
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"{reduction * 1e3:.2f}", f"{nbytes / reduction / 1e9:.1f}"])
     print_table(["shape", "weights MB", "threads", "GEMVs ms", "GEMV GB/s", "sum GB/s", "GEMV / sum speed",
                  "fast path ms", "fast path GB/s"], rows)
+    write_json(args.json)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 from common import (
     SIDES,
     add_common_args,
+    add_json_flag,
     environment,
     load_side,
     median,
@@ -37,6 +38,7 @@ from common import (
     setup,
     time_alternating,
     write_checkpoint,
+    write_json,
 )
 
 from minillm.infer.generation import generate
@@ -85,6 +87,7 @@ def generate_memory_workload(side, model, device, **kwargs):
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print Markdown tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_flag(parser)
     add_common_args(parser)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help="prompts decoded at once")
     parser.add_argument("--prompt_len", type=int, default=64, help="tokens in each prompt")
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"(median of per-round ratios {paired_speedup(times):.2f}x)")
     print_table(header, rows)
     print("\nratio minillm / transformers tokens/s: " + "; ".join(ratios))
+    write_json(args.json)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,14 @@ import llama_cpp
 import torch
 from common import (
     add_common_args,
+    add_json_flag,
     environment,
     median,
     print_table,
     setup,
     time_alternating,
     write_checkpoint,
+    write_json,
 )
 
 from minillm.data.tokenizer import load_tokenizer
@@ -72,6 +74,7 @@ def llama_run(path: Path, prompt: list[int], new_tokens: int, threads: int, n_ct
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print a Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_flag(parser)
     add_common_args(parser)
     parser.add_argument("--prompt_len", type=int, default=32, help="tokens in the prompt")
     parser.add_argument("--new_tokens", type=int, default=128, help="tokens generated per call")
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{args.new_tokens / t:,.1f}", f"{base / t:.2f}x", f"{same}/{len(reference)}",
                      f"{args.prefill_len / median(prefill_times[name]):,.0f}"])
     print_table(header, rows)
+    write_json(args.json)
 
 
 if __name__ == "__main__":

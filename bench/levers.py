@@ -19,7 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import CONFIGS, cpu_flags, median, print_table
+from common import CONFIGS, add_json_flag, cpu_flags, median, print_table, write_json
 
 from minillm.model.model import MiniLLM, decode_attention
 from minillm.train.optim import hidden_matrices, orthogonalise
@@ -106,6 +106,7 @@ LEVERS = {"adamw": adamw, "sdpa": sdpa, "loss": loss, "decode_attention": decode
 def main(argv: list[str] | None = None) -> None:
     """Time each lever's alternatives and print one table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_flag(p)
     p.add_argument("--config", choices=sorted(CONFIGS), default="default", help="model shape (default: default)")
     p.add_argument("--only", choices=sorted(LEVERS), action="append", help="these levers only (repeatable)")
     p.add_argument("--rounds", type=int, default=10, help="timed calls per alternative (median)")
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         for alternative, ms in alternate(LEVERS[name](model), args.rounds).items():
             rows.append([name, alternative, f"{ms:.2f}"])
     print_table(["lever", "alternative", "ms per call (median)"], rows)
+    write_json(args.json)
 
 
 if __name__ == "__main__":

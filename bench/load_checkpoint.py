@@ -17,7 +17,17 @@ import time
 from pathlib import Path
 
 import torch
-from common import CONFIGS, SIDES, cpu_flags, load_side, print_table, rss_kib, write_checkpoint
+from common import (
+    CONFIGS,
+    SIDES,
+    add_json_flag,
+    cpu_flags,
+    load_side,
+    print_table,
+    rss_kib,
+    write_checkpoint,
+    write_json,
+)
 
 from minillm.model.model import MiniLLM
 
@@ -56,6 +66,7 @@ def span(values: list[float], fmt: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Print the load table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_flag(p)
     p.add_argument("--config", choices=sorted(CONFIGS), default="default", help="model shape (default: default)")
     p.add_argument("--repeats", type=int, default=5, help="fresh-process loads per row (default: 5)")
     args = p.parse_args(argv)
@@ -72,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append([label, f"{size:.1f}", span([r[0] for r in runs], ".2f"), span([r[1] for r in runs], ".0f"),
                          span([r[2] for r in runs], ".0f")])
     print_table(["load", "file MiB", "seconds", "peak RSS added MiB", "RSS added after MiB"], rows)
+    write_json(args.json)
 
 
 if __name__ == "__main__":

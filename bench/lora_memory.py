@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import add_json_flag, write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {
     # What train_pretrain.py builds without size flags (LMConfig defaults, the shipped 6400-token tokenizer).
@@ -80,6 +82,7 @@ def worker(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """Run every (model, method) in a subprocess and print the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_json_flag(p)
     p.add_argument("--models", default="default,124m", help="comma list from: " + ", ".join(MODELS))
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--seq_len", type=int, default=256)
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['model']} | {r['method']} | {r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f}%) | "
               f"{r['total']:,} | {state_mib:,.0f} | {r['peak_mib']:,.0f} | {r['peak_mib'] - r['baseline_mib']:,.0f} "
               f"| {r['tokens_per_s']:,.0f} | {r['tokens_per_cpu_s']:,.0f} |")
+    write_json(args.json, rows=rows)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import add_json_flag, write_json
 
 
 def inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.nn.Linear, torch.Tensor]:
@@ -71,6 +72,7 @@ def worker(args: argparse.Namespace) -> None:
 def main() -> None:
     """Run every chunk setting in its own process and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_flag(parser)
     parser.add_argument("--batch_size", type=int, default=16, help="sequences (default: %(default)s)")
     parser.add_argument("--seq_len", type=int, default=1024, help="positions per sequence (default: %(default)s)")
     parser.add_argument("--hidden", type=int, default=768, help="hidden size C (default: %(default)s)")
@@ -102,6 +104,7 @@ def main() -> None:
     print(f"# {environment(torch.device('cpu'))}")
     print_table(["loss_chunk", "peak above inputs MiB", "s fwd+bwd", "|loss - whole|", "max |dh - whole|",
                  "max |dW - whole|"], rows)
+    write_json(args.json)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,17 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import CONFIGS, cpu_flags, median, print_table, resolve_device, sync, time_alternating
+from common import (
+    CONFIGS,
+    add_json_flag,
+    cpu_flags,
+    median,
+    print_table,
+    resolve_device,
+    sync,
+    time_alternating,
+    write_json,
+)
 
 from minillm.infer.generation import generate
 from minillm.model.config import LMConfig
@@ -75,6 +85,7 @@ def decode(model: MiniLLM, device: torch.device, new_tokens: int):
 def main(argv: list[str] | None = None) -> None:
     """Print tokens/s of the three models, training and decoding."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_flag(p)
     p.add_argument("--num_experts", type=int, default=4, help="experts per sparse layer (default: 4)")
     p.add_argument("--num_experts_per_tok", type=int, default=2, help="experts per token (default: 2)")
     p.add_argument("--batch_size", type=int, default=16, help="training sequences per step (default: 16)")
@@ -105,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{decode_tps:,.1f}", f"{decode_tps / (args.new_tokens / median(decode_times[first])):.2f}x"])
     print_table(["model", "parameters", "active per token", "training tokens/s", "vs dense active",
                  "decode tokens/s", "vs dense active"], rows)
+    write_json(args.json)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import threading
 import time
 
 import torch
-from common import CONFIGS, environment, median, print_table, setup
+from common import CONFIGS, add_json_flag, environment, median, print_table, setup, write_json
 
 from minillm.infer.serving import GenerationRequest, Sampling, Scheduler
 from minillm.model.model import MiniLLM
@@ -48,6 +48,7 @@ def one_run(model: MiniLLM, chunk: int, long_prompt: list[int], context: int) ->
 def main(argv: list[str] | None = None) -> None:
     """Print the table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_flag(p)
     p.add_argument("--config", choices=sorted(CONFIGS), default="default", help="model shape (random weights)")
     p.add_argument("--long_prompt", type=int, default=1500, help="tokens of the prompt that arrives mid-stream")
     p.add_argument("--chunks", type=int, nargs="+", default=[0, 256], help="--prefill_chunk values (0: whole)")
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {args.config}, a {args.long_prompt}-token prompt arriving beside one stream, max_batch 4; "
           f"{environment(torch.device('cpu'))}")
     print_table(["--prefill_chunk", "stream's longest gap ms", "median gap ms", "long prompt's first token ms"], rows)
+    write_json(args.json)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import threading
 import time
 
 import torch
-from common import CONFIGS, environment, median, print_table, setup
+from common import CONFIGS, add_json_flag, environment, median, print_table, setup, write_json
 
 from minillm.infer.serving import GenerationRequest, Sampling, Scheduler
 from minillm.model.linear import quantize_int8
@@ -47,6 +47,7 @@ def tokens_per_second(model: MiniLLM, prompts: list[list[int]], max_batch: int, 
 def main(argv: list[str] | None = None) -> None:
     """Print the table and the two ratios."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_flag(p)
     p.add_argument("--config", choices=sorted(CONFIGS), default="default", help="model shape (random weights)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="weights as serve.py --quantize")
     p.add_argument("--threads", type=int, default=1, help="torch threads (serve.py: the cores minus one)")
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     lone = median(rates[("1 sequence", 1)]) / median(rates[("1 sequence", 16)])
     print(f"\n16 sequences, batched / one at a time: {batched:.2f}x (target >= 6x); a lone request at max_batch 16 "
           f"is {lone:.2f}x slower than at max_batch 1 (target <= 1.2x); batched answers equal one-at-a-time: {same}")
+    write_json(args.json)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
-from common import environment, print_table, write_checkpoint
+from common import add_json_flag, environment, print_table, write_checkpoint, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -191,6 +191,7 @@ async def soak(server: Server, total: int, clients: int, qs: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_json_flag(p)
     p.add_argument("--model_dir", default=None, help="a trained model (default: the default shape, random weights)")
     p.add_argument("--clients", default="1,4,16", help="concurrency levels (default: %(default)s)")
     p.add_argument("--requests", type=int, default=2, help="requests per client per level (default: %(default)s)")
@@ -244,6 +245,7 @@ def main() -> None:
                   f"({100 * (rss_after / rss_before - 1):+.1f}%)")
             for problem in outcome["problems"]:
                 print("  " + problem)
+    write_json(args.json)
 
 
 if __name__ == "__main__":

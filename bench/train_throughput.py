@@ -22,6 +22,7 @@ import torch
 from common import (
     SIDES,
     add_common_args,
+    add_json_flag,
     checkpoint_config,
     device_peak,
     environment,
@@ -36,6 +37,7 @@ from common import (
     time_alternating,
     train_flops_per_token,
     write_checkpoint,
+    write_json,
 )
 
 from minillm.train.optim import build_optimizer
@@ -95,6 +97,7 @@ def train_memory_workload(side, model, device, **kwargs):
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print Markdown tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_flag(parser)
     add_common_args(parser)
     parser.add_argument("--batch_size", type=int, default=8, help="sequences per step")
     parser.add_argument("--seq_len", type=int, default=256, help="tokens per sequence")
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
     print_table(header, rows)
     print_ratio(tps, times)
+    write_json(args.json)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,24 @@
-"""Every command README.md shows (code blocks and inline code) parses with its script's own argparse: a renamed or
-removed flag fails here, not in a reader's terminal (issue 50). Nothing runs: parsing stops the script."""
+"""Every command README.md and docs/ show (code blocks and inline code) parses with its script's own argparse: a
+renamed or removed flag fails here, not in a reader's terminal (issue 50). Nothing runs: parsing stops the script.
+Every link and repository path they name exists, and every benchmark takes --help and --json."""
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import re
 import runpy
 import shlex
 import sys
 
 import pytest
+import torch
 from conftest import REPO, load_script
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+from minillm.device import cpu_flags, describe_machine
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "bench" / "README.md"]
 
 
 class Parsed(Exception):
@@ -103,5 +108,38 @@ def test_every_file_and_results_section_the_documents_name_exists():
         missing = sorted(p for p in paths if not (REPO / p).exists() and "*" not in p and not p.endswith(written))
         assert not missing, f"{doc.name} names files that do not exist: {missing}"
         cited = set(re.findall(r'RESULTS\.md, "([^"]+)"', text))
-        assert cited and all(any(name.lower() in h for h in headings) for name in cited), [
+        assert cited or doc != REPO / "README.md"
+        assert all(any(name.lower() in h for h in headings) for name in cited), [
             name for name in cited if not any(name.lower() in h for h in headings)]
+
+
+def test_every_link_in_the_documents_resolves():
+    """Each Markdown link to a file, [text](path), points at a file or folder of the repository."""
+    assert (REPO / "docs").is_dir() and len(DOCS) > 10
+    for doc in DOCS:
+        links = re.findall(r"\]\(([^)\s]+)\)", doc.read_text(encoding="utf-8"))
+        local = [link.split("#")[0] for link in links if not re.match(r"[a-z]+://|#|mailto:", link)]
+        broken = [link for link in local if not (doc.parent / link).exists()]
+        assert local and not broken, f"{doc.relative_to(REPO)} links to missing files: {broken}"
+
+
+def test_every_benchmark_takes_help_and_json():
+    """bench/README.md lists every benchmark, and each has an argparse command line with --json."""
+    listed = set(re.findall(r"`(\w+\.py)`", (REPO / "bench" / "README.md").read_text(encoding="utf-8"))) - {"common.py"}
+    scripts = {p.name for p in (REPO / "bench").glob("*.py")} - {"common.py"}
+    assert listed == scripts, (sorted(scripts - listed), sorted(listed - scripts))
+    for name in sorted(scripts):
+        source = (REPO / "bench" / name).read_text(encoding="utf-8")
+        assert "argparse.ArgumentParser(" in source and ("add_json_flag(" in source or '"--json"' in source), name
+
+
+def test_a_benchmark_json_record_holds_its_tables_and_machine(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    common = runpy.run_path(str(REPO / "bench" / "common.py"))
+    common["print_table"](["side", "tokens/s"], [["minillm", "10"], ["transformers", "9"]])
+    out = tmp_path / "r.json"
+    common["write_json"](str(out), ratio=1.11)
+    record = json.loads(out.read_text(encoding="utf-8"))
+    assert record["tables"] == [{"header": ["side", "tokens/s"], "rows": [["minillm", "10"], ["transformers", "9"]]}]
+    assert record["ratio"] == 1.11 and record["cpu_flags"] == cpu_flags() and record["date"][:2] == "20"
+    assert record["machine"] == describe_machine(torch.device("cpu"))
