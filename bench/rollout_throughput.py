@@ -25,13 +25,14 @@ from minillm.data.prompts import PromptDataset
 from minillm.data.tokenizer import Tokenizer, load_tokenizer
 from minillm.eval.rewards import build_rewards
 from minillm.infer.generation import generate
+from minillm.infer.tool_rollouts import Trajectory
 from minillm.model.model import MiniLLM
 from minillm.train.grpo import GRPO
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def per_prompt(self: GRPO, prompts: list[list[int]]) -> list[list[list[int]]]:
+def per_prompt(self: GRPO, prompts: list[list[int]]) -> list[list[Trajectory]]:
     """The rollouts before the engine: one generate() call per prompt, G copies of the prompt in its batch."""
     groups = []
     for prompt in prompts:
@@ -40,7 +41,7 @@ def per_prompt(self: GRPO, prompts: list[list[int]]) -> list[list[list[int]]]:
         rows = []
         for row in out[:, len(prompt):].tolist():
             end = next((i + 1 for i, t in enumerate(row) if t in self.stops), len(row))
-            rows.append(row[:end])
+            rows.append(Trajectory.single(prompt, row[:end]))
         groups.append(rows)
     return groups
 

@@ -25,6 +25,7 @@ from minillm.eval.rewards import (
     request_reward,
 )
 from minillm.infer.generation import generate
+from minillm.infer.tool_rollouts import Trajectory
 from minillm.model.model import MiniLLM
 from minillm.train.config import TrainConfig
 from minillm.train.grpo import GRPO, group_advantages, sequence_losses, token_logps
@@ -188,7 +189,7 @@ def test_the_step_reward_is_the_weighted_sum_of_its_parts(tokenizer):
     """Issue 51: --reward weights were never checked to reach the total. Mutation caught: weights ignored."""
     objective = GRPO({"a": (lambda q, a: 1.0, 2.0), "b": (lambda q, a: 0.5, -0.25), "c": (lambda q, a: 0.0, 7.0)},
                      tokenizer, group_size=2)
-    total, values = objective.score("q", tokenizer.encode("答") + [tokenizer.im_end_id])
+    total, values = objective.score("q", Trajectory.single([1], tokenizer.encode("答") + [tokenizer.im_end_id]))
     assert values == [1.0, 0.5, 0.0] and total == 2.0 * 1.0 - 0.25 * 0.5
 
 
@@ -416,7 +417,8 @@ def test_a_step_on_stub_rollouts_equals_the_loss_and_gradient_computed_independe
     fixed = [[torch.randint(3, 400, (n,), generator=rng).tolist() + ([end] if n % 2 else []) for n in (3, 6, 1, 5)],
              [torch.randint(3, 400, (n,), generator=rng).tolist() + ([end] if n % 3 else []) for n in (4, 2, 7, 5)]]
     calls = iter(fixed)
-    monkeypatch.setattr(GRPO, "rollouts", lambda self, prompts: [next(calls) for _ in prompts])
+    monkeypatch.setattr(GRPO, "rollouts", lambda self, prompts: [[Trajectory.single(p, c) for c in next(calls)]
+                                                                 for p in prompts])
     scores = {}
 
     def stub(request: str, answer: str) -> float:  # fixed rewards, by the answer's length

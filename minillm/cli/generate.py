@@ -23,7 +23,7 @@ from minillm.data.tokenizer import declares_chat_template
 from minillm.device import inference_dtype, resolve_device
 from minillm.infer.chat import ChatSession, ContextError, StreamingAnswer
 from minillm.infer.generation import check_sampling
-from minillm.infer.poem_tools import poem_tools
+from minillm.infer.poem_tools import select_tools
 from minillm.infer.speculative import Speculation
 from minillm.infer.tool_loop import MAX_TOOL_TURNS, run_with_tools
 from minillm.model.model import MiniLLM
@@ -165,12 +165,10 @@ def pick_tools(names: str | None, tokenizer) -> dict:
         return {}
     if not tokenizer.tool_ids and tokenizer.template is None:
         raise CliError("--tools: this model's tokenizer has no tool-call tokens (it was made before tool calling)")
-    tools = poem_tools()
-    wanted = list(tools) if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in wanted if n not in tools]
-    if unknown:
-        raise CliError(f"--tools: no tool named {unknown[0]!r}; the tools are {', '.join(tools)} (or all)")
-    return {n: tools[n] for n in wanted}
+    try:
+        return select_tools(names)
+    except ValueError as e:
+        raise CliError(f"--tools: {e}") from None
 
 
 def load(args: argparse.Namespace):

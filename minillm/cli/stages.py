@@ -15,12 +15,15 @@ from minillm.data.jsonl import DataError
 from minillm.data.prompts import PromptDataset, prompt_requests
 from minillm.data.tokenizer import Tokenizer
 from minillm.eval.rewards import REWARDS, build_rewards
+from minillm.infer.poem_tools import select_tools
 from minillm.model.model import MiniLLM
 from minillm.train.config import TrainConfig
 from minillm.train.distill import Distillation
 from minillm.train.dpo import DPO
 from minillm.train.grpo import CISPO_EPSILON_HIGH, GRPO, LOSS_TYPES, SCALE_REWARDS
 from minillm.train.objective import LanguageModeling, Objective
+
+MAX_TURNS = 8  # calling turns per GRPO completion: each is a round of sampling and tool runs
 
 
 def add_stage_flags(p: argparse.ArgumentParser, kind: str) -> None:
@@ -90,6 +93,13 @@ def add_stage_flags(p: argparse.ArgumentParser, kind: str) -> None:
         g.add_argument("--log_completions", action="store_true",
                        help="Write every sampled completion to out_dir/completions.jsonl with its step, request, "
                             "rewards and advantage (rank 0's; trimmed on --resume like metrics.jsonl)")
+        g.add_argument("--tools", default=None, metavar="NAMES",
+                       help="Offer these tools (comma-separated, or all: search_poems, rhyme) in every prompt and run "
+                            "the calls completions make: a completion becomes a trajectory of up to --max_turns "
+                            "calling turns, with the tools' results in it but not learned (default: none)")
+        g.add_argument("--max_turns", type=int, default=2,
+                       help="With --tools: assistant turns per completion that may call before one must answer; "
+                            "each turn samples up to --max_new_tokens (default: %(default)s)")
         g.add_argument("--reward_corpus", default="dataset/pretrain.jsonl,dataset/sft.jsonl",
                        help="Training poems and SFT set whose verbatim copies the novel reward refuses "
                             "(default: %(default)s)")
@@ -129,6 +139,13 @@ def check_stage_flags(args, kind: str) -> None:
             raise ValueError(f"--group_size must be >= 2 (advantages compare completions), got {args.group_size}")
         if args.max_new_tokens < 1:
             raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+        if not 1 <= args.max_turns <= MAX_TURNS:
+            raise ValueError(f"--max_turns must be in [1, {MAX_TURNS}], got {args.max_turns}")
+        if args.tools is not None:
+            try:
+                select_tools(args.tools)
+            except ValueError as e:
+                raise ValueError(f"--tools: {e}") from None
         build_rewards(args.reward, None, None, parse_only=True)
 
 
@@ -191,8 +208,11 @@ def build_objective(kind: str, args, cfg: TrainConfig, tokenizer: Tokenizer, is_
     except ValueError as e:
         raise DataError(f"{cfg.data_path}: {e}") from None
     reference = _reference(args, tokenizer) if args.kl_beta else None
+    tools = select_tools(args.tools) if args.tools else None
+    if tools and not tokenizer.tool_ids and tokenizer.template is None:
+        raise CliError("--tools: this tokenizer has no tool-call tokens (it was made before tool calling)")
     return GRPO(rewards, tokenizer, group_size=args.group_size, temperature=args.temperature,
                 max_new_tokens=args.max_new_tokens, epsilon=args.epsilon, loss_type=args.loss_type,
                 kl_beta=args.kl_beta, reference=reference, epsilon_high=args.epsilon_high,
                 scale_rewards=args.scale_rewards, kl_correction=args.kl_correction,
-                log_completions=args.log_completions)
+                log_completions=args.log_completions, tools=tools, max_turns=args.max_turns)

@@ -15,6 +15,7 @@ from minillm.data.preference import PreferenceDataset
 from minillm.data.prompts import PromptDataset
 from minillm.data.shards import build_shards, shard_index_path
 from minillm.data.tokenizer import Tokenizer
+from minillm.infer.poem_tools import select_tools
 from minillm.train.distributed import barrier
 
 
@@ -60,7 +61,8 @@ def build_dataset(kind: str, args: argparse.Namespace, tokenizer: Tokenizer, is_
         if kind == "dpo":
             dataset, what = PreferenceDataset(data_path, tokenizer, max_length=args.max_length), "pairs"
         else:
-            dataset, what = PromptDataset(data_path, tokenizer, max_length=args.max_length), "prompts"
+            schemas = [t.schema() for t in select_tools(args.tools).values()] if args.tools else None
+            dataset, what = PromptDataset(data_path, tokenizer, max_length=args.max_length, tools=schemas), "prompts"
         if dataset.dropped and is_main:
             print(f"note: dropped {dataset.dropped:,} of {dataset.dropped + len(dataset):,} {what} whose prompt "
                   f"leaves no room within --max_length {args.max_length}")

@@ -54,15 +54,18 @@ def prompt_requests(dataset: PromptDataset) -> dict[str, dict]:
 class PromptDataset(JsonlExamples):
     """Prompt lines -> (ids, ids, prompt mask) rows; prompts longer than max_length are dropped and counted."""
 
-    def __init__(self, path: str | os.PathLike, tokenizer: Tokenizer, max_length: int = 256) -> None:
+    def __init__(self, path: str | os.PathLike, tokenizer: Tokenizer, max_length: int = 256,
+                 tools: list[dict] | None = None) -> None:
         super().__init__(path, tokenizer, max_length)
         self.prompts: list[list[int]] = []
         for i in range(len(self.lines)):
             prompt = self.parse(i)
             if isinstance(prompt, str):
+                if tools:
+                    raise DataError(f"{self.lines.where(i)}: a plain-text prompt cannot offer tools; give messages")
                 ids = tokenizer.encode(prompt)
-            else:
-                ids, _ = tokenizer.render_conversation(prompt, add_generation_prompt=True)
+            else:  # conversational prompts offer `tools` in the system turn, as generation does
+                ids, _ = tokenizer.render_conversation(prompt, add_generation_prompt=True, tools=tools)
             if len(ids) <= max_length:
                 self.prompts.append(ids)
         self.dropped = len(self.lines) - len(self.prompts)

@@ -17,8 +17,15 @@ rate eval_tasks.py reports:
               repeated, no 4-character phrase three times (eval/heldout.py repeats), at least half of its
               characters distinct, and no stretch of 6 characters of the request restated
     novel     the verse is not a verbatim copy (10+ characters) of the training poems or SFT answers
+    tool      with tools (GRPO --tools): for a tool request (quote a clause, a character's tone) 1 when the
+              final answer is right against the corpus; minus 0.5 for a malformed call or one whose result is an
+              error (no such tool, bad arguments), and minus 0.5 for a call where the request needs none
     composite poem x novel x (request + 0.25 ended) / 1.25: the request's check counts only in a new
-              poem, so neither the words without a poem nor a memorised poem pays
+              poem, so neither the words without a poem nor a memorised poem pays; a tool request gets `tool`,
+              and a writing request loses 0.5 for a needless or broken call
+
+With tools, `answer` is a ToolAnswer: the last turn's text, with the trajectory's calls, their results and whether
+a call was malformed attached; a reward that reads only the text sees the plain string.
 """
 
 from __future__ import annotations
@@ -45,6 +52,23 @@ from minillm.eval.tasks import (
 )
 
 RewardFn = Callable[[str, str], float]
+TOOL_KINDS = ("quote", "tone")  # requests a tool answers (eval/tool_tasks.py); the others are writing requests
+MISUSE = 0.5  # what a broken or needless call costs
+
+
+class ToolAnswer(str):
+    """An answer's text with the trajectory that led to it: its calls, their results, a malformed call or not."""
+
+    def __new__(cls, text: str, calls: list | tuple = (), results: list | tuple = (), malformed: bool = False
+                ) -> ToolAnswer:
+        answer = super().__new__(cls, text)
+        answer.calls, answer.results, answer.malformed = list(calls), list(results), malformed
+        return answer
+
+
+def broken_call(answer: str) -> bool:
+    """A call that did not parse, or one whose result is an error (no such tool, bad arguments, a failure)."""
+    return bool(getattr(answer, "malformed", False)) or any(r.startswith("error:") for r in getattr(answer, "results", ()))
 END = "<|im_end|>"
 _VERSE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff，。、？！：；“”‘’《》·…—]+")
 
@@ -62,8 +86,12 @@ def _words_used(w1: str, w2: str) -> Callable[[str], float]:
 
 _WORDINGS = {"tune": _pattern(TUNE_PROMPT), "form": _pattern(FORM_PROMPT), "words": _pattern(WORDS_PROMPT)}
 _CHECKS = {"tune": lambda f: check_tune(f["tune"]), "form": lambda f: check_form(f["form"]),
-           "words": lambda f: _words_used(f["w1"], f["w2"])}
-REQUEST_FIELDS = {"tune": {"tune"}, "form": {"form"}, "words": {"w1", "w2"}}
+           "words": lambda f: _words_used(f["w1"], f["w2"]),
+           "quote": lambda f: lambda answer: f["clause"] in answer,
+           "tone": lambda f: lambda answer: f"{f['level']}声" in answer and f"{'仄' if f['level'] == '平' else '平'}声"
+           not in answer}
+REQUEST_FIELDS = {"tune": {"tune"}, "form": {"form"}, "words": {"w1", "w2"}, "quote": {"clause"},
+                  "tone": {"char", "level"}}
 
 
 def _text(answer: str) -> str:
@@ -74,9 +102,11 @@ def check_request_fields(fields: object, where: str) -> dict:
     """A data line's "request" field, checked: {"kind": tune | form | words, and that kind's fields as strings}."""
     kind = fields.get("kind") if isinstance(fields, dict) else None
     if kind not in REQUEST_FIELDS or not REQUEST_FIELDS[kind] <= fields.keys() or not all(
-            isinstance(fields[k], str) and fields[k] for k in REQUEST_FIELDS[kind]):
+            isinstance(fields[k], str) and fields[k] for k in REQUEST_FIELDS[kind]) or (
+            kind == "tone" and fields["level"] not in ("平", "仄")):
         raise ValueError(f'{where}: "request" must be {{"kind": "tune", "tune": ...}}, {{"kind": "form", "form": '
-                         f'...}} or {{"kind": "words", "w1": ..., "w2": ...}}; got {fields!r}')
+                         f'...}}, {{"kind": "words", "w1": ..., "w2": ...}}, {{"kind": "quote", "clause": ...}} or '
+                         f'{{"kind": "tone", "char": ..., "level": "平" or "仄"}}; got {fields!r}')
     return fields
 
 
@@ -100,6 +130,15 @@ class Requests:
         """1 when the answer passes the check of the request's kind (tune, form, words; one word of two: 0.5), else 0."""
         fields = self.fields(request)
         return float(_CHECKS[fields["kind"]](fields)(_text(answer))) if fields else 0.0
+
+    def tool_reward(self, request: str, answer: str) -> float:
+        """A tool request: 1 when the final answer is right; minus MISUSE for a broken call, and for any call where
+        the request needs none."""
+        fields = self.fields(request)
+        penalty = MISUSE * broken_call(answer)
+        if fields and fields["kind"] in TOOL_KINDS:
+            return float(_CHECKS[fields["kind"]](fields)(_text(answer))) - penalty
+        return -penalty - MISUSE * bool(getattr(answer, "calls", ()))
 
     def length_reward(self, request: str, answer: str) -> float:
         """For a 五言/七言 request: 1 when every clause has the requested length; 0 otherwise."""
@@ -153,15 +192,20 @@ class NovelReward:
         return float(not copies_training_text(_text(answer), self.key))
 
 
-def composite(novel: RewardFn, request: RewardFn = request_reward) -> RewardFn:
-    """poem x novel x (request + 0.25 ended) / 1.25, in [0, 1]."""
+def composite(novel: RewardFn, asked: Requests = _EVAL_WORDING) -> RewardFn:
+    """A writing request: poem x novel x (request + 0.25 ended) / 1.25, in [0, 1], less MISUSE for a needless or
+    broken call; a tool request: the tool reward."""
     def reward(prompt: str, answer: str) -> float:
+        fields = asked.fields(prompt)
+        if fields and fields["kind"] in TOOL_KINDS:
+            return asked.tool_reward(prompt, answer)
         gate = poem_reward(prompt, answer) * novel(prompt, answer)
-        return gate * (request(prompt, answer) + 0.25 * ended_reward(prompt, answer)) / 1.25
+        value = gate * (asked.request_reward(prompt, answer) + 0.25 * ended_reward(prompt, answer)) / 1.25
+        return value + asked.tool_reward(prompt, answer)
     return reward
 
 
-REWARDS = ("request", "length", "ended", "poem", "novel", "composite")
+REWARDS = ("request", "length", "ended", "poem", "novel", "tool", "composite")
 
 
 def build_rewards(spec: str, train_path: str | Path | None, sft_path: str | Path | None,
@@ -189,5 +233,6 @@ def build_rewards(spec: str, train_path: str | Path | None, sft_path: str | Path
     novel = NovelReward(train_path, sft_path) if {"novel", "composite"} & set(parts) else None
     asked = Requests({text: check_request_fields(f, f"request {text!r}") for text, f in (known or {}).items()})
     functions = {"request": asked.request_reward, "length": asked.length_reward, "ended": ended_reward,
-                 "poem": poem_reward, "novel": novel, "composite": composite(novel, asked.request_reward) if novel else None}
+                 "poem": poem_reward, "novel": novel, "tool": asked.tool_reward,
+                 "composite": composite(novel, asked) if novel else None}
     return {name: (functions[name], weight) for name, weight in parts.items()}

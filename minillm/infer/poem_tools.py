@@ -108,3 +108,14 @@ def poem_tools(corpus: tuple[Path, ...] | PoemIndex = DEFAULT_CORPUS) -> dict[st
              rhyme),
     ]
     return {t.name: t for t in tools}
+
+
+def select_tools(names: str, corpus: tuple[Path, ...] | PoemIndex = DEFAULT_CORPUS) -> dict[str, Tool]:
+    """The poetry tools a comma-separated list names ("all": every one); ValueError naming an unknown name."""
+    tools = poem_tools(corpus)
+    wanted = list(tools) if names.strip() == "all" else [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in tools]
+    if unknown or not wanted:
+        raise ValueError(f"no tool named {unknown[0] if unknown else names!r}; the tools are {', '.join(tools)} "
+                         "(or all)")
+    return {n: tools[n] for n in wanted}

@@ -20,8 +20,11 @@ The loss types are TRL's, named as there; they differ in how the token terms are
 - dr_grpo: each completion's sum / max_new_tokens, mean over completions (Dr. GRPO);
 - bnpo: sum over the micro-batch's tokens / its token count;
 - dapo and cispo: sum over the step's tokens / the step's token count (all micro-batches and processes).
-One update per rollout: pi_old is the same forward detached, so the ratio is exactly 1 and the gradient is
-REINFORCE's. The step's loss is the same whatever the accumulation or process count (bnpo: for equal micro-batch
+With tools (`tools`, `max_turns`), a completion is a trajectory (infer/tool_rollouts.py): assistant turns with the
+tools' results between them; only the sampled turns are learned (the results are out of the loss, the KL and the
+token counts), and the rewards read the last turn's text with the trajectory's calls attached (eval/rewards.py
+ToolAnswer). One update per rollout: pi_old is the same forward detached, so the ratio is exactly 1 and the
+gradient is REINFORCE's. The step's loss is the same whatever the accumulation or process count (bnpo: for equal micro-batch
 token counts, as in TRL); sampling draws from the run's RNG, which checkpoints save, so a resumed run samples the
 same completions.
 """
@@ -38,8 +41,11 @@ import torch
 from minillm.data.prompts import request_of
 from minillm.data.tokenizer import Tokenizer
 from minillm.eval.heldout import repeats
+from minillm.eval.rewards import ToolAnswer
 from minillm.eval.tasks import answer_body
 from minillm.infer.engine import sample_groups
+from minillm.infer.tool_rollouts import Trajectory, sample_with_tools
+from minillm.infer.tools import Tool
 from minillm.model.model import MiniLLM
 from minillm.train.distributed import all_reduce_sum
 from minillm.train.objective import ObjectiveOutput, completion_batch
@@ -119,11 +125,15 @@ class Rollouts:
     """One micro-batch's sampled completions and their rewards."""
 
     sequences: list[list[int]]  # prompt + completion, per completion
-    spans: list[tuple[int, int]]  # (prompt length, completion length)
+    spans: list[tuple[int, int]]  # (prompt length, completion length: every token after the prompt)
+    learned: list[list[tuple[int, int]]]  # [start, end) of what the model sampled (all of it, without tools)
     totals: list[float]  # weighted reward
     parts: list[list[float]]  # each reward function's value
     repetitive: int  # completions that repeat a line or phrase (eval_tasks' measure)
     seconds: float  # spent sampling
+    calls: int = 0  # tool calls made
+    tool_errors: int = 0  # calls whose result is an error (unknown tool, bad arguments, a failure, a timeout)
+    malformed: int = 0  # completions that wrote a call that does not parse
 
 
 class GRPO:
@@ -134,7 +144,8 @@ class GRPO:
     def __init__(self, rewards: dict[str, tuple[RewardFn, float]], tokenizer: Tokenizer, group_size: int = 8,
                  temperature: float = 1.0, max_new_tokens: int = 128, epsilon: float = 0.2, loss_type: str = "grpo",
                  kl_beta: float = 0.0, reference: MiniLLM | None = None, epsilon_high: float | None = None,
-                 scale_rewards: str = "group", kl_correction: bool = False, log_completions: bool = False) -> None:
+                 scale_rewards: str = "group", kl_correction: bool = False, log_completions: bool = False,
+                 tools: dict[str, Tool] | None = None, max_turns: int = 1) -> None:
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages compare completions of one prompt), got {group_size}")
         if not temperature > 0:
@@ -145,7 +156,10 @@ class GRPO:
         if (epsilon_high is not None and not 0 < epsilon_high < math.inf) or scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"need epsilon_high > 0 (finite) and scale_rewards in {SCALE_REWARDS}; got {epsilon_high}, "
                              f"{scale_rewards!r}")
+        if max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {max_turns}")
         self.epsilon_high, self.scale_rewards, self.kl_correction = epsilon_high, scale_rewards, kl_correction
+        self.tools, self.max_turns = tools or {}, max_turns
         self.log_completions = log_completions
         self._pending: list[Rollouts] = []  # the step's rollouts, sampled by begin_step, in micro-batch order
         self._step_stats: tuple[float, float | None] | None = None  # (mean tokens, batch std) over the step
@@ -156,7 +170,8 @@ class GRPO:
         self.policy: MiniLLM | None = None
         self.stops = [*tokenizer.turn_end_ids, tokenizer.eos_id]
         self.metric_names = ("reward", *(f"rewards/{name}" for name in rewards), "frac_reward_zero_std", "clip_ratio",
-                             "kl", "completions/mean_length", "completions/ended", "completions/repetitive")
+                             "kl", "completions/mean_length", "completions/ended", "completions/repetitive",
+                             *(("tools/calls", "tools/errors", "tools/malformed") if self.tools else ()))
 
     def prepare(self, model: MiniLLM, dataset: torch.utils.data.Dataset, device: torch.device,
                 amp_dtype: torch.dtype) -> None:
@@ -169,18 +184,27 @@ class GRPO:
         """The completions of the micro-batch: prompts x group_size."""
         return torch.tensor(float(batch[0].shape[0] * self.group_size), device=batch[0].device)
 
-    def rollouts(self, prompts: list[list[int]]) -> list[list[list[int]]]:
+    def rollouts(self, prompts: list[list[int]]) -> list[list[Trajectory]]:
         """group_size completions of each prompt, all in flight together on the batched engine (infer/engine.py),
-        each cut after its first stop token (which it keeps)."""
-        rows = sample_groups(self.policy, prompts, self.group_size, self.max_new_tokens, self.temperature, self.stops)
+        each cut after its first stop token (which it keeps); with tools, trajectories of up to max_turns calling
+        turns (infer/tool_rollouts.py)."""
         G = self.group_size
+        if self.tools:
+            rows = sample_with_tools(self.policy, self.tokenizer, prompts, G, self.max_new_tokens, self.temperature,
+                                     self.tools, self.max_turns)
+        else:
+            completions = sample_groups(self.policy, prompts, G, self.max_new_tokens, self.temperature, self.stops)
+            rows = [Trajectory.single(prompts[k // G], c) for k, c in enumerate(completions)]
         return [rows[i * G:(i + 1) * G] for i in range(len(prompts))]
 
-    def score(self, request: str, completion: list[int]) -> tuple[float, list[float]]:
-        """The weighted reward and each component's value for one completion."""
+    def score(self, request: str, row: Trajectory) -> tuple[float, list[float]]:
+        """The weighted reward and each component's value for one completion: its last turn's text (with
+        <|im_end|> when it closed the turn), its calls attached."""
+        completion = row.answer
         ended = bool(completion) and completion[-1] in self.tokenizer.turn_end_ids
-        answer = self.tokenizer.decode(completion[:-1] if completion and completion[-1] in self.stops else completion)
-        values = [fn(request, answer + ("<|im_end|>" if ended else "")) for fn, _ in self.rewards.values()]
+        text = self.tokenizer.decode(completion[:-1] if completion and completion[-1] in self.stops else completion)
+        answer = ToolAnswer(text + ("<|im_end|>" if ended else ""), row.calls, row.results, row.malformed)
+        values = [fn(request, answer) for fn, _ in self.rewards.values()]
         return sum(v * w for v, (_, w) in zip(values, self.rewards.values())), values
 
     def sample(self, micro: list[tuple[torch.Tensor, ...]]) -> list[Rollouts]:
@@ -192,16 +216,20 @@ class GRPO:
         seconds = time.perf_counter() - start
         outs = []
         for batch in prompts:
-            out = Rollouts([], [], [], [], 0, 0.0 if outs else seconds)
+            out = Rollouts([], [], [], [], [], 0, 0.0 if outs else seconds)
             for prompt in batch:
                 request = request_of(self.tokenizer.decode(prompt))
-                for completion in next(groups):
-                    total, values = self.score(request, completion)
-                    out.repetitive += repeats(answer_body(self.tokenizer.decode(completion)))
-                    out.sequences.append(prompt + completion)
-                    out.spans.append((len(prompt), len(completion)))
+                for row in next(groups):
+                    total, values = self.score(request, row)
+                    out.repetitive += repeats(answer_body(self.tokenizer.decode(row.answer)))
+                    out.sequences.append(row.ids)
+                    out.spans.append((row.prompt_length, len(row.ids) - row.prompt_length))
+                    out.learned.append(row.sampled)
                     out.totals.append(total)
                     out.parts.append(values)
+                    out.calls += len(row.calls)
+                    out.tool_errors += sum(r.startswith("error:") for r in row.results)
+                    out.malformed += row.malformed
             outs.append(out)
         return outs
 
@@ -210,7 +238,7 @@ class GRPO:
         scale_rewards "batch" by the std of the step's rewards (both over every process)."""
         self._pending = self.sample(micro)
         rewards = [r for out in self._pending for r in out.totals]
-        tokens = sum(n for out in self._pending for _, n in out.spans)
+        tokens = sum(end - start for out in self._pending for spans in out.learned for start, end in spans)
         local = [len(rewards), tokens, sum(rewards), sum(r * r for r in rewards)]
         n, tokens, total, squares = all_reduce_sum(torch.tensor(local, dtype=torch.float64,
                                                                 device=micro[0][0].device)).tolist()
@@ -228,10 +256,10 @@ class GRPO:
         rewards_BG = torch.tensor(out.totals, dtype=torch.float32, device=device).view(-1, G)
         std = None if batch_std is None else torch.tensor(batch_std, dtype=torch.float32, device=device)
         advantages_N = group_advantages(rewards_BG, self.scale_rewards, std).flatten()
-        # Learned: the completion's tokens (its stop token included).
+        # Learned: the tokens the model sampled (each turn's stop token included), never a tool's result.
         sequences = out.sequences
         inputs_NT, targets_NT, mask_NT = completion_batch(sequences, [start for start, _ in out.spans],
-                                                          self.tokenizer.pad_id, device)
+                                                          self.tokenizer.pad_id, device, out.learned)
         logp_NT = token_logps(model(inputs_NT).logits, targets_NT, self.temperature)
         ref_NT = token_logps(self.reference.logits(inputs_NT), targets_NT, self.temperature) if self.kl_beta else None
         loss_N, kl_N, clip_N = sequence_losses(logp_NT, logp_NT.detach(), advantages_N, mask_NT, self.epsilon,
@@ -240,13 +268,16 @@ class GRPO:
         parts_NK = torch.tensor(out.parts, dtype=torch.float32, device=device)
         degenerate_BG = (rewards_BG == rewards_BG[:, :1]).all(dim=1, keepdim=True).expand(-1, G)
         ended = float(sum(s[-1] in self.tokenizer.turn_end_ids for s in sequences))
+        tool_metrics = {"tools/calls": out.calls, "tools/errors": out.tool_errors, "tools/malformed": out.malformed}
         metrics = {"reward": rewards_BG.sum(), **{f"rewards/{name}": parts_NK[:, k].sum()
                                                    for k, name in enumerate(self.rewards)},
                    "frac_reward_zero_std": degenerate_BG.float().sum(), "clip_ratio": clip_N.sum(), "kl": kl_N.sum(),
                    "completions/mean_length": mask_NT.sum(),
                    "completions/ended": torch.tensor(ended, device=device),
-                   "completions/repetitive": torch.tensor(float(out.repetitive), device=device)}
-        counters = {"rollout_seconds": out.seconds, "rollout_tokens": float(sum(n for _, n in out.spans))}
+                   "completions/repetitive": torch.tensor(float(out.repetitive), device=device),
+                   **{name: torch.tensor(float(tool_metrics[name]), device=device)
+                      for name in self.metric_names if name in tool_metrics}}
+        counters = {"rollout_seconds": out.seconds, "rollout_tokens": float(mask_NT.sum())}
         samples = self.samples(out, advantages_N.tolist()) if self.log_completions else None
         return ObjectiveOutput(loss_N.mean(), metrics, tokens=inputs_NT.numel(), counters=counters, samples=samples)
 
