@@ -495,6 +495,8 @@ def write_jsonl(path: Path, records: list[dict]) -> dict:
         chars = sum(len(r["text"]) for r in records)
     elif "chosen" in records[0]:
         chars = sum(len(m["content"]) for r in records for k in ("prompt", "chosen", "rejected") for m in r[k])
+    elif "prompt" in records[0]:
+        chars = sum(len(m["content"]) for r in records for m in r["prompt"])
     else:
         chars = sum(len(m["content"]) for r in records for m in r["conversations"])
     return {"records": len(records), "characters": chars, "bytes": path.stat().st_size}
@@ -552,6 +554,7 @@ def main(argv: list[str] | None = None) -> None:
     sft += tool_chats
     random.Random(f"{args.seed}:tools").shuffle(sft)
     pattern_counts.update(tool_counts)
+    rl_tools, rl_counts = chats.rl_prompts(dpo)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stats = {
@@ -564,11 +567,13 @@ def main(argv: list[str] | None = None) -> None:
             "eval.jsonl": write_jsonl(args.out / "eval.jsonl", [{"text": p.render()} for p in held_out]),
             "sft.jsonl": write_jsonl(args.out / "sft.jsonl", sft),
             "dpo.jsonl": write_jsonl(args.out / "dpo.jsonl", dpo),
+            "rl_tools.jsonl": write_jsonl(args.out / "rl_tools.jsonl", rl_tools),
         },
         "sft_patterns": pattern_counts,
         "wordings": {kind: len(w) for kind, w in wordings.items()},
         "vocabulary": {"words": len(vocab), "held_out": len(heldout)},
         "dpo_patterns": dpo_counts,
+        "rl_tools_kinds": rl_counts,
         # Poems per collection: kept (both splits) and available after cleaning and dedup.
         "collections": {c: sum(p.collection == c for p in poems) for c in KIND},
         "collections_available": {c: sum(p.collection == c for p in cleaned) for c in KIND},

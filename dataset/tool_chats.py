@@ -8,6 +8,10 @@ tools' real results (minillm/infer/poem_tools.py run over the whole shipped corp
 - tool_none: writing requests (tunes, forms, words) with the tools offered, answered without a call: a model must
   learn when not to call as much as when to.
 
+rl_prompts() makes dataset/rl_tools.jsonl, GRPO's prompts for the tools (train_grpo.py --tools): quote and tone
+requests about other training poems, each with the fields its reward checks, beside writing requests that need
+no call.
+
 Every conversation offers both tools. Titles asked are unique in the corpus (the search finds that poem first) and
 come from training poems only: eval_tasks.py asks for held-out poems' titles, in wordings kept apart as for the
 other requests (minillm/eval/heldout.py).
@@ -19,11 +23,12 @@ import random
 import re
 
 from minillm.data.poems import Poem, clauses
-from minillm.eval.tool_tasks import NTH, TOOL_TEMPLATES  # the canonical wordings, the evaluation's too
+from minillm.eval.tool_tasks import NTH, TOOL_TEMPLATES, tone_class  # canonical wordings (the evaluation's)
 from minillm.infer.poem_tools import PoemIndex, poem_tools
 from minillm.infer.tools import Call, run_call
 
 TOOL_QUOTA = {"tool_quote": 900, "tool_source": 300, "tool_tone": 400, "tool_chain": 300, "tool_none": 600}
+RL_QUOTA = {"quote": 300, "tone": 200, "none": 200}  # rl_tools.jsonl: prompts per kind
 CANONICAL_SHARE = 1 / 3
 # The writing requests answered without a call when tools are offered (build.py's pattern names).
 NO_TOOL_PATTERNS = ("tune_write", "tune_open", "form", "words", "word_line", "theme")
@@ -126,3 +131,36 @@ class ToolChats:
         out += [{**record, "tools": self.schemas} for record in chosen]
         counts["tool_none"] = len(chosen)
         return out, counts
+
+    def rl_prompts(self, writing: list[dict]) -> tuple[list[dict], dict[str, int]]:
+        """rl_tools.jsonl: RL_QUOTA prompts of each kind, as {"prompt": [user message], "request": fields}; quote
+        and tone requests about training poems (the search finds the quoted clause), and `writing` lines (prompts
+        with their "request") that need no call. Its own random stream: sft.jsonl does not change with it."""
+        rng, self.rng = self.rng, random.Random(f"{self.rng.random()}:rl_tools")
+        order = self.train[:]
+        self.rng.shuffle(order)
+        quotes, tones = [], []
+        for poem in order:
+            parts = clauses("\n".join(poem.lines))[:len(NTH)]
+            if not parts:
+                continue
+            if len(quotes) < RL_QUOTA["quote"] and self.index.count(poem.title) == 1:
+                n = self.rng.randrange(len(parts))
+                if parts[n] in run_call(Call("search_poems", {"query": poem.title}), self.tools):
+                    quotes.append(self.prompt(self.ask("tool_quote", title=poem.title, nth=NTH[n]),
+                                              {"kind": "quote", "clause": parts[n]}))
+            char = self.rng.choice("".join(parts))
+            if len(tones) < RL_QUOTA["tone"] and (level := tone_class(char)):
+                tones.append(self.prompt(self.ask("tool_tone", char=char), {"kind": "tone", "char": char,
+                                                                            "level": level}))
+        chosen = self.rng.sample(writing, min(RL_QUOTA["none"], len(writing)))
+        none = [{"prompt": line["prompt"], "request": line["request"]} for line in chosen]
+        out = quotes + tones + none
+        self.rng.shuffle(out)
+        self.rng = rng
+        return out, {"quote": len(quotes), "tone": len(tones), "none": len(none)}
+
+    @staticmethod
+    def prompt(request: str, fields: dict) -> dict:
+        """One rl_tools.jsonl line."""
+        return {"prompt": [{"role": "user", "content": request}], "request": fields}

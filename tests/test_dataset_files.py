@@ -92,6 +92,10 @@ def test_counts_match_stats_and_readme(stats, pretrain, evals, sft_records):
             assert len(pairs) == info["records"]
             assert sum(len(m["content"]) for r in pairs for k in ("prompt", "chosen", "rejected")
                        for m in r[k]) == info["characters"]
+        elif name == "rl_tools.jsonl":
+            lines = _read_jsonl(name)
+            assert len(lines) == info["records"] == sum(stats["rl_tools_kinds"].values())
+            assert sum(len(m["content"]) for r in lines for m in r["prompt"]) == info["characters"]
         else:
             assert len(texts[name]) == info["records"]
             assert sum(map(len, texts[name])) == info["characters"]
@@ -101,7 +105,8 @@ def test_counts_match_stats_and_readme(stats, pretrain, evals, sft_records):
 
 
 def test_sizes_and_volume(stats, pretrain):
-    shipped = ["pretrain.jsonl", "eval.jsonl", "sft.jsonl", "dpo.jsonl", "stats.json", "README.md", "build.py"]
+    shipped = ["pretrain.jsonl", "eval.jsonl", "sft.jsonl", "dpo.jsonl", "rl_tools.jsonl", "stats.json", "README.md",
+               "build.py"]
     total = sum((DATASET / name).stat().st_size for name in shipped)
     assert total < 40 * 2**20
     assert sum(map(len, pretrain)) >= 2_000_000

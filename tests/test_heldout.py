@@ -27,9 +27,9 @@ NEAR = 0.8  # fixed texts this similar (difflib's ratio) count as the same wordi
 
 
 def training_prompts() -> list[str]:
-    """Every user message of sft.jsonl and every prompt of dpo.jsonl (GRPO's prompts are dpo.jsonl's)."""
+    """Every user message of sft.jsonl, and every prompt of dpo.jsonl and rl_tools.jsonl (GRPO's prompts)."""
     prompts = []
-    for name, key in (("sft.jsonl", "conversations"), ("dpo.jsonl", "prompt")):
+    for name, key in (("sft.jsonl", "conversations"), ("dpo.jsonl", "prompt"), ("rl_tools.jsonl", "prompt")):
         with open(REPO / "dataset" / name, encoding="utf-8") as f:
             for line in f:
                 record = json.loads(line)

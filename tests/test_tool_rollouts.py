@@ -233,3 +233,27 @@ def test_a_trajectory_of_one_turn_is_the_plain_completion():
     row = Trajectory.single([1, 2, 3], [4, 5])
     assert (row.ids, row.prompt_length, row.sampled, row.answer, row.sampled_tokens) == (
         [1, 2, 3, 4, 5], 3, [(3, 5)], [4, 5], 2)
+
+
+def test_the_shipped_rl_prompts_load_with_tools_and_their_fields_check(tokenizer, schemas):
+    """dataset/rl_tools.jsonl: every line renders with the tools and has fields the rewards accept; a right answer
+    to a quote or tone line earns the tool reward, a wrong one nothing."""
+    from conftest import REPO
+
+    from minillm.data.prompts import prompt_requests
+
+    data = PromptDataset(REPO / "dataset" / "rl_tools.jsonl", tokenizer, max_length=512, tools=schemas)
+    known = prompt_requests(data)
+    assert len(data) == 700 and data.dropped == 0 and len(known) >= 650
+    tool = build_rewards("tool", None, None, known=known)["tool"][0]
+    kinds = {}
+    for request, fields in known.items():
+        kinds[fields["kind"]] = kinds.get(fields["kind"], 0) + 1
+        if fields["kind"] == "quote":
+            assert tool(request, ToolAnswer(f"是“{fields['clause']}”。")) == 1.0
+            assert tool(request, ToolAnswer("不知道。")) == 0.0
+        elif fields["kind"] == "tone":
+            other = "仄" if fields["level"] == "平" else "平"
+            assert tool(request, ToolAnswer(f"{fields['level']}声。")) == 1.0
+            assert tool(request, ToolAnswer(f"{other}声。")) == 0.0
+    assert kinds.keys() == {"quote", "tone", "tune", "form", "words"}
