@@ -25,12 +25,14 @@ CHAT_ROW = "default + default SFT (1e-3 x 2"
 
 
 def readme_row(label: str) -> list[str]:
-    """The cells of the README table row whose first cell contains `label` (bold marks removed)."""
-    for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
+    """The cells of the table row, in README.md or a page of docs/, whose first cell contains `label` (bold marks
+    removed)."""
+    text = "\n".join(p.read_text(encoding="utf-8") for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
+    for line in text.splitlines():
         cells = [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]
         if line.startswith("|") and label in cells[0]:
             return cells
-    raise AssertionError(f"README.md has no table row for {label!r}")
+    raise AssertionError(f"neither README.md nor docs/ has a table row for {label!r}")
 
 
 def percent(cell: str) -> float:

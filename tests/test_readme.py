@@ -1,4 +1,4 @@
-"""README.md's library examples run as they are written (from a directory holding the shipped dataset)."""
+"""docs/library.md's examples run as they are written (from a directory holding the shipped dataset)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,8 @@ from conftest import REPO
 
 
 def library_blocks() -> list[str]:
-    """The ```python blocks of README.md's "## Library" section."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("\n## Library\n"):]
-    section = section[:section.index("\n## ", 1)]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
+    """The ```python blocks of docs/library.md."""
+    return re.findall(r"```python\n(.*?)```", (REPO / "docs" / "library.md").read_text(encoding="utf-8"), re.S)
 
 
 def test_the_library_section_has_the_inference_and_training_examples():
@@ -26,7 +23,7 @@ def test_library_example_runs(index, tmp_path, monkeypatch, capsys):
     (tmp_path / "dataset").symlink_to(REPO / "dataset")
     monkeypatch.chdir(tmp_path)
     code = library_blocks()[index]
-    exec(compile(code, f"README.md library example {index}", "exec"), {"__name__": "readme"})
+    exec(compile(code, f"docs/library.md example {index}", "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
     if index == 1:
         first, last = (float(x) for x in out.split()[-3::2])
