@@ -29,16 +29,20 @@ def cosine_lr(step: int, total_steps: int, lr: float, warmup_steps: int = 0) -> 
     return cosine_decay((step - warmup_steps) / decay_steps, lr)
 
 
-# A --max_minutes run without --max_steps times this many steps (after its first, which pays for warm-up work)
-# before it fixes its horizon in steps.
+# A --max_minutes run without --max_steps times this many steps (after its first, which pays for warm-up work), and
+# at least this share of its budget, before it fixes its horizon in steps: steps differ (SFT's length-grouped
+# batches: the first five of a 10-minute run took 0.23 s each, the run's mean was 0.61 s) and a few seconds of other
+# work on the machine skew a short window (a 10-minute pretraining fixed 597 steps and ended at 380 s).
 TIMED_STEPS = 5
+TIMED_SHARE = 0.05
 
 
 class RunSchedule:
     """How long a run lasts and its learning-rate factor per step: a function of the step alone, so that a
     resumed run follows the uninterrupted one exactly. A time budget (--max_minutes) decides when to stop, never
-    the rate: with --max_steps the cosine spans those steps; without, the run times its first steps, fixes the
-    horizon (the steps the budget then holds) once, and saves it with every checkpoint (TrainState.horizon_steps).
+    the rate: with --max_steps the cosine spans those steps; without, the run times its first steps (at least
+    TIMED_SHARE of the budget), fixes the horizon (the steps the budget then holds) once, and saves it with every
+    checkpoint (TrainState.horizon_steps).
     """
 
     def __init__(self, total_steps: int, budget_seconds: float, warmup_steps: int, warn: bool = False) -> None:
@@ -80,7 +84,7 @@ class RunSchedule:
             self._timing = (step, seconds)
             return
         first, start = self._timing
-        if step - first < TIMED_STEPS or step < self.warmup:
+        if step - first < TIMED_STEPS or step < self.warmup or seconds - start < TIMED_SHARE * self.budget_seconds:
             return
         per_step = (seconds - start) / (step - first)
         left = int((self.budget_seconds - seconds) / per_step) if per_step > 0 else 0
