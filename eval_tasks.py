@@ -43,7 +43,7 @@ from minillm.eval.tool_tasks import run_tool_requests, summarise, tool_requests
 from minillm.export.model_card import record_evaluation
 from minillm.files import write_json
 from minillm.infer.generation import check_sampling
-from minillm.infer.poem_tools import PoemIndex, poem_tools
+from minillm.infer.poem_tools import RHYME_NEEDS, PoemIndex, poem_tools, rhyme_available
 
 TOOL_KIND_NAMES = {"quote": "quotes the asked clause of a poem (needs search_poems)",
                    "tone": "names a character's level/oblique tone (needs rhyme)",
@@ -101,9 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, _ = load_trained(args, device, dtype)
         chat = bool(getattr(model.config, "chat_trained", False))
         auto = ["cloze", "requests"] + (["tools"] if tokenizer.tool_ids else []) if chat else ["cloze"]
+        if args.tasks == "auto" and "tools" in auto and not rhyme_available():  # tone requests need the rhyme tool
+            auto.remove("tools")
+            print(f"note: the tool tasks are skipped: {RHYME_NEEDS}", file=sys.stderr)
         tasks = auto if args.tasks == "auto" else args.tasks.split(",")
         if not set(tasks) <= {"cloze", "requests", "tools"}:
             raise CliError(f"--tasks takes cloze, requests and/or tools, got {args.tasks!r}")
+        if "tools" in tasks and not rhyme_available():
+            raise CliError(f"--tasks tools: {RHYME_NEEDS}")
         if "tools" in tasks and not tokenizer.tool_ids:
             raise CliError(f"--tasks tools: the tokenizer of {args.model} has no tool-call tokens (it was made "
                            "before tool calling)")

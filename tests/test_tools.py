@@ -155,3 +155,21 @@ def test_generate_cli_runs_the_loop_and_refuses_bad_tool_flags(tiny_sft_dir, tmp
                            (["--tools", "all", "--max_tool_turns", "0"], "--max_tool_turns must be >= 1")]:
         assert cli.main(["--model", str(model), "--prompt", "x", *flags]) == 1
         assert message in capsys.readouterr().err
+
+
+def test_eval_tasks_without_pypinyin_skips_the_tool_tasks_or_says_what_to_install(tiny_sft_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """A plain `pip install -e .` has no pypinyin: eval_tasks.py on a chat model crashed with a traceback in the
+    tool tasks (found running README's first-half-hour commands from a fresh clone)."""
+    from conftest import load_script
+
+    cli = load_script("eval_tasks.py")
+    monkeypatch.setattr(cli, "rhyme_available", lambda: False)
+    out = tmp_path / "r.json"
+    assert cli.main(["--model", str(tiny_sft_dir), "--limit", "2", "--json", str(out), "--max_new_tokens", "8"]) == 0
+    err = capsys.readouterr().err
+    assert 'the tool tasks are skipped: the rhyme tool needs pypinyin: pip install -e ".[tools]"' in err
+    assert "tools" not in json.loads(out.read_text()) and "requests" in json.loads(out.read_text())
+    assert cli.main(["--model", str(tiny_sft_dir), "--tasks", "tools"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tasks tools: the rhyme tool needs pypinyin" in err and "Traceback" not in err

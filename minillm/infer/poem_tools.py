@@ -7,6 +7,7 @@ memorise) and a pronunciation lookup (pinyin, final, tone, level or oblique) by 
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from minillm.data.jsonl import iter_texts
@@ -70,13 +71,21 @@ def search_poems(index: PoemIndex, query: str, limit: int = 1) -> str:
     return "\n\n".join(show_poem(p) for p in poems) if poems else f"没有找到与“{query}”相关的诗词。"
 
 
+RHYME_NEEDS = 'the rhyme tool needs pypinyin: pip install -e ".[tools]"'
+
+
+def rhyme_available() -> bool:
+    """Whether pypinyin (the tools extra) is installed, so that the rhyme tool can answer."""
+    return importlib.util.find_spec("pypinyin") is not None
+
+
 def rhyme(text: str) -> str:
     """Each Chinese character of `text`: its pinyin, its final, its tone and whether it is level (平: tones 1-2)
     or oblique (仄: tones 3-4), in today's Mandarin."""
     try:
         from pypinyin import Style, pinyin
     except ImportError as e:
-        raise RuntimeError('the rhyme tool needs pypinyin: pip install -e ".[tools]"') from e
+        raise RuntimeError(RHYME_NEEDS) from e
     chars = cjk(text)[:MAX_CHARACTERS]
     if not chars:
         return "没有汉字可查。"
