@@ -11,6 +11,7 @@ import re
 import runpy
 import shlex
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +144,37 @@ def test_a_benchmark_json_record_holds_its_tables_and_machine(tmp_path, monkeypa
     assert record["tables"] == [{"header": ["side", "tokens/s"], "rows": [["minillm", "10"], ["transformers", "9"]]}]
     assert record["ratio"] == 1.11 and record["cpu_flags"] == cpu_flags() and record["date"][:2] == "20"
     assert record["machine"] == describe_machine(torch.device("cpu"))
+
+
+def test_the_short_commands_run_as_written(tmp_path, tiny_sft_dir, monkeypatch, capsys):
+    """The quick commands the documents show (perplexity, one generated answer, the GGUF export) run as written in
+    a directory whose out/pretrain and out/sft are tiny models: exit 0, something written. Commands naming models
+    or files the sandbox lacks (adapters, checkpoints, placeholders), the interactive chat and the long evaluations
+    and trainings are parsed only (above)."""
+    import shutil
+
+    for name in ("pretrain", "sft"):
+        shutil.copytree(tiny_sft_dir, tmp_path / "out" / name)
+        config = json.loads((tmp_path / "out" / name / "config.json").read_text())
+        config["max_position_embeddings"] = 1024  # the default SFT model's 768-token context holds a tool prompt
+        config["minillm"]["trained_context"] = 768
+        (tmp_path / "out" / name / "config.json").write_text(json.dumps(config))
+    (tmp_path / "dataset").symlink_to(REPO / "dataset")
+    monkeypatch.chdir(tmp_path)
+    ran = set()
+    for _, script, argv in commands():
+        model = argv[argv.index("--model") + 1] if "--model" in argv else None
+        runnable = script in ("eval_ppl.py", "export_gguf.py") or (script == "generate.py" and "--prompt" in argv)
+        paths = [a for a in argv if a.startswith("out/") or a.endswith(".jsonl")]
+        if not runnable or model is None or not all(Path(p).exists() for p in paths):
+            continue
+        key = (script, tuple(argv))
+        if key in ran:
+            continue
+        ran.add(key)
+        extra = ["--force"] if script == "export_gguf.py" else []  # a second export of the same model
+        assert load_script(script).main([*argv, *extra]) == 0, (script, argv, capsys.readouterr().err)
+        out = capsys.readouterr().out
+        assert out.strip() or script == "export_gguf.py", (script, argv)
+    assert {s for s, _ in ran} == {"eval_ppl.py", "generate.py", "export_gguf.py"} and len(ran) >= 5
+    assert (tmp_path / "out" / "sft-f16.gguf").is_file()
