@@ -221,6 +221,10 @@ def test_the_cli_trains_with_tools_and_refuses_bad_tool_flags(tmp_path, tiny_sft
     rows = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward" in r]
     assert len(steps) == 2 and all({"tools/calls", "tools/errors", "tools/malformed"} <= r.keys() for r in steps)
+    # Issue 47, item 4: the GRPO model's card shows the reward at the start and the end.
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert (f"| reward | {steps[0]['reward']:.3f} over the first 1 steps, {steps[1]['reward']:.3f} over the last 1 "
+            "(metrics.jsonl) |") in card
     for flags, message in ((["--tools", "nope"], "--tools: no tool named 'nope'"),
                            (["--max_turns", "0"], "--max_turns must be in [1, 8], got 0"),
                            (["--max_turns", "9"], "--max_turns must be in [1, 8], got 9")):

@@ -39,6 +39,7 @@ from minillm.streams import guard_output
 from minillm.train.checkpoint import CHECKPOINT_DIR
 from minillm.train.config import TrainConfig, TrainResult
 from minillm.train.distributed import barrier, setup_distributed, teardown_distributed
+from minillm.train.progress import read_metrics
 from minillm.train.trainer import train
 
 # Flags that shape a new model; with --init_from the loaded model's values hold and a different value is an error.
@@ -325,7 +326,17 @@ def run_facts(kind: str, args, cfg: TrainConfig, env, model: MiniLLM, result: Tr
             "machine": describe_machine(env.device) + (f", {env.world_size} processes" if env.world_size > 1 else ""),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "language": args.language if args.language != "auto" else (["zh"] if shipped else []),
-            "license": args.license, **({"teacher": args.teacher_model} if kind == "distill" else {})}
+            "license": args.license, **({"teacher": args.teacher_model} if kind == "distill" else {}),
+            **({"reward": reward_trend(Path(cfg.out_dir) / "metrics.jsonl")} if kind == "grpo" else {})}
+
+
+def reward_trend(metrics: Path) -> dict | None:
+    """GRPO's mean reward over its first and last k logged steps (k = 10, or half the steps when fewer)."""
+    rewards = [row["reward"] for row in read_metrics(metrics)[0] if "reward" in row]
+    if not rewards:
+        return None
+    k = max(1, min(10, len(rewards) // 2))
+    return {"first": sum(rewards[:k]) / k, "last": sum(rewards[-k:]) / k, "steps": k}
 
 
 def summary(args, cfg: TrainConfig, result: TrainResult) -> str:

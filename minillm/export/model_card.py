@@ -100,6 +100,10 @@ def _training_section(run: dict, config: dict | None) -> list[str]:
             ("compute dtype", plain_text(run["dtype"]) if run.get("dtype") else None),
             ("machine", plain_text(f"{run['machine']}; torch {run['torch']}")),
             ("date", plain_text(run["date"]) if run.get("date") else None)]
+    if run.get("reward"):
+        r = run["reward"]
+        rows.append(("reward", f"{r['first']:.3f} over the first {r['steps']} steps, {r['last']:.3f} over the last "
+                               f"{r['steps']} (metrics.jsonl)"))
     if run.get("eval_loss") is not None:
         rows.append(("held-out loss", f"{run['eval_loss']:.4f} nats/token on {code_span(run['eval_data'], True)}"))
     if run.get("eval_bits_per_byte") is not None:
