@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from minillm.device import cpu_flags, describe_machine
+from minillm.files import atomic_write
 from minillm.model.config import LMConfig
 from minillm.model.model import MiniLLM
 
@@ -270,10 +272,6 @@ def write_json(path: str | None, **results: object) -> None:
     """Write the run's tables and `results` to `path` (nothing when None), atomically, with the machine's flags."""
     if path is None:
         return
-    import sys
-
-    from minillm.files import atomic_write
-
     record = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M"),
               "machine": describe_machine(torch.device("cpu")), "cpu_flags": cpu_flags(),
               "tables": TABLES, **results}

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         GRPO.rollouts = engine if side == "engine" else per_prompt
         start = time.perf_counter()
         out = objective.sample([batch])[0]
-        return time.perf_counter() - start, sum(n for _, n in out.spans)
+        return time.perf_counter() - start, sum(row.sampled_tokens for row in out.rows)
 
     def step(side: str) -> float:
         GRPO.rollouts = engine if side == "engine" else per_prompt

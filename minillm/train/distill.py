@@ -85,7 +85,8 @@ class Distillation:
             prompts.append(x_T[:first + 1])
         answers = sample_groups(self.student, prompts, 1, self.max_new_tokens, self.temperature, self.stop_ids)
         # Padding is never learned nor attended to by a learned position (causal), so any id pads.
-        return completion_batch([p + a for p, a in zip(prompts, answers)], list(map(len, prompts)), 0, x_BT.device)
+        return completion_batch([p + a for p, a in zip(prompts, answers)],
+                                [[(len(p), len(p) + len(a))] for p, a in zip(prompts, answers)], 0, x_BT.device)
 
     def begin_step(self, micro: list[tuple[torch.Tensor, ...]]) -> None:
         """Draw which micro-batches go on-policy and sample their answers now, so that the step weighs every

@@ -124,16 +124,11 @@ def token_logps(logits_NTV: torch.Tensor, targets_NT: torch.Tensor, temperature:
 class Rollouts:
     """One micro-batch's sampled completions and their rewards."""
 
-    sequences: list[list[int]]  # prompt + completion, per completion
-    spans: list[tuple[int, int]]  # (prompt length, completion length: every token after the prompt)
-    learned: list[list[tuple[int, int]]]  # [start, end) of what the model sampled (all of it, without tools)
+    rows: list[Trajectory]  # prompt + completion (with tools: every turn and result), and what the model sampled
     totals: list[float]  # weighted reward
     parts: list[list[float]]  # each reward function's value
     repetitive: int  # completions that repeat a line or phrase (eval_tasks' measure)
     seconds: float  # spent sampling
-    calls: int = 0  # tool calls made
-    tool_errors: int = 0  # calls whose result is an error (unknown tool, bad arguments, a failure, a timeout)
-    malformed: int = 0  # completions that wrote a call that does not parse
 
 
 class GRPO:
@@ -216,20 +211,15 @@ class GRPO:
         seconds = time.perf_counter() - start
         outs = []
         for batch in prompts:
-            out = Rollouts([], [], [], [], [], 0, 0.0 if outs else seconds)
+            out = Rollouts([], [], [], 0, 0.0 if outs else seconds)
             for prompt in batch:
                 request = request_of(self.tokenizer.decode(prompt))
                 for row in next(groups):
                     total, values = self.score(request, row)
                     out.repetitive += repeats(answer_body(self.tokenizer.decode(row.answer)))
-                    out.sequences.append(row.ids)
-                    out.spans.append((row.prompt_length, len(row.ids) - row.prompt_length))
-                    out.learned.append(row.sampled)
+                    out.rows.append(row)
                     out.totals.append(total)
                     out.parts.append(values)
-                    out.calls += len(row.calls)
-                    out.tool_errors += sum(r.startswith("error:") for r in row.results)
-                    out.malformed += row.malformed
             outs.append(out)
         return outs
 
@@ -238,7 +228,7 @@ class GRPO:
         scale_rewards "batch" by the std of the step's rewards (both over every process)."""
         self._pending = self.sample(micro)
         rewards = [r for out in self._pending for r in out.totals]
-        tokens = sum(end - start for out in self._pending for spans in out.learned for start, end in spans)
+        tokens = sum(row.sampled_tokens for out in self._pending for row in out.rows)
         local = [len(rewards), tokens, sum(rewards), sum(r * r for r in rewards)]
         n, tokens, total, squares = all_reduce_sum(torch.tensor(local, dtype=torch.float64,
                                                                 device=micro[0][0].device)).tolist()
@@ -257,9 +247,9 @@ class GRPO:
         std = None if batch_std is None else torch.tensor(batch_std, dtype=torch.float32, device=device)
         advantages_N = group_advantages(rewards_BG, self.scale_rewards, std).flatten()
         # Learned: the tokens the model sampled (each turn's stop token included), never a tool's result.
-        sequences = out.sequences
-        inputs_NT, targets_NT, mask_NT = completion_batch(sequences, [start for start, _ in out.spans],
-                                                          self.tokenizer.pad_id, device, out.learned)
+        sequences = [row.ids for row in out.rows]
+        inputs_NT, targets_NT, mask_NT = completion_batch(sequences, [row.sampled for row in out.rows],
+                                                          self.tokenizer.pad_id, device)
         logp_NT = token_logps(model(inputs_NT).logits, targets_NT, self.temperature)
         ref_NT = token_logps(self.reference.logits(inputs_NT), targets_NT, self.temperature) if self.kl_beta else None
         loss_N, kl_N, clip_N = sequence_losses(logp_NT, logp_NT.detach(), advantages_N, mask_NT, self.epsilon,
@@ -268,25 +258,24 @@ class GRPO:
         parts_NK = torch.tensor(out.parts, dtype=torch.float32, device=device)
         degenerate_BG = (rewards_BG == rewards_BG[:, :1]).all(dim=1, keepdim=True).expand(-1, G)
         ended = float(sum(s[-1] in self.tokenizer.turn_end_ids for s in sequences))
-        tool_metrics = {"tools/calls": out.calls, "tools/errors": out.tool_errors, "tools/malformed": out.malformed}
         metrics = {"reward": rewards_BG.sum(), **{f"rewards/{name}": parts_NK[:, k].sum()
                                                    for k, name in enumerate(self.rewards)},
                    "frac_reward_zero_std": degenerate_BG.float().sum(), "clip_ratio": clip_N.sum(), "kl": kl_N.sum(),
                    "completions/mean_length": mask_NT.sum(),
                    "completions/ended": torch.tensor(ended, device=device),
-                   "completions/repetitive": torch.tensor(float(out.repetitive), device=device),
-                   **{name: torch.tensor(float(tool_metrics[name]), device=device)
-                      for name in self.metric_names if name in tool_metrics}}
+                   "completions/repetitive": torch.tensor(float(out.repetitive), device=device)}
+        if self.tools:
+            counts = {"tools/calls": sum(len(row.calls) for row in out.rows),
+                      "tools/errors": sum(r.startswith("error:") for row in out.rows for r in row.results),
+                      "tools/malformed": sum(row.malformed for row in out.rows)}
+            metrics.update({name: torch.tensor(float(n), device=device) for name, n in counts.items()})
         counters = {"rollout_seconds": out.seconds, "rollout_tokens": float(mask_NT.sum())}
         samples = self.samples(out, advantages_N.tolist()) if self.log_completions else None
         return ObjectiveOutput(loss_N.mean(), metrics, tokens=inputs_NT.numel(), counters=counters, samples=samples)
 
     def samples(self, out: Rollouts, advantages: list[float]) -> list[dict]:
         """completions.jsonl's rows for these rollouts: the request, the completion's text, its rewards."""
-        rows = []
-        for seq, (start, n), total, parts, advantage in zip(out.sequences, out.spans, out.totals, out.parts,
-                                                            advantages):
-            rows.append({"request": request_of(self.tokenizer.decode(seq[:start])),
-                         "completion": self.tokenizer.decode(seq[start:start + n]), "reward": total,
-                         "rewards": dict(zip(self.rewards, parts)), "advantage": advantage})
-        return rows
+        return [{"request": request_of(self.tokenizer.decode(row.ids[:row.prompt_length])),
+                 "completion": self.tokenizer.decode(row.ids[row.prompt_length:]), "reward": total,
+                 "rewards": dict(zip(self.rewards, parts)), "advantage": advantage}
+                for row, total, parts, advantage in zip(out.rows, out.totals, out.parts, advantages)]

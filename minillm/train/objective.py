@@ -33,18 +33,17 @@ class ObjectiveOutput(NamedTuple):
     written with the step."""
 
 
-def completion_batch(sequences: list[list[int]], prompt_lengths: list[int], pad_id: int, device: torch.device,
-                     learned: list[list[tuple[int, int]]] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompt + completion rows, right-padded, as (inputs, targets, mask): the mask learns each completion's tokens,
-    none of its prompt's nor the padding's (GRPO's rollouts, distillation's on-policy answers). `learned`: instead,
-    the [start, end) spans of each sequence to learn (a tool trajectory's sampled turns, not its tool results)."""
+def completion_batch(sequences: list[list[int]], learned: list[list[tuple[int, int]]], pad_id: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt + completion rows, right-padded, as (inputs, targets, mask): the mask learns the [start, end) spans
+    `learned` gives for each sequence (what the model sampled: a completion, or a tool trajectory's turns without
+    their tool results), never the prompt nor the padding (GRPO's rollouts, distillation's on-policy answers)."""
     T = max(map(len, sequences))
     ids_NT = torch.full((len(sequences), T), pad_id, dtype=torch.long, device=device)
     mask_NT = torch.zeros(len(sequences), T - 1, device=device)
-    for i, (seq, start) in enumerate(zip(sequences, prompt_lengths)):
+    for i, (seq, spans) in enumerate(zip(sequences, learned)):
         ids_NT[i, :len(seq)] = torch.tensor(seq, device=device)
-        for begin, end in (learned[i] if learned is not None else [(start, len(seq))]):
+        for begin, end in spans:
             mask_NT[i, begin - 1:end - 1] = 1.0  # target position t predicts token t + 1
     return ids_NT[:, :-1], ids_NT[:, 1:], mask_NT
 
