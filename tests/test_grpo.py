@@ -269,10 +269,11 @@ def moon_rate(model, data, tokenizer) -> float:
 
 
 def grpo_run(out_dir, start, data, tokenizer, **kw):
-    stop = kw.pop("stop_at", None)
+    stop, iterations = kw.pop("stop_at", None), kw.pop("num_iterations", 1)
     cfg = TrainConfig(out_dir=str(out_dir), batch_size=4, learning_rate=1e-2, dtype="float32", log_every=10,
                       eval_every=0, save_every=0, **kw)  # log_every 10: GRPO writes a row every step all the same
-    objective = GRPO({"moon": (moon, 1.0)}, tokenizer, group_size=8, max_new_tokens=12, log_completions=True)
+    objective = GRPO({"moon": (moon, 1.0)}, tokenizer, group_size=8, max_new_tokens=12, log_completions=True,
+                     num_iterations=iterations)
     return train(MiniLLM.from_pretrained(start, dtype=torch.float32).train(), data, cfg, objective=objective,
                  should_stop=(lambda step: step == stop) if stop else None)
 
@@ -307,6 +308,30 @@ def test_resume_is_exact_including_the_sampling(tmp_path, tiny_sft_dir, tokenize
     samples = [json.loads(line) for line in logged.splitlines()]
     assert [r["step"] for r in samples] == [s for s in range(1, 7) for _ in range(4 * 8)]
     assert all(r["reward"] == float("月" in r["completion"]) == r["rewards"]["moon"] for r in samples)
+    a = MiniLLM.from_pretrained(tmp_path / "a").state_dict()
+    b = MiniLLM.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_between_the_updates_of_one_rollout_is_exact(tmp_path, tiny_sft_dir, tokenizer, prompts):
+    """--num_iterations 2: steps 2, 4, 6 update on the rollouts of steps 1, 3, 5 (same prompts, nothing sampled); a
+    run cut after step 3 keeps those rollouts in its checkpoint, and its resume is the straight run bit for bit."""
+    data = PromptDataset(prompts, tokenizer, max_length=64)
+    straight = grpo_run(tmp_path / "a", tiny_sft_dir, data, tokenizer, max_steps=6, num_iterations=2)
+    cut = grpo_run(tmp_path / "b", tiny_sft_dir, data, tokenizer, max_steps=6, num_iterations=2, stop_at=3)
+    assert cut.interrupted and len(cut.losses) == 3
+    resumed = grpo_run(tmp_path / "b", tmp_path / "a", data, tokenizer, max_steps=6, num_iterations=2, resume=True)
+    assert cut.losses + resumed.losses == straight.losses
+    r = rows(tmp_path / "a")
+    assert [x["rollout_tokens"] > 0 for x in r] == [True, False] * 3
+    clockless = lambda x: {k: v for k, v in x.items() if "seconds" not in k and "_s" not in k}  # noqa: E731
+    assert [clockless(x) for x in rows(tmp_path / "b")] == [clockless(x) for x in r]
+    assert all(r[i]["reward"] == r[i + 1]["reward"] and r[i]["completions/max_length"] ==
+               r[i + 1]["completions/max_length"] for i in (0, 2, 4))  # the same completions, updated on again
+    assert all(r[i]["clip_ratio"] == 0.0 for i in (0, 2, 4)) and max(r[i]["clip_ratio"] for i in (1, 3, 5)) > 0
+    logged = [json.loads(line) for line in (tmp_path / "a" / "completions.jsonl").read_text().splitlines()]
+    assert sorted({x["step"] for x in logged}) == [1, 3, 5]  # what was sampled, once
+    assert (tmp_path / "b" / "completions.jsonl").read_text() == (tmp_path / "a" / "completions.jsonl").read_text()
     a = MiniLLM.from_pretrained(tmp_path / "a").state_dict()
     b = MiniLLM.from_pretrained(tmp_path / "b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -357,7 +382,8 @@ def test_cli_runs_and_refuses_bad_flags_in_one_line(tmp_path, tiny_sft_dir, prom
                            (["--reward", "request:nan"], "the weight of request must be a finite number"),
                            (["--reward", "request:1,ended:-inf"], "the weight of ended must be a finite number"),
                            (["--reward", "request:1,ended:1,request:2"], "request is named twice"),
-                           (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1")):
+                           (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
+                           (["--num_iterations", "0"], "--num_iterations must be in [1, 16], got 0")):
         code, out, err = run_train_cli("grpo", *common, "--out_dir", tmp_path / "bad", *flags, capsys=capsys)
         assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
         assert not (tmp_path / "bad").exists()
@@ -569,3 +595,57 @@ def test_loss_png_shows_the_reward_per_step_below_the_loss():
     assert list(bottom.get_lines()[0].get_xydata()[:, 1]) == pytest.approx([0.5 + 0.01 * s for s in range(1, 6)])
     assert len(metrics_figure([{"step": 1, "loss": 1.0}], plt).axes) == 1  # no reward: one panel
     plt.close("all")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo"])
+def test_a_second_iteration_takes_its_ratio_against_the_sampling_policy(tiny_sft_dir, tokenizer, prompts, monkeypatch,
+                                                                       loss_type):
+    """num_iterations 2 on fixed completions: the second step samples nothing (the stub holds one step's), and its
+    loss is the objective of the moved policy against the log-probs of the policy that sampled, transcribed token
+    by token here from one sequence at a time; the third step samples again."""
+    torch.manual_seed(0)
+    policy = MiniLLM.from_pretrained(tiny_sft_dir, dtype=torch.float32).train()
+    data = PromptDataset(prompts, tokenizer, max_length=64)
+    batch = [torch.stack(t) for t in zip(data[0], data[1])]
+    G, end, rng = 4, tokenizer.im_end_id, torch.Generator().manual_seed(5)
+    fixed = [[torch.randint(3, 400, (n,), generator=rng).tolist() + [end] for n in (3, 6, 1, 5)],
+             [torch.randint(3, 400, (n,), generator=rng).tolist() for n in (4, 2, 7, 8)]]
+    sampled = []
+
+    def stub_rollouts(self, prompts):
+        sampled.append(len(prompts))
+        return [[Trajectory.single(p, c) for c in group] for p, group in zip(prompts, fixed)]
+
+    monkeypatch.setattr(GRPO, "rollouts", stub_rollouts)
+    reward = lambda request, answer: float(len(answer) % 5)  # noqa: E731
+    objective = GRPO({"len": (reward, 1.0)}, tokenizer, group_size=G, max_new_tokens=8, loss_type=loss_type,
+                     epsilon=0.1, epsilon_high=1.3 if loss_type == "cispo" else None, num_iterations=2)
+    objective.prepare(policy, data, torch.device("cpu"), torch.float32)
+    prompts_ids = [row[mask > 0].tolist() for row, mask in zip(batch[0], batch[2])]
+
+    def logps() -> list[list[float]]:  # each completion token's log-prob, one sequence at a time, in float64
+        out = []
+        for prompt, completion in ((p, c) for p, group in zip(prompts_ids, fixed) for c in group):
+            logits = policy(torch.tensor([prompt + completion])[:, :-1]).logits.double()[0, len(prompt) - 1:]
+            out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0].tolist())
+        return out
+
+    objective.begin_step([batch])
+    first = objective(policy, batch)
+    old = logps()
+    with torch.no_grad():  # an update, as the optimizer would make one
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=rng) * 0.05)
+    objective.begin_step([batch])
+    second = objective(policy, batch)
+    assert sampled == [2] and first.metrics["clip_ratio"] == 0 and second.metrics["clip_ratio"] > 0
+    assert first.counters["rollout_tokens"] > 0 and second.counters["rollout_tokens"] == 0
+    texts = [tokenizer.decode(c[:-1]) + "<|im_end|>" if c[-1] == end else tokenizer.decode(c) for g in fixed for c in g]
+    advantages = group_advantages(torch.tensor([reward("", t) for t in texts]).view(2, G)).flatten().tolist()
+    new = logps()
+    want = transcribed(new, old, None, advantages, [[1] * len(x) for x in new], 0.1, 0.0, loss_type, 8,
+                       eps_high=1.3 if loss_type == "cispo" else None)
+    assert second.loss.item() == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert second.metrics["completions/clipped_ratio"].item() == 4  # the second prompt's four ran out of budget
+    objective.begin_step([batch])
+    assert sampled == [2, 2]  # a new rollout every num_iterations steps

@@ -4,6 +4,7 @@ loss, the KL and the token counts; the rewards see the trajectory."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -113,6 +114,11 @@ def test_a_calling_row_pauses_runs_the_tool_and_goes_on(tokenizer, tools, schema
     assert malformed.malformed and not malformed.calls and len(malformed.sampled) == 1
     assert unknown.results == ["error: no tool named 'nope' (tools: search_poems, rhyme)"]
     assert called.sampled_tokens == len(turns["call_ids"]) + len(turns["answer"])
+    # A checkpoint between --num_iterations updates keeps trajectories as plain data, read back with weights_only.
+    buffer = io.BytesIO()
+    torch.save([row.to_dict() for row in rows], buffer)
+    buffer.seek(0)
+    assert [Trajectory.from_dict(d) for d in torch.load(buffer, weights_only=True)] == rows
 
 
 def test_out_of_turns_the_trajectory_ends_exhausted(tokenizer, tools, schemas, turns, monkeypatch):

@@ -24,6 +24,7 @@ from minillm.train.grpo import CISPO_EPSILON_HIGH, GRPO, LOSS_TYPES, SCALE_REWAR
 from minillm.train.objective import LanguageModeling, Objective
 
 MAX_TURNS = 8  # calling turns per GRPO completion: each is a round of sampling and tool runs
+MAX_ITERATIONS = 16  # updates per rollout: past a few, the ratio is clipped nearly everywhere and the steps are wasted
 
 
 def add_stage_flags(p: argparse.ArgumentParser, kind: str) -> None:
@@ -78,6 +79,10 @@ def add_stage_flags(p: argparse.ArgumentParser, kind: str) -> None:
                             "each completion's token sum / max_new_tokens; bnpo: token mean over the micro-batch; "
                             "dapo: token mean over the optimizer step; cispo: dapo's mean of the clipped importance "
                             "weight (no gradient) x advantage x log-prob (default: %(default)s)")
+        g.add_argument("--num_iterations", type=int, default=1,
+                       help="Optimizer steps on each step's rollouts (TRL's name): the first samples them, the next "
+                            "ones update on them again, the ratio taken against the sampling policy's log-probs, and "
+                            "use the same prompts (default: %(default)s)")
         g.add_argument("--kl_correction", action="store_true",
                        help="Multiply the KL term by the probability ratio (TRL's use_bias_correction_kl, its default): "
                             "the unbiased reverse-KL gradient; off, the plain k3 estimator's gradient")
@@ -141,6 +146,8 @@ def check_stage_flags(args, kind: str) -> None:
             raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
         if not 1 <= args.max_turns <= MAX_TURNS:
             raise ValueError(f"--max_turns must be in [1, {MAX_TURNS}], got {args.max_turns}")
+        if not 1 <= args.num_iterations <= MAX_ITERATIONS:
+            raise ValueError(f"--num_iterations must be in [1, {MAX_ITERATIONS}], got {args.num_iterations}")
         if args.tools is not None:
             try:
                 select_tools(args.tools)
@@ -215,4 +222,5 @@ def build_objective(kind: str, args, cfg: TrainConfig, tokenizer: Tokenizer, is_
                 max_new_tokens=args.max_new_tokens, epsilon=args.epsilon, loss_type=args.loss_type,
                 kl_beta=args.kl_beta, reference=reference, epsilon_high=args.epsilon_high,
                 scale_rewards=args.scale_rewards, kl_correction=args.kl_correction,
-                log_completions=args.log_completions, tools=tools, max_turns=args.max_turns)
+                log_completions=args.log_completions, tools=tools, max_turns=args.max_turns,
+                num_iterations=args.num_iterations)

@@ -11,7 +11,7 @@ results stay out of the loss, the KL and the length normalisation, as user turns
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -39,6 +39,16 @@ class Trajectory:
         """A completion of one turn, sampled whole (no tools)."""
         return cls([*prompt, *completion], len(prompt), [(len(prompt), len(prompt) + len(completion))],
                    answer=completion)
+
+    def to_dict(self) -> dict:
+        """Plain lists, numbers and strings (a checkpoint's state loads with weights_only)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Trajectory:
+        """The trajectory to_dict() wrote."""
+        return cls(**{**d, "sampled": [tuple(span) for span in d["sampled"]],
+                      "calls": [Call(**c) for c in d["calls"]]})
 
     @property
     def sampled_tokens(self) -> int:

@@ -76,6 +76,9 @@ class TrainState:
     """The steps the learning-rate schedule spans (RunSchedule.horizon): --max_steps or the epochs', or what a
     --max_minutes run fixed after timing its first steps; 0 while not fixed. A resume takes it back, so the rate
     of every step is the uninterrupted run's."""
+    objective: list | None = None
+    """The objective's state_dict() of every process, by rank, when it keeps one between steps (GRPO in the middle
+    of a rollout's --num_iterations updates: the rollouts and their sampling log-probs); None otherwise."""
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict for torch.save (not deep-copied)."""
@@ -86,7 +89,7 @@ class TrainState:
         """Rebuild from to_dict(); ValueError naming `source` when a field is missing."""
         names = [f.name for f in fields(cls)]
         required = [f.name for f in fields(cls) if f.name not in ("lora_base", "identity", "train_seconds", "tokens",
-                                                                         "horizon_steps")]
+                                                                         "horizon_steps", "objective")]
         missing = [n for n in required if not isinstance(d, dict) or n not in d]
         if missing:
             raise ValueError(f"{source}: not a minillm training state (missing {', '.join(missing)})")
@@ -291,11 +294,12 @@ class Checkpointer:
     def __init__(self, out_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, train_config: dict, rank: int = 0, world_size: int = 1,
                  keep: int = 2, tokenizer=None, identity: dict | None = None,
-                 log: Callable[[str], None] = print, sharded: bool = False) -> None:
+                 log: Callable[[str], None] = print, sharded: bool = False, objective: object = None) -> None:
         self.out_dir, self.model, self.optimizer, self.scaler = Path(out_dir), model, optimizer, scaler
         self.train_config, self.rank, self.world_size = train_config, rank, world_size
         self.keep, self.tokenizer, self.identity = keep, tokenizer, identity or {}
         self.sharded = sharded  # --fsdp: model and optimizer in DCP files
+        self.objective = objective if hasattr(objective, "state_dict") else None  # one with state between steps
         self.log = log if rank == 0 else (lambda message: None)
         # With LoRA the base weights are frozen and not in the checkpoint: record which base it fits.
         self.lora_base = base_fingerprint(model) if has_lora(model) else None
@@ -306,11 +310,18 @@ class Checkpointer:
         if self.world_size > 1:
             rngs = [None] * self.world_size
             dist.all_gather_object(rngs, rng_state())
+        objective = None
+        if self.objective is not None:
+            objective = [self.objective.state_dict()]
+            if self.world_size > 1:
+                objective = [None] * self.world_size
+                dist.all_gather_object(objective, self.objective.state_dict())
+            objective = None if all(s is None for s in objective) else objective
         optimizer = {} if self.sharded else self.optimizer.state_dict()
         return TrainState(step=step, optimizer=optimizer, scaler=self.scaler.state_dict(),
                           rng=rngs, world_size=self.world_size, train_config=self.train_config,
                           lora_base=self.lora_base, identity=self.identity, train_seconds=train_seconds,
-                          tokens=tokens, horizon_steps=horizon_steps)
+                          tokens=tokens, horizon_steps=horizon_steps, objective=objective)
 
     def check_compatible(self, state: TrainState, source: Path) -> None:
         """Refuse a resume that would not continue the same run; note the settings it may change."""
@@ -347,6 +358,11 @@ class Checkpointer:
             self.optimizer.load_state_dict(state.optimizer)
         self.scaler.load_state_dict(state.scaler)
         set_rng_state(state.rng[self.rank] if self.rank < len(state.rng) else state.rng[0])
+        if state.objective and len(state.objective) != self.world_size:
+            raise ValueError(f"this checkpoint was saved between the --num_iterations updates of one rollout by "
+                             f"{len(state.objective)} processes; resume it with {len(state.objective)}")
+        if self.objective is not None:
+            self.objective.load_state_dict(state.objective[self.rank] if state.objective else None)
 
     def save(self, step: int, train_seconds: float = 0.0, tokens: int = 0, horizon_steps: int = 0) -> Path | None:
         """Write the checkpoint of `step` (rank 0); returns its path there, None elsewhere."""

@@ -59,6 +59,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of a tensor over all processes, in place (a no-op without a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def barrier() -> None:
     """Wait for every process (a no-op without a process group)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -23,8 +23,11 @@ The loss types are TRL's, named as there; they differ in how the token terms are
 With tools (`tools`, `max_turns`), a completion is a trajectory (infer/tool_rollouts.py): assistant turns with the
 tools' results between them; only the sampled turns are learned (the results are out of the loss, the KL and the
 token counts), and the rewards read the last turn's text with the trajectory's calls attached (eval/rewards.py
-ToolAnswer). One update per rollout: pi_old is the same forward detached, so the ratio is exactly 1 and the
-gradient is REINFORCE's. The step's loss is the same whatever the accumulation or process count (bnpo: for equal micro-batch
+ToolAnswer). With num_iterations 1 (the default) there is one update per rollout: pi_old is the same forward
+detached, so the ratio is exactly 1 and the gradient is REINFORCE's. With num_iterations N (TRL's name), a step
+that samples also scores its completions under the sampling policy (no gradient), and the N - 1 steps after it
+update on the same rollouts, their ratio taken against those log-probs (the loop feeds those steps the same
+prompts); checkpoints keep the rollouts between, so a resume in the middle continues exactly. The step's loss is the same whatever the accumulation or process count (bnpo: for equal micro-batch
 token counts, as in TRL); sampling draws from the run's RNG, which checkpoints save, so a resumed run samples the
 same completions.
 """
@@ -34,7 +37,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,7 +50,7 @@ from minillm.infer.engine import sample_groups
 from minillm.infer.tool_rollouts import Trajectory, sample_with_tools
 from minillm.infer.tools import Tool
 from minillm.model.model import MiniLLM
-from minillm.train.distributed import all_reduce_sum
+from minillm.train.distributed import all_reduce_max, all_reduce_sum
 from minillm.train.objective import ObjectiveOutput, completion_batch
 from minillm.train.reference import Reference
 
@@ -129,6 +132,21 @@ class Rollouts:
     parts: list[list[float]]  # each reward function's value
     repetitive: int  # completions that repeat a line or phrase (eval_tasks' measure)
     seconds: float  # spent sampling
+    fresh: bool = True  # sampled for this step (False: updated on again, --num_iterations)
+    old_logp_NT: torch.Tensor | None = None  # log-probs under the sampling policy (num_iterations > 1)
+    lengths: tuple[int, int] | None = None  # the step's shortest and longest completion (on the first micro-batch)
+
+    def to_dict(self) -> dict:
+        """Plain data and a CPU tensor, for a checkpoint (loaded with weights_only)."""
+        return {"rows": [row.to_dict() for row in self.rows], "totals": self.totals, "parts": self.parts,
+                "repetitive": self.repetitive, "old_logp_NT": None if self.old_logp_NT is None else
+                self.old_logp_NT.cpu(), "lengths": self.lengths}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Rollouts:
+        """The rollouts to_dict() wrote, as a later step reuses them."""
+        return cls([Trajectory.from_dict(row) for row in d["rows"]], d["totals"], d["parts"], d["repetitive"], 0.0,
+                   False, d["old_logp_NT"], None if d["lengths"] is None else tuple(d["lengths"]))
 
 
 class GRPO:
@@ -140,7 +158,7 @@ class GRPO:
                  temperature: float = 1.0, max_new_tokens: int = 128, epsilon: float = 0.2, loss_type: str = "grpo",
                  kl_beta: float = 0.0, reference: MiniLLM | None = None, epsilon_high: float | None = None,
                  scale_rewards: str = "group", kl_correction: bool = False, log_completions: bool = False,
-                 tools: dict[str, Tool] | None = None, max_turns: int = 1) -> None:
+                 tools: dict[str, Tool] | None = None, max_turns: int = 1, num_iterations: int = 1) -> None:
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages compare completions of one prompt), got {group_size}")
         if not temperature > 0:
@@ -151,13 +169,16 @@ class GRPO:
         if (epsilon_high is not None and not 0 < epsilon_high < math.inf) or scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"need epsilon_high > 0 (finite) and scale_rewards in {SCALE_REWARDS}; got {epsilon_high}, "
                              f"{scale_rewards!r}")
-        if max_turns < 1:
-            raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+        if max_turns < 1 or num_iterations < 1:
+            raise ValueError(f"max_turns and num_iterations must be >= 1, got {max_turns} and {num_iterations}")
+        self.num_iterations = num_iterations  # updates per rollout; the loop repeats each batch this many steps
+        self._rollouts: list[Rollouts] = []  # the last sampled step's, while later steps update on them again
+        self._uses = 0  # steps since they were sampled, modulo num_iterations (0: the next step samples)
         self.epsilon_high, self.scale_rewards, self.kl_correction = epsilon_high, scale_rewards, kl_correction
         self.tools, self.max_turns = tools or {}, max_turns
         self.log_completions = log_completions
         self._pending: list[Rollouts] = []  # the step's rollouts, sampled by begin_step, in micro-batch order
-        self._step_stats: tuple[float, float | None] | None = None  # (mean tokens, batch std) over the step
+        self._step_stats: tuple[float, float] | None = None  # (mean tokens, batch std) over the step
         self.rewards, self.tokenizer = rewards, tokenizer
         self.group_size, self.temperature, self.max_new_tokens = group_size, temperature, max_new_tokens
         self.epsilon, self.loss_type, self.kl_beta = epsilon, loss_type, kl_beta
@@ -165,7 +186,8 @@ class GRPO:
         self.policy: MiniLLM | None = None
         self.stops = [*tokenizer.turn_end_ids, tokenizer.eos_id]
         self.metric_names = ("reward", *(f"rewards/{name}" for name in rewards), "frac_reward_zero_std", "clip_ratio",
-                             "kl", "completions/mean_length", "completions/ended", "completions/repetitive",
+                             "kl", "completions/mean_length", "completions/ended", "completions/clipped_ratio",
+                             "completions/repetitive",
                              *(("tools/calls", "tools/errors", "tools/malformed") if self.tools else ()))
 
     def prepare(self, model: MiniLLM, dataset: torch.utils.data.Dataset, device: torch.device,
@@ -225,15 +247,48 @@ class GRPO:
 
     def begin_step(self, micro: list[tuple[torch.Tensor, ...]]) -> None:
         """Sample the whole step before its first backward: dapo and cispo divide by the step's completion tokens,
-        scale_rewards "batch" by the std of the step's rewards (both over every process)."""
-        self._pending = self.sample(micro)
-        rewards = [r for out in self._pending for r in out.totals]
-        tokens = sum(row.sampled_tokens for out in self._pending for row in out.rows)
-        local = [len(rewards), tokens, sum(rewards), sum(r * r for r in rewards)]
-        n, tokens, total, squares = all_reduce_sum(torch.tensor(local, dtype=torch.float64,
-                                                                device=micro[0][0].device)).tolist()
-        std = math.sqrt(max(squares - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
-        self._step_stats = (tokens / n, std)
+        scale_rewards "batch" by the std of the step's rewards (both over every process). With num_iterations > 1
+        only every N-th step samples; the steps between update on its rollouts again (their prompts are the same)."""
+        if self._uses == 0:
+            self._rollouts = self.sample(micro)
+            device = micro[0][0].device
+            rewards = [r for out in self._rollouts for r in out.totals]
+            lengths = [row.sampled_tokens for out in self._rollouts for row in out.rows]
+            local = [len(rewards), sum(lengths), sum(rewards), sum(r * r for r in rewards)]
+            n, tokens, total, squares = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=device)).tolist()
+            std = math.sqrt(max(squares - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
+            self._step_stats = (tokens / n, std)
+            longest, negated = all_reduce_max(torch.tensor([max(lengths), -min(lengths)], device=device)).tolist()
+            self._rollouts[0].lengths = (-negated, longest)
+            if self.num_iterations > 1:
+                with torch.no_grad():
+                    for out in self._rollouts:  # pi_old: the policy that sampled them, before any update
+                        inputs_NT, targets_NT, _ = self.completion_batch(out, device)
+                        out.old_logp_NT = token_logps(self.policy(inputs_NT).logits, targets_NT, self.temperature)
+            self._pending = list(self._rollouts)
+        else:
+            self._pending = [replace(out, seconds=0.0, fresh=False) for out in self._rollouts]
+        self._uses = (self._uses + 1) % self.num_iterations
+
+    def completion_batch(self, out: Rollouts, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(inputs, targets, mask) of the rollouts' sequences. Learned: the tokens the model sampled (each turn's
+        stop token included), never a tool's result."""
+        return completion_batch([row.ids for row in out.rows], [row.sampled for row in out.rows],
+                                self.tokenizer.pad_id, device)
+
+    def state_dict(self) -> dict | None:
+        """What a run resumed between the num_iterations updates of one rollout needs: the rollouts, their
+        sampling log-probs and the step's statistics; None where the next step samples afresh."""
+        if self._uses == 0:
+            return None
+        return {"uses": self._uses, "stats": list(self._step_stats), "rollouts": [r.to_dict() for r in self._rollouts]}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Take back what state_dict() gave (None: the next step samples)."""
+        self._uses = 0 if state is None else state["uses"]
+        if state is not None:
+            self._step_stats = tuple(state["stats"])
+            self._rollouts = [Rollouts.from_dict(d) for d in state["rollouts"]]
 
     def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...], loss_chunk: int = 0
                  ) -> ObjectiveOutput:
@@ -243,34 +298,39 @@ class GRPO:
             out, (mean_tokens, batch_std) = self._pending.pop(0), self._step_stats
         else:
             out, mean_tokens, batch_std = self.sample([batch])[0], None, None
+            lengths = [row.sampled_tokens for row in out.rows]
+            out.lengths = (min(lengths), max(lengths))
         rewards_BG = torch.tensor(out.totals, dtype=torch.float32, device=device).view(-1, G)
         std = None if batch_std is None else torch.tensor(batch_std, dtype=torch.float32, device=device)
         advantages_N = group_advantages(rewards_BG, self.scale_rewards, std).flatten()
-        # Learned: the tokens the model sampled (each turn's stop token included), never a tool's result.
-        sequences = [row.ids for row in out.rows]
-        inputs_NT, targets_NT, mask_NT = completion_batch(sequences, [row.sampled for row in out.rows],
-                                                          self.tokenizer.pad_id, device)
+        inputs_NT, targets_NT, mask_NT = self.completion_batch(out, device)
         logp_NT = token_logps(model(inputs_NT).logits, targets_NT, self.temperature)
         ref_NT = token_logps(self.reference.logits(inputs_NT), targets_NT, self.temperature) if self.kl_beta else None
-        loss_N, kl_N, clip_N = sequence_losses(logp_NT, logp_NT.detach(), advantages_N, mask_NT, self.epsilon,
+        old_NT = logp_NT.detach() if out.old_logp_NT is None else out.old_logp_NT.to(device)
+        loss_N, kl_N, clip_N = sequence_losses(logp_NT, old_NT, advantages_N, mask_NT, self.epsilon,
                                                self.loss_type, self.max_new_tokens, ref_NT, self.kl_beta,
                                                self.epsilon_high, mean_tokens, self.kl_correction)
         parts_NK = torch.tensor(out.parts, dtype=torch.float32, device=device)
         degenerate_BG = (rewards_BG == rewards_BG[:, :1]).all(dim=1, keepdim=True).expand(-1, G)
-        ended = float(sum(s[-1] in self.tokenizer.turn_end_ids for s in sequences))
+        ended = float(sum(row.ids[-1] in self.tokenizer.turn_end_ids for row in out.rows))
+        clipped = float(sum(not row.answer or row.answer[-1] not in self.stops for row in out.rows))
         metrics = {"reward": rewards_BG.sum(), **{f"rewards/{name}": parts_NK[:, k].sum()
                                                    for k, name in enumerate(self.rewards)},
                    "frac_reward_zero_std": degenerate_BG.float().sum(), "clip_ratio": clip_N.sum(), "kl": kl_N.sum(),
                    "completions/mean_length": mask_NT.sum(),
                    "completions/ended": torch.tensor(ended, device=device),
+                   "completions/clipped_ratio": torch.tensor(clipped, device=device),
                    "completions/repetitive": torch.tensor(float(out.repetitive), device=device)}
         if self.tools:
             counts = {"tools/calls": sum(len(row.calls) for row in out.rows),
                       "tools/errors": sum(r.startswith("error:") for row in out.rows for r in row.results),
                       "tools/malformed": sum(row.malformed for row in out.rows)}
             metrics.update({name: torch.tensor(float(n), device=device) for name, n in counts.items()})
-        counters = {"rollout_seconds": out.seconds, "rollout_tokens": float(mask_NT.sum())}
-        samples = self.samples(out, advantages_N.tolist()) if self.log_completions else None
+        counters = {"rollout_seconds": out.seconds, "rollout_tokens": float(mask_NT.sum()) if out.fresh else 0.0}
+        if out.lengths is not None:  # the step's (every process's) shortest and longest completion, once
+            counters.update({"completions/min_length": float(out.lengths[0]),
+                             "completions/max_length": float(out.lengths[1])})
+        samples = self.samples(out, advantages_N.tolist()) if self.log_completions and out.fresh else None
         return ObjectiveOutput(loss_N.mean(), metrics, tokens=inputs_NT.numel(), counters=counters, samples=samples)
 
     def samples(self, out: Rollouts, advantages: list[float]) -> list[dict]:

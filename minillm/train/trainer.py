@@ -96,12 +96,15 @@ class StepBatches:
     (SFT, padded documents) are counted up front: none to learn is an error, mostly none a warning.
     """
 
-    def __init__(self, dataset: Dataset, cfg: TrainConfig, env: DistEnv) -> None:
+    def __init__(self, dataset: Dataset, cfg: TrainConfig, env: DistEnv, repeat: int = 1) -> None:
         self.dataset, self.cfg, self.device = dataset, cfg, env.device
         self.sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                           seed=cfg.seed, drop_last=True)
         per_step = cfg.batch_size * cfg.accumulation_steps
-        self.steps_per_epoch = len(self.sampler) // per_step
+        # Each batch serves `repeat` consecutive steps (GRPO's --num_iterations: updates on the same rollouts).
+        self.repeat, self._batches_per_epoch = repeat, len(self.sampler) // per_step
+        self.steps_per_epoch = self._batches_per_epoch * repeat
+        self._last: tuple[int, list] | None = None  # (batch index, its micro-batches), served again while repeated
         if self.steps_per_epoch == 0:
             raise ValueError(f"the dataset has {len(dataset)} examples: too few for one step of {per_step} "
                              f"examples on each of {env.world_size} processes; lower --batch_size or "
@@ -131,13 +134,18 @@ class StepBatches:
 
     def get(self, step: int) -> list[tuple[torch.Tensor, ...]]:
         """The (X, Y, loss_mask) micro-batches of optimizer step `step` (0-based), on the device."""
-        epoch, into = divmod(step, self.steps_per_epoch)
+        index = step // self.repeat
+        if self._last is not None and self._last[0] == index:
+            return self._last[1]
+        epoch, into = divmod(index, self._batches_per_epoch)
         if epoch != self._epoch:
             self._epoch, self._loader = epoch, self._epoch_loader(epoch, into)
         micro = [next(self._loader) for _ in range(self.cfg.accumulation_steps)]
         if self.cfg.group_by_length:
             micro = [trim_padding(*batch) for batch in micro]
-        return [tuple(t.to(self.device, non_blocking=True) for t in batch) for batch in micro]
+        micro = [tuple(t.to(self.device, non_blocking=True) for t in batch) for batch in micro]
+        self._last = (index, micro)
+        return micro
 
 
 class StepOutcome(NamedTuple):
@@ -284,11 +292,11 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
             apply_fsdp(model, fsdp_policy(env.device, amp_dtype))
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, env.device, cfg.matrix_lr)
-    batches = StepBatches(dataset, cfg, env)
+    batches = StepBatches(dataset, cfg, env, repeat=getattr(objective, "num_iterations", 1))
     schedule = RunSchedule.of(cfg, batches.steps_per_epoch, warn=env.is_main)
     identity = {"data": dataset_identity(dataset), "model": model.config.shape()}
     checkpointer = Checkpointer(cfg.out_dir, model, optimizer, scaler, asdict(cfg), env.rank, env.world_size,
-                                cfg.keep_checkpoints, tokenizer, identity, sharded=cfg.fsdp)
+                                cfg.keep_checkpoints, tokenizer, identity, sharded=cfg.fsdp, objective=objective)
     # A row per step for an objective whose steps differ (GRPO's rewards), every log_every steps otherwise.
     every = 1 if getattr(objective, "log_each_step", False) else cfg.log_every
     progress = Progress(Path(cfg.out_dir), every, env.is_main, cfg.report_to)
