@@ -301,3 +301,34 @@ def test_the_card_shows_each_request_rate_beside_its_held_out_twin(pretrained, t
     assert rows["tools, quote a poem's clause (search): answer right"] == ("75.0%", "25.0%")
     assert rows["tools, quote with the tools off: answer right"] == ("0.0%", "25.0%")
     assert "| task | training wordings | held out | n |" in card
+
+
+def test_a_post_trained_card_shows_its_starting_models_results_beside_its_own(pretrained, tmp_path):
+    """Issue 47, item 4: eval_tasks before and after on the card of a run that started from another model (its
+    --init_from, whose own eval_results.json is of its present weights and measured the same way)."""
+    import re
+    import shutil
+
+    from minillm.export.model_card import record_evaluation
+
+    base, after = tmp_path / "sft", tmp_path / "grpo"
+    shutil.copytree(pretrained, base)
+    shutil.copytree(pretrained, after)
+    run = json.loads((after / TRAIN_RESULTS).read_text())
+    (after / TRAIN_RESULTS).write_text(json.dumps({**run, "stage": "grpo", "base_model": str(base)}))
+
+    def results(tune: float, held: float, data: str = "dataset/eval.jsonl") -> dict:
+        return {"date": "2026-12-07", "dtype": "float32", "data": data,
+                "requests": {"kinds": {"tune": {"rate": tune, "n": 4}}, "heldout": {"tune": {"rate": held, "n": 4}}}}
+
+    record_evaluation(base, results(0.5, 0.25))
+    record_evaluation(after, results(1.0, 0.75))
+    card = (after / CARD_NAME).read_text()
+    row = re.search(r"^\| names the requested tune \| (.+) \| 4 \|$", card, re.M).group(1).split(" | ")
+    assert row == ["100.0%", "75.0%", "50.0%", "25.0%"] and f"started from (`{base}`" in card
+    record_evaluation(after, results(1.0, 0.75, data="other.jsonl"))  # measured otherwise: no column beside
+    assert "before:" not in (after / CARD_NAME).read_text()
+    record_evaluation(after, results(1.0, 0.75))
+    (base / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes() + b" ")  # trained since
+    record_evaluation(after, results(1.0, 0.75))
+    assert "before:" not in (after / CARD_NAME).read_text()

@@ -118,7 +118,53 @@ _TOOL_KINDS = {"quote": "quote a poem's clause (search)", "tone": "a character's
                "none": "no call when none is needed", "quote_tools_off": "quote with the tools off"}
 
 
-def _evaluation_section(model_dir: Path, evaluation: dict | None, use: str) -> list[str]:
+def _rows(evaluation: dict) -> list[tuple[str, str, str, int]]:
+    """(task, training-wordings value, held-out value, n) of each result eval_tasks.py saved."""
+    rows = []
+    cloze = evaluation.get("cloze")
+    if cloze:
+        centered = (cloze["accuracy"] - 0.25) / 0.75
+        rows.append(("poetry cloze (4 choices)", f"{cloze['accuracy']:.1%} (centered {centered:+.1%})",
+                     "(held-out poems)", cloze["n"]))
+    requests = evaluation.get("requests", {})
+    held = requests.get("heldout", {})
+    for kind, rate in requests.get("kinds", {}).items():
+        other = f"{held[kind]['rate']:.1%}" if kind in held else "not measured"
+        rows.append((_KINDS.get(kind) or plain_text(kind), f"{rate['rate']:.1%}", other, rate["n"]))
+    train, heldout = requests.get("degeneration_train"), requests.get("degeneration_heldout")
+    if train and heldout:
+        rows.append(("repetitive answers (a line twice, or a phrase three times)", f"{train['repeats']:.1%}",
+                     f"{heldout['repeats']:.1%}", train["n"]))
+        rows.append(("distinct-2 (distinct character bigrams)", f"{train['distinct_2']:.3f}",
+                     f"{heldout['distinct_2']:.3f}", train["n"]))
+    tools = evaluation.get("tools", {})
+    for kind, rate in tools.get("train", {}).items():  # eval/tool_tasks.py: tool use, the same two columns
+        held_rate = tools.get("heldout", {}).get(kind)
+        for key, what in (("valid_call", "right tool, valid arguments"), ("correct", "answer right")):
+            if key in rate:
+                other = f"{held_rate[key]:.1%}" if held_rate and key in held_rate else "not measured"
+                rows.append((f"tools, {_TOOL_KINDS.get(kind, plain_text(kind))}: {what}", f"{rate[key]:.1%}", other,
+                             rate["n"]))
+    return rows
+
+
+def _base_evaluation(run: dict, evaluation: dict) -> dict | None:
+    """The --init_from model's eval_tasks.py results, when they are of its present weights and measured the same
+    way as these (same data, dtype and sampling): the card shows them beside the new ones."""
+    base = Path(run["base_model"]) if run.get("base_model") and not run.get("lora") else None
+    if base is None or not (base / EVAL_RESULTS).is_file():
+        return None
+    try:
+        before = read_json(base / EVAL_RESULTS)
+        if before.get("weights_sha256") != sha256_file(weights_file(base)):
+            return None
+    except (OSError, ValueError):
+        return None
+    same = all(before.get(k) == evaluation.get(k) for k in ("data", "dtype", "temperature", "samples"))
+    return before if same else None
+
+
+def _evaluation_section(model_dir: Path, evaluation: dict | None, use: str, run: dict) -> list[str]:
     lines = ["## Evaluation", ""]
     if evaluation is None:
         return lines + [f"Not evaluated yet: {code_span(f'python eval_tasks.py {use}')} adds its results here.", ""]
@@ -127,35 +173,22 @@ def _evaluation_section(model_dir: Path, evaluation: dict | None, use: str) -> l
                         f"they are not shown; {code_span(f'python eval_tasks.py {use}')} measures these.", ""]
     how = ("greedy answers" if not evaluation.get("temperature") else
            f"{evaluation['samples']} answers sampled per prompt at temperature {evaluation['temperature']:g}")
+    before = _base_evaluation(run, evaluation)
+    earlier = {task: (train, held) for task, train, held, _ in _rows(before)} if before else {}
     lines += [f"{code_span(f'python eval_tasks.py {use}')} ({plain_text(evaluation['date'])}, "
               f"{plain_text(evaluation['dtype'])}, {how}; held-out poems of {code_span(evaluation['data'])}). "
               "Requests are asked twice: in the wordings and word list of the training data, and held out, in "
-              "wordings and with words no training file holds:", "",
-              "| task | training wordings | held out | n |", "|---|---|---|---|"]
-    cloze = evaluation.get("cloze")
-    if cloze:
-        centered = (cloze["accuracy"] - 0.25) / 0.75
-        lines.append(f"| poetry cloze (4 choices) | {cloze['accuracy']:.1%} (centered {centered:+.1%}) | "
-                     f"(held-out poems) | {cloze['n']} |")
-    requests = evaluation.get("requests", {})
-    held = requests.get("heldout", {})
-    for kind, rate in requests.get("kinds", {}).items():
-        other = f"{held[kind]['rate']:.1%}" if kind in held else "not measured"
-        lines.append(f"| {_KINDS.get(kind) or plain_text(kind)} | {rate['rate']:.1%} | {other} | {rate['n']} |")
-    train, heldout = requests.get("degeneration_train"), requests.get("degeneration_heldout")
-    if train and heldout:
-        lines.append(f"| repetitive answers (a line twice, or a phrase three times) | {train['repeats']:.1%} | "
-                     f"{heldout['repeats']:.1%} | {train['n']} |")
-        lines.append(f"| distinct-2 (distinct character bigrams) | {train['distinct_2']:.3f} | "
-                     f"{heldout['distinct_2']:.3f} | {train['n']} |")
-    tools = evaluation.get("tools", {})
-    for kind, rate in tools.get("train", {}).items():  # eval/tool_tasks.py: tool use, the same two columns
-        held_rate = tools.get("heldout", {}).get(kind)
-        for key, what in (("valid_call", "right tool, valid arguments"), ("correct", "answer right")):
-            if key in rate:
-                other = f"{held_rate[key]:.1%}" if held_rate and key in held_rate else "not measured"
-                lines.append(f"| tools, {_TOOL_KINDS.get(kind, plain_text(kind))}: {what} | {rate[key]:.1%} | "
-                             f"{other} | {rate['n']} |")
+              "wordings and with words no training file holds" +
+              (f"; beside them, the model this run started from ({code_span(run['base_model'], True)}, its own "
+               "eval_tasks.py results)" if before else "") + ":", ""]
+    if before:
+        lines += ["| task | training wordings | held out | before: training wordings | before: held out | n |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {task} | {train} | {held} | {' | '.join(earlier.get(task, ('-', '-')))} | {n} |"
+                  for task, train, held, n in _rows(evaluation)]
+    else:
+        lines += ["| task | training wordings | held out | n |", "|---|---|---|---|"]
+        lines += [f"| {task} | {train} | {held} | {n} |" for task, train, held, n in _rows(evaluation)]
     return lines + [""]
 
 
@@ -208,7 +241,7 @@ def render_card(model_dir: str | Path) -> str:
              "The weights are safetensors in the Hugging Face layout, so transformers, peft and llama.cpp load "
              "them as they are.", ""]
     curve = ["![training and held-out loss](loss.png)", ""] if (model_dir / "loss.png").is_file() else []
-    body = (title + _training_section(run, config) + curve + _evaluation_section(model_dir, evaluation, use)
+    body = (title + _training_section(run, config) + curve + _evaluation_section(model_dir, evaluation, use, run)
             + _use_section(model_dir, run, chat))
     return front_matter(meta) + "\n" + "\n".join(body)
 
