@@ -66,6 +66,9 @@ def test_calls_are_read_from_control_tokens_only(tok):
     assert split_calls(tok.encode(text), tok) == (text, [])
     for bad, why in [('<tool_call>\n{"name": "rhyme"', "not closed"), ("<tool_call>\nnot json\n</tool_call>", "JSON"),
                      ('<tool_call>\n["rhyme"]\n</tool_call>', "must be"),
+                     ('<tool_call>\n{"name": "rhyme"}\n</tool_call>', "must be"),  # OpenAI's shape has arguments
+                     ('<tool_call>\n{"name": "rhyme", "sextents": {"text": "霜"}}\n</tool_call>', "must be"),
+                     ('<tool_call>\n{"name": "rhyme", "arguments": {}, "id": 1}\n</tool_call>', "must be"),
                      ('<tool_call>\n{"name": "rhyme", "arguments": {}}\n</tool_call>then more', "text after"),
                      ("oops</tool_call>", "without")]:
         with pytest.raises(MalformedCall, match=why):

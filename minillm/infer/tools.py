@@ -89,10 +89,11 @@ def parse_call(text: str) -> Call:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise MalformedCall(f"the call is not JSON: {e}") from None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str) \
-            or not isinstance(value.get("arguments", {}), dict):
+    # Exactly the two keys the template writes: a misspelt "arguments" is a broken call, not a call without any.
+    if not isinstance(value, dict) or set(value) != {"name", "arguments"} or not isinstance(value["name"], str) \
+            or not isinstance(value["arguments"], dict):
         raise MalformedCall('a call must be {"name": string, "arguments": object}')
-    return Call(value["name"], value.get("arguments", {}))
+    return Call(value["name"], value["arguments"])
 
 
 def check_arguments(arguments: dict, parameters: dict) -> str | None:
