@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from minillm.data.tokenizer import load_tokenizer
 from minillm.device import cpu_flags, describe_machine
 from minillm.files import atomic_write
 from minillm.model.config import LMConfig
@@ -43,11 +44,16 @@ GPU_BF16_PEAK = [
     ("L4", 121e12),
 ]
 
+# The shipped tokenizer's vocabulary, which train_pretrain.py gives a new model (6,404 since the tool-call tokens;
+# LMConfig's default of 6,400 predates them, and the evaluation scripts refuse a model smaller than the tokenizer).
+SHIPPED_VOCAB = load_tokenizer().vocab_size
+
 CONFIGS = {
-    # train_pretrain.py's default model: 4 layers of 256, 4 heads / 2 KV heads, vocab 6400, about 4.6M parameters.
-    "pretrain": LMConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
-    # LMConfig's defaults: 512 hidden, 8 layers, 8 heads / 2 KV heads, vocab 6400, about 25.8M parameters.
-    "default": LMConfig(),
+    # train_pretrain.py's default model: 4 layers of 256, 4 heads / 2 KV heads, about 4.6M parameters.
+    "pretrain": LMConfig(vocab_size=SHIPPED_VOCAB, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2),
+    # LMConfig's shape defaults: 512 hidden, 8 layers, 8 heads / 2 KV heads, about 25.8M parameters.
+    "default": LMConfig(vocab_size=SHIPPED_VOCAB),
     # A GPT-2-small-sized model for GPUs: 768 hidden, 12 layers, 12 heads, vocab 32000.
     "124m": LMConfig(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                      num_key_value_heads=12, max_position_embeddings=1024),

@@ -134,6 +134,17 @@ def test_every_benchmark_takes_help_and_json():
         assert "argparse.ArgumentParser(" in source and ("add_json_flag(" in source or '"--json"' in source), name
 
 
+def test_the_benchmarks_random_models_fit_the_shipped_tokenizer(monkeypatch):
+    """bench/eval_throughput.py stopped at once when the tool-call tokens grew the tokenizer past the benchmark
+    shapes' vocabulary of 6,400: the CPU shapes take the shipped tokenizer's size, as train_pretrain.py does."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    configs = runpy.run_path(str(REPO / "bench" / "common.py"))["CONFIGS"]
+    shipped = json.loads((REPO / "minillm" / "assets" / "tokenizer.json").read_text(encoding="utf-8"))
+    size = len(shipped["model"]["vocab"]) + sum(t["id"] >= len(shipped["model"]["vocab"])
+                                                 for t in shipped["added_tokens"])
+    assert size == 6404 and configs["pretrain"].vocab_size == configs["default"].vocab_size == size
+
+
 def test_a_benchmark_json_record_holds_its_tables_and_machine(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     common = runpy.run_path(str(REPO / "bench" / "common.py"))
