@@ -221,7 +221,11 @@ def _memory_child(queue, workload: Callable, side: str, directory: str, device_n
     torch.set_num_threads(threads)
     device = torch.device(device_name)
     model = load_side(side, directory, device)
-    step = workload(side, model, device, **kwargs)  # builds inputs and state; returns the step to measure
+    queue.put(_measure(workload(side, model, device, **kwargs), device))  # the workload returns its step
+
+
+def _measure(step: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(peak, peak - before) in MiB of one call of `step`, in this process."""
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -229,14 +233,31 @@ def _memory_child(queue, workload: Callable, side: str, directory: str, device_n
         step()
         sync(device)
         peak = torch.cuda.max_memory_allocated(device)
-        queue.put((peak / 2**20, (peak - base) / 2**20))
-        return
+        return peak / 2**20, (peak - base) / 2**20
     # Reset the high-water mark to the current RSS (Linux >= 4.0), so loading spikes don't count.
     Path("/proc/self/clear_refs").write_text("5")
     base = rss_kib("VmRSS")
     step()
     peak = rss_kib("VmHWM")
-    queue.put((peak / 1024, (peak - base) / 1024))
+    return peak / 1024, (peak - base) / 1024
+
+
+def _workload_child(queue, workload: Callable, device_name: str, threads: int, kwargs: dict) -> None:
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    queue.put(_measure(workload(device, **kwargs), device))
+
+
+def peak_memory_of(workload: Callable, device: torch.device, threads: int, **kwargs) -> MemoryResult:
+    """Run `workload(device, **kwargs)()` once in a fresh spawned process (the workload builds its own models;
+    a top-level function); its peak memory and what the step added."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_workload_child, args=(queue, workload, str(device), threads, kwargs))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return MemoryResult(*result)
 
 
 def peak_memory(workload: Callable, directory: str | Path, device: torch.device, threads: int,

@@ -45,13 +45,13 @@ def worker(args: argparse.Namespace) -> None:
     from minillm.model.model import MiniLLM
     from minillm.train.distributed import setup_distributed, teardown_distributed
     from minillm.train.optim import build_optimizer
-    from minillm.train.sharding import apply_fsdp
+    from minillm.train.sharding import apply_fsdp, fsdp_policy
 
     env = setup_distributed("cpu")
     torch.manual_seed(0)
     model = MiniLLM(CONFIGS[args.config])
     if args.fsdp:
-        apply_fsdp(model, env, torch.float32)
+        apply_fsdp(model, fsdp_policy(env.device, torch.float32))
         wrapped = model
     else:
         wrapped = DDP(model)

@@ -187,3 +187,32 @@ def test_on_policy_distillation_runs_on_chats_and_is_refused_on_documents(tiny_s
                                  capsys=capsys)
     assert code == 2 and "on-policy distillation samples answers to prompts" in err and err.count("\n") == 1
     assert not (tmp_path / "d").exists()  # refused before anything was built or written
+
+
+def test_a_resumed_distillation_is_the_straight_run_bit_for_bit(tiny_sft_dir, tokenizer, tmp_path):
+    """Issue 48: resume is exact, the on-policy draws included (lmbda 0.5: which micro-batches go on-policy, and
+    what the student samples, come from the run's RNG, which checkpoints keep)."""
+    from minillm.data.datasets import SFTDataset
+    from minillm.train.config import TrainConfig
+    from minillm.train.trainer import train
+
+    data = SFTDataset(head_lines(REPO / "dataset" / "sft.jsonl", 16, tmp_path / "chats.jsonl"), tokenizer,
+                      max_length=96)
+    teacher = randomized(MiniLLM.from_pretrained(tiny_sft_dir, dtype=torch.float32), scale=0.05, seed=3)
+
+    def run(out, start, stop=None, resume=False):
+        cfg = TrainConfig(out_dir=str(out), batch_size=2, accumulation_steps=2, max_steps=6, learning_rate=1e-3,
+                          dtype="float32", eval_every=0, save_every=0, log_every=1, resume=resume)
+        objective = Distillation(teacher, alpha=0.5, beta=0.5, temperature=0.9, lmbda=0.5, max_new_tokens=8,
+                                 stop_ids=[tokenizer.im_end_id])
+        return train(MiniLLM.from_pretrained(start, dtype=torch.float32).train(), data, cfg, objective=objective,
+                     should_stop=(lambda step: step == stop) if stop else None)
+
+    straight = run(tmp_path / "a", tiny_sft_dir)
+    cut = run(tmp_path / "b", tiny_sft_dir, stop=3)
+    resumed = run(tmp_path / "b", tmp_path / "a", resume=True)  # the weights come from the checkpoint
+    assert cut.interrupted and cut.losses + resumed.losses == straight.losses
+    on_policy = [json.loads(line).get("on_policy_batches") for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert 0 < sum(x or 0 for x in on_policy)  # some micro-batches went on-policy
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
