@@ -649,3 +649,31 @@ def test_a_second_iteration_takes_its_ratio_against_the_sampling_policy(tiny_sft
     assert second.metrics["completions/clipped_ratio"].item() == 4  # the second prompt's four ran out of budget
     objective.begin_step([batch])
     assert sampled == [2, 2]  # a new rollout every num_iterations steps
+
+
+def test_a_reward_that_raises_or_returns_nan_stops_the_run_naming_it_and_saves_nothing(tmp_path, tiny_sft_dir,
+                                                                                      tokenizer, prompts):
+    """Issue 47, bad input: the step fails in one line with the reward's name and the completion; no model is
+    written (the run had no checkpoint yet)."""
+    from minillm.eval.rewards import RewardError
+
+    data = PromptDataset(prompts, tokenizer, max_length=64)
+    calls = []
+
+    def flaky(request: str, answer: str) -> float:
+        calls.append(answer)
+        if len(calls) > 40:  # the second step's
+            raise KeyError("w1")
+        return 0.5
+
+    for reward, needle in ((flaky, "reward 'flaky' raised KeyError: 'w1' on the completion '"),
+                           (lambda r, a: float("nan"), "reward 'nan' returned nan on the completion '")):
+        name = needle.split("'")[1]
+        cfg = TrainConfig(out_dir=str(tmp_path / name), batch_size=4, max_steps=3, dtype="float32", eval_every=0,
+                          save_every=0)
+        objective = GRPO({name: (reward, 1.0)}, tokenizer, group_size=8, max_new_tokens=6)
+        with pytest.raises(RewardError) as e:
+            train(MiniLLM.from_pretrained(tiny_sft_dir, dtype=torch.float32), data, cfg, objective=objective)
+        assert needle in str(e.value) and "\n" not in str(e.value) and "request '" in str(e.value)
+        assert not (tmp_path / name / "model.safetensors").exists()
+    assert len(calls) == 41  # the first step scored its 32 completions; the second stopped at its 9th

@@ -56,6 +56,10 @@ TOOL_KINDS = ("quote", "tone")  # requests a tool answers (eval/tool_tasks.py); 
 MISUSE = 0.5  # what a broken or needless call costs
 
 
+class RewardError(ValueError):
+    """A reward function raised, or returned something other than a finite number, on a completion."""
+
+
 class ToolAnswer(str):
     """An answer's text with the trajectory that led to it: its calls, their results, a malformed call or not."""
 

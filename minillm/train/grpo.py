@@ -35,6 +35,7 @@ same completions.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -44,7 +45,7 @@ import torch
 from minillm.data.prompts import request_of
 from minillm.data.tokenizer import Tokenizer
 from minillm.eval.heldout import repeats
-from minillm.eval.rewards import ToolAnswer
+from minillm.eval.rewards import RewardError, ToolAnswer
 from minillm.eval.tasks import answer_body
 from minillm.infer.engine import sample_groups
 from minillm.infer.tool_rollouts import Trajectory, sample_with_tools
@@ -221,7 +222,17 @@ class GRPO:
         ended = bool(completion) and completion[-1] in self.tokenizer.turn_end_ids
         text = self.tokenizer.decode(completion[:-1] if completion and completion[-1] in self.stops else completion)
         answer = ToolAnswer(text + ("<|im_end|>" if ended else ""), row.calls, row.results, row.malformed)
-        values = [fn(request, answer) for fn, _ in self.rewards.values()]
+        values = []
+        for name, (fn, _) in self.rewards.items():
+            try:
+                value = fn(request, answer)
+                why = None if isinstance(value, numbers.Real) and math.isfinite(value) else f"returned {value!r}"
+            except Exception as e:  # a user's reward function: its failure names it and the completion
+                why = f"raised {type(e).__name__}: {e}"
+            if why:
+                raise RewardError(f"reward {name!r} {why} on the completion {str(answer)[:200]!r} (request "
+                                  f"{request[:80]!r})")
+            values.append(float(value))
         return sum(v * w for v, (_, w) in zip(values, self.rewards.values())), values
 
     def sample(self, micro: list[tuple[torch.Tensor, ...]]) -> list[Rollouts]:
