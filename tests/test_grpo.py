@@ -342,13 +342,15 @@ def test_cli_runs_and_refuses_bad_flags_in_one_line(tmp_path, tiny_sft_dir, prom
               "--group_size", "4", "--max_new_tokens", "24", "--log_every", "1", "--batch_size", "2"]
     # The reference: a second copy, or adapters off; the second run also takes TRL's other options and two
     # micro-batches a step (sampled together before the first backward: cispo divides by the step's tokens).
-    for name, extra in (("o", []), ("lora", ["--lora", "--loss_type", "cispo", "--epsilon_high", "4",
+    printed = {}
+    for name, extra in (("o", ["--log_completions", "2"]), ("lora", ["--lora", "--loss_type", "cispo", "--epsilon_high", "4",
                                               "--scale_rewards", "batch", "--kl_correction", "--accumulation_steps",
                                               "2", "--batch_size", "1", "--log_completions"])):
         code, out, err = run_train_cli("grpo", *common, "--out_dir", tmp_path / name, "--kl_beta", "0.04",
                                        "--reward", "request:1,ended:0.5,poem:0.5", "--learning_rate", "1e-2", *extra,
                                        capsys=capsys)
         assert code == 0, err
+        printed[name] = out
         r = rows(tmp_path / name)
         assert len(r) == 2 and {"rewards/request", "rewards/ended", "rewards/poem", "kl"} <= set(r[0])
         assert all(0 <= x["completions/repetitive"] <= 1 for x in r)  # issue 45: the degeneration measure logged
@@ -357,7 +359,12 @@ def test_cli_runs_and_refuses_bad_flags_in_one_line(tmp_path, tiny_sft_dir, prom
             assert r[1]["kl"] > 0                            # at B = 0 and move only on a reward that differs
     assert (tmp_path / "o" / "model.safetensors").is_file() and (tmp_path / "lora" / "adapter_model.safetensors").is_file()
     logged = [json.loads(line) for line in (tmp_path / "lora" / "completions.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in logged] == [1] * 8 + [2] * 8 and not (tmp_path / "o" / "completions.jsonl").exists()
+    assert [x["step"] for x in logged] == [1] * 8 + [2] * 8
+    every_2 = [json.loads(line) for line in (tmp_path / "o" / "completions.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in every_2] == [2] * 8  # --log_completions 2: the second step's only
+    for name in ("o", "lora"):  # the last logged step's completions, shown when the run ends
+        assert "the last sampled completions (step 2, 8 of 8; all in" in printed[name], printed[name]
+        assert printed[name].count("\n| ") >= 9 and "| reward | advantage | request | completion |" in printed[name]
     assert {"request", "completion", "reward", "rewards", "advantage"} <= set(logged[0])
     # The chat model's training context stays (GRPO's --max_length caps the prompts, not the context).
     start = tmp_path / "start"
@@ -383,7 +390,8 @@ def test_cli_runs_and_refuses_bad_flags_in_one_line(tmp_path, tiny_sft_dir, prom
                            (["--reward", "request:1,ended:-inf"], "the weight of ended must be a finite number"),
                            (["--reward", "request:1,ended:1,request:2"], "request is named twice"),
                            (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
-                           (["--num_iterations", "0"], "--num_iterations must be in [1, 16], got 0")):
+                           (["--num_iterations", "0"], "--num_iterations must be in [1, 16], got 0"),
+                           (["--log_completions", "-1"], "--log_completions must be >= 1 (0: off), got -1")):
         code, out, err = run_train_cli("grpo", *common, "--out_dir", tmp_path / "bad", *flags, capsys=capsys)
         assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
         assert not (tmp_path / "bad").exists()

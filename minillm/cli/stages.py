@@ -95,9 +95,10 @@ def add_stage_flags(p: argparse.ArgumentParser, kind: str) -> None:
         g.add_argument("--reward", default="composite",
                        help=f"Rewards and weights, e.g. composite or request:1,ended:0.25; from {', '.join(REWARDS)} "
                             "(minillm/eval/rewards.py) (default: %(default)s)")
-        g.add_argument("--log_completions", action="store_true",
-                       help="Write every sampled completion to out_dir/completions.jsonl with its step, request, "
-                            "rewards and advantage (rank 0's; trimmed on --resume like metrics.jsonl)")
+        g.add_argument("--log_completions", nargs="?", type=int, const=1, default=0, metavar="N",
+                       help="Every N steps (alone: every step), write the step's sampled completions to "
+                            "out_dir/completions.jsonl with its step, request, rewards and advantage (rank 0's; "
+                            "trimmed on --resume like metrics.jsonl), and show the last ones when the run ends")
         g.add_argument("--tools", default=None, metavar="NAMES",
                        help="Offer these tools (comma-separated, or all: search_poems, rhyme) in every prompt and run "
                             "the calls completions make: a completion becomes a trajectory of up to --max_turns "
@@ -146,6 +147,8 @@ def check_stage_flags(args, kind: str) -> None:
             raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
         if not 1 <= args.max_turns <= MAX_TURNS:
             raise ValueError(f"--max_turns must be in [1, {MAX_TURNS}], got {args.max_turns}")
+        if args.log_completions < 0:
+            raise ValueError(f"--log_completions must be >= 1 (0: off), got {args.log_completions}")
         if not 1 <= args.num_iterations <= MAX_ITERATIONS:
             raise ValueError(f"--num_iterations must be in [1, {MAX_ITERATIONS}], got {args.num_iterations}")
         if args.tools is not None:

@@ -158,7 +158,7 @@ class GRPO:
     def __init__(self, rewards: dict[str, tuple[RewardFn, float]], tokenizer: Tokenizer, group_size: int = 8,
                  temperature: float = 1.0, max_new_tokens: int = 128, epsilon: float = 0.2, loss_type: str = "grpo",
                  kl_beta: float = 0.0, reference: MiniLLM | None = None, epsilon_high: float | None = None,
-                 scale_rewards: str = "group", kl_correction: bool = False, log_completions: bool = False,
+                 scale_rewards: str = "group", kl_correction: bool = False, log_completions: int = 0,
                  tools: dict[str, Tool] | None = None, max_turns: int = 1, num_iterations: int = 1) -> None:
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages compare completions of one prompt), got {group_size}")
@@ -177,7 +177,7 @@ class GRPO:
         self._uses = 0  # steps since they were sampled, modulo num_iterations (0: the next step samples)
         self.epsilon_high, self.scale_rewards, self.kl_correction = epsilon_high, scale_rewards, kl_correction
         self.tools, self.max_turns = tools or {}, max_turns
-        self.log_completions = log_completions
+        self.log_completions = int(log_completions)  # every N steps (0: never); the loop writes them
         self._pending: list[Rollouts] = []  # the step's rollouts, sampled by begin_step, in micro-batch order
         self._step_stats: tuple[float, float] | None = None  # (mean tokens, batch std) over the step
         self.rewards, self.tokenizer = rewards, tokenizer

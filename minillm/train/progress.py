@@ -171,11 +171,31 @@ class Progress:
                       "tokens_per_s": tok_s})
             self._window_tokens, self._t_window = 0, now
 
-    def samples(self, step: int, rows: list[dict]) -> None:
-        """Append the step's sampled completions to completions.jsonl."""
-        if self.enabled and rows:
+    def samples(self, step: int, rows: list[dict], every: int = 1) -> None:
+        """Append the step's sampled completions to completions.jsonl (on every `every`-th step)."""
+        if self.enabled and rows and step % every == 0:
             with open(self.path.with_name(COMPLETIONS_NAME), "a", encoding="utf-8") as f:
                 f.writelines(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n" for row in rows)
+
+    def last_samples(self, shown: int = 8, width: int = 60) -> str | None:
+        """The last logged step's first `shown` completions as a table for the console, or None."""
+        path = self.path.with_name(COMPLETIONS_NAME)
+        if not self.enabled or not path.is_file():
+            return None
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not rows:
+            return None
+        last = [r for r in rows if r["step"] == rows[-1]["step"]]
+
+        def cell(text: str, n: int) -> str:
+            text = text.replace("\n", "⏎").replace("|", "\\|")
+            return text if len(text) <= n else text[:n - 1] + "…"
+
+        lines = [f"the last sampled completions (step {rows[-1]['step']}, {min(shown, len(last))} of {len(last)}; "
+                 f"all in {path}):", "| reward | advantage | request | completion |", "|---|---|---|---|"]
+        lines += [f"| {r['reward']:.3f} | {r['advantage']:+.3f} | {cell(r['request'], 24)} | "
+                  f"{cell(r['completion'], width)} |" for r in last[:shown]]
+        return "\n".join(lines)
 
     def held_out(self, step: int, loss: float | None, seconds: float | None = None) -> None:
         """Record a held-out loss (with the training seconds spent so far, when given)."""

@@ -338,7 +338,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
                 raise RuntimeError(f"step {step}: {bad_in_row} non-finite losses or gradient norms in a row; "
                                    "stopping. Lower --learning_rate or use --dtype bfloat16/float32; the last "
                                    "checkpoint holds finite weights.")
-            progress.samples(step, out.samples or [])
+            progress.samples(step, out.samples or [], getattr(objective, "log_completions", 1))
             progress.step(step, out.tokens, out.loss, cfg.learning_rate * factor,
                           epoch=(step - 1) // batches.steps_per_epoch, grad_norm=out.grad_norm,
                           skipped_steps=result.skipped_steps, seconds=clock, metrics=out.metrics)
@@ -368,6 +368,8 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
             why_not = plot_metrics(progress.path, Path(cfg.out_dir) / "loss.png")
             if why_not:
                 print(f"({why_not})")
+            if getattr(objective, "log_completions", 0):  # GRPO --log_completions: what it sampled last
+                print(progress.last_samples() or "(no completions were logged)")
     return result
 
 
