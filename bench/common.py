@@ -242,6 +242,15 @@ def _measure(step: Callable[[], object], device: torch.device) -> tuple[float, f
     return peak / 1024, (peak - base) / 1024
 
 
+def twice(step: Callable[[], object]) -> Callable[[], None]:
+    """Two calls of a training step: a memory workload's peak then holds the gradients and AdamW's state."""
+    def both() -> None:
+        step()
+        step()
+
+    return both
+
+
 def _workload_child(queue, workload: Callable, device_name: str, threads: int, kwargs: dict) -> None:
     torch.set_num_threads(threads)
     device = torch.device(device_name)

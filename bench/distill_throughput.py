@@ -24,6 +24,7 @@ from common import (
     resolve_device,
     setup,
     time_alternating,
+    twice,
     write_json,
 )
 from train_throughput import make_batch
@@ -63,13 +64,7 @@ def make_step(side: str, device: torch.device, student: str, teacher: str, batch
 
 def memory_workload(device: torch.device, side: str, **kwargs):
     """Two steps from a fresh optimizer, as train_throughput measures them."""
-    step = make_step(side, device, **kwargs)
-
-    def two_steps():
-        step()
-        step()
-
-    return two_steps
+    return twice(make_step(side, device, **kwargs))
 
 
 def main(argv: list[str] | None = None) -> None:

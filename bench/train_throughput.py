@@ -36,6 +36,7 @@ from common import (
     setup,
     time_alternating,
     train_flops_per_token,
+    twice,
     write_checkpoint,
     write_json,
 )
@@ -85,13 +86,7 @@ def make_train_step(side: str, model: torch.nn.Module, device: torch.device, bat
 
 def train_memory_workload(side, model, device, **kwargs):
     """Two training steps from a fresh optimizer (the peak includes gradients and AdamW state)."""
-    step = make_train_step(side, model, device, **kwargs)
-
-    def two_steps():
-        step()
-        step()
-
-    return two_steps
+    return twice(make_train_step(side, model, device, **kwargs))
 
 
 def main(argv: list[str] | None = None) -> None:
