@@ -25,6 +25,7 @@ from minillm.cli import (
     load_trained,
     report,
 )
+from minillm.cli.speculation import add_speculation_flags, check_speculation_flags, load_speculation
 from minillm.device import inference_dtype, resolve_device
 
 PROG = "serve.py"
@@ -80,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="run each block's feed-forward through torch.compile (the first requests wait for the "
                         "compilation; on the 2-core CPU of bench/RESULTS.md it measured no faster)")
+    add_speculation_flags(p)  # used while a request runs alone; beside others it decodes in the batch
     return p.parse_args(argv)
 
 
@@ -95,6 +97,7 @@ def check_flags(args: argparse.Namespace) -> None:
             raise CliError(f"--{flag} must be a number of seconds > 0, got {getattr(args, flag)}")
     if args.port > 65535:
         raise CliError(f"--port must be <= 65535, got {args.port}")
+    check_speculation_flags(args)
     source = "--api_key"
     if args.api_key is None and "MINILLM_API_KEY" in os.environ:
         args.api_key, source = os.environ["MINILLM_API_KEY"], "MINILLM_API_KEY"
@@ -153,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile:
             for block in model.layers:
                 block.mlp.compile(dynamic=True)
+        note = lambda message: print(message, file=sys.stderr)  # noqa: E731
+        speculation = load_speculation(args, model, tokenizer, context, device, note)
         try:
-            scheduler = Scheduler(model, args.max_batch, context, args.max_waiting, args.prefill_chunk)
+            scheduler = Scheduler(model, args.max_batch, context, args.max_waiting, args.prefill_chunk, speculation)
         except ValueError as e:  # the context's range, checked in one place
             raise CliError(f"--{e}") from None
         name = args.model_name or Path(args.model).resolve().name

@@ -160,7 +160,8 @@ class LiveServer:
     """serve.py's app on 127.0.0.1 in a background thread: .url, .scheduler, .tokenizer, .model."""
 
     def __init__(self, model_dir, max_batch: int = 16, context: int | None = None, max_waiting: int = 256,
-                 api_key: str | None = None, max_body_bytes: int = 1 << 20, body_timeout: float = 30.0):
+                 api_key: str | None = None, max_body_bytes: int = 1 << 20, body_timeout: float = 30.0,
+                 speculation=None):
         import socket
         import threading
 
@@ -172,7 +173,7 @@ class LiveServer:
         self.model = MiniLLM.from_pretrained(model_dir).eval()
         self.tokenizer = load_tokenizer(model_dir)
         self.scheduler = Scheduler(self.model, max_batch, context or self.model.config.max_position_embeddings,
-                                   max_waiting)
+                                   max_waiting, speculation=speculation)
         app = create_app(self.scheduler, self.tokenizer, ServerConfig("tiny", api_key, max_body_bytes,
                                                                       body_timeout=body_timeout))
         with socket.socket() as s:

@@ -512,6 +512,10 @@ def test_serve_defaults_to_the_trained_context(tiny_sft_dir, tmp_path, monkeypat
     (["--port", "70000"], "--port must be <= 65535"),
     (["--context", "100000"], "--context must be in [2, 256]"),
     (["--model", "/nonexistent"], "model directory /nonexistent does not exist"),
+    (["--prompt_lookup", "--num_draft_tokens", "0"], "--num_draft_tokens must be >= 1, got 0"),
+    (["--prompt_lookup", "--draft_model", "d"], "--draft_model and --prompt_lookup are two drafters: choose one"),
+    (["--draft_model", "/nonexistent_draft"], "--draft_model /nonexistent_draft: no such model directory"),
+    (["--prompt_lookup", "--num_draft_tokens", "300"], "--num_draft_tokens 300 must be less than the context (256)"),
 ])
 def test_serve_bad_flags_give_one_line(tiny_sft_dir, capsys, argv, message):
     assert serve_cli.main(["--model", str(tiny_sft_dir), *argv]) == 1
@@ -880,3 +884,23 @@ def test_a_hostile_chat_template_fails_its_own_request_and_no_one_else_s(tiny_sf
         stopped = time.monotonic()
         proc.wait(timeout=15)
         assert time.monotonic() - stopped < 6
+
+
+def test_a_served_stream_with_a_draft_is_the_stream_without_one(tiny_sft_dir, live, client, monkeypatch, capsys):
+    """Issue 49: the official client's greedy stream is the same text with serve.py --draft_model (a lone request
+    decodes in speculative rounds), and serve.py takes the flags."""
+    from minillm.infer.speculative import Speculation
+    from minillm.model.model import MiniLLM
+
+    kwargs = dict(model="tiny", messages=QUESTION, temperature=0, max_tokens=48, stream=True)
+    plain = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs) if c.choices)
+    speculation = Speculation(MiniLLM.from_pretrained(tiny_sft_dir).eval(), num_draft_tokens=3)
+    with LiveServer(tiny_sft_dir, speculation=speculation) as server:
+        other = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        drafted = "".join(c.choices[0].delta.content or "" for c in other.chat.completions.create(**kwargs)
+                          if c.choices)
+    assert drafted == plain and plain and speculation.stats.rounds > 0
+    assert speculation.stats.accepted == speculation.stats.proposed  # the draft is the model: every draft kept
+    monkeypatch.setattr(serve_cli, "run_server", lambda app, sock, **kw: None)
+    assert serve_cli.main(["--model", str(tiny_sft_dir), "--draft_model", str(tiny_sft_dir), "--port", "0"]) == 0
+    assert "warning: the draft" in capsys.readouterr().err  # the same size: it will not be faster

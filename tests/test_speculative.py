@@ -12,6 +12,7 @@ from minillm.infer.speculative import (
     DraftModel,
     PromptLookup,
     Sampler,
+    Speculation,
     SpeculationStats,
     speculative_stream,
 )
@@ -136,3 +137,98 @@ def test_sampling_probs_is_what_generate_samples_from():
     logits = torch.tensor([[1.0, 2.0, 0.5, -1.0]])
     probs = sampling_probs(logits, 0.5, top_k=3, top_p=None)
     assert probs[0, 3] == 0 and torch.allclose(probs[0, :3], (logits[0, :3] / 0.5).softmax(-1))
+
+
+# --- the server: a lone request decodes in speculative rounds (issue 49, items 1 and 2) ---------------------------
+
+def serve_alone(scheduler, prompts, n, temperature=0.0):
+    """Each prompt submitted alone (the next after the last finished): its tokens and its request."""
+    import threading
+
+    from minillm.infer.serving import GenerationRequest, Sampling
+
+    outs = []
+    for i, prompt in enumerate(prompts):
+        tokens, done = [], threading.Semaphore(0)
+        request = GenerationRequest(prompt, n, Sampling(temperature, None, seed=i), [],
+                                    lambda t, tokens=tokens, done=done: tokens.append(t) if t is not None
+                                    else done.release())
+        scheduler.submit([request])
+        done.acquire()
+        outs.append((tokens, request))
+    return outs
+
+
+@pytest.mark.parametrize("drafter", ["same", "other", "lookup"])
+def test_a_lone_server_request_speculates_and_keeps_its_greedy_text(drafter):
+    """Greedy text with a draft (the target itself: every draft kept; another model: rejections; prompt lookup)
+    equals the text without one, token for token, and the rounds are counted."""
+    from minillm.infer.serving import Scheduler
+
+    target = model_of(96, 2, 0)
+    draft = {"same": target, "other": model_of(96, 1, 5), "lookup": None}[drafter]
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() * 2 for n in (3, 8, 20)]  # repeats: lookup finds some
+    plain = Scheduler(target, max_batch=4, context=128).start()
+    speculation = Speculation(draft, num_draft_tokens=4)
+    spec = Scheduler(target, max_batch=4, context=128, speculation=speculation).start()
+    try:
+        want = [t for t, _ in serve_alone(plain, prompts, 40)]
+        got = [t for t, _ in serve_alone(spec, prompts, 40)]
+    finally:
+        plain.stop()
+        spec.stop()
+    assert got == want and all(len(t) == 40 for t in got)
+    stats = speculation.stats
+    assert stats.rounds > 0 and stats.proposed > 0
+    if drafter == "same":
+        assert stats.accepted == stats.proposed and stats.rounds <= 3 * 40 / 5 + 3  # K + 1 tokens a round
+    if drafter == "other":
+        assert 0 <= stats.accepted < stats.proposed
+
+
+def test_a_failing_draft_costs_its_request_the_speculation_only():
+    """A draft that raises: the request decodes plainly to its end, the same greedy text, and no error."""
+    from minillm.infer.serving import Scheduler
+
+    target, draft = model_of(96, 2, 0), model_of(96, 1, 5)
+    draft.forward = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("draft out of memory"))
+    prompts = [[5, 6, 7, 8]]
+    plain = Scheduler(target, max_batch=2, context=64).start()
+    spec = Scheduler(target, max_batch=2, context=64, speculation=Speculation(draft, 3)).start()
+    try:
+        (want, _), = serve_alone(plain, prompts, 20)
+        (got, request), = serve_alone(spec, prompts, 20)
+    finally:
+        plain.stop()
+        spec.stop()
+    assert got == want and request.finish_reason == "length" and request.error is None
+    assert not request.speculating
+
+
+def test_speculative_server_sampling_matches_the_targets_distribution():
+    """Sampled at temperature 1 with a draft that differs, the first generated token after a fixed prompt
+    follows the target's distribution (chi-square over a 12-token vocabulary, 3,000 requests)."""
+    from minillm.infer.serving import Scheduler
+
+    target, draft = model_of(12, 1, 0, scale=0.6, hidden=32), model_of(12, 1, 3, scale=0.6, hidden=32)
+    prompt = [1, 2, 3]
+    with torch.no_grad():  # condition on the likeliest first token a; the target's next-token distribution p
+        a = int(target(torch.tensor([prompt])).logits[0, -1].argmax())
+        p = torch.softmax(target(torch.tensor([prompt + [a]])).logits[0, -1].double(), -1)
+    spec = Scheduler(target, max_batch=1, context=16, speculation=Speculation(draft, 2)).start()
+    try:
+        # Three tokens per request: the first from the prefill, the second from a speculative round's judge (one
+        # draft: kept, or rejected and redrawn); keep the requests whose first token was a, count their second.
+        outs = serve_alone(spec, [prompt] * 3000, 3, temperature=1.0)
+    finally:
+        spec.stop()
+    assert spec.speculation.stats.rounds == 3000  # every request's second token came from a round
+    seconds = [t[1] for t, _ in outs if t[0] == a]
+    counts = torch.bincount(torch.tensor(seconds), minlength=12).double()
+    n = counts.sum()
+    assert n > 100
+    expected = p * n
+    keep = expected > 5
+    chi2 = (((counts - expected) ** 2 / expected)[keep]).sum().item()
+    assert chi2 < 30, (chi2, counts.tolist(), expected.tolist())  # 11 degrees of freedom: p ~ 0.002

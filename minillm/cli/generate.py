@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -14,17 +13,16 @@ from minillm.cli import (
     CliError,
     add_inference_flags,
     add_model_flags,
-    check_same_tokenizer,
     default_context,
     load_trained,
     report,
 )
+from minillm.cli.speculation import add_speculation_flags, check_speculation_flags, load_speculation
 from minillm.data.tokenizer import declares_chat_template
 from minillm.device import inference_dtype, resolve_device
 from minillm.infer.chat import ChatSession, ContextError, StreamingAnswer
 from minillm.infer.generation import check_sampling
 from minillm.infer.poem_tools import select_tools
-from minillm.infer.speculative import Speculation
 from minillm.infer.tool_loop import MAX_TOOL_TURNS, run_with_tools
 from minillm.model.model import MiniLLM
 
@@ -79,15 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's, one per core); beside other work on a small machine "
                         "fewer threads can be several times faster")
-    spec = p.add_argument_group("speculative decoding (the same text greedy, the same distribution sampled)")
-    spec.add_argument("--draft_model", default=None, metavar="DIR",
-                      help="a smaller model with this model's tokenizer proposes --num_draft_tokens tokens, the "
-                           "model checks them in one forward pass (minillm/infer/speculative.py)")
-    spec.add_argument("--prompt_lookup", action="store_true",
-                      help="propose the tokens that followed the last earlier occurrence of the text's final "
-                           "n-gram (no draft model; fast when answers repeat their context)")
-    spec.add_argument("--num_draft_tokens", type=int, default=4, metavar="K",
-                      help="tokens proposed per check (default: %(default)s)")
+    add_speculation_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="run the decode steps through torch.compile: the first answer waits for the "
                         "compilation (10-30 s on a CPU), later tokens come 3x faster on a 2-core CPU "
@@ -123,10 +113,7 @@ def check_flags(args: argparse.Namespace) -> None:
         raise CliError(f"--max_tool_turns must be >= 1, got {args.max_tool_turns}")
     if args.context is not None and args.context < 2:
         raise CliError(f"--context must be >= 2, got {args.context}")
-    if args.num_draft_tokens < 1:
-        raise CliError(f"--num_draft_tokens must be >= 1, got {args.num_draft_tokens}")
-    if args.draft_model and args.prompt_lookup:
-        raise CliError("--draft_model and --prompt_lookup are two drafters: choose one")
+    check_speculation_flags(args)
     if (args.draft_model or args.prompt_lookup) and (args.tools or args.repetition_penalty != 1.0):
         raise CliError("speculative decoding (--draft_model, --prompt_lookup) does not combine with "
                        f"{'--tools' if args.tools else '--repetition_penalty'} yet")
@@ -199,28 +186,7 @@ class Generator:
             self.rng = torch.Generator(device=device).manual_seed(args.seed)
         self.tools = pick_tools(args.tools, tokenizer)
         self.schemas = [t.schema() for t in self.tools.values()] or None
-        self.speculation = self.drafter(device)
-
-    def drafter(self, device: torch.device) -> Speculation | None:
-        """The speculation --draft_model or --prompt_lookup asks for, the draft loaded and checked; else None."""
-        a = self.args
-        if a.num_draft_tokens >= self.context:
-            raise CliError(f"--num_draft_tokens {a.num_draft_tokens} must be less than the context ({self.context})")
-        if a.prompt_lookup:
-            return Speculation(None, a.num_draft_tokens)
-        if not a.draft_model:
-            return None
-        if not Path(a.draft_model).is_dir():
-            raise CliError(f"--draft_model {a.draft_model}: no such model directory")
-        check_same_tokenizer(self.tokenizer, a.model, Path(a.draft_model), "--draft_model")
-        draft = MiniLLM.from_pretrained(a.draft_model, dtype=next(self.model.parameters()).dtype, device=device)
-        if draft.config.vocab_size != self.model.config.vocab_size:
-            raise CliError(f"--draft_model {a.draft_model} has {draft.config.vocab_size:,} token embeddings, "
-                           f"{a.model} {self.model.config.vocab_size:,}: they must share the vocabulary")
-        if draft.num_parameters() >= self.model.num_parameters():
-            self.console.note(f"warning: the draft ({draft.num_parameters() / 1e6:.1f}M parameters) is not smaller "
-                              f"than the model ({self.model.num_parameters() / 1e6:.1f}M): it will not be faster")
-        return Speculation(draft.eval(), a.num_draft_tokens)
+        self.speculation = load_speculation(args, model, tokenizer, self.context, device, self.console.note)
 
     def session(self) -> ChatSession:
         """A new chat history, with the system prompt and the tools offered."""

@@ -6,11 +6,11 @@ of a `SlotKVCache` and then joins the running batch, where every slot decodes at
 A prompt longer than `prefill_chunk` tokens is prefilled a chunk per step, so the running sequences
 keep getting tokens while it is read instead of waiting for the whole prompt.
 
-Exactness: a decode step always feeds all `max_batch` slots (idle ones with a dummy token), so every
-matrix product has the same shape whatever is running, and attention runs row by row over each slot's
-own length. A sequence's arithmetic, and so its greedy (or seeded) tokens, is therefore the same
-whether it ran alone or beside others: the price is that a lone request pays for a full batch's matrix
-products (bench/RESULTS.md; `--max_batch 1` serves one at a time without that cost).
+A decode step covers the active slots only (a lone sequence costs a batch-1 step), and attention runs row by
+row over each slot's own length. With a `Speculation` (serve.py --draft_model or --prompt_lookup), a sequence
+that runs alone decodes in speculative rounds: its drafter proposes K tokens and one forward pass over its slot
+checks them (infer/speculative.py), greedy text unchanged and sampled text in the same distribution; as soon as
+another sequence runs beside it, it decodes in the batch again, so no sequence waits on another's drafts.
 
 `TextStream` turns a sequence's tokens into text pieces and applies stop strings.
 """
@@ -28,6 +28,7 @@ from minillm.data.tokenizer import Tokenizer
 from minillm.device import available_memory
 from minillm.infer.chat import StreamDecoder
 from minillm.infer.generation import next_token
+from minillm.infer.speculative import Sampler, Speculation, judge
 from minillm.model.kv_cache import KVCache, SlotKVCache
 from minillm.model.model import MiniLLM
 
@@ -88,6 +89,9 @@ class GenerationRequest:
         self.cancelled = False
         self.last_token = -1
         self.prefilled = 0  # prompt tokens already in the KV cache
+        self.tokens: list[int] = []  # the tokens generated so far (a speculative round's drafter reads them)
+        self.drafter = None  # its speculative drafter, made at its first round
+        self.speculating = True  # False once its drafter failed: it decodes plainly to its end
         self.prefill_cache: KVCache | None = None  # the slot's cache while the prompt is read
 
     def cancel(self) -> None:
@@ -116,7 +120,7 @@ class Scheduler:
     """Runs `model` on a background thread, batching up to `max_batch` sequences per decode step."""
 
     def __init__(self, model: MiniLLM, max_batch: int, context: int, max_waiting: int = 256,
-                 prefill_chunk: int = 256) -> None:
+                 prefill_chunk: int = 256, speculation: Speculation | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk < 0:
@@ -140,6 +144,7 @@ class Scheduler:
         self.stopping = False
         self.finished: Counter[str] = Counter()  # sequences ended, by finish reason
         self.max_running = 0  # most sequences that shared one decode step
+        self.speculation = speculation  # a lone sequence's speculative rounds (None: plain decode steps)
         self.thread = threading.Thread(target=self._run, name="minillm-scheduler", daemon=True)
 
     # --- the client side (any thread) -----------------------------------------------------------------
@@ -224,12 +229,50 @@ class Scheduler:
         # The step covers the active slots only: a lone sequence costs a batch-1 step, whatever --max_batch.
         rows = [b for b, on in enumerate(self.cache.active) if on]
         self.max_running = max(self.max_running, len(rows))
+        if self.speculation is not None and len(rows) == 1 and not self.waiting and self._speculate(rows[0]):
+            return
         self.cache.cover(rows)
         tokens_B1 = torch.tensor([[self.slots[b].last_token] for b in rows], device=self.device)
         logits_BV = self.model(tokens_B1, kv_cache=self.cache).logits[:, -1]
         for i, b in enumerate(rows):
             r = self.slots[b]
             self._confined(b, r, lambda b=b, r=r, i=i: self._deliver(b, r.pick(logits_BV[i:i + 1])))
+
+    def _speculate(self, b: int) -> bool:
+        """One speculative round of the lone running sequence in slot b; False (a plain step instead) when it is
+        constrained or forced, nothing was proposed, or its drafter failed (then it stops speculating)."""
+        r = self.slots[b]
+        if not r.speculating or r.constraint is not None or r.banned or r.picked < len(r.forced):
+            return False
+        ids = [*r.prompt_ids, *r.tokens]  # the slot holds all but the last one
+        k = min(self.speculation.num_draft_tokens, r.max_tokens - r.generated - 1, self.context - len(ids))
+        s = r.sampling
+        sampler = Sampler(s.temperature, None, s.top_p if s.top_p is not None and s.top_p < 1 else None, r.generator)
+        try:
+            r.drafter = r.drafter or self.speculation.drafter(self.context, sampler)
+            proposal = r.drafter.propose(ids, k) if k > 0 else None
+        except Exception:  # a failing draft costs its sequence the speculation, never the sequence or the batch
+            r.speculating = False
+            return False
+        if proposal is None or not proposal.tokens[:k]:
+            return False
+        proposal.tokens = proposal.tokens[:k]
+        settled = self.cache.lengths[b]
+        feed_1T = torch.tensor([[r.last_token, *proposal.tokens]], device=self.device)
+        logits_TV = self.model(feed_1T, kv_cache=self.cache.view(b)).logits[0].float()
+        kept, following = judge(logits_TV, proposal, sampler)
+        self.cache.lengths[b] = settled + 1 + kept
+        r.drafter.keep(len(ids) + kept)
+        stats = self.speculation.stats
+        stats.rounds, stats.proposed, stats.accepted = stats.rounds + 1, stats.proposed + k, stats.accepted + kept
+        self._confined(b, r, lambda: self._deliver_all(b, r, [*proposal.tokens[:kept], following]))
+        return True
+
+    def _deliver_all(self, b: int, r: GenerationRequest, tokens: list[int]) -> None:
+        for token in tokens:
+            self._deliver(b, token)
+            if self.slots[b] is not r:  # it stopped (a stop id, max_tokens)
+                return
 
     def _confined(self, b: int, r: GenerationRequest, work: Callable[[], None]) -> None:
         """Run one sequence's own work (prefill, sampling, delivery); if it fails, only that sequence ends."""
@@ -270,6 +313,7 @@ class Scheduler:
         r = self.slots[b]
         r.generated += 1
         r.last_token = token
+        r.tokens.append(token)
         if token in r.stop_ids:
             self._finish(b, "stop")
             return

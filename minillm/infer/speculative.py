@@ -198,10 +198,13 @@ class Speculation:
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     """Summed over every generation run with this object."""
 
+    def drafter(self, max_len: int, sampler: Sampler) -> DraftModel | PromptLookup:
+        """A fresh drafter for one sequence of up to max_len tokens."""
+        return DraftModel(self.draft, max_len, sampler) if self.draft is not None else PromptLookup(self.max_ngram)
+
     def stream(self, target: MiniLLM, prompt_ids: Sequence[int], max_new_tokens: int, sampler: Sampler,
                eos_ids: Sequence[int] = ()) -> Iterator[int]:
         """speculative_stream with this drafter."""
         max_len = min(len(prompt_ids) + max_new_tokens, target.config.max_position_embeddings)
-        drafter = DraftModel(self.draft, max_len, sampler) if self.draft is not None else PromptLookup(self.max_ngram)
-        return speculative_stream(target, drafter, prompt_ids, max_new_tokens, self.num_draft_tokens, sampler,
-                                  eos_ids, self.stats)
+        return speculative_stream(target, self.drafter(max_len, sampler), prompt_ids, max_new_tokens,
+                                  self.num_draft_tokens, sampler, eos_ids, self.stats)

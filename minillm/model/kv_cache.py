@@ -82,6 +82,13 @@ class SlotKVCache:
         self.lengths[b] = 0
         return KVCache.over([k[b:b + 1] for k in self.cache.k], [v[b:b + 1] for v in self.cache.v])
 
+    def view(self, b: int) -> KVCache:
+        """A batch-of-one cache over slot b's buffers at its length, to run several tokens of it at once (a
+        speculative round); the caller sets lengths[b] after."""
+        cache = KVCache.over([k[b:b + 1] for k in self.cache.k], [v[b:b + 1] for v in self.cache.v])
+        cache.pos = self.lengths[b]
+        return cache
+
     def rope_index(self, T: int) -> torch.Tensor:
         """Each slot's position for its one new token, [B, 1]."""
         if T != 1:
