@@ -14,7 +14,7 @@ import errno
 import pickle
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,7 @@ class TrainState:
     --max_minutes run fixed after timing its first steps; 0 while not fixed. A resume takes it back, so the rate
     of every step is the uninterrupted run's."""
     objective: list | None = None
-    """The objective's state_dict() of every process, by rank, when it keeps one between steps (GRPO in the middle
-    of a rollout's --num_iterations updates: the rollouts and their sampling log-probs); None otherwise."""
+    """Every process's objective.state_dict(), by rank, when one is kept between steps (GRPO's --num_iterations)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict for torch.save (not deep-copied)."""
@@ -88,8 +87,7 @@ class TrainState:
     def from_dict(cls, d: Any, source: str | Path = "state") -> TrainState:
         """Rebuild from to_dict(); ValueError naming `source` when a field is missing."""
         names = [f.name for f in fields(cls)]
-        required = [f.name for f in fields(cls) if f.name not in ("lora_base", "identity", "train_seconds", "tokens",
-                                                                         "horizon_steps", "objective")]
+        required = [f.name for f in fields(cls) if f.default is MISSING]  # fields added later have defaults
         missing = [n for n in required if not isinstance(d, dict) or n not in d]
         if missing:
             raise ValueError(f"{source}: not a minillm training state (missing {', '.join(missing)})")
@@ -306,22 +304,22 @@ class Checkpointer:
 
     def capture(self, step: int, train_seconds: float = 0.0, tokens: int = 0, horizon_steps: int = 0) -> TrainState:
         """The live training state after `step` optimizer steps (a collective under torch.distributed)."""
-        rngs = [rng_state()]
-        if self.world_size > 1:
-            rngs = [None] * self.world_size
-            dist.all_gather_object(rngs, rng_state())
-        objective = None
-        if self.objective is not None:
-            objective = [self.objective.state_dict()]
-            if self.world_size > 1:
-                objective = [None] * self.world_size
-                dist.all_gather_object(objective, self.objective.state_dict())
-            objective = None if all(s is None for s in objective) else objective
+        rngs = self._by_rank(rng_state())
+        objective = self._by_rank(self.objective.state_dict()) if self.objective is not None else [None]
+        objective = None if all(s is None for s in objective) else objective
         optimizer = {} if self.sharded else self.optimizer.state_dict()
         return TrainState(step=step, optimizer=optimizer, scaler=self.scaler.state_dict(),
                           rng=rngs, world_size=self.world_size, train_config=self.train_config,
                           lora_base=self.lora_base, identity=self.identity, train_seconds=train_seconds,
                           tokens=tokens, horizon_steps=horizon_steps, objective=objective)
+
+    def _by_rank(self, value: object) -> list:
+        """`value` of every process, by rank (a collective under torch.distributed)."""
+        if self.world_size == 1:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
 
     def check_compatible(self, state: TrainState, source: Path) -> None:
         """Refuse a resume that would not continue the same run; note the settings it may change."""

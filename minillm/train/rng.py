@@ -31,3 +31,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (a run's start; a resume then restores their states)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

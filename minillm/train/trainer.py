@@ -9,7 +9,6 @@ with batch 2B and two processes with batch B compute the same gradient.
 from __future__ import annotations
 
 import math
-import random
 import signal
 import sys
 import time
@@ -19,7 +18,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -58,6 +56,7 @@ from minillm.train.progress import (
     plot_metrics,
     trim_metrics,
 )
+from minillm.train.rng import seed_everything
 from minillm.train.schedule import RunSchedule
 from minillm.train.sharding import apply_fsdp, fsdp_policy, gathered_model, gradient_sync, is_sharded
 
@@ -264,12 +263,6 @@ def check_fsdp(model: torch.nn.Module, amp_dtype: torch.dtype, optimizer: str = 
                          "Use --dtype bfloat16 (or float32)")
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: list[list[int]] | None = None,
           tokenizer=None, env: DistEnv | None = None, should_stop: Callable[[int], bool] | None = None,
           objective: Objective | None = None) -> TrainResult:
@@ -282,7 +275,7 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
     objective = objective or LanguageModeling()
     env = env or DistEnv(device=resolve_device(cfg.device))
     check_vocab(dataset, model.config.vocab_size)
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     model.to(env.device)
     amp_dtype = resolve_dtype(cfg.dtype, env.device)
     objective.prepare(model, dataset, env.device, amp_dtype)  # before FSDP: a reference may need the whole model
