@@ -335,6 +335,8 @@ def test_resume_between_the_updates_of_one_rollout_is_exact(tmp_path, tiny_sft_d
     a = MiniLLM.from_pretrained(tmp_path / "a").state_dict()
     b = MiniLLM.from_pretrained(tmp_path / "b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="num_iterations 2 -> 1"):  # another N reads other batches: refused
+        grpo_run(tmp_path / "b", tmp_path / "a", data, tokenizer, max_steps=8, resume=True)
 
 
 def test_cli_runs_and_refuses_bad_flags_in_one_line(tmp_path, tiny_sft_dir, prompts, capsys):

@@ -287,7 +287,8 @@ def train(model: MiniLLM, dataset: Dataset, cfg: TrainConfig, eval_documents: li
     optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, env.device, cfg.matrix_lr)
     batches = StepBatches(dataset, cfg, env, repeat=getattr(objective, "num_iterations", 1))
     schedule = RunSchedule.of(cfg, batches.steps_per_epoch, warn=env.is_main)
-    identity = {"data": dataset_identity(dataset), "model": model.config.shape()}
+    repeat = {"num_iterations": batches.repeat} if hasattr(objective, "num_iterations") else {}  # the data order
+    identity = {"data": {**dataset_identity(dataset), **repeat}, "model": model.config.shape()}
     checkpointer = Checkpointer(cfg.out_dir, model, optimizer, scaler, asdict(cfg), env.rank, env.world_size,
                                 cfg.keep_checkpoints, tokenizer, identity, sharded=cfg.fsdp, objective=objective)
     # A row per step for an objective whose steps differ (GRPO's rewards), every log_every steps otherwise.
