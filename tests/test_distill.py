@@ -119,6 +119,15 @@ def test_a_teacher_with_another_tokenizer_or_bad_flags_is_refused_in_one_line(tm
     code, _, err = run_train_cli("distill", "--teacher_model", tmp_path / "teacher", "--beta", "1.5", *base,
                                  capsys=capsys)
     assert code == 2 and "--beta must be a finite number >= 0 and <= 1, got 1.5" in err
+    # A teacher directory without a model or without weights: one line at parse time, nothing written.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weightless").mkdir()
+    (tmp_path / "weightless" / "config.json").write_text((tmp_path / "teacher" / "config.json").read_text())
+    for directory, why in (("empty", "no model there (no config.json)"),
+                           ("weightless", "no weights there (no model.safetensors)")):
+        code, _, err = run_train_cli("distill", "--teacher_model", tmp_path / directory, *base, capsys=capsys)
+        assert code == 2 and f"--teacher_model {tmp_path / directory}: {why}" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_chats_are_distilled_on_their_assistant_turns(tiny_sft_dir, tmp_path, capsys):

@@ -126,6 +126,7 @@ def check_stage_flags(args, kind: str) -> None:
     if kind == "dpo":
         _finite(args.beta, "--beta", 0, low_open=True)
     elif kind == "distill":
+        check_model_dir(args.teacher_model, "--teacher_model")
         _finite(args.alpha, "--alpha", 0, low_open=False, high=1)
         _finite(args.beta, "--beta", 0, low_open=False, high=1)
         _finite(args.temperature, "--temperature", 0, low_open=True)
@@ -167,10 +168,18 @@ def check_stage_context(args, kind: str, model: MiniLLM) -> None:
                        "(max_position_embeddings); lower one of them")
 
 
+def check_model_dir(directory: str | Path, flag: str) -> None:
+    """A second model's directory holds a config and weights (checked as the flags are parsed)."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{flag} {directory}: no model there (no config.json)")
+    if not any((directory / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise ValueError(f"{flag} {directory}: no weights there (no model.safetensors)")
+
+
 def _frozen_model(directory: Path, flag: str, args, tokenizer: Tokenizer) -> MiniLLM:
     """A second model (a reference, a teacher) that must share the tokenizer, loaded in float32."""
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{flag} {directory}: no model there (no config.json)")
+    check_model_dir(directory, flag)
     check_same_tokenizer(tokenizer, args.tokenizer or args.init_from or "the tokenizer", directory, flag)
     model = MiniLLM.from_pretrained(directory, dtype=torch.float32)
     if model.config.vocab_size < tokenizer.vocab_size:
