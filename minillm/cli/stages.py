@@ -16,6 +16,7 @@ from minillm.data.prompts import PromptDataset, prompt_requests
 from minillm.data.tokenizer import Tokenizer
 from minillm.eval.rewards import REWARDS, build_rewards
 from minillm.infer.poem_tools import select_tools
+from minillm.model.hf import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from minillm.model.model import MiniLLM
 from minillm.train.config import TrainConfig
 from minillm.train.distill import Distillation
@@ -171,10 +172,10 @@ def check_stage_context(args, kind: str, model: MiniLLM) -> None:
 def check_model_dir(directory: str | Path, flag: str) -> None:
     """A second model's directory holds a config and weights (checked as the flags are parsed)."""
     directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise ValueError(f"{flag} {directory}: no model there (no config.json)")
-    if not any((directory / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
-        raise ValueError(f"{flag} {directory}: no weights there (no model.safetensors)")
+    if not (directory / CONFIG_NAME).is_file():
+        raise ValueError(f"{flag} {directory}: no model there (no {CONFIG_NAME})")
+    if not any((directory / name).is_file() for name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
+        raise ValueError(f"{flag} {directory}: no weights there (no {WEIGHTS_NAME})")
 
 
 def _frozen_model(directory: Path, flag: str, args, tokenizer: Tokenizer) -> MiniLLM:

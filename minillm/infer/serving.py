@@ -44,6 +44,11 @@ class Sampling:
     seed: int | None = None
     """Seed of this sequence's own random generator; None draws a fresh one."""
 
+    @property
+    def nucleus(self) -> float | None:
+        """top_p when it cuts anything (below 1), else None."""
+        return self.top_p if self.top_p is not None and self.top_p < 1 else None
+
 
 class QueueFull(Exception):
     """More sequences are waiting than the scheduler accepts; the client should retry later."""
@@ -109,8 +114,7 @@ class GenerationRequest:
         if self.constraint is not None:
             logits_1V = self.constraint.mask(logits_1V)
         s = self.sampling
-        top_p = s.top_p if s.top_p is not None and s.top_p < 1 else None
-        token = int(next_token(logits_1V.float(), s.temperature, None, top_p, self.generator)[0])
+        token = int(next_token(logits_1V.float(), s.temperature, None, s.nucleus, self.generator)[0])
         if self.constraint is not None:
             self.constraint.advance(token)
         return token
@@ -247,7 +251,7 @@ class Scheduler:
         ids = [*r.prompt_ids, *r.tokens]  # the slot holds all but the last one
         k = min(self.speculation.num_draft_tokens, r.max_tokens - r.generated - 1, self.context - len(ids))
         s = r.sampling
-        sampler = Sampler(s.temperature, None, s.top_p if s.top_p is not None and s.top_p < 1 else None, r.generator)
+        sampler = Sampler(s.temperature, None, s.nucleus, r.generator)
         try:
             r.drafter = r.drafter or self.speculation.drafter(self.context, sampler)
             proposal = r.drafter.propose(ids, k) if k > 0 else None

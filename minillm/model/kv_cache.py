@@ -80,7 +80,7 @@ class SlotKVCache:
     def slot(self, b: int) -> KVCache:
         """A batch-of-one cache over slot b's buffers, empty, for prefilling a new sequence there."""
         self.lengths[b] = 0
-        return KVCache.over([k[b:b + 1] for k in self.cache.k], [v[b:b + 1] for v in self.cache.v])
+        return self.view(b)
 
     def view(self, b: int) -> KVCache:
         """A batch-of-one cache over slot b's buffers at its length, to run several tokens of it at once (a

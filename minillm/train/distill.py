@@ -72,15 +72,16 @@ class _GeneralizedJSD(torch.autograd.Function):
                 ) -> torch.Tensor:
         ctx.save_for_backward(student_NV, teacher_NV)
         ctx.beta, ctx.temperature = beta, temperature
-        values = [_pieces(s, t, beta, temperature)[0] for s, t in zip(student_NV.split(ROWS), teacher_NV.split(ROWS))]
+        N = student_NV.shape[0]
+        values = [_pieces(student_NV[a:a + ROWS], teacher_NV[a:a + ROWS], beta, temperature)[0] for a in range(0, N, ROWS)]
         return torch.cat(values) if values else student_NV.new_zeros(0, dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad_N: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         student_NV, teacher_NV = ctx.saved_tensors
         grad_NV = torch.empty_like(student_NV)
-        for rows in torch.arange(student_NV.shape[0]).split(ROWS):
-            a, b = int(rows[0]), int(rows[-1]) + 1
+        for a in range(0, student_NV.shape[0], ROWS):
+            b = a + ROWS
             _, log_q, pull = _pieces(student_NV[a:b], teacher_NV[a:b], ctx.beta, ctx.temperature)
             q = log_q.exp()
             grad = q - pull.exp() if ctx.beta == 0 else q * (pull - (q * pull).sum(-1, keepdim=True))

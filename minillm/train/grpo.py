@@ -24,9 +24,9 @@ With tools (`tools`, `max_turns`), a completion is a trajectory (infer/tool_roll
 tools' results between them; only the sampled turns are learned (the results are out of the loss, the KL and the
 token counts), and the rewards read the last turn's text with the trajectory's calls attached (eval/rewards.py
 ToolAnswer). With num_iterations 1 (the default) there is one update per rollout: pi_old is the same forward
-detached, so the ratio is exactly 1 and the gradient is REINFORCE's. With num_iterations N (TRL's name), a step
-that samples also scores its completions under the sampling policy (no gradient), and the N - 1 steps after it
-update on the same rollouts, their ratio taken against those log-probs (the loop feeds those steps the same
+detached, so the ratio is exactly 1 and the gradient is REINFORCE's. With num_iterations N (TRL's name), the step
+that samples keeps those detached log-probs (the sampling policy's: no update has happened yet), and the N - 1
+steps after it update on the same rollouts, their ratio taken against them (the loop feeds those steps the same
 prompts); checkpoints keep the rollouts between, so a resume in the middle continues exactly. The step's loss is the same whatever the accumulation or process count (bnpo: for equal micro-batch
 token counts, as in TRL); sampling draws from the run's RNG, which checkpoints save, so a resumed run samples the
 same completions.
@@ -271,11 +271,6 @@ class GRPO:
             self._step_stats = (tokens / n, std)
             longest, negated = all_reduce_max(torch.tensor([max(lengths), -min(lengths)], device=device)).tolist()
             self._rollouts[0].lengths = (-negated, longest)
-            if self.num_iterations > 1:
-                with torch.no_grad():
-                    for out in self._rollouts:  # pi_old: the policy that sampled them, before any update
-                        inputs_NT, targets_NT, _ = self.completion_batch(out, device)
-                        out.old_logp_NT = token_logps(self.policy(inputs_NT).logits, targets_NT, self.temperature)
             self._pending = list(self._rollouts)
         else:
             self._pending = [replace(out, seconds=0.0, fresh=False) for out in self._rollouts]
@@ -318,6 +313,8 @@ class GRPO:
         logp_NT = token_logps(model(inputs_NT).logits, targets_NT, self.temperature)
         ref_NT = token_logps(self.reference.logits(inputs_NT), targets_NT, self.temperature) if self.kl_beta else None
         old_NT = logp_NT.detach() if out.old_logp_NT is None else out.old_logp_NT.to(device)
+        if self.num_iterations > 1 and out.fresh:  # pi_old of the updates to come: no update has happened yet
+            out.old_logp_NT = old_NT
         loss_N, kl_N, clip_N = sequence_losses(logp_NT, old_NT, advantages_N, mask_NT, self.epsilon,
                                                self.loss_type, self.max_new_tokens, ref_NT, self.kl_beta,
                                                self.epsilon_high, mean_tokens, self.kl_correction)
