@@ -331,7 +331,7 @@ def sft_candidates(poem: Poem, vocab: Vocabulary) -> list[tuple[str, dict, str]]
         # Words request: the title, then a line that opens with a word (w1) and the next line, which opens with
         # another (w2). Each requested word is the first thing of its line, so the copy sits where a small model
         # finds it: the first word right after the title, the second right after the first line. Whole poems with the words anywhere taught the 4.6M default nothing
-        # (bench/RESULTS.md, "Post-training"), and words anywhere in a line taught the 25.8M model to use the 46
+        # (docs/rl.md, "Post-training"), and words anywhere in a line taught the 25.8M model to use the 46
         # image words it saw most and no others (issue 45). Image words in a third of the poems, corpus words else.
         rng = random.Random(poem.key)  # seeded by the text: deterministic
         image = [[line[:2]] if line[:2] in IMAGERY else [] for line in poem.lines]

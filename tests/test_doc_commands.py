@@ -97,21 +97,69 @@ def test_a_stale_flag_is_caught(monkeypatch, capsys):
     assert "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
 
 
+def headings(path: Path) -> list[str]:
+    """The Markdown headings of a file and its bold-led paragraphs and items ("- **Name.** ..."), lower-cased."""
+    return [line.lower() for line in path.read_text(encoding="utf-8").splitlines()
+            if re.match(r"#|(- )?\*\*", line)]
+
+
+def citations(doc: Path) -> list[tuple[Path, str]]:
+    """(file, section) of each result section a document cites: `bench/RESULTS.md, "Section"`,
+    `docs/page.md, "Section"` or `[page](page.md), "Section"`, and `"Section" below` in the document itself."""
+    text = doc.read_text(encoding="utf-8")
+    found = [(doc, name) for name in re.findall(r'"([^"]+)" below', text)]
+    found += [(REPO / target, name) for target, name in
+              re.findall(r'(?<![\w/.(])((?:bench|docs)/\w+\.md), "([^"]+)"', text)]
+    found += [((doc.parent / target).resolve(), name) for target, name in  # a link, relative to the document
+              re.findall(r'\]\(([\w/.]+\.md)\), "([^"]+)"', text)]
+    return found
+
+
 def test_every_file_and_results_section_the_documents_name_exists():
     """The paths README names (minillm/..., bench/..., dataset/..., tests/..., evals/...) exist, and each
-    `bench/RESULTS.md, "Section"` it cites is a heading there."""
-    headings = [line.lower() for line in (REPO / "bench" / "RESULTS.md").read_text(encoding="utf-8").splitlines()
-                if line.startswith("#")]
-    for doc in DOCS:
+    result section it cites (`bench/RESULTS.md, "Section"`, `docs/rl.md, "Section"`, `"Section" below`) is a
+    heading of that file."""
+    for doc in [*DOCS, REPO / "bench" / "RESULTS.md", REPO / "dataset" / "README.md"]:
         text = doc.read_text(encoding="utf-8")
-        paths = set(re.findall(r"(?<![\w/.-])((?:minillm|bench|dataset|tests|evals)/[\w/.-]*\w)", text))
+        paths = set(re.findall(r"(?<![\w/.:-])((?:minillm|bench|dataset|tests|evals)/[\w/.-]*\w)", text))
         written = (".tokens.bin", ".tokens.bin.json")  # caches a run writes beside the data, not shipped files
         missing = sorted(p for p in paths if not (REPO / p).exists() and "*" not in p and not p.endswith(written))
-        assert not missing, f"{doc.name} names files that do not exist: {missing}"
-        cited = set(re.findall(r'RESULTS\.md, "([^"]+)"', text))
+        # RESULTS.md is a record: it names probes since removed (and where git keeps them)
+        assert doc.name == "RESULTS.md" or not missing, f"{doc.name} names files that do not exist: {missing}"
+        cited = citations(doc)
         assert cited or doc != REPO / "README.md"
-        assert all(any(name.lower() in h for h in headings) for name in cited), [
-            name for name in cited if not any(name.lower() in h for h in headings)]
+        unknown = [(str(f.relative_to(REPO)), name) for f, name in cited
+                   if not f.is_file() or not any(name.lower() in h for h in headings(f))]
+        assert not unknown, f"{doc.relative_to(REPO)} cites sections that are not headings there: {unknown}"
+
+
+DATE = re.compile(r"20\d\d-\d\d-\d\d")
+MACHINE = re.compile(r"avx2|avx512|\bamx\b|H100|H200|A100|GPU", re.I)
+COMMAND = re.compile(r"(?:python |torchrun |`)[\w/]+\.py\b|pytest")
+RESULT_ROW = re.compile(r"^\|.*\d%|^\|.*\d\.\d+ ", re.M)
+
+
+def sections(path: Path) -> list[tuple[str, str]]:
+    """(heading, text) of each level-2 section of a Markdown file, its subsections included."""
+    parts = re.split(r"^(## .*)$", path.read_text(encoding="utf-8"), flags=re.M)
+    return list(zip(parts[1::2], parts[2::2]))
+
+
+def test_every_result_names_its_date_machine_and_command():
+    """Issue 50: no number without its command, date and machine. Each section of bench/RESULTS.md, and each
+    section of README and docs/ that holds a table of results, names a date, the machine's CPU flags (or its
+    GPU) and a command."""
+    checked = 0
+    for doc in [REPO / "bench" / "RESULTS.md", REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for heading, body in sections(doc):
+            if doc.parent.name != "bench" and not RESULT_ROW.search(body):
+                continue
+            text = heading + body
+            lacks = [what for what, pattern in (("date", DATE), ("machine", MACHINE), ("command", COMMAND))
+                     if not pattern.search(text)]
+            assert not lacks, f"{doc.relative_to(REPO)}, {heading!r} gives results without its {', '.join(lacks)}"
+            checked += 1
+    assert checked > 30
 
 
 def test_every_link_in_the_documents_resolves():
