@@ -17,8 +17,9 @@ import pytest
 import torch
 from conftest import REPO, LiveServer, load_script
 
+from minillm.infer.chat import TextStream
 from minillm.infer.generation import generate
-from minillm.infer.serving import GenerationRequest, Sampling, Scheduler, TextStream
+from minillm.infer.serving import GenerationRequest, Sampling, Scheduler
 
 serve_cli = load_script("serve.py")
 QUESTION = [{"role": "user", "content": "请以《浣溪沙》为词牌写一首词"}]
@@ -240,9 +241,50 @@ def test_scheduler_tokens_do_not_depend_on_the_batch(tiny_sft_dir, temperature):
             generate(model, p, 40, temperature=0)[0, len(p):].tolist() for p in prompts]
 
 
-def test_a_lone_sequence_decodes_at_batch_one_whatever_max_batch(tiny_sft_dir):
-    """Issue 49, item 3: decode steps cover the active slots only, so one request in a --max_batch 16 server
-    pays for one row, not 16."""
+@pytest.mark.parametrize("probe", [None, True])
+def test_a_product_whose_bits_depend_on_the_row_count_is_found_and_padded(tiny_sft_dir, monkeypatch, probe):
+    """A BLAS whose result depends on how many rows it multiplies (here: plus 1e-4 per row, far more than MKL's
+    last bits on a Xeon): the scheduler's probe finds it and feeds every slot, so seeded samples are the same
+    alone and beside 7 others; told the rows are independent, it feeds the active ones and they differ."""
+    import torch.nn.functional as F
+
+    from minillm.model.linear import rows_independent
+    from minillm.model.model import MiniLLM
+
+    model = MiniLLM.from_pretrained(tiny_sft_dir).eval()
+    assert rows_independent(model, 8) in (True, False)
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: linear(x, w, b) + 1e-4 * x.reshape(-1, x.shape[-1]).shape[0])
+    assert not rows_independent(model, 8)
+    prompts = [[5, 6, 7 + i] for i in range(8)]
+    out = {}
+
+    def run(scheduler, group):
+        done = threading.Semaphore(0)
+        for i in group:
+            out[i] = []
+        scheduler.submit([GenerationRequest(prompts[i], 12, Sampling(1.0, None, seed=i), [],
+                                            lambda t, i=i: out[i].append(t) if t is not None else done.release())
+                          for i in group])
+        for _ in group:
+            done.acquire()
+        return {i: out[i] for i in group}
+
+    scheduler = Scheduler(model, max_batch=8, context=64, rows_independent=probe).start()
+    try:
+        alone = {i: run(scheduler, [i])[i] for i in range(8)}
+        together = run(scheduler, list(range(8)))
+    finally:
+        scheduler.stop()
+    assert scheduler.rows_independent is (probe is True)
+    assert (together == alone) is (probe is None)
+
+
+@pytest.mark.parametrize("independent", [True, False])
+def test_a_lone_sequence_decodes_at_batch_one_whatever_max_batch(tiny_sft_dir, independent):
+    """Issue 49, item 3: where a row's products do not depend on the row count, decode steps cover the active
+    slots only, so one request in a --max_batch 16 server pays for one row, not 16; where they do (MKL on Intel
+    CPUs), every step feeds all 16, the price of the same tokens alone and in a batch."""
     from minillm.model.kv_cache import SlotKVCache
     from minillm.model.model import MiniLLM
 
@@ -257,7 +299,7 @@ def test_a_lone_sequence_decodes_at_batch_one_whatever_max_batch(tiny_sft_dir):
 
     model.forward = spy
     done = threading.Semaphore(0)
-    scheduler = Scheduler(model, max_batch=16, context=128).start()
+    scheduler = Scheduler(model, max_batch=16, context=128, rows_independent=independent).start()
     try:
         scheduler.submit([GenerationRequest([5, 6, 7], 20, Sampling(0.0), [], lambda t: t is None and done.release())])
         done.acquire()
@@ -268,8 +310,11 @@ def test_a_lone_sequence_decodes_at_batch_one_whatever_max_batch(tiny_sft_dir):
             done.acquire()
     finally:
         scheduler.stop()
-    assert lone == [1] * 19  # the first token comes from the prefill
-    assert max(rows) == 3 and set(rows) <= {1, 2, 3}
+    if independent:
+        assert lone == [1] * 19  # the first token comes from the prefill
+        assert max(rows) == 3 and set(rows) <= {1, 2, 3}
+    else:
+        assert lone == [16] * 19 and set(rows) == {16}
 
 
 def test_a_long_prompt_is_read_in_chunks_between_decode_steps(tiny_sft_dir):

@@ -139,23 +139,30 @@ def test_sampling_probs_is_what_generate_samples_from():
     assert probs[0, 3] == 0 and torch.allclose(probs[0, :3], (logits[0, :3] / 0.5).softmax(-1))
 
 
-# --- the server: a lone request decodes in speculative rounds (issue 49, items 1 and 2) ---------------------------
+# --- the server: every request speculates in the batched step (issue 49, items 1 and 2) ----------------------------
 
 def serve_alone(scheduler, prompts, n, temperature=0.0):
     """Each prompt submitted alone (the next after the last finished): its tokens and its request."""
+    return [serve_together(scheduler, [prompt], n, temperature, first_seed=i)[0] for i, prompt in enumerate(prompts)]
+
+
+def serve_together(scheduler, prompts, n, temperature=0.0, banned=None, first_seed=0):
+    """All prompts submitted at once (request i seeded first_seed + i, never picking the tokens banned[i]): each
+    one's tokens and request."""
     import threading
 
     from minillm.infer.serving import GenerationRequest, Sampling
 
-    outs = []
+    outs, done = [], threading.Semaphore(0)
     for i, prompt in enumerate(prompts):
-        tokens, done = [], threading.Semaphore(0)
-        request = GenerationRequest(prompt, n, Sampling(temperature, None, seed=i), [],
-                                    lambda t, tokens=tokens, done=done: tokens.append(t) if t is not None
-                                    else done.release())
-        scheduler.submit([request])
-        done.acquire()
+        tokens = []
+        request = GenerationRequest(prompt, n, Sampling(temperature, None, seed=first_seed + i), [],
+                                    lambda t, tokens=tokens: tokens.append(t) if t is not None else done.release(),
+                                    banned=(banned or {}).get(i, ()))
         outs.append((tokens, request))
+    scheduler.submit([r for _, r in outs])
+    for _ in prompts:
+        done.acquire()
     return outs
 
 
@@ -206,9 +213,11 @@ def test_a_failing_draft_costs_its_request_the_speculation_only():
     assert not request.speculating
 
 
-def test_speculative_server_sampling_matches_the_targets_distribution():
+@pytest.mark.parametrize("max_batch", [1, 8])
+def test_speculative_server_sampling_matches_the_targets_distribution(max_batch):
     """Sampled at temperature 1 with a draft that differs, the first generated token after a fixed prompt
-    follows the target's distribution (chi-square over a 12-token vocabulary, 3,000 requests)."""
+    follows the target's distribution (chi-square over a 12-token vocabulary, 3,000 requests), for requests
+    served one at a time and eight to a batch (each row judged with its own generator)."""
     from minillm.infer.serving import Scheduler
 
     target, draft = model_of(12, 1, 0, scale=0.6, hidden=32), model_of(12, 1, 3, scale=0.6, hidden=32)
@@ -216,11 +225,13 @@ def test_speculative_server_sampling_matches_the_targets_distribution():
     with torch.no_grad():  # condition on the likeliest first token a; the target's next-token distribution p
         a = int(target(torch.tensor([prompt])).logits[0, -1].argmax())
         p = torch.softmax(target(torch.tensor([prompt + [a]])).logits[0, -1].double(), -1)
-    spec = Scheduler(target, max_batch=1, context=16, speculation=Speculation(draft, 2)).start()
+    spec = Scheduler(target, max_batch=max_batch, context=16, max_waiting=3000,
+                     speculation=Speculation(draft, 2)).start()
     try:
         # Three tokens per request: the first from the prefill, the second from a speculative round's judge (one
         # draft: kept, or rejected and redrawn); keep the requests whose first token was a, count their second.
-        outs = serve_alone(spec, [prompt] * 3000, 3, temperature=1.0)
+        outs = (serve_alone(spec, [prompt] * 3000, 3, temperature=1.0) if max_batch == 1 else
+                serve_together(spec, [prompt] * 3000, 3, temperature=1.0))
     finally:
         spec.stop()
     assert spec.speculation.stats.rounds == 3000  # every request's second token came from a round
@@ -232,3 +243,63 @@ def test_speculative_server_sampling_matches_the_targets_distribution():
     keep = expected > 5
     chi2 = (((counts - expected) ** 2 / expected)[keep]).sum().item()
     assert chi2 < 30, (chi2, counts.tolist(), expected.tolist())  # 11 degrees of freedom: p ~ 0.002
+
+
+def test_the_slot_cache_reads_several_tokens_a_row_as_the_whole_sequence_would():
+    """A speculative step's pass: three slots at lengths 5, 9 and 2 feed 4, 2 and 1 of T = 4 tokens; each row's
+    logits equal a plain forward over its whole sequence, the lengths move by the widths, and no row writes past
+    its width (the padding is computed, never stored)."""
+    from minillm.model.kv_cache import SlotKVCache
+
+    model = model_of(96, 2, 0, scale=0.3)
+    g = torch.Generator().manual_seed(0)
+    prefixes = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (5, 9, 2)]
+    fed = [torch.randint(3, 96, (w,), generator=g).tolist() for w in (4, 2, 1)]
+    cache = SlotKVCache(model.config, 4, 32)
+    with torch.no_grad():
+        for b, prefix in enumerate(prefixes):
+            model(torch.tensor([prefix]), kv_cache=cache.slot(b))
+            cache.lengths[b], cache.active[b] = len(prefix), True
+        cache.cover([0, 1, 2], [4, 2, 1])
+        tokens = torch.tensor([f + f[:1] * (4 - len(f)) for f in fed])
+        logits = model(tokens, kv_cache=cache).logits
+        for i, (prefix, f) in enumerate(zip(prefixes, fed)):
+            whole = model(torch.tensor([prefix + f])).logits[0, len(prefix):]
+            torch.testing.assert_close(logits[i, :len(f)], whole, atol=1e-5, rtol=1e-5)
+    assert cache.lengths[:3] == [9, 11, 3]
+    for layer in range(model.config.num_hidden_layers):
+        assert cache.cache.k[layer][2, :, 3:].abs().sum() == 0 and cache.cache.k[layer][1, :, 11:].abs().sum() == 0
+        assert cache.cache.k[layer][2, :, 2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("drafter", ["same", "other", "lookup"])
+def test_requests_that_share_the_batch_speculate_each_by_its_own_acceptance(drafter):
+    """Six requests at once on four slots, one of them barred from the token it would pick first (as tool_choice
+    "none" bars the call marker: it never drafts): every greedy text equals the text without speculation, rows
+    drafted while others ran beside them, and a draft identical to the target keeps every proposal."""
+    from minillm.infer.serving import Scheduler
+
+    target = model_of(96, 2, 0)
+    draft = {"same": target, "other": model_of(96, 1, 5), "lookup": None}[drafter]
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() * 2 for n in (3, 8, 20, 5, 2, 11)]
+    plain = Scheduler(target, max_batch=4, context=128).start()
+    speculation = Speculation(draft, num_draft_tokens=3)
+    spec = Scheduler(target, max_batch=4, context=128, speculation=speculation).start()
+    try:
+        banned = {1: serve_alone(plain, prompts[1:2], 1)[0][0]}
+        want = [t for t, _ in serve_alone(plain, prompts, 30)]
+        want[1] = serve_together(plain, prompts[1:2], 30, banned={0: banned[1]})[0][0]
+        got = serve_together(spec, prompts, 30, banned=banned)
+    finally:
+        plain.stop()
+        spec.stop()
+    assert [t for t, _ in got] == want and all(r.finish_reason == "length" for _, r in got)
+    assert spec.max_running == 4 and got[1][1].drafter is None  # the barred request never drafted
+    stats = speculation.stats
+    assert stats.rounds > 0 and stats.proposed > 0
+    if drafter == "same":
+        assert stats.accepted == stats.proposed and stats.rounds < 5 * 30 / 2
+    if drafter == "other":
+        assert 0 <= stats.accepted < stats.proposed
+

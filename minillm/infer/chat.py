@@ -1,4 +1,5 @@
-"""Talking to a model: streaming text out of token ids, and a chat history kept within the context."""
+"""Talking to a model: streaming text out of token ids (stop strings held back), and a chat history kept within
+the context."""
 
 from __future__ import annotations
 
@@ -68,6 +69,56 @@ class StreamDecoder:
     def text(self) -> str:
         """The whole text of the ids pushed so far."""
         return self._decode(self.ids)
+
+
+class TextStream:
+    """A sequence's tokens as text pieces, cut at the first stop string (which is not part of the text).
+
+    Text that could be the start of a stop string is held back until it is known not to be one, so a
+    streamed answer never shows part of a stop string.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self.decoder = StreamDecoder(tokenizer)
+        self.stop = [s for s in stop if s]
+        self.text = ""  # settled text so far (before any stop string)
+        self.sent = 0  # characters of self.text already handed out
+        self.stopped = False  # a stop string was found
+
+    def push(self, token: int) -> str:
+        """Add one token; the text that can be shown now (possibly empty)."""
+        if self.stopped:
+            return ""
+        self.text += self.decoder.push(token)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The text still held back, once the sequence has ended."""
+        if not self.stopped:
+            self.text += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stop and not self.stopped:
+            longest = max(map(len, self.stop))
+            start = max(0, self.sent - longest + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.stopped = True
+        end = len(self.text)
+        if not final and not self.stopped:
+            end -= self._held(self.text)
+        piece = self.text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return piece
+
+    def _held(self, text: str) -> int:
+        """Length of the longest end of `text` that begins some stop string."""
+        for n in range(min(len(text), max(map(len, self.stop), default=0) - 1), 0, -1):
+            if any(s.startswith(text[-n:]) for s in self.stop):
+                return n
+        return 0
 
 
 def stream_decode(tokenizer: Tokenizer, ids: Iterable[int], skip_special_tokens: bool = False) -> Iterator[str]:

@@ -8,10 +8,11 @@ import threading
 
 from minillm.data.conversation import TOOL_CALL
 from minillm.data.tokenizer import Tokenizer
+from minillm.infer.chat import TextStream
 from minillm.infer.constrain import Constraint
 from minillm.infer.openai_api import ApiError, CompletionSpec, usage
 from minillm.infer.openai_tools import reply_calls
-from minillm.infer.serving import GenerationRequest, TextStream
+from minillm.infer.serving import GenerationRequest
 
 
 class Mailbox:

@@ -7,12 +7,13 @@ A prompt longer than `prefill_chunk` tokens is prefilled a chunk per step, so th
 keep getting tokens while it is read instead of waiting for the whole prompt.
 
 A decode step covers the active slots only (a lone sequence costs a batch-1 step), and attention runs row by
-row over each slot's own length. With a `Speculation` (serve.py --draft_model or --prompt_lookup), a sequence
-that runs alone decodes in speculative rounds: its drafter proposes K tokens and one forward pass over its slot
-checks them (infer/speculative.py), greedy text unchanged and sampled text in the same distribution; as soon as
-another sequence runs beside it, it decodes in the batch again, so no sequence waits on another's drafts.
+row over each slot's own length. With a `Speculation` (serve.py --draft_model or --prompt_lookup), every step is a
+speculative round for each sequence that can draft: its own drafter proposes up to K tokens, and the one batched
+forward pass feeds each row its last token and its drafts (a row without drafts feeds one token), so each
+sequence's drafts are checked with its own acceptance (infer/speculative.py): greedy text unchanged, sampled text
+in the same distribution. A row's rejections move only its own slot back; the others pay the wider step only.
 
-`TextStream` turns a sequence's tokens into text pieces and applies stop strings.
+minillm/infer/chat.py's `TextStream` turns a sequence's tokens into text pieces and applies stop strings.
 """
 
 from __future__ import annotations
@@ -24,12 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from minillm.data.tokenizer import Tokenizer
 from minillm.device import available_memory
-from minillm.infer.chat import StreamDecoder
 from minillm.infer.generation import next_token
-from minillm.infer.speculative import Sampler, Speculation, judge
+from minillm.infer.speculative import Proposal, Sampler, Speculation, judge
 from minillm.model.kv_cache import KVCache, SlotKVCache
+from minillm.model.linear import rows_independent as linear_rows_independent
 from minillm.model.model import MiniLLM
 
 
@@ -103,6 +103,10 @@ class GenerationRequest:
         """Ask the scheduler to stop this sequence; its slot is freed at the next step."""
         self.cancelled = True
 
+    def sampler(self) -> Sampler:
+        """Its sampling settings and generator as speculative decoding's Sampler (drafter and judge)."""
+        return Sampler(self.sampling.temperature, None, self.sampling.nucleus, self.generator)
+
     def pick(self, logits_1V: torch.Tensor) -> int:
         """The next token from this sequence's logits, with its own sampling settings and generator."""
         self.picked += 1
@@ -124,7 +128,8 @@ class Scheduler:
     """Runs `model` on a background thread, batching up to `max_batch` sequences per decode step."""
 
     def __init__(self, model: MiniLLM, max_batch: int, context: int, max_waiting: int = 256,
-                 prefill_chunk: int = 256, speculation: Speculation | None = None) -> None:
+                 prefill_chunk: int = 256, speculation: Speculation | None = None,
+                 rows_independent: bool | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk < 0:
@@ -148,7 +153,12 @@ class Scheduler:
         self.stopping = False
         self.finished: Counter[str] = Counter()  # sequences ended, by finish reason
         self.max_running = 0  # most sequences that shared one decode step
-        self.speculation = speculation  # a lone sequence's speculative rounds (None: plain decode steps)
+        self.speculation = speculation  # every sequence's speculative rounds (None: plain decode steps)
+        # Where the products' bits depend on how many rows they multiply (MKL on Intel CPUs), every step feeds all
+        # max_batch slots, so that a sequence gets the same tokens alone and beside others; elsewhere a step feeds
+        # the active slots only, and a lone sequence costs a batch-1 step. None: ask the model's linear layers.
+        self.rows_independent = (rows_independent if rows_independent is not None else
+                                 max_batch == 1 or linear_rows_independent(model, max_batch))
         self.thread = threading.Thread(target=self._run, name="minillm-scheduler", daemon=True)
 
     # --- the client side (any thread) -----------------------------------------------------------------
@@ -230,47 +240,54 @@ class Scheduler:
                 self._confined(b, r, lambda b=b, r=r, n=n: self._prefill(b, r, n))
         if not any(self.cache.active):
             return
-        # The step covers the active slots only: a lone sequence costs a batch-1 step, whatever --max_batch.
-        rows = [b for b, on in enumerate(self.cache.active) if on]
-        self.max_running = max(self.max_running, len(rows))
-        if self.speculation is not None and len(rows) == 1 and not self.waiting and self._speculate(rows[0]):
-            return
-        self.cache.cover(rows)
-        tokens_B1 = torch.tensor([[self.slots[b].last_token] for b in rows], device=self.device)
-        logits_BV = self.model(tokens_B1, kv_cache=self.cache).logits[:, -1]
+        active = [b for b, on in enumerate(self.cache.active) if on]
+        self.max_running = max(self.max_running, len(active))
+        rows = active if self.rows_independent else list(range(self.max_batch))  # idle rows: computed, ignored
+        drafts = {b: p for b in active if (p := self._propose(b)) is not None} if self.speculation else {}
+        widths = [1 + len(drafts[b].tokens) if b in drafts else 1 for b in rows]
+        self.cache.cover(rows, widths)
+        # Each row feeds its last token and its drafts, padded (with its last token) to the widest row.
+        feed = [[self.slots[b].last_token if self.cache.active[b] else 0, *(drafts[b].tokens if b in drafts else ())]
+                for b in rows]
+        tokens_BT = torch.tensor([f + f[:1] * (max(widths) - len(f)) for f in feed], device=self.device)
+        logits_BTV = self.model(tokens_BT, kv_cache=self.cache).logits
         for i, b in enumerate(rows):
             r = self.slots[b]
-            self._confined(b, r, lambda b=b, r=r, i=i: self._deliver(b, r.pick(logits_BV[i:i + 1])))
+            if not self.cache.active[b]:
+                continue
+            if b in drafts:
+                self._confined(b, r, lambda b=b, r=r, i=i: self._settle(b, r, logits_BTV[i], drafts[b]))
+            else:
+                self._confined(b, r, lambda b=b, r=r, i=i: self._deliver(b, r.pick(logits_BTV[i, :1])))
 
-    def _speculate(self, b: int) -> bool:
-        """One speculative round of the lone running sequence in slot b; False (a plain step instead) when it is
-        constrained or forced, nothing was proposed, or its drafter failed (then it stops speculating)."""
+    def _propose(self, b: int) -> Proposal | None:
+        """Slot b's drafts for this step; None (it feeds one token) when it is constrained or forced, has no room
+        or no proposal, or its drafter failed (then it stops speculating)."""
         r = self.slots[b]
         if not r.speculating or r.constraint is not None or r.banned or r.picked < len(r.forced):
-            return False
+            return None
         ids = [*r.prompt_ids, *r.tokens]  # the slot holds all but the last one
         k = min(self.speculation.num_draft_tokens, r.max_tokens - r.generated - 1, self.context - len(ids))
-        s = r.sampling
-        sampler = Sampler(s.temperature, None, s.nucleus, r.generator)
+        if k <= 0:
+            return None
         try:
-            r.drafter = r.drafter or self.speculation.drafter(self.context, sampler)
-            proposal = r.drafter.propose(ids, k) if k > 0 else None
+            r.drafter = r.drafter or self.speculation.drafter(self.context, r.sampler())
+            proposal = r.drafter.propose(ids, k)
         except Exception:  # a failing draft costs its sequence the speculation, never the sequence or the batch
             r.speculating = False
-            return False
-        if proposal is None or not proposal.tokens[:k]:
-            return False
+            return None
         proposal.tokens = proposal.tokens[:k]
-        settled = self.cache.lengths[b]
-        feed_1T = torch.tensor([[r.last_token, *proposal.tokens]], device=self.device)
-        logits_TV = self.model(feed_1T, kv_cache=self.cache.view(b)).logits[0].float()
-        kept, following = judge(logits_TV, proposal, sampler)
-        self.cache.lengths[b] = settled + 1 + kept
-        r.drafter.keep(len(ids) + kept)
+        return proposal if proposal.tokens else None
+
+    def _settle(self, b: int, r: GenerationRequest, logits_TV: torch.Tensor, proposal: Proposal) -> None:
+        """Judge slot b's drafts by its own rule, move its length back past the rejected ones, deliver."""
+        k = len(proposal.tokens)
+        kept, following = judge(logits_TV[:k + 1].float(), proposal, r.sampler())
+        self.cache.lengths[b] -= k - kept  # the step counted all k + 1 fed tokens
+        r.drafter.keep(self.cache.lengths[b])
         stats = self.speculation.stats
         stats.rounds, stats.proposed, stats.accepted = stats.rounds + 1, stats.proposed + k, stats.accepted + kept
-        self._confined(b, r, lambda: self._deliver_all(b, r, [*proposal.tokens[:kept], following]))
-        return True
+        self._deliver_all(b, r, [*proposal.tokens[:kept], following])
 
     def _deliver_all(self, b: int, r: GenerationRequest, tokens: list[int]) -> None:
         for token in tokens:
@@ -333,53 +350,3 @@ class Scheduler:
         self.finished[reason] += 1
         r.finish_reason = reason
         r.emit(None)
-
-
-class TextStream:
-    """A sequence's tokens as text pieces, cut at the first stop string (which is not part of the text).
-
-    Text that could be the start of a stop string is held back until it is known not to be one, so a
-    streamed answer never shows part of a stop string.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
-        self.decoder = StreamDecoder(tokenizer)
-        self.stop = [s for s in stop if s]
-        self.text = ""  # settled text so far (before any stop string)
-        self.sent = 0  # characters of self.text already handed out
-        self.stopped = False  # a stop string was found
-
-    def push(self, token: int) -> str:
-        """Add one token; the text that can be shown now (possibly empty)."""
-        if self.stopped:
-            return ""
-        self.text += self.decoder.push(token)
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        """The text still held back, once the sequence has ended."""
-        if not self.stopped:
-            self.text += self.decoder.flush()
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        if self.stop and not self.stopped:
-            longest = max(map(len, self.stop))
-            start = max(0, self.sent - longest + 1)
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-            if hits:
-                self.text = self.text[:min(hits)]
-                self.stopped = True
-        end = len(self.text)
-        if not final and not self.stopped:
-            end -= self._held(self.text)
-        piece = self.text[self.sent:end]
-        self.sent = max(self.sent, end)
-        return piece
-
-    def _held(self, text: str) -> int:
-        """Length of the longest end of `text` that begins some stop string."""
-        for n in range(min(len(text), max(map(len, self.stop), default=0) - 1), 0, -1):
-            if any(s.startswith(text[-n:]) for s in self.stop):
-                return n
-        return 0

@@ -60,7 +60,8 @@ class SlotKVCache:
     A decode step feeds one token for each slot it covers (`rows`: all slots, or only the active ones, so that
     a lone sequence decodes at batch-1 cost). Each slot writes at its own position and attends over its own
     length only, row by row, so a sequence's arithmetic is the same whatever shares the batch; idle slots
-    (`active` False) compute nothing in attention and their outputs are ignored.
+    (`active` False) compute nothing in attention and their outputs are ignored. A speculative step feeds T
+    tokens a row, each row its own `widths[i]` of them (the rest is padding: computed, never written or kept).
     """
 
     def __init__(self, config: LMConfig, slots: int, max_len: int, device: torch.device | str | None = None,
@@ -72,39 +73,40 @@ class SlotKVCache:
         self.lengths = [0] * slots  # filled positions per slot
         self.active = [False] * slots
         self.rows = list(range(slots))  # the slots the next forward pass covers: batch row i is slot rows[i]
+        self.widths: list[int] | None = None  # tokens row i feeds in a multi-token pass (None: every one)
 
-    def cover(self, rows: list[int]) -> None:
-        """Run the next forward passes over these slots only, in this order."""
-        self.rows = list(rows)
+    def cover(self, rows: list[int], widths: list[int] | None = None) -> None:
+        """Run the next forward passes over these slots only, in this order; a pass of T tokens a row writes the
+        first widths[i] of row i's (all T when widths is None)."""
+        if widths is not None and len(widths) != len(rows):
+            raise ValueError(f"{len(widths)} widths for {len(rows)} rows")
+        self.rows, self.widths = list(rows), None if widths is None else list(widths)
 
     def slot(self, b: int) -> KVCache:
         """A batch-of-one cache over slot b's buffers, empty, for prefilling a new sequence there."""
         self.lengths[b] = 0
-        return self.view(b)
-
-    def view(self, b: int) -> KVCache:
-        """A batch-of-one cache over slot b's buffers at its length, to run several tokens of it at once (a
-        speculative round); the caller sets lengths[b] after."""
-        cache = KVCache.over([k[b:b + 1] for k in self.cache.k], [v[b:b + 1] for v in self.cache.v])
-        cache.pos = self.lengths[b]
-        return cache
+        return KVCache.over([k[b:b + 1] for k in self.cache.k], [v[b:b + 1] for v in self.cache.v])
 
     def rope_index(self, T: int) -> torch.Tensor:
-        """Each slot's position for its one new token, [B, 1]."""
-        if T != 1:
-            raise ValueError(f"a SlotKVCache decodes one token per slot, got {T}")
-        return torch.tensor([self.lengths[b] for b in self.rows], device=self.cache.k[0].device)[:, None]
+        """Each slot's positions for its T new tokens, [B, T] (padding past the cache held at its last)."""
+        device = self.cache.k[0].device
+        start_B1 = torch.tensor([self.lengths[b] for b in self.rows], device=device)[:, None]
+        if T == 1:
+            return start_B1
+        return (start_B1 + torch.arange(T, device=device)).clamp_max(self.cache.max_len - 1)
 
     def advance(self, T: int) -> None:
-        """Count the token each covered active slot has just written."""
-        for b in self.rows:
-            self.lengths[b] += self.active[b]
+        """Count the tokens each covered active slot has just written (its width of the T)."""
+        for i, b in enumerate(self.rows):
+            self.lengths[b] += self.active[b] * (T if self.widths is None else min(T, self.widths[i]))
 
     def attend(self, layer: int, q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> torch.Tensor:
-        """Write each slot's new key/value at its position; attention output [B, H, 1, D] row by row."""
-        B = q_BHTD.shape[0]
+        """Write each slot's new key/value at its position; attention output [B, H, T, D] row by row."""
+        B, T = q_BHTD.shape[0], q_BHTD.shape[2]
         if B != len(self.rows):
             raise ValueError(f"a batch of {B} rows for a cache that covers {len(self.rows)} slots")
+        if T > 1:
+            return self._attend_tokens(layer, q_BHTD, k_BKTD, v_BKTD)
         lengths = [self.lengths[b] for b in self.rows]
         if max(lengths) >= self.cache.max_len:
             raise ValueError(f"KV cache is full: a slot needs position {max(lengths)}, "
@@ -112,8 +114,9 @@ class SlotKVCache:
         rows = torch.tensor(self.rows, device=q_BHTD.device)
         pos_B = torch.tensor(lengths, device=q_BHTD.device)
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        k_cache[rows, :, pos_B] = k_BKTD[:, :, 0]
-        v_cache[rows, :, pos_B] = v_BKTD[:, :, 0]
+        # An index put does not convert (a slice assignment does): under bf16 autocast the keys are bf16.
+        k_cache[rows, :, pos_B] = k_BKTD[:, :, 0].to(k_cache.dtype)
+        v_cache[rows, :, pos_B] = v_BKTD[:, :, 0].to(v_cache.dtype)
         if not self.exact:
             return self._attend_masked(layer, q_BHTD, pos_B)
         H, D = q_BHTD.shape[1], q_BHTD.shape[3]
@@ -127,6 +130,32 @@ class SlotKVCache:
                 S = self.lengths[b] + 1
                 probs_KGS = (q_BKGD[i] @ k_cache[b, :, :S].transpose(-1, -2)).softmax(-1, dtype=torch.float32)
                 y_BHTD[i] = (probs_KGS.to(v_cache.dtype) @ v_cache[b, :, :S]).reshape(H, 1, D)
+        return y_BHTD
+
+    def _attend_tokens(self, layer: int, q_BHTD: torch.Tensor, k_BKTD: torch.Tensor,
+                       v_BKTD: torch.Tensor) -> torch.Tensor:
+        """Several tokens a row (a speculative step): row i writes its first w = widths[i] keys and values at
+        its length L, and its query t attends causally over positions 0..L + t; padding queries give zeros."""
+        if not self.exact:
+            raise ValueError("several tokens a row need the exact (row by row) attention")
+        B, H, T, D = q_BHTD.shape
+        K = k_BKTD.shape[1]
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        q_BKGTD = (q_BHTD * D**-0.5).reshape(B, K, H // K, T, D)
+        y_BHTD = torch.zeros_like(q_BHTD)
+        for i, b in enumerate(self.rows):
+            if not self.active[b]:
+                continue
+            L, w = self.lengths[b], T if self.widths is None else min(T, self.widths[i])
+            if L + w > self.cache.max_len:
+                raise ValueError(f"KV cache is full: a slot needs position {L + w - 1}, {self.cache.max_len} allocated")
+            k_cache[b, :, L:L + w] = k_BKTD[i, :, :w]
+            v_cache[b, :, L:L + w] = v_BKTD[i, :, :w]
+            S = L + w
+            scores_KGwS = q_BKGTD[i, :, :, :w] @ k_cache[b, :, :S].transpose(-1, -2)[:, None]
+            later_wS = torch.arange(S, device=q_BHTD.device)[None, :] > L + torch.arange(w, device=q_BHTD.device)[:, None]
+            probs_KGwS = scores_KGwS.masked_fill(later_wS, float("-inf")).softmax(-1, dtype=torch.float32)
+            y_BHTD[i, :, :w] = (probs_KGwS.to(v_cache.dtype) @ v_cache[b, :, :S][:, None]).reshape(H, w, D)
         return y_BHTD
 
     def _attend_masked(self, layer: int, q_BHTD: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:

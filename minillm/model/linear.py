@@ -91,6 +91,28 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int8 per output row"
 
 
+@torch.inference_mode()
+def rows_independent(model: nn.Module, rows: int) -> bool:
+    """True when every linear layer of `model` gives a row the same bits whether it is multiplied alone or with
+    up to `rows - 1` others.
+
+    BLAS libraries pick their kernel by the row count, and kernels sum in different orders: MKL on an Intel Xeon
+    has one kernel for a single row, one for a few and one for many, whose results differ in the last bits (on
+    AMD EPYCs its products are the same for every count). Row position within one count does not matter. A
+    server that promises a request the same tokens alone as beside others asks this once, with random rows.
+    """
+    g = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if not isinstance(module, (nn.Linear, Int8Linear)):
+            continue
+        ref = module.scale if isinstance(module, Int8Linear) else module.weight  # the activations' dtype, device
+        x = torch.randn(rows, module.in_features, generator=g).to(ref.device, ref.dtype)
+        first = module(x[:1])
+        if any(not torch.equal(module(x[:m])[:1], first) for m in range(2, rows + 1)):
+            return False
+    return True
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear of the model by an Int8Linear, in place (inference only; the embedding stays float).
 
