@@ -27,9 +27,9 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "loss_curve.json"
 TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4", "--num_key_value_heads", "2"]
 COMMON = ["--eval_data", "", "--dtype", "float32", "--log_every", "1", "--save_every", "0", "--seed", "1337"]
 PRETRAIN = ["--max_length", "32", "--batch_size", "4", "--max_steps", "30", "--warmup_steps", "3",
-            "--learning_rate", "3e-3", *TINY]
+            "--learning_rate", "2e-3", *TINY]
 SFT = ["--max_length", "96", "--batch_size", "2", "--max_steps", "12", "--warmup_steps", "2", "--learning_rate", "1e-3"]
-TOLERANCE = 5e-4  # relative, on each step's loss and gradient norm: 7x the largest difference measured (7.2e-5)
+TOLERANCE = 5e-4  # relative, on each step's loss and gradient norm: 64x the largest difference measured (7.8e-6)
 
 
 def head(source: Path, n: int, path: Path) -> Path:
