@@ -2,8 +2,10 @@
 
 Both sides run the loop's own train_step (minillm/train/trainer.py) on the same batch: pretraining with the
 language-modelling objective, distillation with the Distillation objective (the teacher's forward under no_grad,
-the generalized JSD and the cross-entropy). Steps alternate after warm-up; tokens/s counts the student's input
-positions. Peak memory is each side's in a fresh process (teacher and student both loaded for distillation).
+the generalized JSD and the cross-entropy), and distillation from a --teacher_topk cache built before timing (the
+teacher's k likeliest ids read back instead of its forward). Steps alternate after warm-up; tokens/s counts the
+student's input positions. Peak memory is each side's in a fresh process (teacher and student both loaded for
+distillation).
 
     python bench/distill_throughput.py                          # 4.6M student, 25.8M teacher, 16 x 128, CPU
     python bench/distill_throughput.py --teacher pretrain       # a teacher of the student's own shape
@@ -12,6 +14,7 @@ positions. Peak memory is each side's in a fresh process (teacher and student bo
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 import torch
 from common import (
@@ -36,23 +39,26 @@ from minillm.train.objective import LanguageModeling
 from minillm.train.optim import build_optimizer
 from minillm.train.trainer import train_step
 
-SIDES = ("pretraining", "distillation")
+SIDES = ("pretraining", "distillation", "distillation, top-k cache")
 
 
 def make_step(side: str, device: torch.device, student: str, teacher: str, batch_size: int, seq_len: int,
-              seed: int):
+              seed: int, topk: int):
     """A closure running one optimizer step of the student (loop's train_step) on a fixed batch."""
     torch.manual_seed(seed)
     model = MiniLLM(CONFIGS[student]).to(device).train()
-    if side == "distillation":
-        objective = Distillation(MiniLLM(CONFIGS[teacher]).eval(), alpha=0.5, beta=0.5, temperature=1.0)
+    micro = [make_batch(model.config.vocab_size, batch_size, seq_len, seed, device)]
+    rows = list(zip(*(part.cpu() for part in micro[0])))  # the batch as a dataset the cache is built from
+    if side.startswith("distillation"):
+        cache = tempfile.mkdtemp(prefix="minillm-teacher-") if side.endswith("cache") else None
+        objective = Distillation(MiniLLM(CONFIGS[teacher]).eval(), alpha=0.5, beta=0.5, temperature=1.0,
+                                 topk=topk if cache else None, cache_dir=cache, verbose=False)
     else:
         objective = LanguageModeling()
-    objective.prepare(model, None, device, torch.float32)
+    objective.prepare(model, rows, device, torch.float32)
     optimizer = build_optimizer(model, "adamw", 2e-3, 0.1, device)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     params = list(model.parameters())
-    micro = [make_batch(model.config.vocab_size, batch_size, seq_len, seed, device)]
     env = DistEnv(device=device)
 
     def step() -> float:
@@ -77,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="teacher shape (default: %(default)s, the 25.8M shape)")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per step (default: %(default)s)")
     parser.add_argument("--seq_len", type=int, default=128, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--topk", type=int, default=32, help="ids per position in the cache (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     setup(args.threads, args.seed)
     kwargs = dict(student=args.student, teacher=args.teacher, batch_size=args.batch_size, seq_len=args.seq_len,
-                  seed=args.seed)
+                  seed=args.seed, topk=args.topk)
     steps = {side: make_step(side, device, **kwargs) for side in SIDES}
     times = time_alternating(steps, args.warmup, args.rounds, device)
     memory = {} if args.no_memory else {side: peak_memory_of(memory_workload, device, args.threads, side=side,
@@ -104,8 +111,10 @@ def main(argv: list[str] | None = None) -> None:
             for side in SIDES]
     print_table(["step", "ms (median)", "student tokens/s", "peak MiB", "step MiB"], rows)
     ratio = tps["pretraining"] / tps["distillation"]
-    print(f"\na distillation step costs {ratio:.2f}x a pretraining step of the same student")
-    write_json(args.json, ratio=ratio, tokens_per_s=tps,
+    cached = tps["pretraining"] / tps["distillation, top-k cache"]
+    print(f"\na distillation step costs {ratio:.2f}x a pretraining step of the same student; from a top-{args.topk} "
+          f"cache, {cached:.2f}x")
+    write_json(args.json, ratio=ratio, cached_ratio=cached, tokens_per_s=tps,
                peak_mib={side: memory[side].peak for side in memory})
 
 

@@ -198,9 +198,10 @@ def test_on_policy_distillation_runs_on_chats_and_is_refused_on_documents(tiny_s
     assert not (tmp_path / "d").exists()  # refused before anything was built or written
 
 
-def test_a_resumed_distillation_is_the_straight_run_bit_for_bit(tiny_sft_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("topk", [None, 8])
+def test_a_resumed_distillation_is_the_straight_run_bit_for_bit(tiny_sft_dir, tokenizer, tmp_path, topk):
     """Issue 48: resume is exact, the on-policy draws included (lmbda 0.5: which micro-batches go on-policy, and
-    what the student samples, come from the run's RNG, which checkpoints keep)."""
+    what the student samples, come from the run's RNG, which checkpoints keep), with the teacher live or cached."""
     from minillm.data.datasets import SFTDataset
     from minillm.train.config import TrainConfig
     from minillm.train.trainer import train
@@ -213,7 +214,7 @@ def test_a_resumed_distillation_is_the_straight_run_bit_for_bit(tiny_sft_dir, to
         cfg = TrainConfig(out_dir=str(out), batch_size=2, accumulation_steps=2, max_steps=6, learning_rate=1e-3,
                           dtype="float32", eval_every=0, save_every=0, log_every=1, resume=resume)
         objective = Distillation(teacher, alpha=0.5, beta=0.5, temperature=0.9, lmbda=0.5, max_new_tokens=8,
-                                 stop_ids=[tokenizer.im_end_id])
+                                 stop_ids=[tokenizer.im_end_id], topk=topk, cache_dir=tmp_path / "cache" if topk else None)
         return train(MiniLLM.from_pretrained(start, dtype=torch.float32).train(), data, cfg, objective=objective,
                      should_stop=(lambda step: step == stop) if stop else None)
 
@@ -225,3 +226,116 @@ def test_a_resumed_distillation_is_the_straight_run_bit_for_bit(tiny_sft_dir, to
     assert 0 < sum(x or 0 for x in on_policy)  # some micro-batches went on-policy
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the top-k teacher cache (minillm/train/teacher_cache.py) ------------------------------------------------------
+
+def rows_of(n: int = 10, T: int = 12, seed: int = 4) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """A small dataset of (x, y, mask) rows: prompts unlearned, padding after the answer, two rows alike."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        x, y = torch.randint(0, 60, (T,), generator=g), torch.randint(0, 60, (T,), generator=g)
+        m = torch.zeros(T)
+        m[i % 4:T - i % 3] = 1
+        rows.append((x, y, m))
+    rows[7] = rows[2]
+    return rows
+
+
+def cached(teacher, folder, k, beta=0.5, temperature=0.8, alpha=0.7):
+    student = tiny(0, 32, 1)
+    objective = Distillation(teacher, alpha=alpha, beta=beta, temperature=temperature, topk=k, cache_dir=folder,
+                             verbose=False)
+    objective.prepare(student, rows_of(), torch.device("cpu"), torch.float32)
+    return student, objective
+
+
+def batch_of(rows, order, trim=None):
+    """Rows stacked in another order (and cut after column `trim`, as the loop trims padding)."""
+    x, y, m = (torch.stack([rows[i][j] for i in order]) for j in range(3))
+    return (x[:, :trim], y[:, :trim], m[:, :trim]) if trim else (x, y, m)
+
+
+def test_a_cache_of_the_whole_vocabulary_gives_the_live_loss_and_gradient(tmp_path):
+    """Issue 48, the top-k cache: with k = V the cached distribution is the teacher's own, so the loss and the
+    student's gradient equal the live teacher's, for rows in any order and trimmed padding."""
+    teacher = tiny(1, 64, 2)
+    student, objective = cached(teacher, tmp_path, k=60)
+    live = Distillation(teacher, alpha=0.7, beta=0.5, temperature=0.8)
+    live.prepare(student, None, torch.device("cpu"), torch.float32)
+    batch = batch_of(rows_of(), [5, 2, 4, 8], trim=11)  # no row learns past column 10
+    ours, theirs = objective(student, batch).loss, live(student, batch).loss
+    (g_ours,) = torch.autograd.grad(ours, student.lm_head.weight)
+    (g_theirs,) = torch.autograd.grad(theirs, student.lm_head.weight)
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+    torch.testing.assert_close(g_ours, g_theirs, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_a_top_k_cache_keeps_k_ids_spreads_the_rest_and_never_runs_the_teacher(tmp_path, beta):
+    """k = 5 of 60: each learned position keeps the teacher's 5 likeliest ids at their probabilities and spreads
+    the rest evenly over the other 55; the loss is the divergence to that distribution (an independent KL here);
+    after the cache is built the teacher never runs."""
+    teacher = tiny(1, 64, 2)
+    student, objective = cached(teacher, tmp_path, k=5, beta=beta, alpha=1.0)
+    x, y, m = batch_of(rows_of(), [3, 7, 1])
+    learned = m > 0
+    with torch.no_grad():
+        p_full = (teacher(x).logits[learned] / 0.8).softmax(-1)
+    top, ids = p_full.topk(5, dim=-1)
+    p = ((1 - top.sum(-1, keepdim=True)) / 55).expand_as(p_full).clone().scatter_(1, ids, top)
+    teacher.forward = lambda *a, **kw: (_ for _ in ()).throw(AssertionError("the teacher ran"))
+    q = (student(x).logits[learned] / 0.8).softmax(-1)
+    kl = (p * (p.log() - q.log())).sum(-1) if beta == 0 else (q * (q.log() - p.log())).sum(-1)
+    assert objective(student, (x, y, m)).loss.item() == pytest.approx(kl.mean().item(), rel=1e-4)
+
+
+def test_a_corrupted_cache_is_rebuilt_and_another_teacher_gets_its_own(tmp_path, capsys):
+    """A cache whose bytes no longer match its checksum is rebuilt (a note says so), never trained on; a cache of
+    another teacher is another file."""
+    teacher = tiny(1, 64, 2)
+    student, objective = cached(teacher, tmp_path, k=5)
+    batch = batch_of(rows_of(), [0, 4, 8])
+    want = objective(student, batch).loss.item()
+    (bin_path,) = tmp_path.glob("*.bin")
+    data = bytearray(bin_path.read_bytes())
+    data[len(data) // 2 + 3] ^= 0xFF
+    bin_path.write_bytes(bytes(data))
+    student, objective = cached(teacher, tmp_path, k=5)
+    assert "does not match the checksum" in capsys.readouterr().err
+    assert objective(student, batch).loss.item() == want
+    cached(tiny(2, 64, 2), tmp_path, k=5)
+    cached(teacher, tmp_path, k=6)
+    assert len(list(tmp_path.glob("*.bin"))) == 3 and len(list(tmp_path.glob("*.json"))) == 3
+
+
+def test_a_row_the_cache_does_not_hold_is_refused(tmp_path):
+    teacher = tiny(1, 64, 2)
+    student, objective = cached(teacher, tmp_path, k=5)
+    x, y, m = batch_of(rows_of(), [0, 1])
+    x[1, 2] = (x[1, 2] + 1) % 60
+    with pytest.raises(KeyError, match="not in the teacher cache"):
+        objective(student, (x, y, m))
+
+
+def test_train_distill_with_a_teacher_cache(tmp_path, tokenizer, capsys):
+    """--teacher_topk builds the cache in --teacher_cache before training and trains from it; K < 1 is refused
+    at parse time in one line."""
+    corpus = head_lines(REPO / "dataset" / "pretrain.jsonl", 30, tmp_path / "docs.jsonl")
+    teacher = tmp_path / "teacher"
+    code, _, err = run_train_cli("pretrain", "--data_path", corpus, "--eval_data", "", "--out_dir", teacher,
+                                 "--max_length", "32", "--batch_size", "4", "--max_steps", "3", *TINY_ARGS,
+                                 capsys=capsys)
+    assert code == 0, err
+    common = ["--teacher_model", teacher, "--data_path", corpus, "--eval_data", "", "--max_length", "32",
+              "--batch_size", "4", "--max_steps", "4", "--log_every", "1", *TINY_ARGS]
+    code, _, err = run_train_cli("distill", *common, "--out_dir", tmp_path / "s", "--teacher_topk", "8",
+                                 "--teacher_cache", tmp_path / "cache", capsys=capsys)
+    assert code == 0, err
+    assert len(list((tmp_path / "cache").glob("teacher-*.bin"))) == 1
+    rows = [json.loads(line) for line in open(tmp_path / "s" / "metrics.jsonl") if '"loss"' in line]
+    assert len(rows) == 4 and all(r["distill/divergence"] > 0 for r in rows)
+    code, _, err = run_train_cli("distill", *common, "--out_dir", tmp_path / "z", "--teacher_topk", "0",
+                                 capsys=capsys)
+    assert code == 2 and "--teacher_topk must be >= 1" in err and err.count("\n") == 1

@@ -50,6 +50,13 @@ def add_stage_flags(p: argparse.ArgumentParser, kind: str) -> None:
                             "(default: %(default)s)")
         g.add_argument("--max_new_tokens", type=int, default=128,
                        help="Token budget of an on-policy answer (default: %(default)s)")
+        g.add_argument("--teacher_topk", type=int, default=None, metavar="K",
+                       help="Run the teacher once over the data before training and keep each position's K likeliest "
+                            "ids (the rest of the mass spread evenly) on disk, read every epoch instead of running it "
+                            "(default: off, the teacher runs every step)")
+        g.add_argument("--teacher_cache", default=None, metavar="DIR",
+                       help="Folder of the --teacher_topk caches, checksummed, one per teacher, data, K and "
+                            "temperature (default: .minillm-teacher/ beside --data_path)")
         return
     if kind not in ("dpo", "grpo"):
         return
@@ -137,6 +144,8 @@ def check_stage_flags(args, kind: str) -> None:
                              f"{args.data_path} holds documents; give chats, or --lmbda 0")
         if args.max_new_tokens < 1:
             raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+        if args.teacher_topk is not None and args.teacher_topk < 1:
+            raise ValueError(f"--teacher_topk must be >= 1 (the ids kept per position), got {args.teacher_topk}")
     elif kind == "grpo":
         _finite(args.kl_beta, "--kl_beta", 0, low_open=False)
         _finite(args.temperature, "--temperature", 0, low_open=True)
@@ -217,8 +226,11 @@ def build_objective(kind: str, args, cfg: TrainConfig, tokenizer: Tokenizer, is_
                        "own completions need, and a sharded model would wait on the others; use DDP (no --fsdp)")
     if kind == "distill":
         teacher = _frozen_model(Path(args.teacher_model), "--teacher_model", args, tokenizer)
+        data = Path(args.data_path)
+        cache = args.teacher_cache or (data if data.is_dir() else data.parent) / ".minillm-teacher"
         return Distillation(teacher, alpha=args.alpha, beta=args.beta, temperature=args.temperature,
-                            lmbda=args.lmbda, max_new_tokens=args.max_new_tokens, stop_ids=tokenizer.stop_ids)
+                            lmbda=args.lmbda, max_new_tokens=args.max_new_tokens, stop_ids=tokenizer.stop_ids,
+                            topk=args.teacher_topk, cache_dir=cache if args.teacher_topk else None, verbose=is_main)
     if kind == "dpo":
         return DPO(args.beta, _reference(args, tokenizer), precompute=args.precompute_ref_logps,
                    batch_size=cfg.batch_size, verbose=is_main)

@@ -18,20 +18,28 @@ On-policy (GKD's lmbda): with probability lmbda a micro-batch of chats has its a
 own, sampled on the batched engine (infer/engine.py) from each row's prompt (the tokens before its first learned
 one); the teacher scores them and the loss is the divergence alone over the sampled tokens (they have no reference
 answer for a cross-entropy). The draw uses torch's RNG, which checkpoints save, so a resumed run draws the same.
+
+With a top-k cache (topk; train/teacher_cache.py), the dataset's teacher distribution is computed once
+before training, kept as each position's k likeliest ids with the rest of the mass spread evenly, and read from
+disk every epoch instead of running the teacher; on-policy batches still run it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from minillm.infer.engine import sample_groups
 from minillm.model.model import MiniLLM
+from minillm.train.distributed import barrier
 from minillm.train.objective import ObjectiveOutput, completion_batch
 from minillm.train.reference import Reference
+from minillm.train.teacher_cache import TeacherCache, build_or_load
 
 
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -103,11 +111,16 @@ class Distillation:
     metric_names = ("distill/divergence", "distill/ce")
 
     def __init__(self, teacher: MiniLLM, alpha: float = 0.5, beta: float = 0.5, temperature: float = 1.0,
-                 lmbda: float = 0.0, max_new_tokens: int = 128, stop_ids: Sequence[int] = ()) -> None:
+                 lmbda: float = 0.0, max_new_tokens: int = 128, stop_ids: Sequence[int] = (),
+                 topk: int | None = None, cache_dir: str | Path | None = None, verbose: bool = True) -> None:
         if not (0 <= alpha <= 1 and 0 <= beta <= 1 and 0 < temperature < math.inf and 0 <= lmbda <= 1
                 and max_new_tokens >= 1):
             raise ValueError(f"need 0 <= alpha, beta, lmbda <= 1, temperature > 0 and max_new_tokens >= 1; got {alpha}, "
                              f"{beta}, {lmbda}, {temperature}, {max_new_tokens}")
+        if topk is not None and (topk < 1 or cache_dir is None):
+            raise ValueError(f"a teacher cache needs topk >= 1 and a folder; got {topk}, {cache_dir}")
+        self.topk, self.cache_dir, self.verbose = topk, cache_dir, verbose
+        self.cache: TeacherCache | None = None
         self.teacher = Reference(teacher)
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.lmbda, self.max_new_tokens, self.stop_ids = lmbda, max_new_tokens, list(stop_ids)
@@ -116,9 +129,18 @@ class Distillation:
 
     def prepare(self, model: MiniLLM, dataset: torch.utils.data.Dataset, device: torch.device,
                 amp_dtype: torch.dtype) -> None:
-        """Freeze the teacher on the device; keep the (unwrapped) student, which samples on-policy batches."""
+        """Freeze the teacher on the device; keep the (unwrapped) student, which samples on-policy batches; with
+        topk, open the dataset's teacher cache, the first process building it if needed."""
         self.teacher.attach(model, device)
         self.student = model
+        if self.topk is not None:
+            first = not dist.is_initialized() or dist.get_rank() == 0
+            if not first:
+                barrier()  # the first process builds (or checks) the cache, then the others open it
+            self.cache = build_or_load(self.teacher, dataset, Path(self.cache_dir), self.topk, self.temperature,
+                                       model.config.vocab_size, device, verbose=self.verbose and first)
+            if first:
+                barrier()
 
     def on_policy(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """The batch with each row's answer replaced by the student's sample from the row's prompt: (x, y, mask)
@@ -153,7 +175,10 @@ class Distillation:
         learned = m_BT > 0
         student_NV = model(x_BT).logits[learned]
         V = student_NV.shape[-1]
-        teacher_NV = self.teacher.logits(x_BT)[learned][:, :V]  # a teacher may pad its vocabulary
+        if self.cache is not None and not on_policy:  # log p scaled by T: the divergence's softmax(. / T) is p
+            teacher_NV = self.cache.log_probs(x_BT, m_BT) * self.temperature
+        else:
+            teacher_NV = self.teacher.logits(x_BT)[learned][:, :V]  # a teacher may pad its vocabulary
         divergence_N = generalized_jsd(student_NV, teacher_NV, self.beta, self.temperature)
         ce_N = F.cross_entropy(student_NV.float(), y_BT[learned], reduction="none")
         alpha = 1.0 if on_policy else self.alpha  # the student's own tokens have no reference answer
