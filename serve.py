@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prompt tokens read per scheduler step, at most: a longer prompt is read in chunks between "
                         "decode steps, so running streams do not stall for its whole prefill; 0 reads every prompt "
                         "whole (default: %(default)s)")
+    p.add_argument("--batch_invariant", action=argparse.BooleanOptionalAction, default=True,
+                   help="a request gets the same tokens alone as beside others: where the CPU's matrix products give "
+                        "a row other bits for other row counts (MKL on Intel CPUs), every decode step feeds all "
+                        "--max_batch slots, and a lone request pays for them (2.06x slower at 16 on a 2-core Xeon); "
+                        "--no-batch_invariant feeds the active slots only (default: %(default)s)")
     p.add_argument("--context", type=int, default=None,
                    help="tokens per sequence, prompt and answer together; the KV cache holds max_batch of them "
                         "(default: the context the model was trained on, as train_*.py record it; else its "
@@ -159,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         note = lambda message: print(message, file=sys.stderr)  # noqa: E731
         speculation = load_speculation(args, model, tokenizer, context, device, note)
         try:
-            scheduler = Scheduler(model, args.max_batch, context, args.max_waiting, args.prefill_chunk, speculation)
+            scheduler = Scheduler(model, args.max_batch, context, args.max_waiting, args.prefill_chunk, speculation,
+                                  rows_independent=None if args.batch_invariant else True)
         except ValueError as e:  # the context's range, checked in one place
             raise CliError(f"--{e}") from None
         name = args.model_name or Path(args.model).resolve().name
@@ -174,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return report(PROG, CliError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}"))
     port = sock.getsockname()[1]
+    padded = "" if scheduler.rows_independent else ", every step feeds all slots (--batch_invariant)"
     print(f"serving {name} ({model.num_parameters() / 1e6:.1f}M parameters, {device}, context {context}, "
-          f"max_batch {args.max_batch}) on http://{args.host}:{port}/ (chat page), API at /v1",
+          f"max_batch {args.max_batch}{padded}) on http://{args.host}:{port}/ (chat page), API at /v1",
           file=sys.stderr, flush=True)
     if args.api_key is None and not (args.host == "localhost" or args.host == "::1" or args.host.startswith("127.")):
         print(f"warning: no API key: anyone who reaches {args.host}:{port} can use this server (set "

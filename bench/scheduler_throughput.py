@@ -19,20 +19,22 @@ import torch
 from common import CONFIGS, add_json_flag, environment, median, print_table, setup, write_json
 
 from minillm.infer.serving import GenerationRequest, Sampling, Scheduler
-from minillm.model.linear import quantize_int8
+from minillm.model.linear import quantize_int8, rows_independent
 from minillm.model.model import MiniLLM
 
 NEW_TOKENS = 48
 
 
-def tokens_per_second(model: MiniLLM, prompts: list[list[int]], max_batch: int, context: int) -> tuple[float, list]:
+def tokens_per_second(model: MiniLLM, prompts: list[list[int]], max_batch: int, context: int,
+                      invariant: bool = True) -> tuple[float, list]:
     """Aggregate new tokens/s of greedy answers to `prompts` submitted at once, and the answers."""
     done = threading.Semaphore(0)
     out: list[list[int]] = [[] for _ in prompts]
     requests = [GenerationRequest(p, NEW_TOKENS, Sampling(0.0), [],
                                   lambda t, i=i: out[i].append(t) if t is not None else done.release())
                 for i, p in enumerate(prompts)]
-    scheduler = Scheduler(model, max_batch=max_batch, context=context).start()
+    scheduler = Scheduler(model, max_batch=max_batch, context=context,
+                          rows_independent=None if invariant else True).start()
     try:
         start = time.perf_counter()
         scheduler.submit(requests)
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (serve.py: the cores minus one)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
     p.add_argument("--context", type=int, default=512, help="tokens per slot")
+    p.add_argument("--batch_invariant", action=argparse.BooleanOptionalAction, default=True,
+                   help="as serve.py: feed every slot where the CPU's products depend on the row count")
     args = p.parse_args(argv)
     setup(args.threads, seed=0)
     model = MiniLLM(CONFIGS[args.config]).eval()
@@ -66,12 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     answers = {}
     for _ in range(args.rounds):
         for case, group in cases.items():
-            rate, answers[case] = tokens_per_second(model, group, case[1], args.context)
+            rate, answers[case] = tokens_per_second(model, group, case[1], args.context, args.batch_invariant)
             rates[case].append(rate)
     same = answers[("16 sequences", 16)] == answers[("16 sequences", 1)]
     rows = [[what, str(mb), f"{median(rates[(what, mb)]):.1f}"] for what, mb in cases]
+    feeds_all = args.batch_invariant and not rows_independent(model, 16)
     print(f"# {args.config}, {args.quantize} weights, {args.threads} thread(s), {NEW_TOKENS} new tokens each, "
-          f"context {args.context}; {environment(torch.device('cpu'))}")
+          f"context {args.context}, steps feed {'every slot' if feeds_all else 'the active slots'}; "
+          f"{environment(torch.device('cpu'))}")
     print_table(["load", "--max_batch", "tokens/s (median)"], rows)
     batched = median(rates[("16 sequences", 16)]) / median(rates[("16 sequences", 1)])
     lone = median(rates[("1 sequence", 1)]) / median(rates[("1 sequence", 16)])

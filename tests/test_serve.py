@@ -674,6 +674,21 @@ def test_a_request_that_can_never_fit_is_a_400_not_busy(tiny_sft_dir):
         assert post(live, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2, "n": 4}).status_code == 200
 
 
+@pytest.mark.parametrize("invariant", [True, False])
+def test_serve_py_says_when_its_steps_feed_every_slot(tiny_sft_dir, invariant, monkeypatch):
+    """--batch_invariant (the default) feeds every slot where the CPU's products depend on the row count and says
+    so on its first line; --no-batch_invariant feeds the active ones."""
+    import minillm.infer.serving as serving
+
+    monkeypatch.setattr(serving, "linear_rows_independent", lambda model, rows: False)  # as MKL on a Xeon
+    made = []
+    original = serving.Scheduler.__init__
+    monkeypatch.setattr(serving.Scheduler, "__init__", lambda self, *a, **kw: made.append(self) or original(self, *a, **kw))
+    monkeypatch.setattr("socket.create_server", lambda *a, **kw: (_ for _ in ()).throw(OSError("stop here")))
+    code = serve_cli.main(["--model", str(tiny_sft_dir), *(() if invariant else ("--no-batch_invariant",))])
+    assert code == 1 and made[0].rows_independent is (not invariant)
+
+
 def test_serve_py_as_a_process_checks_host_content_type_and_takes_the_key_from_the_environment(tiny_sft_dir):
     """Issue 26, item 6 (and issue 32, item 8: serve.py itself serving over HTTP)."""
     with serve_process(tiny_sft_dir, "--model_name", "poet", "--max_waiting", "2", "--max_body_bytes", "4000",
