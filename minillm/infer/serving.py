@@ -6,8 +6,9 @@ of a `SlotKVCache` and then joins the running batch, where every slot decodes at
 A prompt longer than `prefill_chunk` tokens is prefilled a chunk per step, so the running sequences
 keep getting tokens while it is read instead of waiting for the whole prompt.
 
-A decode step covers the active slots only (a lone sequence costs a batch-1 step), and attention runs row by
-row over each slot's own length. With a `Speculation` (serve.py --draft_model or --prompt_lookup), every step is a
+A decode step covers the active slots only (a lone sequence costs a batch-1 step), or every slot where the
+machine's matrix products give a row other bits at other row counts (model/linear.py rows_independent), so that a
+sequence's tokens never depend on what shares its step; attention runs row by row over each slot's own length. With a `Speculation` (serve.py --draft_model or --prompt_lookup), every step is a
 speculative round for each sequence that can draft: its own drafter proposes up to K tokens, and the one batched
 forward pass feeds each row its last token and its drafts (a row without drafts feeds one token), so each
 sequence's drafts are checked with its own acceptance (infer/speculative.py): greedy text unchanged, sampled text

@@ -70,14 +70,15 @@ class TeacherCache:
             parts.append((first, count))
         ids = np.concatenate([self.ids[a:a + n] for a, n in parts]) if parts else np.zeros((0, self.k), np.int32)
         logps = np.concatenate([self.logps[a:a + n] for a, n in parts]) if parts else np.zeros((0, self.k), np.float32)
-        return dense(torch.from_numpy(ids).long(), torch.from_numpy(logps), self.vocab).to(x_BT.device)
+        # Only the k columns travel to the device; the [N, V] rows are made there.
+        return dense(torch.from_numpy(ids).to(x_BT.device).long(), torch.from_numpy(logps).to(x_BT.device), self.vocab)
 
 
 def dense(ids_NK: torch.Tensor, logps_NK: torch.Tensor, vocab: int) -> torch.Tensor:
     """[N, V] log-probabilities: the k cached ones, the rest of the mass spread evenly over the other ids."""
     k = ids_NK.shape[-1]
     if k >= vocab:
-        tail_N1 = torch.full((len(ids_NK), 1), -math.inf)
+        tail_N1 = torch.full((len(ids_NK), 1), -math.inf, device=ids_NK.device)
     else:  # log((1 - sum of the top k) / (V - k)), the remainder held above 0 against rounding
         rest_N1 = (1 - logps_NK.double().exp().sum(-1, keepdim=True)).clamp_min(1e-30)
         tail_N1 = (rest_N1 / (vocab - k)).log().float()
