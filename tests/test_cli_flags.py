@@ -256,8 +256,8 @@ def test_serve_flags_reach_the_server(tiny_sft_dir, adapter, monkeypatch, capsys
     seen = {}
     monkeypatch.setattr(serve, "run_server", lambda app, sock, **kw: seen.update(app=app, host=sock.getsockname()[0]))
     real_scheduler = serving.Scheduler
-    monkeypatch.setattr(serving, "Scheduler", lambda model, *a: seen.setdefault("model", model) and
-                        real_scheduler(model, *a))
+    monkeypatch.setattr(serving, "Scheduler", lambda model, *a, **kw: seen.setdefault("model", model) and
+                        real_scheduler(model, *a, **kw))
     compiled = []  # spied: a real compile would make the greedy answer depend on inductor's rounding
     monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **kw: compiled.append(module))
     threads = torch.get_num_threads()
