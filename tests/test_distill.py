@@ -339,3 +339,60 @@ def test_train_distill_with_a_teacher_cache(tmp_path, tokenizer, capsys):
     code, _, err = run_train_cli("distill", *common, "--out_dir", tmp_path / "z", "--teacher_topk", "0",
                                  capsys=capsys)
     assert code == 2 and "--teacher_topk must be >= 1" in err and err.count("\n") == 1
+
+
+def test_a_distillation_killed_with_sigkill_resumes_bit_identically(tmp_path, tokenizer, capsys):
+    """Issue 48: resume after kill -9 is exact, with the top-k teacher cache reopened (and checked) on resume: one
+    kill at a random step, one inside a checkpoint write."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus = head_lines(REPO / "dataset" / "pretrain.jsonl", 30, tmp_path / "docs.jsonl")
+    teacher = tmp_path / "teacher"
+    code, _, err = run_train_cli("pretrain", "--data_path", corpus, "--eval_data", "", "--out_dir", teacher,
+                                 "--max_length", "32", "--batch_size", "4", "--max_steps", "3", *TINY_ARGS,
+                                 capsys=capsys)
+    assert code == 0, err
+    args = ["--teacher_model", teacher, "--data_path", corpus, "--eval_data", "", "--max_length", "32",
+            "--batch_size", "2", "--max_steps", "10", "--save_every", "1", "--keep_checkpoints", "2",
+            "--log_every", "1", "--dtype", "float32", "--teacher_topk", "8", "--teacher_cache", tmp_path / "cache",
+            *TINY_ARGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out, *extra):
+        return subprocess.run([sys.executable, str(REPO / "train_distill.py"), *map(str, args), "--out_dir", str(out),
+                               *extra], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+
+    straight = run(tmp_path / "ref")
+    assert straight.returncode == 0, straight.stderr
+    expected = load_file(tmp_path / "ref" / "model.safetensors")
+    rng = random.Random(1)
+    for trial in range(2):
+        out = tmp_path / f"t{trial}"
+        proc = subprocess.Popen([sys.executable, str(REPO / "train_distill.py"), *map(str, args), "--out_dir",
+                                 str(out)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        while not (out / "metrics.jsonl").exists() and proc.poll() is None:
+            time.sleep(0.001)
+        if trial:  # inside a checkpoint write
+            deadline = time.time() + 60
+            while not list((out / "checkpoints").glob("*.tmp")) and time.time() < deadline:
+                time.sleep(0.0005)
+        else:
+            target = rng.randint(2, 7)
+            while proc.poll() is None and len((out / "metrics.jsonl").read_bytes().splitlines()) < target:
+                time.sleep(0.0005)
+        assert proc.poll() is None, f"trial {trial}: the run had already ended; the kill tested nothing"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done = run(out, "--resume")
+        assert done.returncode == 0, done.stderr
+        got = load_file(out / "model.safetensors")
+        assert all(torch.equal(expected[k], got[k]) for k in expected), f"trial {trial}"
+        steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                 if '"loss"' in line]
+        assert steps == list(range(1, 11)), f"trial {trial}: {steps}"
+    assert len(list((tmp_path / "cache").glob("teacher-*.bin"))) == 1  # built once, reopened by every run
