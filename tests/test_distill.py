@@ -319,15 +319,21 @@ def test_a_row_the_cache_does_not_hold_is_refused(tmp_path):
         objective(student, (x, y, m))
 
 
-def test_train_distill_with_a_teacher_cache(tmp_path, tokenizer, capsys):
-    """--teacher_topk builds the cache in --teacher_cache before training and trains from it; K < 1 is refused
-    at parse time in one line."""
+def documents_and_teacher(tmp_path, capsys):
+    """30 corpus documents and a tiny teacher pretrained on them for 3 steps."""
     corpus = head_lines(REPO / "dataset" / "pretrain.jsonl", 30, tmp_path / "docs.jsonl")
     teacher = tmp_path / "teacher"
     code, _, err = run_train_cli("pretrain", "--data_path", corpus, "--eval_data", "", "--out_dir", teacher,
                                  "--max_length", "32", "--batch_size", "4", "--max_steps", "3", *TINY_ARGS,
                                  capsys=capsys)
     assert code == 0, err
+    return corpus, teacher
+
+
+def test_train_distill_with_a_teacher_cache(tmp_path, tokenizer, capsys):
+    """--teacher_topk builds the cache in --teacher_cache before training and trains from it; K < 1 is refused
+    at parse time in one line."""
+    corpus, teacher = documents_and_teacher(tmp_path, capsys)
     common = ["--teacher_model", teacher, "--data_path", corpus, "--eval_data", "", "--max_length", "32",
               "--batch_size", "4", "--max_steps", "4", "--log_every", "1", *TINY_ARGS]
     code, _, err = run_train_cli("distill", *common, "--out_dir", tmp_path / "s", "--teacher_topk", "8",
@@ -351,12 +357,7 @@ def test_a_distillation_killed_with_sigkill_resumes_bit_identically(tmp_path, to
     import sys
     import time
 
-    corpus = head_lines(REPO / "dataset" / "pretrain.jsonl", 30, tmp_path / "docs.jsonl")
-    teacher = tmp_path / "teacher"
-    code, _, err = run_train_cli("pretrain", "--data_path", corpus, "--eval_data", "", "--out_dir", teacher,
-                                 "--max_length", "32", "--batch_size", "4", "--max_steps", "3", *TINY_ARGS,
-                                 capsys=capsys)
-    assert code == 0, err
+    corpus, teacher = documents_and_teacher(tmp_path, capsys)
     args = ["--teacher_model", teacher, "--data_path", corpus, "--eval_data", "", "--max_length", "32",
             "--batch_size", "2", "--max_steps", "10", "--save_every", "1", "--keep_checkpoints", "2",
             "--log_every", "1", "--dtype", "float32", "--teacher_topk", "8", "--teacher_cache", tmp_path / "cache",
